@@ -1,0 +1,157 @@
+"""Plain-data model configuration: the single description every tool builds a model from.
+
+A config is what ``model.json`` stores and what ``config/models/*.yaml`` holds: a backbone and an
+aggregator (each a registered name plus keyword parameters) and the input contract (size,
+normalisation, resize policy). It is validated here, before any torch module is built, so that a
+typo in a YAML file is reported as the key that is wrong rather than as a torch traceback.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from vpr_ros.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESIZE_POLICIES = ("stretch", "center_crop")
+
+
+@dataclass(frozen=True)
+class ComponentConfig:
+    """A registered component name and the keyword arguments its constructor takes."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "params": copy.deepcopy(self.params)}
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """What the encoder expects: RGB images resized to ``size`` (H, W), then normalised."""
+
+    size: tuple[int, int] = (322, 322)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    resize: str = "stretch"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"size": list(self.size), "mean": list(self.mean), "std": list(self.std),
+                "resize": self.resize}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone + aggregator + input contract. ``name`` is informational only."""
+
+    backbone: ComponentConfig
+    aggregator: ComponentConfig
+    input: InputConfig = field(default_factory=InputConfig)
+    name: str = "model"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "backbone": self.backbone.to_dict(),
+                "aggregator": self.aggregator.to_dict(), "input": self.input.to_dict()}
+
+    def with_input_size(self, size: tuple[int, int]) -> "ModelConfig":
+        """The same model at another input size (e.g. 224 for training, 322 for test)."""
+        inp = InputConfig(size=tuple(size), mean=self.input.mean, std=self.input.std,
+                          resize=self.input.resize)
+        return ModelConfig(self.backbone, self.aggregator, inp, self.name)
+
+
+_TOP_KEYS = {"name", "backbone", "aggregator", "input", "weights", "description"}
+_COMPONENT_KEYS = {"name", "params"}
+_INPUT_KEYS = {"size", "mean", "std", "resize"}
+
+
+def _check_keys(where: str, data: Mapping[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed keys are {sorted(allowed)}. "
+                          "Fix the spelling or remove them.")
+
+
+def _component(where: str, data: Any) -> ComponentConfig:
+    if isinstance(data, str):
+        return ComponentConfig(name=data)
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping with 'name' and 'params', got "
+                          f"{type(data).__name__}")
+    _check_keys(where, data, _COMPONENT_KEYS)
+    name = data.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{where}.name: a registered component name is required")
+    params = data.get("params") or {}
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"{where}.params: expected a mapping, got {type(params).__name__}")
+    return ComponentConfig(name=name, params=dict(params))
+
+
+def _triple(where: str, value: Any) -> tuple[float, float, float]:
+    if (not isinstance(value, (list, tuple)) or len(value) != 3
+            or not all(isinstance(v, (int, float)) for v in value)):
+        raise ConfigError(f"{where}: expected three numbers (R, G, B), got {value!r}")
+    return (float(value[0]), float(value[1]), float(value[2]))
+
+
+def _input(data: Any) -> InputConfig:
+    if data is None:
+        return InputConfig()
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"input: expected a mapping, got {type(data).__name__}")
+    _check_keys("input", data, _INPUT_KEYS)
+    size = data.get("size", [322, 322])
+    if isinstance(size, int):
+        size = [size, size]
+    if (not isinstance(size, (list, tuple)) or len(size) != 2
+            or not all(isinstance(s, int) and s > 0 for s in size)):
+        raise ConfigError(f"input.size: expected [height, width] in pixels, got {size!r}")
+    resize = data.get("resize", "stretch")
+    if resize not in RESIZE_POLICIES:
+        raise ConfigError(f"input.resize: {resize!r} is not one of {list(RESIZE_POLICIES)}")
+    std = _triple("input.std", data.get("std", IMAGENET_STD))
+    if min(std) <= 0:
+        raise ConfigError(f"input.std: every value must be > 0, got {list(std)}")
+    return InputConfig(size=(int(size[0]), int(size[1])),
+                       mean=_triple("input.mean", data.get("mean", IMAGENET_MEAN)),
+                       std=std, resize=resize)
+
+
+def model_config_from_dict(data: Any, source: str = "config") -> ModelConfig:
+    """Validate a plain mapping (parsed YAML/JSON) into a :class:`ModelConfig`."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got "
+                          f"{type(data).__name__}")
+    _check_keys(source, data, _TOP_KEYS | {"format", "version", "descriptor_dim", "fingerprint"})
+    for key in ("backbone", "aggregator"):
+        if key not in data:
+            raise ConfigError(f"{source}: the '{key}' section is missing")
+    return ModelConfig(backbone=_component(f"{source}: backbone", data["backbone"]),
+                       aggregator=_component(f"{source}: aggregator", data["aggregator"]),
+                       input=_input(data.get("input")),
+                       name=str(data.get("name", Path(source).stem if source else "model")))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (or JSON) file into a dict, with errors that name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such file")
+    try:
+        text = p.read_text(encoding="utf-8")
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {exc}. "
+                          "Fix the file or regenerate it.") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
