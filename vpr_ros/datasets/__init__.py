@@ -1,0 +1,1 @@
+"""Dataset readers: where images and their place labels come from."""

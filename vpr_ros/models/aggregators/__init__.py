@@ -1,0 +1,3 @@
+"""Aggregators: dense backbone features -> one global descriptor. Importing registers them."""
+
+from vpr_ros.models.aggregators import gem, qaa  # noqa: F401

@@ -1,0 +1,128 @@
+"""Reading weight files safely and mapping official checkpoint layouts onto our modules.
+
+Nothing here unpickles user files: ``.safetensors`` go through safetensors and ``.pth`` through
+``torch.load(weights_only=True)``. Every mapping is explicit, and a key that is missing,
+unexpected or of the wrong shape is an error that names it (a checkpoint that "mostly loads" is
+how silently broken models ship).
+
+Official layouts handled:
+
+* facebookresearch/dinov2 ``*_pretrain.pth`` (``cls_token``, ``pos_embed``, ``register_tokens``,
+  ``mask_token``, ``patch_embed.proj.*``, ``blocks.N.*`` or FSDP-chunked ``blocks.C.N.*``,
+  ``norm.*``; ViT-g's fused SwiGLU ``mlp.w12``/``mlp.w3``).
+* the QAA release (``config.json`` + ``model.safetensors``): ``backbone.model.<dinov2 keys>``
+  and ``aggregator.<keys of the released qaa.py>``.
+
+Keys the released forward passes never read are accepted and dropped, and listed in
+``IGNORED_OFFICIAL_KEYS``: DINOv2's ``mask_token`` (masked-image pre-training only) and QAA's
+``dust_bin`` (a leftover of the optimal-transport variant; QAA's similarity has no dustbin).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from vpr_ros.errors import CheckpointError
+
+IGNORED_OFFICIAL_KEYS = ("mask_token", "dust_bin")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load tensors from ``.safetensors`` or ``.pth``/``.pt`` without unpickling code."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such weight file")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return dict(load_file(str(p), device="cpu"))
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # safetensors/torch raise many types for damaged files
+        raise CheckpointError(f"{p}: cannot read weights ({type(exc).__name__}: {exc}). The file "
+                              "is truncated, corrupt or not a weight file; download or export "
+                              "it again.") from exc
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        obj = obj["model"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{p}: expected a mapping of parameter names to tensors")
+    return dict(obj)
+
+
+def load_exact(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``module``; every key and shape must match, else a named error."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_abbrev(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_abbrev(unexpected)}")
+    if wrong:
+        problems.append(f"wrong shapes {_abbrev(wrong)}")
+    if problems:
+        raise CheckpointError(f"{source}: does not fit this model: " + "; ".join(problems)
+                              + ". Check that the config (architecture, variant, dims) matches "
+                              "the checkpoint.")
+    module.load_state_dict(state, strict=True)
+
+
+def _abbrev(items: list[str], n: int = 8) -> str:
+    return str(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+# -- DINOv2 ----------------------------------------------------------------------------------
+
+def dinov2_to_ours(sd: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """facebookresearch/dinov2 names (after ``prefix``) -> :class:`DinoV2Backbone` names."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if not key.startswith(prefix):
+            continue
+        k = key[len(prefix):]
+        if k in IGNORED_OFFICIAL_KEYS:
+            continue
+        k = re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k)  # FSDP chunks -> flat
+        k = k.replace("patch_embed.proj.", "patch_embed.")
+        k = k.replace(".mlp.w12.", ".mlp.fc1.").replace(".mlp.w3.", ".mlp.fc2.")
+        out[k] = value
+    return out
+
+
+def infer_dinov2_arch(sd: Mapping[str, torch.Tensor]) -> dict[str, int | str]:
+    """Architecture of an official DINOv2 state dict from its tensor shapes."""
+    from vpr_ros.models.backbones.dinov2 import ARCHS
+
+    if "cls_token" not in sd or "pos_embed" not in sd:
+        raise CheckpointError("not a DINOv2 checkpoint: no cls_token/pos_embed")
+    dim = int(sd["cls_token"].shape[-1])
+    arch = next((a for a, s in ARCHS.items() if s["dim"] == dim), None)
+    if arch is None:
+        raise CheckpointError(f"no DINOv2 architecture has width {dim}")
+    registers = int(sd["register_tokens"].shape[1]) if "register_tokens" in sd else 0
+    return {"arch": arch, "registers": registers}
+
+
+def load_dinov2_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Load an official DINOv2 ``.pth`` (or a safetensors copy) into a DinoV2Backbone."""
+    sd = read_state_dict(path)
+    found = infer_dinov2_arch(sd)
+    if found["arch"] != backbone.arch or found["registers"] != backbone.num_registers:
+        raise CheckpointError(f"{path}: is DINOv2 {found['arch']} with {found['registers']} "
+                              f"registers, but the config asks for {backbone.arch} with "
+                              f"{backbone.num_registers}; fix backbone.params in the config")
+    state = dinov2_to_ours(sd)
+    load_exact(backbone, state, str(path))
+    backbone.release_fixed_size()

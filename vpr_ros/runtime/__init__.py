@@ -1,0 +1,1 @@
+"""Inference: image preprocessing and Encoder backends behind one interface."""

@@ -1,0 +1,86 @@
+"""Image preprocessing shared by every backend: resize policy + normalisation.
+
+The policy is recorded in the model (``input`` section of model.json) and in every exported
+artifact, and all backends call this one implementation (or, on CUDA, its torch twin with the
+same arithmetic), so "same inputs give the same descriptors" does not depend on the backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import cv2
+import numpy as np
+
+from vpr_ros.errors import InputError
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    size: tuple[int, int]                  # (H, W) the network sees
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: str = "stretch"                # "stretch" | "center_crop"
+
+    @classmethod
+    def from_input_config(cls, inp) -> "Preprocessing":
+        return cls(size=tuple(inp.size), mean=tuple(inp.mean), std=tuple(inp.std),
+                   resize=inp.resize)
+
+    def to_dict(self) -> dict:
+        return {"size": list(self.size), "mean": list(self.mean), "std": list(self.std),
+                "resize": self.resize}
+
+
+def check_image(img: np.ndarray, index: int = 0) -> np.ndarray:
+    """An HxWx3 uint8 RGB image, or a clear InputError saying what it is instead."""
+    if not isinstance(img, np.ndarray):
+        raise InputError(f"image {index}: expected a numpy array, got {type(img).__name__}")
+    if img.dtype != np.uint8:
+        raise InputError(f"image {index}: expected dtype uint8 (0..255 RGB), got {img.dtype}; "
+                         "convert with (img * 255).clip(0, 255).astype(np.uint8) if it is float")
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise InputError(f"image {index}: expected shape (H, W, 3) RGB, got {img.shape}")
+    if img.shape[0] == 0 or img.shape[1] == 0:
+        raise InputError(f"image {index}: empty image {img.shape}")
+    return img
+
+
+def resize_image(img: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    h, w = prep.size
+    if prep.resize == "center_crop":
+        scale = max(h / img.shape[0], w / img.shape[1])
+        rh, rw = max(h, round(img.shape[0] * scale)), max(w, round(img.shape[1] * scale))
+        img = _resize(img, rh, rw)
+        top, left = (rh - h) // 2, (rw - w) // 2
+        return img[top:top + h, left:left + w]
+    return _resize(img, h, w)
+
+
+def _resize(img: np.ndarray, h: int, w: int) -> np.ndarray:
+    if img.shape[:2] == (h, w):
+        return img
+    shrinking = img.shape[0] * img.shape[1] > h * w
+    return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+def preprocess_batch(images: Union[np.ndarray, Sequence[np.ndarray]], prep: Preprocessing
+                     ) -> np.ndarray:
+    """RGB uint8 images (list or (B, H, W, 3) array) -> (B, 3, H, W) float32, normalised."""
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        images = list(images)
+    elif isinstance(images, np.ndarray):
+        raise InputError(f"expected a list of (H, W, 3) images or a (B, H, W, 3) array, got an "
+                         f"array of shape {images.shape}")
+    if len(images) == 0:
+        raise InputError("empty batch: nothing to encode")
+    h, w = prep.size
+    out = np.empty((len(images), h, w, 3), dtype=np.float32)
+    for i, img in enumerate(images):
+        out[i] = resize_image(check_image(img, i), prep)
+    mean = np.asarray(prep.mean, dtype=np.float32) * 255.0
+    inv_std = 1.0 / (np.asarray(prep.std, dtype=np.float32) * 255.0)
+    out -= mean
+    out *= inv_std
+    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
