@@ -1,0 +1,30 @@
+"""Decisions on top of place-recognition search results: loop closures and relocalization.
+
+Pure Python + numpy state machines, fed by the node with per-query candidates
+(:func:`candidates_from_results` adapts a map's ``(ids, scores)``) and stamps, so every
+decision can be replayed and tested on recorded sequences without ROS or a map on disk.
+"""
+
+from vpr_ros.localization.geometry import Candidate, candidates_from_results, same_place
+from vpr_ros.localization.loop_closure import (
+    InsertDecision,
+    LoopClosure,
+    LoopClosureConfig,
+    LoopClosureDetector,
+    LoopClosureStats,
+    SearchExclusion,
+)
+from vpr_ros.localization.params import ParamSpec
+
+__all__ = [
+    "Candidate",
+    "InsertDecision",
+    "LoopClosure",
+    "LoopClosureConfig",
+    "LoopClosureDetector",
+    "LoopClosureStats",
+    "ParamSpec",
+    "SearchExclusion",
+    "candidates_from_results",
+    "same_place",
+]

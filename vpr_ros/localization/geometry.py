@@ -1,0 +1,188 @@
+"""Where a map match is: candidates with their map pose, and the small pose maths decisions need.
+
+The decision layer never sees the map itself (``vpr_ros.mapdb``): the node turns each search
+result into :class:`Candidate` values with :func:`candidates_from_results`, so the state
+machines stay testable on recorded sequences and do not change when the map's storage does.
+Two questions recur in every decision and are answered here, once: how far apart two poses are
+(distance, rotation angle), and whether two matches point at the *same place*
+(:func:`same_place`), which is what temporal consistency and relocalization agreement count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol, Sequence
+
+import numpy as np
+
+from vpr_ros.errors import InputError
+
+Position = tuple[float, float, float]
+"""(x, y, z) in metres, in the map frame."""
+
+Quaternion = tuple[float, float, float, float]
+"""(x, y, z, w), the order of ``geometry_msgs/Quaternion``."""
+
+NS_PER_S = 1_000_000_000
+
+
+def _as_vector(value: Sequence[float], size: int, what: str) -> tuple[float, ...]:
+    """Coerce to a tuple of finite floats of ``size``; a bad pose is an input error, not a crash."""
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{what} must be {size} numbers, got {value!r}") from exc
+    if len(out) != size:
+        raise InputError(f"{what} must have {size} components, got {len(out)}: {value!r}")
+    if not all(math.isfinite(v) for v in out):
+        raise InputError(f"{what} has a non-finite component: {value!r}; drop that pose upstream")
+    return out
+
+
+def as_position(value: Sequence[float], what: str = "position") -> Position:
+    """A validated (x, y, z) tuple."""
+    x, y, z = _as_vector(value, 3, what)
+    return (x, y, z)
+
+
+def as_quaternion(value: Sequence[float], what: str = "orientation") -> Quaternion:
+    """A validated, unit-normalised (x, y, z, w) tuple.
+
+    Odometry quaternions drift off unit norm; normalising here keeps angles meaningful. A zero
+    quaternion carries no rotation at all and is refused.
+    """
+    x, y, z, w = _as_vector(value, 4, what)
+    norm = math.sqrt(x * x + y * y + z * z + w * w)
+    if norm < 1e-9:
+        raise InputError(f"{what} is a zero quaternion {value!r}; expected (x, y, z, w) of unit norm")
+    return (x / norm, y / norm, z / norm, w / norm)
+
+
+def distance(a: Sequence[float], b: Sequence[float]) -> float:
+    """Euclidean distance between two positions (metres)."""
+    return math.sqrt(sum((float(p) - float(q)) ** 2 for p, q in zip(a, b, strict=True)))
+
+
+def rotation_angle_rad(q1: Sequence[float], q2: Sequence[float]) -> float:
+    """Angle in [0, pi] of the rotation taking ``q1`` to ``q2`` (both (x, y, z, w)).
+
+    Computed from the relative quaternion with ``atan2`` rather than ``acos(dot)``, which loses
+    all precision for the small angles that keyframe selection compares against.
+    """
+    x1, y1, z1, w1 = as_quaternion(q1, "q1")
+    x2, y2, z2, w2 = as_quaternion(q2, "q2")
+    # r = conj(q1) * q2
+    rw = w1 * w2 + x1 * x2 + y1 * y2 + z1 * z2
+    rx = w1 * x2 - x1 * w2 - y1 * z2 + z1 * y2
+    ry = w1 * y2 + x1 * z2 - y1 * w2 - z1 * x2
+    rz = w1 * z2 - x1 * y2 + y1 * x2 - z1 * w2
+    return 2.0 * math.atan2(math.sqrt(rx * rx + ry * ry + rz * rz), abs(rw))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One ranked map match as the decision layer sees it.
+
+    ``session`` names the mapping run the keyframe came from: stamps are only comparable within
+    one session, and the loop-closure exclusion window only applies to the live session.
+    ``None`` means unknown, which every rule treats conservatively (as possibly the same session).
+    """
+
+    id: int
+    score: float
+    stamp_ns: int
+    position: Optional[Position] = None
+    orientation: Optional[Quaternion] = None
+    session: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        score = float(self.score)
+        if not math.isfinite(score):
+            raise InputError(f"candidate {self.id} has a non-finite score {self.score!r}")
+        object.__setattr__(self, "id", int(self.id))
+        object.__setattr__(self, "score", score)
+        object.__setattr__(self, "stamp_ns", int(self.stamp_ns))
+        if self.position is not None:
+            object.__setattr__(self, "position", as_position(self.position, f"candidate {self.id} position"))
+        if self.orientation is not None:
+            object.__setattr__(
+                self, "orientation", as_quaternion(self.orientation, f"candidate {self.id} orientation")
+            )
+
+
+def _optional(vec: Optional[Sequence[float]]) -> Optional[tuple[float, ...]]:
+    """``None`` for a missing pose part, whether given as ``None`` or as all-NaN (columnar stores
+    fill missing poses with NaN); a partly NaN vector is left for validation to refuse."""
+    if vec is None:
+        return None
+    values = tuple(float(v) for v in vec)
+    return None if all(math.isnan(v) for v in values) else values
+
+
+class KeyframeLike(Protocol):
+    """The keyframe metadata a candidate needs (``vpr_ros.mapdb.Keyframe`` satisfies it)."""
+
+    session: str
+    stamp_ns: int
+    position: Optional[Sequence[float]]
+    orientation: Optional[Sequence[float]]
+
+
+def candidates_from_results(
+    ids: Sequence[int] | np.ndarray,
+    scores: Sequence[float] | np.ndarray,
+    keyframe_of: Callable[[int], KeyframeLike],
+) -> list[Candidate]:
+    """Turn one query's ranked ``(ids, scores)`` into candidates, best first.
+
+    Map searches pad short result lists with id ``-1``; those entries are dropped here so no
+    decision ever looks up a keyframe that does not exist.
+    """
+    id_arr = np.asarray(ids).reshape(-1)
+    score_arr = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if id_arr.shape != score_arr.shape:
+        raise InputError(
+            f"search result ids and scores differ in length ({id_arr.size} vs {score_arr.size}); "
+            "pass one query's row of each"
+        )
+    out: list[Candidate] = []
+    for kf_id, score in zip(id_arr.tolist(), score_arr.tolist()):
+        if int(kf_id) < 0:
+            continue
+        kf = keyframe_of(int(kf_id))
+        out.append(
+            Candidate(
+                id=int(kf_id),
+                score=score,
+                stamp_ns=kf.stamp_ns,
+                position=_optional(kf.position),  # type: ignore[arg-type]
+                orientation=_optional(kf.orientation),  # type: ignore[arg-type]
+                session=kf.session,
+            )
+        )
+    out.sort(key=lambda c: c.score, reverse=True)
+    return out
+
+
+def same_place(a: Candidate, b: Candidate, radius_m: float, stamp_window_ns: int) -> bool:
+    """Whether two matches point at the same map neighbourhood.
+
+    With both positions known, that is a distance within ``radius_m`` (map positions are
+    comparable across sessions: they share the map frame). Without them, the only evidence left
+    is time: two keyframes of the *same* session taken within ``stamp_window_ns`` of each other
+    saw the same stretch of the route. Keyframe ids are deliberately not used: their spacing
+    depends on the keyframe policy and on merges, so an id distance has no fixed meaning.
+    """
+    if a.id == b.id:
+        return True
+    if a.position is not None and b.position is not None:
+        return distance(a.position, b.position) <= radius_m
+    if a.session is not None and b.session is not None and a.session != b.session:
+        return False
+    return abs(a.stamp_ns - b.stamp_ns) <= stamp_window_ns
+
+
+def seconds_to_ns(seconds: float) -> int:
+    """Seconds (a config value) to integer nanoseconds (a stamp difference)."""
+    return int(round(seconds * NS_PER_S))

@@ -1,0 +1,385 @@
+"""Loop-closure detection: which map matches of a live run are real revisits.
+
+A place-recognition search always returns *something*; most of it must be thrown away before a
+SLAM back end sees it, because one wrong loop edge can fold a whole map. The detector applies,
+in this order, the three filters loop-closure systems converge on (ORB-SLAM3, Kimera-VIO):
+
+1. *Exclusion of the recent past*: the keyframes just behind the robot always look alike, so
+   those inside ``exclusion_window_s`` of the query (in the live session) or among the last
+   ``exclusion_recent_keyframes`` inserted are never candidates. The detector hands the map
+   the same rule (:meth:`LoopClosureDetector.search_exclusion`) so they do not waste the top-k,
+   and filters the results itself too, so a map that ignores the exclusion still cannot leak one.
+2. *A similarity threshold* (``min_score``, cosine similarity of L2-normalised descriptors).
+3. *Temporal consistency*: a candidate is accepted only when at least ``consistency_k`` of the
+   last ``consistency_n`` queries (this one included) had a surviving candidate in the same map
+   neighbourhood (:func:`~vpr_ros.localization.geometry.same_place`). A single look-alike frame
+   rarely repeats over consecutive queries; a true revisit does.
+
+At most one closure comes out per query: the best-scoring consistent candidate.
+
+The detector also decides which frames become keyframes of the growing map
+(:meth:`LoopClosureDetector.should_insert`), because that choice and the count-based exclusion
+are one piece of state: the detector must know what was inserted to know what is "recent".
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from vpr_ros.errors import InputError
+from vpr_ros.localization.geometry import (
+    NS_PER_S,
+    Candidate,
+    Position,
+    Quaternion,
+    as_position,
+    as_quaternion,
+    distance,
+    rotation_angle_rad,
+    same_place,
+    seconds_to_ns,
+)
+from vpr_ros.localization.params import ParamSpec, from_mapping, param, parameter_specs, require, validate
+
+
+@dataclass(frozen=True)
+class LoopClosureConfig:
+    """Tunables of :class:`LoopClosureDetector`; validated on construction."""
+
+    min_score: float = param(
+        0.8, "cosine similarity a match needs to be a loop candidate", -1.0, 1.0)
+    exclusion_window_s: float = param(
+        30.0, "keyframes of the live session this close in time to the query are never loops", 0.0)
+    exclusion_recent_keyframes: int = param(
+        20, "the last N inserted keyframes are never loops (covers a robot standing still)", 0)
+    consistency_k: int = param(
+        3, "queries (of the last consistency_n) that must agree on a neighbourhood", 1)
+    consistency_n: int = param(
+        5, "length of the query window temporal consistency looks at", 1)
+    consistency_radius_m: float = param(
+        5.0, "matches this close in map position are the same neighbourhood", 0.0)
+    consistency_stamp_window_s: float = param(
+        10.0, "without poses: same-session matches this close in time are the same neighbourhood",
+        0.0)
+    keyframe_min_distance_m: float = param(
+        1.0, "with odometry: insert a keyframe after travelling this far", 0.0)
+    keyframe_min_rotation_deg: float = param(
+        15.0, "with odometry: insert a keyframe after turning this much", 0.0, 180.0)
+    keyframe_max_interval_s: float = param(
+        5.0, "insert a keyframe at least this often, whatever else says", 0.0)
+    novelty_threshold: float = param(
+        0.9, "without odometry: insert when similarity to recent keyframes is below this",
+        -1.0, 1.0)
+    novelty_window_keyframes: int = param(
+        5, "without odometry: how many recent keyframes novelty compares against", 1)
+
+    def __post_init__(self) -> None:
+        validate(self)
+        require(
+            self.consistency_n >= self.consistency_k,
+            f"LoopClosureConfig.consistency_n = {self.consistency_n} must be >= consistency_k = "
+            f"{self.consistency_k}: k of n queries cannot agree when n < k. Raise consistency_n "
+            "or lower consistency_k.",
+        )
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "LoopClosureConfig":
+        """From a dict (YAML section, ROS parameters); unknown keys are a ConfigError."""
+        return from_mapping(cls, values)
+
+    @classmethod
+    def parameter_specs(cls) -> list[ParamSpec]:
+        """Name, default, type, range and description of every field, for the node to declare."""
+        return parameter_specs(cls)
+
+
+@dataclass(frozen=True)
+class SearchExclusion:
+    """What the map search should leave out; field for field ``vpr_ros.mapdb.Exclusion``.
+
+    ``around_stamp_ns``/``window_ns``/``window_session``: drop keyframes of ``window_session``
+    (every session when ``None``) whose stamp is within ``window_ns`` of ``around_stamp_ns``.
+    """
+
+    sessions: frozenset[str] = frozenset()
+    ids: frozenset[int] = frozenset()
+    around_stamp_ns: Optional[int] = None
+    window_ns: int = 0
+    window_session: Optional[str] = None
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for the map's own exclusion type: ``Exclusion(**ex.as_kwargs())``."""
+        return {"sessions": self.sessions, "ids": self.ids, "around_stamp_ns": self.around_stamp_ns,
+                "window_ns": self.window_ns, "window_session": self.window_session}
+
+
+@dataclass(frozen=True)
+class LoopClosure:
+    """An accepted loop: query (the live frame) matched to map keyframe ``match_id``."""
+
+    query_stamp_ns: int
+    match_id: int
+    match_stamp_ns: int
+    score: float
+    consistent_count: int
+    match_session: Optional[str] = None
+    match_position: Optional[Position] = None
+    match_orientation: Optional[Quaternion] = None
+
+
+@dataclass(frozen=True)
+class InsertDecision:
+    """Whether a frame becomes a keyframe, why, and the measures the decision looked at.
+
+    ``reason`` is one of ``first``, ``distance``, ``rotation``, ``interval``, ``time_jump``,
+    ``novelty`` when ``insert`` is true, else ``""``. Measures that did not apply are ``None``.
+    """
+
+    insert: bool
+    reason: str
+    distance_m: Optional[float] = None
+    rotation_deg: Optional[float] = None
+    elapsed_s: Optional[float] = None
+    max_similarity: Optional[float] = None
+
+    def __bool__(self) -> bool:
+        return self.insert
+
+
+@dataclass
+class LoopClosureStats:
+    """Counters for diagnostics; cumulative over the detector's life (``reset`` keeps them)."""
+
+    queries: int = 0
+    closures: int = 0
+    candidates_excluded: int = 0
+    candidates_below_threshold: int = 0
+    inconsistent_queries: int = 0
+    time_jumps: int = 0
+    keyframes_inserted: int = 0
+
+
+@dataclass
+class _LastKeyframe:
+    stamp_ns: int
+    position: Optional[Position]
+    orientation: Optional[Quaternion]
+
+
+def _unit_descriptor(descriptor: Sequence[float] | np.ndarray) -> np.ndarray:
+    """A 1-D unit float64 vector; cosine similarity is then a dot product."""
+    vec = np.asarray(descriptor, dtype=np.float64)
+    if vec.ndim == 2 and vec.shape[0] == 1:
+        vec = vec[0]
+    if vec.ndim != 1 or vec.size == 0:
+        raise InputError(f"descriptor must be one vector (D,) or (1, D), got shape {vec.shape}")
+    if not np.all(np.isfinite(vec)):
+        raise InputError("descriptor has non-finite values; the encoder output is broken")
+    norm = float(np.linalg.norm(vec))
+    if norm < 1e-12:
+        raise InputError("descriptor is all zeros; cannot measure its similarity to anything")
+    return vec / norm
+
+
+class LoopClosureDetector:
+    """Pure state machine turning per-query search results into accepted loop closures.
+
+    Per frame, the node calls, in order:
+
+    1. :meth:`search_exclusion` -> pass it to the map search;
+    2. :meth:`process` with the query stamp and the results as candidates -> a closure or None;
+    3. :meth:`should_insert` -> if true, add the frame to the map, then :meth:`mark_inserted`
+       with the id the map gave it (the detector cannot know that id before the map assigns it).
+
+    ``session`` names the live run in the map; the time exclusion window applies to it only
+    (``None``: to every session, the safe choice when sessions are not tracked).
+    """
+
+    def __init__(self, config: Optional[LoopClosureConfig] = None, session: Optional[str] = None):
+        self.config = config if config is not None else LoopClosureConfig()
+        self.stats = LoopClosureStats()
+        self._session = session
+        self._window_ns = seconds_to_ns(self.config.exclusion_window_s)
+        self._stamp_window_ns = seconds_to_ns(self.config.consistency_stamp_window_s)
+        self._history: deque[list[Candidate]] = deque(maxlen=self.config.consistency_n - 1)
+        self._last_query_ns: Optional[int] = None
+        self._recent_ids: deque[int] = deque(maxlen=self.config.exclusion_recent_keyframes)
+        self._last_kf: Optional[_LastKeyframe] = None
+        self._novelty: deque[np.ndarray] = deque(maxlen=self.config.novelty_window_keyframes)
+
+    @property
+    def session(self) -> Optional[str]:
+        return self._session
+
+    def reset(self, session: Optional[str] = None) -> None:
+        """Forget the run (history, recent keyframes, last keyframe); keep the stats counters.
+
+        ``session``: the name of the run that starts now; ``None`` keeps the current one.
+        """
+        if session is not None:
+            self._session = session
+        self._history.clear()
+        self._last_query_ns = None
+        self._recent_ids.clear()
+        self._last_kf = None
+        self._novelty.clear()
+
+    # ----------------------------------------------------------------------------- exclusion
+    def search_exclusion(self, query_stamp_ns: int) -> SearchExclusion:
+        """The exclusion the node should pass to the map search for this query."""
+        return SearchExclusion(
+            ids=frozenset(self._recent_ids),
+            around_stamp_ns=int(query_stamp_ns),
+            window_ns=self._window_ns,
+            window_session=self._session,
+        )
+
+    def is_excluded(self, candidate: Candidate, query_stamp_ns: int) -> bool:
+        """Whether ``candidate`` lies in the recent past of the query (never a loop)."""
+        if candidate.id in self._recent_ids:
+            return True
+        in_live_session = (self._session is None or candidate.session is None
+                           or candidate.session == self._session)
+        return in_live_session and abs(candidate.stamp_ns - int(query_stamp_ns)) <= self._window_ns
+
+    # ------------------------------------------------------------------------------ decisions
+    def process(self, query_stamp_ns: int, candidates: Sequence[Candidate]) -> Optional[LoopClosure]:
+        """Feed one query's search results; return the accepted closure, if any.
+
+        Every query must be fed, including those with no candidates: they count as
+        non-supporting members of the consistency window. A query stamp earlier than the last
+        one (a bag restarted, sim time reset) clears the consistency history, since agreement
+        across a time jump means nothing; it is counted in ``stats.time_jumps``.
+        """
+        cfg = self.config
+        stamp = int(query_stamp_ns)
+        self.stats.queries += 1
+        if self._last_query_ns is not None and stamp < self._last_query_ns:
+            self._history.clear()
+            self.stats.time_jumps += 1
+        self._last_query_ns = stamp
+
+        surviving: list[Candidate] = []
+        for cand in candidates:
+            if self.is_excluded(cand, stamp):
+                self.stats.candidates_excluded += 1
+            elif cand.score < cfg.min_score:
+                self.stats.candidates_below_threshold += 1
+            else:
+                surviving.append(cand)
+        surviving.sort(key=lambda c: c.score, reverse=True)
+
+        accepted: Optional[LoopClosure] = None
+        for cand in surviving:
+            support = 1 + sum(
+                1 for past in self._history
+                if any(same_place(cand, other, cfg.consistency_radius_m, self._stamp_window_ns)
+                       for other in past)
+            )
+            if support >= cfg.consistency_k:
+                accepted = LoopClosure(
+                    query_stamp_ns=stamp, match_id=cand.id, match_stamp_ns=cand.stamp_ns,
+                    score=cand.score, consistent_count=support, match_session=cand.session,
+                    match_position=cand.position, match_orientation=cand.orientation,
+                )
+                break
+        if self._history.maxlen:
+            self._history.append(surviving)
+        if accepted is not None:
+            self.stats.closures += 1
+        elif surviving:
+            self.stats.inconsistent_queries += 1
+        return accepted
+
+    # ------------------------------------------------------------------------------ keyframes
+    def should_insert(
+        self,
+        stamp_ns: int,
+        position: Optional[Sequence[float]] = None,
+        orientation: Optional[Sequence[float]] = None,
+        descriptor: Optional[Sequence[float] | np.ndarray] = None,
+    ) -> InsertDecision:
+        """Decide whether this frame becomes a keyframe; changes no state.
+
+        With odometry (``position`` given and the last keyframe had one) the frame is inserted
+        after ``keyframe_min_distance_m`` of travel or ``keyframe_min_rotation_deg`` of turn
+        (rotation needs both orientations). Without odometry, by descriptor novelty: inserted
+        when its best cosine similarity to the last ``novelty_window_keyframes`` keyframes is
+        below ``novelty_threshold``. Odometry, when present, wins over novelty: it measures
+        motion directly, while novelty also fires on lighting changes and passing people. In
+        every mode ``keyframe_max_interval_s`` forces an insertion, so a robot parked in front
+        of a changing scene still refreshes its map, and a backwards stamp inserts
+        (``time_jump``): the previous keyframe belongs to another timeline.
+        """
+        cfg = self.config
+        stamp = int(stamp_ns)
+        last = self._last_kf
+        if last is None:
+            return InsertDecision(True, "first")
+        elapsed_s = (stamp - last.stamp_ns) / NS_PER_S
+        if elapsed_s < 0:
+            return InsertDecision(True, "time_jump", elapsed_s=elapsed_s)
+
+        if position is not None and last.position is not None:
+            moved = distance(as_position(position), last.position)
+            turned: Optional[float] = None
+            if orientation is not None and last.orientation is not None:
+                turned = math.degrees(rotation_angle_rad(as_quaternion(orientation), last.orientation))
+            measures = dict(distance_m=moved, rotation_deg=turned, elapsed_s=elapsed_s)
+            if moved >= cfg.keyframe_min_distance_m:
+                return InsertDecision(True, "distance", **measures)
+            if turned is not None and turned >= cfg.keyframe_min_rotation_deg:
+                return InsertDecision(True, "rotation", **measures)
+            if elapsed_s >= cfg.keyframe_max_interval_s:
+                return InsertDecision(True, "interval", **measures)
+            return InsertDecision(False, "", **measures)
+
+        similarity: Optional[float] = None
+        if descriptor is not None and self._novelty:
+            vec = _unit_descriptor(descriptor)
+            memory = self._novelty[0]
+            if vec.shape != memory.shape:
+                raise InputError(
+                    f"descriptor has dimension {vec.size} but recent keyframes have {memory.size}; "
+                    "the model changed mid-run: reset() the detector"
+                )
+            similarity = float(max(float(vec @ m) for m in self._novelty))
+        if elapsed_s >= cfg.keyframe_max_interval_s:
+            return InsertDecision(True, "interval", elapsed_s=elapsed_s, max_similarity=similarity)
+        if similarity is not None and similarity < cfg.novelty_threshold:
+            return InsertDecision(True, "novelty", elapsed_s=elapsed_s, max_similarity=similarity)
+        return InsertDecision(False, "", elapsed_s=elapsed_s, max_similarity=similarity)
+
+    def mark_inserted(
+        self,
+        keyframe_id: int,
+        stamp_ns: int,
+        position: Optional[Sequence[float]] = None,
+        orientation: Optional[Sequence[float]] = None,
+        descriptor: Optional[Sequence[float] | np.ndarray] = None,
+    ) -> None:
+        """Record that the frame was added to the map as ``keyframe_id``.
+
+        It becomes the reference for the next :meth:`should_insert` and one of the recent
+        keyframes excluded from loop search. Pass its descriptor so novelty can compare against
+        it when there is no odometry.
+        """
+        pos = None if position is None else as_position(position)
+        quat = None if orientation is None else as_quaternion(orientation)
+        if descriptor is not None:
+            vec = _unit_descriptor(descriptor)
+            if self._novelty and self._novelty[0].shape != vec.shape:
+                raise InputError(
+                    f"descriptor has dimension {vec.size} but recent keyframes have "
+                    f"{self._novelty[0].size}; the model changed mid-run: reset() the detector"
+                )
+            self._novelty.append(vec)
+        self._last_kf = _LastKeyframe(int(stamp_ns), pos, quat)
+        if self._recent_ids.maxlen:
+            self._recent_ids.append(int(keyframe_id))
+        self.stats.keyframes_inserted += 1

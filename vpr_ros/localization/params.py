@@ -1,0 +1,104 @@
+"""Declared, range-checked parameters for the decision configs.
+
+Each config field carries its range and a one-line description in its dataclass metadata
+(:func:`param`). One declaration then serves three readers: the config's own validation (a bad
+value is a :class:`~vpr_ros.errors.ConfigError` naming the field, its range and the fix), the
+YAML / dict loader (unknown keys are refused instead of silently ignored), and the ROS node,
+which declares every tunable as a parameter with a description and a range
+(:func:`parameter_specs`) without restating them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, TypeVar
+
+from vpr_ros.errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """A tunable as the node declares it: name, default, type, inclusive range, description."""
+
+    name: str
+    default: Any
+    type: type
+    low: Optional[float]
+    high: Optional[float]
+    description: str
+
+
+def param(default: Any, description: str, low: Optional[float] = None,
+          high: Optional[float] = None) -> Any:
+    """A dataclass field with an inclusive ``[low, high]`` range and a description."""
+    return dataclasses.field(default=default,
+                             metadata={"low": low, "high": high, "description": description})
+
+
+def _field_type(f: dataclasses.Field[Any]) -> type:
+    """The field's runtime type, from its default (annotations are strings under PEP 563)."""
+    return type(f.default)
+
+
+def validate(config: Any) -> None:
+    """Check every declared field of ``config`` for type, finiteness and range."""
+    cls = type(config)
+    name = cls.__name__
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        kind = _field_type(f)
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name}.{f.name} = {value!r} must be true or false")
+            continue
+        if kind is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name}.{f.name} = {value!r} must be an integer")
+        elif kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{name}.{f.name} = {value!r} must be a number")
+            if not math.isfinite(float(value)):
+                raise ConfigError(f"{name}.{f.name} = {value!r} must be finite")
+            object.__setattr__(config, f.name, float(value))
+        low, high = f.metadata.get("low"), f.metadata.get("high")
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+            raise ConfigError(
+                f"{name}.{f.name} = {value!r} is out of range {bounds}: "
+                f"{f.metadata.get('description', '')}"
+            )
+
+
+def from_mapping(cls: type[T], values: Mapping[str, Any]) -> T:
+    """Build a config from a dict (YAML, ROS parameters), refusing keys it does not know.
+
+    A misspelt key would otherwise leave its default silently in force, which in a loop-closure
+    detector means wrong edges in a SLAM graph with nothing in the logs.
+    """
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"{cls.__name__} has no parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    return cls(**dict(values))
+
+
+def parameter_specs(cls: type) -> list[ParamSpec]:
+    """Every field of a config class as a :class:`ParamSpec`, in declaration order."""
+    return [
+        ParamSpec(name=f.name, default=f.default, type=_field_type(f),
+                  low=f.metadata.get("low"), high=f.metadata.get("high"),
+                  description=f.metadata.get("description", ""))
+        for f in dataclasses.fields(cls)
+    ]
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise :class:`ConfigError` with ``message`` unless ``condition`` holds (cross-field rules)."""
+    if not condition:
+        raise ConfigError(message)
