@@ -15,6 +15,7 @@ from vpr_ros.localization.loop_closure import (
     SearchExclusion,
 )
 from vpr_ros.localization.params import ParamSpec
+from vpr_ros.localization.relocalizer import Relocalization, Relocalizer, RelocalizerConfig
 
 __all__ = [
     "Candidate",
@@ -24,6 +25,9 @@ __all__ = [
     "LoopClosureDetector",
     "LoopClosureStats",
     "ParamSpec",
+    "Relocalization",
+    "Relocalizer",
+    "RelocalizerConfig",
     "SearchExclusion",
     "candidates_from_results",
     "same_place",
