@@ -5,6 +5,7 @@ Pure Python + numpy state machines, fed by the node with per-query candidates
 decision can be replayed and tested on recorded sequences without ROS or a map on disk.
 """
 
+from vpr_ros.localization.evaluation import LoopEvaluation, evaluate_loop_closure
 from vpr_ros.localization.geometry import Candidate, candidates_from_results, same_place
 from vpr_ros.localization.loop_closure import (
     InsertDecision,
@@ -24,11 +25,13 @@ __all__ = [
     "LoopClosureConfig",
     "LoopClosureDetector",
     "LoopClosureStats",
+    "LoopEvaluation",
     "ParamSpec",
     "Relocalization",
     "Relocalizer",
     "RelocalizerConfig",
     "SearchExclusion",
     "candidates_from_results",
+    "evaluate_loop_closure",
     "same_place",
 ]
