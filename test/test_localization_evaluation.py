@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 
 from vpr_ros.errors import ConfigError, InputError
-from vpr_ros.localization import LoopClosureConfig, SearchExclusion, evaluate_loop_closure
+from vpr_ros.localization import (
+    LoopClosureConfig,
+    LoopEvaluation,
+    SearchExclusion,
+    evaluate_loop_closure,
+)
 from vpr_ros.localization.evaluation import interpolated_auc
 
 S = 1_000_000_000
@@ -126,7 +131,7 @@ def test_consistency_rescues_recall_at_full_precision_under_aliasing() -> None:
         order = np.argsort(-s)[:5]
         return order, s[order]
 
-    def evaluate(k: int, n: int):  # type: ignore[no-untyped-def]
+    def evaluate(k: int, n: int) -> LoopEvaluation:
         return evaluate_loop_closure(
             stamps, pos, search,
             config(exclusion_window_s=10.0, consistency_k=k, consistency_n=n,

@@ -308,6 +308,8 @@ def test_config_cross_field_rule_and_mapping_loader() -> None:
         LoopClosureConfig.from_mapping({"min_scroe": 0.5})
     cfg = LoopClosureConfig.from_mapping({"min_score": 1, "consistency_k": 2})
     assert cfg.min_score == 1.0 and isinstance(cfg.min_score, float)
+    from_numpy = LoopClosureConfig(consistency_n=np.int64(6), min_score=np.float32(0.5))
+    assert type(from_numpy.consistency_n) is int and type(from_numpy.min_score) is float
     specs = {s.name: s for s in LoopClosureConfig.parameter_specs()}
     assert specs["min_score"].low == -1.0 and specs["min_score"].high == 1.0
     assert specs["consistency_k"].type is int and specs["consistency_k"].default == 3

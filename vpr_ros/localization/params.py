@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, TypeVar
 
@@ -55,15 +56,18 @@ def validate(config: Any) -> None:
             if not isinstance(value, bool):
                 raise ConfigError(f"{name}.{f.name} = {value!r} must be true or false")
             continue
+        # numbers.* rather than int/float: numpy scalars from scripts are fine values too.
         if kind is int:
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise ConfigError(f"{name}.{f.name} = {value!r} must be an integer")
+            value = int(value)
         elif kind is float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ConfigError(f"{name}.{f.name} = {value!r} must be a number")
-            if not math.isfinite(float(value)):
+            value = float(value)
+            if not math.isfinite(value):
                 raise ConfigError(f"{name}.{f.name} = {value!r} must be finite")
-            object.__setattr__(config, f.name, float(value))
+        object.__setattr__(config, f.name, value)
         low, high = f.metadata.get("low"), f.metadata.get("high")
         if (low is not None and value < low) or (high is not None and value > high):
             bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
