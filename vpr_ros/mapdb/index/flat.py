@@ -1,0 +1,115 @@
+"""Exact inner-product search: the reference every other kind is measured against.
+
+Why no faiss IndexFlatIP for float32 storage: it would copy the whole (memory-mapped) descriptor
+matrix into its own buffer, doubling memory for a 16 GB map, and for one query it scans on one core
+(about 10 GB/s here), while a BLAS matrix-vector product over the mapped file uses every core
+(about 20 GB/s here). Float16 storage has no fast numpy path (numpy converts half floats at about
+1 GB/s), so for a few queries the fp16 rows are held in a faiss ``IndexScalarQuantizer`` (QT_fp16:
+same bytes, SIMD conversion), scanned by one thread per core on disjoint id ranges. Batches
+convert blocks to float32 once and use BLAS matrix-matrix products.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Mapping
+
+import numpy as np
+
+from vpr_ros.errors import ConfigError
+from vpr_ros.mapdb.index.base import (PAD_SCORE, VectorIndex, allowed_selector, exact_search,
+                                      sort_results)
+
+# Below this many queries a per-query scan of the fp16 codes beats block conversion + BLAS.
+FP16_SCAN_MAX_QUERIES = 8
+
+
+def _threads() -> int:
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                      else (os.cpu_count() or 1)))
+
+
+class FlatIndex(VectorIndex):
+    """Exhaustive search; scores and ids equal a brute-force numpy reference."""
+
+    kind = "flat"
+
+    def __init__(self, store, params: Mapping[str, Any]) -> None:
+        super().__init__(store, params)
+        self._sq = None  # faiss IndexScalarQuantizer over fp16 rows, built lazily
+        self._pool: ThreadPoolExecutor | None = None
+
+    @classmethod
+    def resolve_params(cls, dim: int, given: Mapping[str, Any]) -> dict[str, Any]:
+        if given:
+            raise ConfigError(f"index kind 'flat' takes no parameters, got {sorted(given)}; "
+                              "use index='flat'")
+        return {}
+
+    def add(self, start: int, rows: np.ndarray, codes: np.ndarray | None) -> None:
+        if self._sq is not None:
+            self._sq_sync()
+
+    def restore(self, files) -> None:
+        return None
+
+    def _sq_sync(self) -> None:
+        """Bring the fp16 scan index up to the store's row count."""
+        import faiss
+
+        if self._sq is None:
+            self._sq = faiss.IndexScalarQuantizer(self.store.dim, faiss.ScalarQuantizer.QT_fp16,
+                                                  faiss.METRIC_INNER_PRODUCT)
+        have = self._sq.ntotal
+        for start, block in self.store.chunks(65536):
+            end = start + len(block)
+            if end <= have:
+                continue
+            part = np.ascontiguousarray(block[max(0, have - start):])
+            codes = part.view(np.uint8).reshape(len(part), -1)
+            faiss.copy_array_to_vector(codes.reshape(-1), self._sq.codes)
+            self._sq.ntotal += len(part)
+            have = end
+
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None,
+               query_codes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        if self.store.dtype == np.float16 and queries.shape[0] < FP16_SCAN_MAX_QUERIES \
+                and len(self.store):
+            return self._fp16_scan(queries, k, allowed)
+        return exact_search(self.store, queries, k, allowed)
+
+    def _fp16_scan(self, queries: np.ndarray, k: int,
+                   allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        if self._sq is None or self._sq.ntotal != len(self.store):
+            self._sq_sync()
+        n = len(self.store)
+        parts = _threads() if n >= 65536 else 1
+        bounds = np.linspace(0, n, parts + 1).astype(np.int64)
+        base_sel, _bitmap = allowed_selector(allowed)
+        kk = min(k, n)
+
+        def one(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+            sel = faiss.IDSelectorRange(int(a), int(b))
+            params = faiss.SearchParameters()
+            params.sel = faiss.IDSelectorAnd(sel, base_sel) if base_sel is not None else sel
+            d, i = self._sq.search(queries, kk, params=params)
+            return d, i
+
+        if parts == 1:
+            if base_sel is not None:
+                params = faiss.SearchParameters()
+                params.sel = base_sel
+                d, i = self._sq.search(queries, kk, params=params)
+            else:
+                d, i = self._sq.search(queries, kk)
+        else:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(parts, thread_name_prefix="vpr-flat")
+            results = list(self._pool.map(one, bounds[:-1], bounds[1:]))
+            d = np.concatenate([r[0] for r in results], axis=1)
+            i = np.concatenate([r[1] for r in results], axis=1)
+        d = np.where(i >= 0, d, PAD_SCORE).astype(np.float32)
+        return sort_results(d, i.astype(np.int64), k)

@@ -1,0 +1,349 @@
+"""The place map: keyframes, their descriptors and a search index, as one object.
+
+Why one object: the node, the map builder, the merger and the benchmarks all need the same three
+things kept in step (row i of the descriptors, keyframe id i and index entry i are the same
+place), the same refusal to mix descriptors of different models (the fingerprint), and the same
+crash-safe persistence. Keeping them behind ``add`` / ``search`` / ``save`` / ``load`` /
+``merge`` means no caller can update one without the others.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from vpr_ros import __version__
+from vpr_ros.errors import ConfigError, InputError, MapError, MapMismatchError
+from vpr_ros.mapdb import storage
+from vpr_ros.mapdb.index import make_index, parse_spec
+from vpr_ros.mapdb.index.base import PAD_SCORE, VectorIndex, sort_results
+from vpr_ros.mapdb.index.binary import BinaryIndex
+from vpr_ros.mapdb.index.vectors import STORAGE_DTYPES, DescriptorStore
+from vpr_ros.mapdb.keyframe import Exclusion, Keyframe, KeyframeTable
+
+#: How far a descriptor's L2 norm may be from 1 (descriptors must be L2-normalised so that the
+#: inner product is the cosine similarity every threshold in this project assumes).
+NORM_TOLERANCE = 1e-2
+_MERGE_BLOCK = 65536
+
+
+def _mismatch_advice() -> str:
+    return ("use the model the map was built with, or rebuild the map with this model "
+            "(`vpr map build ... --model MODEL`)")
+
+
+class PlaceMap:
+    """Keyframes + descriptors + index; ids are 0..N-1 in insertion order."""
+
+    def __init__(self, dim: int, fingerprint: str, index: str | Mapping[str, Any] = "flat",
+                 storage_dtype: str = "float32") -> None:
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+            raise ConfigError(f"descriptor dim {dim!r} must be a positive integer")
+        if not isinstance(fingerprint, str) or not fingerprint:
+            raise ConfigError(f"model fingerprint {fingerprint!r} must be a non-empty string "
+                              "(Encoder.fingerprint)")
+        if storage_dtype not in STORAGE_DTYPES:
+            raise ConfigError(f"storage_dtype {storage_dtype!r} must be one of {STORAGE_DTYPES}")
+        self._dim = int(dim)
+        self._fingerprint = fingerprint
+        self._store = DescriptorStore(self._dim, storage_dtype)
+        self._table = KeyframeTable()
+        self._index: VectorIndex = make_index(index, self._store)
+        self.created = storage.now_iso()
+        self.updated = self.created
+        self.path: Path | None = None
+
+    @classmethod
+    def create(cls, dim: int, fingerprint: str, index: str | Mapping[str, Any] = "flat",
+               storage_dtype: str = "float32") -> "PlaceMap":
+        """An empty map for descriptors of ``dim`` from the model ``fingerprint``.
+
+        ``index``: "flat" (exact), "hnsw", "ivfpq" or "binary", or a dict such as
+        ``{"kind": "binary", "bits": 512, "rerank": 100}``.
+        """
+        return cls(dim, fingerprint, index, storage_dtype)
+
+    # -- properties ------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    @property
+    def index_kind(self) -> str:
+        return self._index.kind
+
+    @property
+    def storage_dtype(self) -> str:
+        return self._store.dtype.name
+
+    @property
+    def keyframe_table(self) -> KeyframeTable:
+        """Columnar keyframe metadata (stamps, positions, ... as numpy arrays), read-only use."""
+        return self._table
+
+    def sessions(self) -> list[str]:
+        return self._table.sessions()
+
+    def keyframe(self, id: int) -> Keyframe:
+        return self._table.get(id)
+
+    def keyframes(self, ids: Iterable[int]) -> list[Keyframe]:
+        return [self._table.get(int(i)) for i in np.asarray(list(ids)).reshape(-1)]
+
+    def descriptors(self) -> np.ndarray:
+        """(N, D) in the storage dtype: the memory-mapped file itself for a loaded map with
+        nothing added since; otherwise an in-memory array."""
+        return self._store.array()
+
+    def check_compatible(self, fingerprint: str, dim: int) -> None:
+        """Refuse descriptors of another model (MapMismatchError naming both fingerprints)."""
+        if fingerprint != self._fingerprint or int(dim) != self._dim:
+            where = f" at {self.path}" if self.path else ""
+            raise MapMismatchError(
+                f"the map{where} was built with model fingerprint {self._fingerprint} "
+                f"(dim {self._dim}), but the descriptors come from fingerprint {fingerprint} "
+                f"(dim {dim}); descriptors of different models are not comparable: "
+                + _mismatch_advice())
+
+    # -- adding and searching --------------------------------------------------------------------
+
+    def _as_rows(self, x: np.ndarray, what: str) -> np.ndarray:
+        x = np.asarray(x)
+        if x.ndim == 1:
+            x = x[None]
+        if x.ndim != 2 or x.shape[1] != self._dim:
+            raise InputError(f"{what} have shape {x.shape}; expected (B, {self._dim}) for this "
+                             f"map (descriptor dim {self._dim})")
+        if not np.issubdtype(x.dtype, np.floating):
+            raise InputError(f"{what} have dtype {x.dtype}; expected float32 descriptors")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if not np.isfinite(x).all():
+            raise InputError(f"{what} contain NaN or Inf; the encoder output is corrupt")
+        return x
+
+    def add(self, descriptors: np.ndarray, keyframes: Sequence[Keyframe],
+            binary_codes: np.ndarray | None = None) -> np.ndarray:
+        """Append L2-normalised descriptors and their keyframes; returns the new ids (int64)."""
+        x = self._as_rows(descriptors, "descriptors")
+        if len(keyframes) != len(x):
+            raise InputError(f"{len(x)} descriptors but {len(keyframes)} keyframes; give one "
+                             "keyframe per descriptor")
+        norms = np.linalg.norm(x, axis=1)
+        bad = np.abs(norms - 1.0) > NORM_TOLERANCE
+        if bad.any():
+            raise InputError(f"{int(bad.sum())} of {len(x)} descriptors are not L2-normalised "
+                             f"(norms {norms[bad][:3].round(4).tolist()}...); normalise them "
+                             "(Encoder outputs already are) so inner product = cosine")
+        if binary_codes is not None and not isinstance(self._index, BinaryIndex):
+            raise InputError(f"binary_codes were given but this map's index is "
+                             f"{self.index_kind!r}; codes are used only by index 'binary'")
+        if isinstance(self._index, BinaryIndex):
+            self._index.check_codes_for_add(len(x), binary_codes)
+        stored = x.astype(self._store.dtype, copy=False)
+        start = len(self._store)
+        ids = self._table.append(keyframes)
+        self._store.append(stored)
+        self._index.add(start, stored.astype(np.float32, copy=False), binary_codes)
+        self.updated = storage.now_iso()
+        return ids
+
+    def search(self, queries: np.ndarray, k: int, exclude: Exclusion | None = None,
+               query_codes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Best ``k`` keyframes per query: ids (B, k) int64 padded with -1, scores (B, k)
+        float32 (exact inner product = cosine; -inf on padding), best first. Excluded keyframes
+        are never returned. ``query_codes`` (hash-head codes) are used by a binary index whose
+        codes came from the model and ignored by other kinds."""
+        q = self._as_rows(queries, "queries")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise InputError(f"k={k!r} must be a positive integer")
+        k = int(k)
+        b = len(q)
+        if exclude is not None and not isinstance(exclude, Exclusion):
+            raise InputError(f"exclude is a {type(exclude).__name__}, expected an Exclusion")
+        n = len(self)
+        if n == 0 or b == 0:
+            return np.full((b, k), -1, np.int64), np.full((b, k), PAD_SCORE, np.float32)
+        excluded = self._table.excluded_mask(exclude)
+        allowed = None if excluded is None else ~excluded
+        if allowed is not None and not allowed.any():
+            return np.full((b, k), -1, np.int64), np.full((b, k), PAD_SCORE, np.float32)
+        if not isinstance(self._index, BinaryIndex):
+            query_codes = None
+        ids, scores = self._index.search(q, k, allowed, query_codes)
+        if excluded is not None:
+            # Defence in depth: whatever an index returns, excluded ids never leave this method.
+            leaked = (ids >= 0) & excluded[np.clip(ids, 0, n - 1)]
+            if leaked.any():
+                scores = np.where(leaked, PAD_SCORE, scores)
+                ids, scores = sort_results(scores, np.where(leaked, -1, ids), k)
+        return ids, scores
+
+    # -- persistence -----------------------------------------------------------------------------
+
+    def _manifest(self) -> dict[str, Any]:
+        stamps = self._table.stamps
+        return {
+            "format": storage.FORMAT, "format_version": storage.FORMAT_VERSION,
+            "fingerprint": self._fingerprint, "dim": self._dim, "count": len(self),
+            "storage_dtype": self.storage_dtype, "index": self._index.manifest_params(),
+            "sessions": self._table.session_counts(),
+            "stamp_range_ns": [int(stamps.min()), int(stamps.max())] if len(stamps) else None,
+            "has_poses": self._table.has_poses(), "has_gnss": self._table.has_gnss(),
+            "created": self.created, "updated": self.updated,
+            "software": {"vpr_ros": __version__},
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write the map to directory ``path`` atomically (see :mod:`vpr_ros.mapdb.storage`):
+        a crash at any point leaves the previous map at ``path`` loadable and intact."""
+        directory = Path(path)
+        if directory.exists() and not directory.is_dir():
+            raise MapError(f"cannot save a map to {directory}: it is a file, expected a directory")
+        directory.mkdir(parents=True, exist_ok=True)
+        with storage.map_lock(directory):
+            writer = storage.MapWriter(directory)
+            writer.add_npy("descriptors", [seg for _, seg in self._store.segments()],
+                           self._store.dtype, self._dim)
+            writer.stage("descriptors")
+            writer.add_keyframes(self._table, {
+                "fingerprint": self._fingerprint, "dim": str(self._dim),
+                "format": storage.FORMAT, "format_version": str(storage.FORMAT_VERSION)})
+            writer.stage("keyframes")
+            for role, artifact in self._index.artifacts().items():
+                if isinstance(artifact, np.ndarray):
+                    writer.add_npy(role, [artifact], artifact.dtype,
+                                   artifact.shape[1] if artifact.ndim == 2 else None)
+                else:
+                    writer.add_faiss(role, artifact)
+            writer.stage("artifacts")
+            writer.commit(self._manifest())
+        self.path = directory
+
+    @classmethod
+    def load(cls, path: str | Path, expected_fingerprint: str | None = None, mmap: bool = True,
+             verify: bool = True) -> "PlaceMap":
+        """Open a saved map. Checks format version, fingerprint (when ``expected_fingerprint`` is
+        given), dim, counts, file sizes and (``verify``) sha256 of every file. ``mmap`` maps the
+        descriptors instead of reading them into memory."""
+        directory = Path(path)
+        for attempt in range(3):
+            manifest = storage.read_manifest(directory)
+            try:
+                return cls._load(directory, manifest, expected_fingerprint, mmap, verify)
+            except FileNotFoundError as exc:
+                # A writer may have committed a new generation and removed the files this
+                # manifest named: read the manifest again.
+                try:
+                    newer = storage.read_manifest(directory)["generation"]
+                except MapError:
+                    newer = manifest["generation"]
+                if newer != manifest["generation"] and attempt < 2:
+                    continue
+                raise MapError(f"{exc.filename or exc}: missing; the map at {directory} is "
+                               "incomplete (a file was deleted): restore it or rebuild the "
+                               "map") from exc
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _load(cls, directory: Path, manifest: Mapping[str, Any],
+              expected_fingerprint: str | None, mmap: bool, verify: bool) -> "PlaceMap":
+        mpath = directory / storage.MANIFEST
+        if expected_fingerprint is not None and manifest["fingerprint"] != expected_fingerprint:
+            raise MapMismatchError(
+                f"the map at {directory} was built with model fingerprint "
+                f"{manifest['fingerprint']}, but fingerprint {expected_fingerprint} was expected; "
+                + _mismatch_advice())
+        dim, count, dtype = manifest["dim"], manifest["count"], manifest["storage_dtype"]
+        if dtype not in STORAGE_DTYPES:
+            raise MapError(f"{mpath}: storage_dtype {dtype!r} is not one of {STORAGE_DTYPES}")
+        for role in ("descriptors", "keyframes"):
+            if role not in manifest["files"]:
+                raise MapError(f"{mpath}: lists no {role} file; the manifest is corrupt: "
+                               "rebuild the map")
+        files = storage.check_files(directory, manifest, checksums=verify)
+        try:
+            kind, params = parse_spec(manifest["index"], dim)
+        except ConfigError as exc:
+            raise MapError(f"{mpath}: index entry is invalid ({exc})") from exc
+        base = storage.load_npy(files["descriptors"], dtype, (count, dim), mmap=mmap)
+        table = storage.read_keyframes_sqlite(files["keyframes"], count)
+        pm = cls(dim, manifest["fingerprint"], {"kind": kind, **params}, dtype)
+        pm._store = DescriptorStore(dim, dtype, base)
+        pm._table = table
+        pm._index = make_index({"kind": kind, **params}, pm._store)
+        pm._index.restore({r: p for r, p in files.items()
+                           if r not in ("descriptors", "keyframes")})
+        pm.created = str(manifest.get("created", pm.created))
+        pm.updated = str(manifest.get("updated", pm.updated))
+        pm.path = directory
+        return pm
+
+    # -- merging and reporting -------------------------------------------------------------------
+
+    def merge(self, other: "PlaceMap") -> np.ndarray:
+        """Append every keyframe of ``other`` (ids renumbered after ours, metadata kept);
+        returns the ids the other map's keyframes got here."""
+        if other is self:
+            raise InputError("cannot merge a map into itself")
+        if other.fingerprint != self._fingerprint or other.dim != self._dim:
+            raise MapMismatchError(
+                f"cannot merge: this map has model fingerprint {self._fingerprint} (dim "
+                f"{self._dim}), the other{f' ({other.path})' if other.path else ''} has "
+                f"{other.fingerprint} (dim {other.dim}); maps of different models cannot be "
+                "mixed: rebuild one of them with the other's model")
+        codes = None
+        if isinstance(self._index, BinaryIndex) and self._index.params["codes"] == "model":
+            if not (isinstance(other._index, BinaryIndex)
+                    and other._index.params["codes"] == "model"
+                    and other._index.bits == self._index.bits):
+                raise MapMismatchError("cannot merge: this map's binary codes come from the "
+                                       "model's hash head and the other map has no such codes")
+            codes = other._index.codes.view()
+        if isinstance(self._index, BinaryIndex):
+            self._index.check_codes_for_add(len(other), codes)
+        start = len(self)
+        ids = self._table.extend_from(other._table)
+        for first, block in other._store.chunks(_MERGE_BLOCK):
+            stored = np.asarray(block).astype(self._store.dtype, copy=False)
+            self._store.append(stored)
+            self._index.add(start + first, stored.astype(np.float32, copy=False),
+                            None if codes is None else codes[first: first + len(block)])
+        self.updated = storage.now_iso()
+        return ids
+
+    def info(self) -> dict[str, Any]:
+        """Counts, sessions, dim, dtype, index, fingerprint, bytes, dates, stamp range, poses."""
+        stamps = self._table.stamps
+        out: dict[str, Any] = {
+            "path": str(self.path) if self.path else None,
+            "count": len(self), "sessions": self._table.session_counts(),
+            "dim": self._dim, "storage_dtype": self.storage_dtype,
+            "index": self._index.info(), "fingerprint": self._fingerprint,
+            "descriptor_bytes": int(len(self) * self._dim * self._store.dtype.itemsize),
+            "created": self.created, "updated": self.updated,
+            "stamp_range_ns": [int(stamps.min()), int(stamps.max())] if len(stamps) else None,
+            "has_poses": self._table.has_poses(), "has_gnss": self._table.has_gnss(),
+            "format_version": storage.FORMAT_VERSION,
+        }
+        if self.path is not None and (self.path / storage.MANIFEST).exists():
+            try:
+                manifest = storage.read_manifest(self.path)
+                out["disk_bytes"] = int(sum(r.get("bytes", 0)
+                                            for r in manifest["files"].values()))
+            except MapError:
+                pass
+        return out
+
+    def __repr__(self) -> str:
+        return (f"PlaceMap(count={len(self)}, dim={self._dim}, index={self.index_kind!r}, "
+                f"dtype={self.storage_dtype}, fingerprint={self._fingerprint[:12]!r})")
