@@ -1,0 +1,622 @@
+"""Read camera images and pose streams out of rosbag2 bags (sqlite3 or MCAP, detected).
+
+Bags come from robots, and robots lose power: a recording killed mid-write has no
+``metadata.yaml``, an MCAP file without its footer, or an SQLite file shorter than its header
+says. rosbags refuses all of these outright. This reader opens a bag with rosbags' AnyReader
+when it can and, when it cannot (or when reading fails part-way), salvages the storage files
+directly: SQLite rows in rowid order with the size check relaxed, MCAP records front to back
+(partial chunks included). Everything before the damage is kept and a warning says what was
+lost; a bag from which nothing at all can be read is a :class:`~vpr_ros.errors.BagError`.
+A single undecodable message is skipped and counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import sqlite3
+import struct
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from vpr_ros.errors import BagError, InputError
+from vpr_ros.mapdb.bag_writer import (COMPRESSED_IMAGE, IMAGE, IMAGE_TYPES, NAVSAT_FIX,
+                                      ODOMETRY, POSE_STAMPED, POSE_TYPES,
+                                      POSE_WITH_COVARIANCE_STAMPED, default_typestore)
+from vpr_ros.mapdb.poses import PoseTrack, navsat_track
+from vpr_ros.runtime.image_codec import DEFAULT_MAX_PIXELS, decode_compressed, decode_image
+
+log = logging.getLogger(__name__)
+
+# Per-message warnings beyond this many per topic are counted, not printed.
+_MAX_FRAME_WARNINGS = 5
+
+
+@dataclass(frozen=True)
+class RawMessage:
+    """One serialised message as stored: topic, type, bag (receive) time and CDR bytes."""
+
+    topic: str
+    msgtype: str
+    log_time_ns: int
+    data: bytes | memoryview
+
+
+@dataclass(frozen=True)
+class ImageFrame:
+    """A decoded camera frame: header stamp (bag time when the header has none), RGB pixels."""
+
+    stamp_ns: int
+    rgb: np.ndarray
+    frame_id: str
+    index: int  # 0-based position among the messages read from its topic (corrupt included)
+
+
+@dataclass
+class ReadStats:
+    """What reading found; the map builder prints it, tests check it."""
+
+    images_read: int = 0
+    images_corrupt: int = 0
+    poses_read: int = 0
+    poses_dropped: int = 0
+    damaged: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
+def _stamp_ns(header: Any, fallback_ns: int) -> int:
+    stamp = int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
+    return stamp if stamp > 0 else int(fallback_ns)
+
+
+class BagReader:
+    """An opened bag: ``topics``, raw ``messages()``, decoded ``images()`` and ``poses()``.
+
+    ``path`` is a rosbag2 directory, or a single ``.mcap`` / ``.db3`` file.
+    """
+
+    def __init__(self, path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 typestore: Any | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise BagError(f"bag {self.path} does not exist; expected a rosbag2 directory "
+                           "(with metadata.yaml and .db3/.mcap files) or a .mcap/.db3 file")
+        self.max_pixels = max_pixels
+        self.stats = ReadStats()
+        self._default_typestore = typestore or default_typestore()
+        self._any: Any | None = None
+        self._salvage: _Salvage | None = None
+        self.storage = "unknown"
+        self.topics: dict[str, str] = {}
+        self.message_counts: dict[str, int] = {}
+        self._open()
+
+    # -- opening --------------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        from rosbags.highlevel import AnyReader
+
+        try:
+            reader = AnyReader([self.path], default_typestore=self._default_typestore)
+            reader.open()
+        except Exception as exc:  # rosbags raises several unrelated types for broken bags
+            self._open_salvage(f"rosbags cannot open it ({type(exc).__name__}: {exc})")
+            return
+        self._any = reader
+        self.storage = self._detect_storage()
+        for conn in reader.connections:
+            self.topics.setdefault(conn.topic, conn.msgtype)
+            self.message_counts[conn.topic] = self.message_counts.get(conn.topic, 0) + \
+                int(conn.msgcount)
+
+    def _detect_storage(self) -> str:
+        files = _storage_files(self.path)
+        kinds = {"mcap" if f.suffix == ".mcap" else "sqlite3" for f in files}
+        return kinds.pop() if len(kinds) == 1 else "unknown"
+
+    def _open_salvage(self, reason: str) -> None:
+        files = _storage_files(self.path)
+        if not files:
+            raise BagError(f"bag {self.path} cannot be read: {reason}; and no .db3 or .mcap "
+                           "storage file was found to salvage (is this a rosbag2 bag?)")
+        self._warn(f"bag {self.path} is damaged or incomplete: {reason}. Salvaging its storage "
+                   f"files directly ({', '.join(f.name for f in files)}); messages in the "
+                   "damaged part are lost")
+        self.stats.damaged = True
+        salvage = _Salvage(files, self._warn)
+        salvage.scan_topics()
+        if not salvage.topics:
+            raise BagError(f"bag {self.path} is damaged and no topic could be recovered from "
+                           f"{', '.join(str(f) for f in files)}; the recording is unusable "
+                           "(re-record it, or repair it with 'ros2 bag reindex' where ROS is "
+                           "installed)")
+        self._salvage = salvage
+        self.storage = self._detect_storage()
+        self.topics = dict(salvage.topics)
+        self.message_counts = {t: -1 for t in self.topics}  # unknown until read
+
+    def _warn(self, message: str) -> None:
+        """Log and record a warning once (several passes over a damaged bag meet it again)."""
+        if message in self.stats.warnings:
+            return
+        self.stats.warnings.append(message)
+        log.warning(message)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._any is not None:
+            try:
+                self._any.close()
+            except Exception:  # closing a half-broken reader must not mask the real error
+                pass
+            self._any = None
+
+    def __enter__(self) -> "BagReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- topics ---------------------------------------------------------------------------------
+
+    def describe_topics(self) -> str:
+        """'topic (type)' for every topic, for error messages."""
+        if not self.topics:
+            return "(none)"
+        return ", ".join(f"{t} ({m})" for t, m in sorted(self.topics.items()))
+
+    def check_topic(self, topic: str, allowed: Sequence[str]) -> str:
+        """The type of ``topic``, or a BagError when it is absent or of a type not in ``allowed``."""
+        if topic not in self.topics:
+            raise BagError(f"topic {topic} is not in bag {self.path}; available topics: "
+                           f"{self.describe_topics()}")
+        msgtype = self.topics[topic]
+        if msgtype not in allowed:
+            raise BagError(f"topic {topic} in bag {self.path} has type {msgtype}; expected one "
+                           f"of {', '.join(allowed)} (pick another topic)")
+        return msgtype
+
+    # -- raw messages ---------------------------------------------------------------------------
+
+    def messages(self, topics: Sequence[str] | None = None) -> Iterator[RawMessage]:
+        """Every stored message of ``topics`` (all when None), in bag order.
+
+        If rosbags fails part-way, reading continues from the storage files directly and
+        skips what was already delivered, so a damaged region costs only its own messages.
+        """
+        wanted = set(self.topics if topics is None else topics)
+        if self._salvage is not None:
+            yield from self._salvage.messages(wanted, Counter())
+            return
+        assert self._any is not None
+        conns = [c for c in self._any.connections if c.topic in wanted]
+        if not conns:
+            return
+        delivered: Counter[tuple[str, int]] = Counter()
+        per_topic: Counter[str] = Counter()
+        problem = ""
+        try:
+            for conn, log_time, data in self._any.messages(connections=conns):
+                delivered[(conn.topic, int(log_time))] += 1
+                per_topic[conn.topic] += 1
+                yield RawMessage(conn.topic, conn.msgtype, int(log_time), data)
+        except Exception as exc:
+            problem = (f"reading bag {self.path} failed after {sum(per_topic.values())} "
+                       f"messages ({type(exc).__name__}: {exc})")
+        else:
+            # rosbags can stop early on damaged MCAP chunks without raising; the counts in the
+            # bag's metadata tell us when that happened.
+            short = {t: (per_topic[t], self.message_counts.get(t, 0)) for t in sorted(wanted)
+                     if per_topic[t] < self.message_counts.get(t, 0)}
+            if short:
+                problem = (f"bag {self.path} delivered fewer messages than its metadata lists ("
+                           + ", ".join(f"{t}: {got} of {want}" for t, (got, want) in
+                                       short.items()) + ")")
+        if problem:
+            self.stats.damaged = True
+            self._warn(f"{problem}; salvaging the rest from the storage files directly")
+            salvage = _Salvage(_storage_files(self.path), self._warn)
+            salvage.scan_topics()
+            yield from salvage.messages(wanted, delivered)
+
+    def deserialize(self, message: RawMessage) -> Any:
+        """The message as a rosbags dataclass (raises on corrupt bytes)."""
+        store = self._any.typestore if self._any is not None else self._default_typestore
+        if message.msgtype not in store.types:
+            store = self._default_typestore
+        return store.deserialize_cdr(bytes(message.data), message.msgtype)
+
+    # -- images ---------------------------------------------------------------------------------
+
+    def images(self, topic: str) -> Iterator[ImageFrame]:
+        """Decoded RGB frames of an Image or CompressedImage topic; corrupt frames are skipped
+        with a warning and counted in ``stats.images_corrupt``."""
+        self.check_topic(topic, IMAGE_TYPES)
+        index = -1
+        for message in self.messages([topic]):
+            index += 1
+            try:
+                msg = self.deserialize(message)
+                if message.msgtype == IMAGE:
+                    rgb = decode_image(msg.height, msg.width, msg.encoding, msg.step, msg.data,
+                                       msg.is_bigendian, self.max_pixels)
+                else:
+                    rgb = decode_compressed(msg.format, msg.data, self.max_pixels)
+                stamp = _stamp_ns(msg.header, message.log_time_ns)
+                frame_id = str(msg.header.frame_id)
+            except Exception as exc:  # corrupt bytes surface as many exception types
+                self.stats.images_corrupt += 1
+                reason = str(exc) if isinstance(exc, InputError) else \
+                    f"undecodable message ({type(exc).__name__}: {exc})"
+                text = (f"skipping corrupt frame #{index} on {topic} at bag time "
+                        f"{message.log_time_ns} ns: {reason}")
+                if self.stats.images_corrupt <= _MAX_FRAME_WARNINGS:
+                    self._warn(text)
+                else:
+                    log.debug(text)
+                continue
+            self.stats.images_read += 1
+            yield ImageFrame(stamp, rgb, frame_id, index)
+
+    # -- poses ----------------------------------------------------------------------------------
+
+    def poses(self, topic: str) -> PoseTrack:
+        """All samples of an Odometry / PoseStamped / PoseWithCovarianceStamped / NavSatFix topic.
+
+        NavSatFix becomes local ENU metres around the first valid fix (raw fixes kept in
+        ``track.gnss``); fixes flagged 'no fix' and corrupt messages are dropped and counted.
+        """
+        msgtype = self.check_topic(topic, POSE_TYPES)
+        stamps: list[int] = []
+        positions: list[tuple[float, float, float]] = []
+        quats: list[tuple[float, float, float, float]] = []
+        fixes: list[tuple[float, float, float]] = []
+        frame_id = ""
+        dropped_before = self.stats.poses_dropped
+        for message in self.messages([topic]):
+            try:
+                msg = self.deserialize(message)
+                stamp = _stamp_ns(msg.header, message.log_time_ns)
+                if msgtype == NAVSAT_FIX:
+                    if int(msg.status.status) < 0:  # NO_FIX (-1) or UNKNOWN (-2)
+                        self.stats.poses_dropped += 1
+                        continue
+                    fixes.append((float(msg.latitude), float(msg.longitude),
+                                  float(msg.altitude)))
+                else:
+                    pose = msg.pose if msgtype == POSE_STAMPED else msg.pose.pose
+                    p, q = pose.position, pose.orientation
+                    position = (float(p.x), float(p.y), float(p.z))
+                    quat = (float(q.x), float(q.y), float(q.z), float(q.w))
+                    if not (np.isfinite(position).all() and np.isfinite(quat).all()
+                            and np.linalg.norm(quat) > 1e-6):
+                        self.stats.poses_dropped += 1
+                        continue
+                    positions.append(position)
+                    quats.append(quat)
+                stamps.append(stamp)
+                frame_id = frame_id or str(msg.header.frame_id)
+            except Exception as exc:  # corrupt bytes surface as many exception types
+                self.stats.poses_dropped += 1
+                text = (f"skipping corrupt pose message on {topic} at bag time "
+                        f"{message.log_time_ns} ns ({type(exc).__name__}: {exc})")
+                if self.stats.poses_dropped - dropped_before <= _MAX_FRAME_WARNINGS:
+                    self._warn(text)
+                else:
+                    log.debug(text)
+        if self.stats.poses_dropped > dropped_before:
+            self._warn(f"dropped {self.stats.poses_dropped - dropped_before} pose message(s) on "
+                       f"{topic} (corrupt, no fix or invalid values)")
+        self.stats.poses_read += len(stamps)
+        if msgtype == NAVSAT_FIX:
+            return navsat_track(stamps, fixes if fixes else np.zeros((0, 3)), frame_id)
+        if not stamps:
+            return PoseTrack(np.zeros(0, np.int64), np.zeros((0, 3)), np.zeros((0, 4)),
+                             None, frame_id)
+        return PoseTrack.from_samples(stamps, positions, quats, None, frame_id)
+
+
+def _storage_files(path: Path) -> list[Path]:
+    """The storage files of a bag: listed in metadata.yaml when readable, else found by suffix."""
+    if path.is_file():
+        return [path] if path.suffix in (".mcap", ".db3") else []
+    listed: list[Path] = []
+    meta = path / "metadata.yaml"
+    if meta.is_file():
+        try:
+            import yaml
+
+            info = yaml.safe_load(meta.read_text())["rosbag2_bagfile_information"]
+            listed = [path / Path(p).name for p in info.get("relative_file_paths", [])]
+        except Exception:  # a broken metadata.yaml is one of the damages we salvage from
+            listed = []
+    listed = [p for p in listed if p.is_file() and p.suffix in (".mcap", ".db3")]
+    if listed:
+        return listed
+    return sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".mcap", ".db3"))
+
+
+# ------------------------------------------------------------------------------------ salvage
+
+class _Salvage:
+    """Read storage files without rosbags, stopping cleanly where the data is damaged."""
+
+    def __init__(self, files: Sequence[Path], warn: Callable[[str], None]) -> None:
+        self.files = list(files)
+        self.warn = warn
+        self.topics: dict[str, str] = {}
+
+    def scan_topics(self) -> None:
+        for f in self.files:
+            try:
+                if f.suffix == ".db3":
+                    for _, name, msgtype in _sqlite_topics(f):
+                        self.topics.setdefault(name, msgtype)
+                else:
+                    for _ in _mcap_records(f, self.topics, self.warn, messages=False):
+                        pass
+            except Exception as exc:
+                self.warn(f"no topic list could be read from {f} ({type(exc).__name__}: {exc})")
+
+    def messages(self, wanted: set[str],
+                 skip: Counter[tuple[str, int]]) -> Iterator[RawMessage]:
+        for f in self.files:
+            if f.suffix == ".db3":
+                source = _sqlite_messages(f, self.warn)
+            else:
+                source = _mcap_records(f, {}, self.warn, messages=True)
+            for message in source:
+                if message.topic not in wanted:
+                    continue
+                key = (message.topic, message.log_time_ns)
+                if skip[key] > 0:
+                    skip[key] -= 1
+                    continue
+                yield message
+
+
+def _sqlite_connect(path: Path) -> sqlite3.Connection:
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    # A truncated file is shorter than its header says; SQLite then refuses to open it unless
+    # writable_schema is on, which makes it trust the real file size (nothing is written).
+    con.execute("PRAGMA writable_schema=ON")
+    return con
+
+
+def _sqlite_topics(path: Path) -> list[tuple[int, str, str]]:
+    con = _sqlite_connect(path)
+    try:
+        return [(int(i), str(n), str(t))
+                for i, n, t in con.execute("SELECT id, name, type FROM topics")]
+    finally:
+        con.close()
+
+
+def _sqlite_messages(path: Path, warn: Callable[[str], None]) -> Iterator[RawMessage]:
+    """Rows in rowid (write) order; past a damaged page, probe a bounded number of rowids
+    further on, since a corrupt leaf page loses only the rows stored in it."""
+    try:
+        con = _sqlite_connect(path)
+        topics = {i: (n, t) for i, n, t in _sqlite_topics(path)}
+    except sqlite3.DatabaseError as exc:
+        warn(f"{path}: the SQLite file is unreadable ({exc}); no message can be salvaged")
+        return
+    last_id, delivered, skipped_probe, bad_rows = 0, 0, 0, 0
+    try:
+        step = 1
+        while True:
+            query = "SELECT id, topic_id, timestamp, data FROM messages WHERE id >= ? ORDER BY id"
+            failed = False
+            try:
+                for row_id, topic_id, stamp, data in con.execute(query, (last_id + step,)):
+                    last_id, step = int(row_id), 1
+                    if not (isinstance(topic_id, int) and isinstance(stamp, int)
+                            and isinstance(data, bytes)):
+                        bad_rows += 1  # a damaged page can yield rows of garbage columns
+                        continue
+                    name, msgtype = topics.get(topic_id, ("", ""))
+                    if name:
+                        delivered += 1
+                        yield RawMessage(name, msgtype, int(stamp), data)
+            except sqlite3.DatabaseError as exc:
+                failed = True
+                if skipped_probe == 0:
+                    warn(f"{path}: damaged SQLite data after row {last_id} ({exc}); "
+                         "skipping the damaged rows")
+            if not failed:
+                break
+            skipped_probe += 1
+            if skipped_probe > 16:
+                warn(f"{path}: no readable rows after row {last_id}; salvaged {delivered} "
+                     "messages before the damage")
+                break
+            step *= 2
+    finally:
+        con.close()
+    if bad_rows:
+        warn(f"{path}: skipped {bad_rows} damaged SQLite row(s) with invalid columns")
+
+
+_MCAP_MAGIC = b"\x89MCAP0\r\n"
+
+
+def _decompress_partial(data: bytes, compression: str) -> bytes:
+    """Decompress a chunk, returning as much as the (possibly truncated) input yields."""
+    if compression == "":
+        return data
+    if compression == "zstd":
+        if sys.version_info >= (3, 14):
+            from compression import zstd  # type: ignore[import-not-found]
+        else:
+            from backports import zstd  # type: ignore[import-not-found]
+        return zstd.ZstdDecompressor().decompress(data)
+    if compression == "lz4":
+        import lz4.frame  # type: ignore[import-untyped]
+
+        return lz4.frame.LZ4FrameDecompressor().decompress(data)
+    raise BagError(f"MCAP chunk compression {compression!r} is not supported; expected none, "
+                   "zstd or lz4")
+
+
+class _Cursor:
+    """Little-endian field reader over bytes that raises IndexError past the end."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise IndexError("record ends early")
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def u16(self) -> int:
+        return struct.unpack("<H", self.take(2))[0]
+
+    def u32(self) -> int:
+        return struct.unpack("<I", self.take(4))[0]
+
+    def u64(self) -> int:
+        return struct.unpack("<Q", self.take(8))[0]
+
+    def string(self) -> str:
+        return self.take(self.u32()).decode("utf-8", errors="replace")
+
+
+def _mcap_records(path: Path, topics: dict[str, str], warn: Callable[[str], None],
+                  messages: bool) -> Iterator[RawMessage]:
+    """Walk an MCAP file's records front to back (format: mcap.dev/spec), filling ``topics``
+    from Schema/Channel records and yielding Message records, including those inside chunks and
+    inside a chunk cut short by the end of the file."""
+    with path.open("rb") as fh:
+        if fh.read(8) != _MCAP_MAGIC:
+            warn(f"{path}: not an MCAP file (bad magic); nothing salvaged from it")
+            return
+        # Memory-mapped, so salvaging a multi-gigabyte recording does not load it whole.
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            yield from _McapWalker(path, topics, warn, messages).walk(data, 8, len(data), False)
+
+
+# Opcodes the MCAP specification defines (Header .. DataEnd).
+_MCAP_OPS = frozenset(range(0x01, 0x10))
+
+
+class _McapWalker:
+    """Record walker that survives damage: a record whose opcode or length is impossible is
+    treated as garbage and the walk resynchronises on the next plausible Message record (known
+    channel, length inside the buffer, followed by a valid opcode or the end)."""
+
+    def __init__(self, path: Path, topics: dict[str, str], warn: Callable[[str], None],
+                 messages: bool) -> None:
+        self.path, self.topics, self.warn, self.messages = path, topics, warn, messages
+        self.schemas: dict[int, str] = {}
+        self.channels: dict[int, tuple[str, str]] = {}
+
+    def walk(self, buf: Any, pos: int, end: int, nested: bool) -> Iterator[RawMessage]:
+        where = "chunk" if nested else "file"
+        while pos < end:
+            if pos + 9 > end:
+                self.warn(f"{self.path}: {where} ends inside a record header at byte {pos}; "
+                          "the rest is lost")
+                return
+            op = buf[pos]
+            (length,) = struct.unpack_from("<Q", buf, pos + 1)
+            body_end = pos + 9 + length
+            if op in (0x02, 0x0F) and not nested:  # footer / data end: data section is over
+                return
+            if op == 0x06 and not nested and body_end > end:
+                yield from self.chunk(buf[pos + 9:end], pos, truncated=True)
+                return
+            if op not in _MCAP_OPS or body_end > end or (nested and op in (0x02, 0x06, 0x0F)):
+                resume = self.resync(buf, pos + 1, end)
+                if resume is None:
+                    self.warn(f"{self.path}: damaged or cut-off record at byte {pos} of the "
+                              f"{where}; nothing readable after it")
+                    return
+                self.warn(f"{self.path}: skipped {resume - pos} damaged bytes at byte {pos} of "
+                          f"the {where}")
+                pos = resume
+                continue
+            body = buf[pos + 9:body_end]
+            if op == 0x06:
+                yield from self.chunk(body, pos, truncated=False)
+            else:
+                try:
+                    message = self.record(op, body)
+                except (IndexError, struct.error) as exc:
+                    self.warn(f"{self.path}: malformed record (op 0x{op:02x}) at byte {pos} of "
+                              f"the {where}: {exc}")
+                    message = None
+                if message is not None:
+                    yield message
+            pos = body_end
+
+    def resync(self, buf: Any, start: int, end: int) -> int | None:
+        """Offset of the next plausible Message record at or after ``start``, or None."""
+        pos = start
+        while True:
+            pos = buf.find(b"\x05", pos, end)
+            if pos < 0 or pos + 11 > end:
+                return None
+            (length,) = struct.unpack_from("<Q", buf, pos + 1)
+            (channel,) = struct.unpack_from("<H", buf, pos + 9)
+            nxt = pos + 9 + length
+            if length >= 22 and nxt <= end and channel in self.channels and (
+                    nxt == end or buf[nxt] in _MCAP_OPS):
+                return pos
+            pos += 1
+
+    def chunk(self, body: bytes, pos: int, truncated: bool) -> Iterator[RawMessage]:
+        try:
+            cur = _Cursor(body)
+            cur.take(16)  # message start / end time
+            uncompressed_size = cur.u64()
+            cur.u32()  # CRC: not checked; damaged records are caught one by one instead
+            compression = cur.string()
+            size = cur.u64()
+            payload = body[cur.pos:cur.pos + size]
+        except IndexError:
+            self.warn(f"{self.path}: chunk at byte {pos} is cut off before its data; "
+                      "everything after it is lost")
+            return
+        try:
+            inner = _decompress_partial(payload, compression)
+        except BagError:
+            raise
+        except Exception as exc:
+            self.warn(f"{self.path}: chunk at byte {pos} cannot be decompressed ({exc}); its "
+                      "messages are lost")
+            return
+        if truncated or len(inner) < uncompressed_size:
+            self.warn(f"{self.path}: chunk at byte {pos} is cut off; salvaging the "
+                      f"{len(inner)} of {uncompressed_size} bytes that remain")
+        yield from self.walk(inner, 0, len(inner), nested=True)
+
+    def record(self, op: int, body: bytes) -> RawMessage | None:
+        cur = _Cursor(body)
+        if op == 0x03:  # Schema
+            schema_id = cur.u16()
+            self.schemas[schema_id] = cur.string()
+        elif op == 0x04:  # Channel
+            channel_id, schema_id = cur.u16(), cur.u16()
+            topic = cur.string()
+            msgtype = self.schemas.get(schema_id, "")
+            self.channels[channel_id] = (topic, msgtype)
+            if msgtype:
+                self.topics.setdefault(topic, msgtype)
+        elif op == 0x05 and self.messages:  # Message
+            channel_id = cur.u16()
+            cur.u32()  # sequence
+            log_time = cur.u64()
+            cur.u64()  # publish time
+            topic, msgtype = self.channels.get(channel_id, ("", ""))
+            if topic:
+                return RawMessage(topic, msgtype, log_time, body[cur.pos:])
+        return None
