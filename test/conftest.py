@@ -8,6 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# DDS traffic of the tests stays on loopback, and each test session gets its own domain so
+# concurrent runs on one machine never hear each other. Subprocesses inherit both.
+os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 100))
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "config" / "models"
 
@@ -38,4 +43,14 @@ def effnet_qaa_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("models") / "qaa_effnetlite0"
     create_model_dir(CONFIGS / "qaa_effnetlite0.yaml", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def effnet_gem_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real model directory: packaged ImageNet EfficientNet-Lite0 + GeM (no random parts)."""
+    from vpr_ros.models.model_dir import create_model_dir
+
+    out = tmp_path_factory.mktemp("models") / "gem_effnetlite0"
+    create_model_dir(CONFIGS / "gem_effnetlite0.yaml", out)
     return out

@@ -41,4 +41,5 @@ def ensure_ros_libs() -> None:
         return
     env = env_with_ros_libs()
     env[_GUARD] = "1"
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    # orig_argv keeps interpreter options and -c/-m forms intact.
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
