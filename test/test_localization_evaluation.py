@@ -163,3 +163,18 @@ def test_bad_inputs_are_reported() -> None:
     single_pass[:, 0] = 2.0 * np.arange(2 * LAP)
     with pytest.raises(InputError, match="no frame revisits"):
         evaluate_loop_closure(stamps, single_pass, scripted_search, config(), 1.0)
+
+
+def test_standing_still_inside_the_window_is_not_a_revisit() -> None:
+    # Ten frames parked at one spot, 1 s apart: every earlier frame is within 1 m, but all are
+    # inside the 10 s exclusion window, so there is nothing the detector may find.
+    stamps = np.arange(10, dtype=np.int64) * S
+    parked = np.zeros((10, 3))
+    with pytest.raises(InputError, match="no frame revisits"):
+        evaluate_loop_closure(stamps, parked, lambda i, ex: ([], []),
+                              config(exclusion_window_s=10.0), 1.0)
+    # Once the window is shorter than the stop, the later frames do count as positives.
+    ev = evaluate_loop_closure(stamps, parked, lambda i, ex: ([], []),
+                               config(exclusion_window_s=5.0), 1.0)
+    assert ev.num_positives == 4  # queries 6..9 have a frame > 5 s (and > 3 keyframes) earlier
+    assert ev.recall.tolist() == [0.0] and ev.precision.tolist() == [1.0]
