@@ -36,8 +36,27 @@ class VPRModel(nn.Module):
         and export at ``size`` (default: the configured input size)."""
         self.backbone.fix_input_size(tuple(size or self.input_size))
 
+    @property
+    def extra_outputs(self) -> tuple[str, ...]:
+        """Names of per-image outputs besides the global descriptor, e.g. ``("binary",)`` for a
+        hash head or ``("local",)`` for a local-feature head. Aggregators declare them with an
+        ``extra_outputs`` attribute and compute them in ``forward_all``."""
+        return tuple(getattr(self.aggregator, "extra_outputs", ()))
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.aggregator(self.backbone(images))
+
+    def forward_all(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"global": (B, D), **extras}``: what exporters and map builders store."""
+        feats = self.backbone(images)
+        if not self.extra_outputs:
+            return {"global": self.aggregator(feats)}
+        out = self.aggregator.forward_all(feats)
+        missing = {"global", *self.extra_outputs} - set(out)
+        if missing:
+            raise ModelError(f"aggregator {self.config.aggregator.name!r} did not return "
+                             f"{sorted(missing)}")
+        return out
 
 
 def build_model(config: ModelConfig) -> VPRModel:
