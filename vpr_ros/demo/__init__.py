@@ -1,0 +1,1 @@
+"""The built-in end-to-end scenario: a rendered route driven twice, as a real rosbag."""
