@@ -61,16 +61,20 @@ class FlatIndex(VectorIndex):
         if self._sq is None:
             self._sq = faiss.IndexScalarQuantizer(self.store.dim, faiss.ScalarQuantizer.QT_fp16,
                                                   faiss.METRIC_INNER_PRODUCT)
-        have = self._sq.ntotal
+        have, n = int(self._sq.ntotal), len(self.store)
+        if have == n:
+            return
+        width = self._sq.code_size  # QT_fp16 codes are exactly the fp16 bytes of a row
+        self._sq.codes.resize(n * width)
+        codes = faiss.rev_swig_ptr(self._sq.codes.data(), n * width).reshape(n, width)
         for start, block in self.store.chunks(65536):
             end = start + len(block)
             if end <= have:
                 continue
-            part = np.ascontiguousarray(block[max(0, have - start):])
-            codes = part.view(np.uint8).reshape(len(part), -1)
-            faiss.copy_array_to_vector(codes.reshape(-1), self._sq.codes)
-            self._sq.ntotal += len(part)
-            have = end
+            skip = max(0, have - start)
+            part = np.ascontiguousarray(block[skip:], dtype=np.float16)
+            codes[start + skip: end] = part.view(np.uint8).reshape(len(part), width)
+        self._sq.ntotal = n
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None,
                query_codes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

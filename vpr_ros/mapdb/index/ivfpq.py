@@ -8,7 +8,7 @@ map that is still small cannot be trained. Until the map reaches ``min_train`` d
 is exact (and ``info()`` says so); the first ``add`` that reaches it trains on up to
 ``train_size`` of the map's descriptors and indexes everything. Defaults scale with the map at
 that moment: nlist ~ sqrt(N) (at least 39 training points per list), m = the largest of 64, 32,
-16, ... that divides the dimension, nprobe = nlist / 8 (at least 8).
+16, ... that divides the dimension into sub-vectors of at least 4 values, nprobe = nlist / 8 (at least 8).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ PARAMS = ("nlist", "m", "nbits", "nprobe", "min_train", "train_size", "candidate
 
 def default_m(dim: int) -> int:
     for m in (64, 48, 32, 24, 16, 12, 8, 4, 2, 1):
-        if dim % m == 0 and dim // m >= 2:
+        if dim % m == 0 and dim // m >= 4:
             return m
     return 1
 
@@ -111,6 +111,7 @@ class IVFPQIndex(VectorIndex):
         # Small maps are trained on purpose (see the module doc): no faiss warnings about it.
         index.cp.min_points_per_centroid = 1
         index.pq.cp.min_points_per_centroid = 1
+        index.pq.cp.niter = 15
         rng = np.random.default_rng(self.params["seed"])
         take = min(n, self.params["train_size"])
         sample = np.sort(rng.choice(n, size=take, replace=False)) if take < n else np.arange(n)
