@@ -258,3 +258,39 @@ def test_bad_inputs_are_refused_with_clear_errors() -> None:
         PlaceMap.create(8, FP, storage_dtype="int8")
     with pytest.raises(KeyError, match="not in this map"):
         pm.keyframe(3)
+
+
+def test_search_exact_is_the_reference_for_every_kind(clustered) -> None:
+    db, q = clustered
+    pm = PlaceMap.create(db.shape[1], FP, "binary", "float16")
+    pm.add(db[:1000], keyframes_for(1000))
+    ex = Exclusion(sessions=frozenset({"run0"}))
+    ids, scores = pm.search_exact(q[:5], 7, ex)
+    ref_ids, ref_scores = brute_force(pm.descriptors(), q[:5], 7,
+                                      reference_mask(keyframes_for(1000), ex))
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-6)
+
+
+def test_descriptor_store_blocks_keep_row_order() -> None:
+    """Rows added in many sizes (small appends share a block, large ones get their own) read
+    back in id order through every accessor."""
+    from vpr_ros.mapdb.index.vectors import DescriptorStore
+
+    class Small(DescriptorStore):
+        BLOCK_BYTES = 4096
+
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((10, 4)).astype(np.float32)
+    store = Small(4, "float32", base)
+    parts = [base]
+    for n in (1, 3, 100, 2, 500, 7, 300):
+        x = rng.standard_normal((n, 4)).astype(np.float32)
+        store.append(x)
+        parts.append(x)
+    ref = np.concatenate(parts)
+    assert len(store) == len(ref) and len(store.segments()) > 3
+    np.testing.assert_array_equal(store.array(), ref)
+    ids = rng.integers(0, len(ref), 200)
+    np.testing.assert_array_equal(store.rows(ids), ref[ids])
+    np.testing.assert_array_equal(np.concatenate([b for _, b in store.chunks(33)]), ref)

@@ -18,7 +18,7 @@ from vpr_ros import __version__
 from vpr_ros.errors import ConfigError, InputError, MapError, MapMismatchError
 from vpr_ros.mapdb import storage
 from vpr_ros.mapdb.index import make_index, parse_spec
-from vpr_ros.mapdb.index.base import PAD_SCORE, VectorIndex, sort_results
+from vpr_ros.mapdb.index.base import PAD_SCORE, VectorIndex, exact_search, sort_results
 from vpr_ros.mapdb.index.binary import BinaryIndex
 from vpr_ros.mapdb.index.vectors import STORAGE_DTYPES, DescriptorStore
 from vpr_ros.mapdb.keyframe import Exclusion, Keyframe, KeyframeTable
@@ -187,6 +187,19 @@ class PlaceMap:
                 scores = np.where(leaked, PAD_SCORE, scores)
                 ids, scores = sort_results(scores, np.where(leaked, -1, ids), k)
         return ids, scores
+
+    def search_exact(self, queries: np.ndarray, k: int,
+                     exclude: Exclusion | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Brute-force search over the stored descriptors, whatever the index kind: the reference
+        that approximate kinds are measured against (same result layout as :meth:`search`)."""
+        q = self._as_rows(queries, "queries")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise InputError(f"k={k!r} must be a positive integer")
+        excluded = self._table.excluded_mask(exclude)
+        if len(self) == 0 or (excluded is not None and excluded.all()):
+            return (np.full((len(q), int(k)), -1, np.int64),
+                    np.full((len(q), int(k)), PAD_SCORE, np.float32))
+        return exact_search(self._store, q, int(k), None if excluded is None else ~excluded)
 
     # -- persistence -----------------------------------------------------------------------------
 

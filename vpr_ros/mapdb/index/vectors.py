@@ -47,7 +47,14 @@ class GrowableArray:
 
 
 class DescriptorStore:
-    """(N, D) descriptors in the map's storage dtype; row i belongs to keyframe id i."""
+    """(N, D) descriptors in the map's storage dtype; row i belongs to keyframe id i.
+
+    Rows added after loading live in blocks of about ``BLOCK_BYTES``: small appends fill an open
+    block, large ones become blocks of their own, so a million-row bulk build never pays for the
+    doubling copies (and 2x peak memory) of one ever-growing array.
+    """
+
+    BLOCK_BYTES = 64 << 20
 
     def __init__(self, dim: int, dtype: str, base: np.ndarray | None = None) -> None:
         if dtype not in STORAGE_DTYPES:
@@ -57,25 +64,43 @@ class DescriptorStore:
         if base is None:
             base = np.empty((0, self.dim), self.dtype)
         self._base = base
-        self._tail = GrowableArray(self.dtype, self.dim)
+        self._blocks: list[np.ndarray] = []
+        self._open = GrowableArray(self.dtype, self.dim)
+        self._count = len(base)
 
     def __len__(self) -> int:
-        return len(self._base) + len(self._tail)
+        return self._count
 
     @property
     def base_count(self) -> int:
         return len(self._base)
 
+    def _close_open_block(self) -> None:
+        if len(self._open):
+            self._blocks.append(self._open.view().copy())
+            self._open = GrowableArray(self.dtype, self.dim)
+
     def append(self, rows: np.ndarray) -> None:
-        self._tail.extend(rows)
+        rows = np.asarray(rows, dtype=self.dtype)
+        if not len(rows):
+            return
+        if rows.nbytes >= self.BLOCK_BYTES // 4:
+            self._close_open_block()
+            self._blocks.append(np.array(rows, dtype=self.dtype, copy=True))
+        else:
+            self._open.extend(rows)
+            if len(self._open) * self.dim * self.dtype.itemsize >= self.BLOCK_BYTES:
+                self._close_open_block()
+        self._count += len(rows)
 
     def segments(self) -> list[tuple[int, np.ndarray]]:
         """(first id, rows) of each non-empty part, in id order."""
         out = []
-        if len(self._base):
-            out.append((0, self._base))
-        if len(self._tail):
-            out.append((len(self._base), self._tail.view()))
+        start = 0
+        for seg in [self._base, *self._blocks, self._open.view()]:
+            if len(seg):
+                out.append((start, seg))
+                start += len(seg)
         return out
 
     def chunks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -87,24 +112,26 @@ class DescriptorStore:
     def array(self) -> np.ndarray:
         """All rows as one array: the mapped file itself when nothing was added since loading,
         otherwise a copy."""
-        if not len(self._tail):
-            return self._base
-        if not len(self._base):
-            return self._tail.view()
-        return np.concatenate([self._base, self._tail.view()])
+        segs = self.segments()
+        if len(segs) == 1:
+            return segs[0][1]
+        if not segs:
+            return np.empty((0, self.dim), self.dtype)
+        return np.concatenate([seg for _, seg in segs])
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """float32 copies of the rows ``ids`` (each 0 <= id < N)."""
         ids = np.asarray(ids, dtype=np.int64)
         out = np.empty((len(ids), self.dim), np.float32)
-        nb = len(self._base)
-        in_base = ids < nb
-        if in_base.all():
+        segs = self.segments()
+        if len(segs) == 1:
             # Sorted gathers read a memory-mapped file front to back.
             order = np.argsort(ids, kind="stable")
-            out[order] = self._base[ids[order]]
+            out[order] = segs[0][1][ids[order]]
             return out
-        if in_base.any():
-            out[in_base] = self._base[ids[in_base]]
-        out[~in_base] = self._tail.view()[ids[~in_base] - nb]
+        starts = np.array([s for s, _ in segs], dtype=np.int64)
+        which = np.searchsorted(starts, ids, side="right") - 1
+        for j in np.unique(which):
+            sel = which == j
+            out[sel] = segs[j][1][ids[sel] - starts[j]]
         return out
