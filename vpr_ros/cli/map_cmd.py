@@ -1,0 +1,145 @@
+"""``vpr map build|info|merge|plot``: turn rosbags into maps, inspect, combine and draw them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+INDEX_CHOICES = ["flat", "hnsw", "ivfpq", "binary"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("map", help="build maps from rosbags; inspect, merge and plot them")
+    msub = p.add_subparsers(dest="map_command", metavar="ACTION")
+    msub.required = True
+
+    build = msub.add_parser(
+        "build", help="a map from a rosbag (sqlite3 or MCAP): keyframes + descriptors",
+        description="Read a rosbag2 bag, interpolate poses at image stamps, select keyframes "
+        "by distance/rotation/time, encode them in batches and save the map atomically. "
+        "Without --pose-topic the map is stamps-only.")
+    build.add_argument("bag", help="rosbag2 directory (or a single .mcap / .db3 file)")
+    build.add_argument("--image-topic", required=True,
+                       help="sensor_msgs/Image or CompressedImage topic")
+    build.add_argument("--pose-topic", help="nav_msgs/Odometry, geometry_msgs/PoseStamped, "
+                       "PoseWithCovarianceStamped or sensor_msgs/NavSatFix topic")
+    build.add_argument("--model", required=True, help="model directory (vpr model init)")
+    build.add_argument("-o", "--output", required=True, help="map directory to write")
+    build.add_argument("--index", choices=INDEX_CHOICES,
+                       help="search index of a new map (default: from the config, flat)")
+    build.add_argument("--batch-size", type=int, help="images per encoder pass (default: "
+                       "from the config, 16)")
+    build.add_argument("--session", help="session name of this bag's keyframes (default: the "
+                       "bag's name)")
+    build.add_argument("--config", help="map build YAML (default: built-in values, the same "
+                       "as config/map_build.yaml)")
+    build.add_argument("--append", action="store_true",
+                       help="add to the existing map at --output as a new session")
+    build.add_argument("--backend", default="torch", help="encoder backend (default torch)")
+    build.add_argument("--device", default="cpu", help="encoder device, e.g. cpu or cuda")
+    build.add_argument("--json", action="store_true", help="print the summary as JSON")
+    build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    build.set_defaults(func=_build)
+
+    info = msub.add_parser("info", help="keyframes, sessions, model, index, size of a map")
+    info.add_argument("map", help="map directory")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(func=_info)
+
+    merge = msub.add_parser("merge", help="combine maps of the same model into a new one")
+    merge.add_argument("maps", nargs="+", help="two or more map directories")
+    merge.add_argument("-o", "--output", required=True, help="new map directory")
+    merge.set_defaults(func=_merge)
+
+    plot = msub.add_parser("plot", help="draw a map's keyframes (one colour per session)")
+    plot.add_argument("map", help="map directory")
+    plot.add_argument("-o", "--output", required=True, help="PNG file to write")
+    plot.add_argument("--title", help="plot title (default: counts and model)")
+    plot.set_defaults(func=_plot)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from vpr_ros.mapdb.build import build_map, load_build_config
+    from vpr_ros.runtime.encoder import load_encoder
+
+    config = load_build_config(args.config).replace(index=args.index,
+                                                    batch_size=args.batch_size)
+    def encoder() -> Any:  # loaded only once the bag and its topics are known to be fine
+        return load_encoder(args.model, backend=args.backend, device=args.device)
+
+    _, summary = build_map(args.bag, args.image_topic, encoder, args.output,
+                           pose_topic=args.pose_topic, session=args.session, config=config,
+                           append=args.append, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(summary.as_dict(), indent=2))
+    else:
+        print(summary.format())
+    return 0
+
+
+def _format_info(info: dict[str, Any]) -> str:
+    sessions = ", ".join(f"{name} ({n})" for name, n in info["sessions"].items()) or "none"
+    index = info["index"]
+    index_text = index.get("kind", "?") if isinstance(index, dict) else str(index)
+    lines = [
+        f"map          {info['path']}",
+        f"keyframes    {info['count']} in {len(info['sessions'])} session(s): {sessions}",
+        f"descriptors  {info['dim']}-D {info['storage_dtype']}, index {index_text}",
+        f"model        fingerprint {info['fingerprint']}",
+        f"poses        {'yes' if info['has_poses'] else 'no (stamps only)'}; "
+        f"GNSS {'yes' if info['has_gnss'] else 'no'}",
+    ]
+    if info.get("stamp_range_ns"):
+        start, end = info["stamp_range_ns"]
+        lines.append(f"time         {start * 1e-9:.3f} .. {end * 1e-9:.3f} s "
+                     f"({(end - start) * 1e-9:.1f} s)")
+    if "disk_bytes" in info:
+        lines.append(f"on disk      {info['disk_bytes'] / 1e6:.2f} MB")
+    lines.append(f"updated      {info['updated']} (created {info['created']})")
+    return "\n".join(lines)
+
+
+def _info(args: argparse.Namespace) -> int:
+    from vpr_ros.mapdb.place_map import PlaceMap
+
+    info = PlaceMap.load(args.map).info()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        print(_format_info(info))
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from vpr_ros.errors import InputError, MapError
+    from vpr_ros.mapdb.place_map import PlaceMap
+
+    if len(args.maps) < 2:
+        raise InputError("merge needs at least two maps; got one (copy the directory instead)")
+    out = Path(args.output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MapError(f"{out} already exists; merge writes a new map: choose a new path")
+    merged = PlaceMap.load(args.maps[0], mmap=False)
+    for path in args.maps[1:]:
+        other = PlaceMap.load(path)
+        clash = sorted(set(other.sessions()) & set(merged.sessions()))
+        if clash:
+            print(f"note: session(s) {clash} of {path} also exist in the maps before it; "
+                  "their keyframes are merged into the same session name", file=sys.stderr)
+        merged.merge(other)
+    merged.save(out)
+    print(f"wrote {out}: {len(merged)} keyframes, sessions "
+          f"{', '.join(merged.sessions())}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from vpr_ros.mapdb.place_map import PlaceMap
+    from vpr_ros.mapdb.plot import plot_map
+
+    path = plot_map(PlaceMap.load(args.map), args.output, title=args.title)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,317 @@
+"""Build a place map from a rosbag: read -> interpolate poses -> select keyframes -> encode in
+batches -> ``PlaceMap.add`` -> atomic save.
+
+The bag is streamed: only one batch of keyframe images is in memory at a time, so a long
+recording maps with bounded memory. Poses are read first (small) so each frame's pose is known
+when it arrives. A bag without a pose topic gives a stamps-only map (keyframes chosen by time),
+which still serves loop closure by time and relocalisation by keyframe id.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from vpr_ros.errors import BagError, ConfigError, MapError
+from vpr_ros.mapdb.bag_reader import BagReader, ImageFrame
+from vpr_ros.mapdb.bag_writer import NAVSAT_FIX, POSE_TYPES
+from vpr_ros.mapdb.keyframe_selection import KeyframePolicy, KeyframeSelector
+from vpr_ros.mapdb.poses import Pose, PoseTrack, interpolate
+from vpr_ros.runtime.image_codec import DEFAULT_MAX_PIXELS
+
+log = logging.getLogger(__name__)
+
+#: frame_id recorded for keyframes whose position is local ENU metres from NavSatFix.
+ENU_FRAME = "local_enu"
+INDEX_KINDS = ("flat", "hnsw", "ivfpq", "binary")
+
+
+class EncoderLike(Protocol):
+    """What map building needs of an encoder (``vpr_ros.runtime.encoder.Encoder`` fits)."""
+
+    dim: int
+    fingerprint: str
+
+    def encode(self, images: Sequence[np.ndarray]) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything tunable about map building; ``config/map_build.yaml`` holds the defaults."""
+
+    keyframes: KeyframePolicy = field(default_factory=KeyframePolicy)
+    max_pose_gap_s: float = 0.5
+    batch_size: int = 16
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    index: str = "flat"
+    storage_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.max_pose_gap_s, (int, float)) and self.max_pose_gap_s > 0):
+            raise ConfigError(f"poses.max_gap_s must be a positive number of seconds, got "
+                              f"{self.max_pose_gap_s!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) \
+                or self.batch_size < 1:
+            raise ConfigError(f"batch size must be a positive integer, got {self.batch_size!r}")
+        if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) \
+                or self.max_pixels < 1:
+            raise ConfigError(f"encoding.max_pixels must be a positive integer, got "
+                              f"{self.max_pixels!r}")
+        if self.index not in INDEX_KINDS:
+            raise ConfigError(f"map.index {self.index!r} is not one of {', '.join(INDEX_KINDS)}")
+
+    def replace(self, **changes: Any) -> "BuildConfig":
+        """A copy with the given fields changed (``None`` values are ignored)."""
+        values = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        values.update({k: v for k, v in changes.items() if v is not None})
+        return BuildConfig(**values)
+
+
+_SECTIONS: dict[str, dict[str, str]] = {
+    "poses": {"max_gap_s": "max_pose_gap_s"},
+    "encoding": {"batch_size": "batch_size", "max_pixels": "max_pixels"},
+    "map": {"index": "index", "storage_dtype": "storage_dtype"},
+}
+
+
+def build_config_from_mapping(data: Mapping[str, Any], source: str = "config") -> BuildConfig:
+    """Parse the YAML structure of ``config/map_build.yaml``; unknown keys are refused."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a mapping with sections keyframes, poses, "
+                          f"encoding, map; got {type(data).__name__}")
+    unknown = sorted(set(data) - {"keyframes", *_SECTIONS})
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {unknown}; expected keyframes, poses, "
+                          "encoding, map")
+    values: dict[str, Any] = {}
+    keyframes = data.get("keyframes") or {}
+    if not isinstance(keyframes, Mapping):
+        raise ConfigError(f"{source}: keyframes must be a mapping")
+    values["keyframes"] = KeyframePolicy.from_mapping(keyframes)
+    for section, keys in _SECTIONS.items():
+        body = data.get(section) or {}
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"{source}: {section} must be a mapping")
+        bad = sorted(set(body) - set(keys))
+        if bad:
+            raise ConfigError(f"{source}: unknown {section} option(s) {bad}; expected "
+                              f"{sorted(keys)}")
+        for key, attr in keys.items():
+            if key in body:
+                values[attr] = body[key]
+    return BuildConfig(**values)
+
+
+def load_build_config(path: str | Path | None = None) -> BuildConfig:
+    """Read a map-building YAML; ``None`` gives the built-in defaults (same as the shipped
+    ``config/map_build.yaml``)."""
+    if path is None:
+        return BuildConfig()
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"map build config {p} does not exist; pass an existing YAML file "
+                          "(see config/map_build.yaml)")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p} is not valid YAML: {exc}") from exc
+    return build_config_from_mapping(data, str(p))
+
+
+@dataclass
+class BuildSummary:
+    """What a build did; printed at the end of ``vpr map build`` and returned to callers."""
+
+    bag: str
+    image_topic: str
+    pose_topic: str | None
+    session: str
+    map_path: str | None
+    frames_read: int = 0
+    frames_corrupt: int = 0
+    keyframes: int = 0
+    keyframes_with_pose: int = 0
+    keyframes_without_pose: int = 0
+    pose_samples: int = 0
+    bag_damaged: bool = False
+    map_size: int = 0
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def format(self) -> str:
+        lines = [
+            f"bag:           {self.bag}" + ("  (DAMAGED: partly salvaged)" if self.bag_damaged
+                                            else ""),
+            f"frames read:   {self.frames_read} on {self.image_topic}"
+            f" ({self.frames_corrupt} corrupt, skipped)",
+            f"poses:         {self.pose_samples} samples on {self.pose_topic}"
+            if self.pose_topic else "poses:         none (stamps-only map)",
+            f"keyframes:     {self.keyframes} added to session '{self.session}' "
+            f"({self.keyframes_with_pose} with pose, {self.keyframes_without_pose} without)",
+            f"map:           {self.map_path} ({self.map_size} keyframes in total)",
+            f"time:          {self.seconds:.1f} s",
+        ]
+        if self.warnings:
+            lines.append(f"warnings:      {len(self.warnings)} (see the log above)")
+        return "\n".join(lines)
+
+
+def _default_session(bag: Path) -> str:
+    return bag.name if bag.is_dir() else bag.stem
+
+
+def build_map(bag: str | Path, image_topic: str,
+              encoder: EncoderLike | Callable[[], EncoderLike],
+              out: str | Path | None = None, *, pose_topic: str | None = None,
+              session: str | None = None, config: BuildConfig | None = None,
+              append: bool = False, progress: bool = False) -> tuple[Any, BuildSummary]:
+    """Build (or with ``append``, extend) a map from one bag; returns ``(PlaceMap, summary)``.
+
+    ``encoder`` is an encoder or a zero-argument factory of one; a factory is called only
+    after the bag and its topics have been checked, so a typo in a topic name fails at once
+    instead of after loading a model. ``out`` is where the map is saved atomically (None: not
+    saved). An existing map at ``out`` is refused unless ``append`` is set, in which case this
+    bag becomes a new session of it (its model fingerprint must match the encoder's).
+    """
+    from vpr_ros.mapdb.keyframe import Keyframe
+
+    started = time.monotonic()
+    config = config or BuildConfig()
+    bag = Path(bag)
+    out_path = Path(out) if out is not None else None
+    if out_path is not None and _is_existing_map(out_path) and not append:
+        raise MapError(f"{out_path} already exists; choose a new output path, or pass --append "
+                       "to add this bag to that map as a new session")
+    reader = BagReader(bag, max_pixels=config.max_pixels)
+    with reader:
+        image_type = reader.check_topic(image_topic, ("sensor_msgs/msg/Image",
+                                                      "sensor_msgs/msg/CompressedImage"))
+        if pose_topic is not None:
+            reader.check_topic(pose_topic, POSE_TYPES)
+        if not hasattr(encoder, "encode"):
+            encoder = encoder()  # type: ignore[operator]
+        assert hasattr(encoder, "encode")
+        place_map = _open_target(out_path, encoder, config, append)
+        session = session or _default_session(bag)
+        if session in place_map.sessions():
+            raise MapError(f"session '{session}' is already in the map at {out_path}; pass "
+                           "--session with a new name to add this bag as another session")
+        track: PoseTrack | None = None
+        pose_frame = ""
+        if pose_topic is not None:
+            track = reader.poses(pose_topic)
+            pose_frame = ENU_FRAME if reader.topics[pose_topic] == NAVSAT_FIX else track.frame_id
+            if len(track) == 0:
+                reader.warn(f"pose topic {pose_topic} has no usable samples; building a "
+                             "stamps-only map")
+        summary = BuildSummary(bag=str(bag), image_topic=image_topic, pose_topic=pose_topic,
+                               session=session,
+                               map_path=str(out_path) if out_path is not None else None,
+                               pose_samples=len(track) if track is not None else 0)
+        selector = KeyframeSelector(config.keyframes)
+        pending: list[tuple[ImageFrame, Pose | None]] = []
+        source_bag = str(bag.resolve())
+
+        def flush() -> None:
+            if not pending:
+                return
+            descriptors = encoder.encode([f.rgb for f, _ in pending])
+            keyframes = [
+                Keyframe(session=session, stamp_ns=int(f.stamp_ns),
+                         frame_id=pose_frame if pose is not None else f.frame_id,
+                         position=pose.position if pose is not None else None,
+                         orientation=pose.orientation if pose is not None else None,
+                         gnss=pose.gnss if pose is not None else None,
+                         source_bag=source_bag, source_topic=image_topic)
+                for f, pose in pending]
+            place_map.add(np.asarray(descriptors, dtype=np.float32), keyframes)
+            summary.keyframes += len(pending)
+            with_pose = sum(1 for _, pose in pending if pose is not None)
+            summary.keyframes_with_pose += with_pose
+            summary.keyframes_without_pose += len(pending) - with_pose
+            pending.clear()
+
+        total = reader.message_counts.get(image_topic, -1)
+        bar = _progress(progress, total if total > 0 else None,
+                        f"{image_topic} ({image_type.rsplit('/', 1)[-1]})")
+        try:
+            for frame in reader.images(image_topic):
+                bar.update(1)
+                pose = interpolate(track, frame.stamp_ns, config.max_pose_gap_s) \
+                    if track is not None else None
+                if selector.accept(frame.stamp_ns, pose.position if pose else None,
+                                   pose.orientation if pose else None):
+                    pending.append((frame, pose))
+                    if len(pending) >= config.batch_size:
+                        flush()
+                        bar.set_postfix(keyframes=summary.keyframes, refresh=False)
+            flush()
+        finally:
+            bar.close()
+        summary.frames_read = reader.stats.images_read
+        summary.frames_corrupt = reader.stats.images_corrupt
+        summary.bag_damaged = reader.stats.damaged
+        summary.warnings = list(reader.stats.warnings)
+    if summary.frames_read == 0:
+        raise BagError(f"no decodable frame on {image_topic} in bag {bag} "
+                       f"({summary.frames_corrupt} corrupt); nothing to map. Check the topic "
+                       "(vpr map build lists the bag's topics on a wrong name) and the bag")
+    if track is not None and len(track) and summary.keyframes_with_pose == 0:
+        text = (f"none of the {summary.keyframes} keyframes got a pose: the image stamps lie "
+                f"outside the pose samples of {pose_topic} or in gaps over "
+                f"{config.max_pose_gap_s} s (clock mismatch between camera and odometry?)")
+        summary.warnings.append(text)
+        log.warning(text)
+    if out_path is not None:
+        place_map.save(out_path)
+    summary.map_size = len(place_map)
+    summary.seconds = time.monotonic() - started
+    return place_map, summary
+
+
+def _is_existing_map(out: Path) -> bool:
+    return out.exists() and (not out.is_dir() or any(out.iterdir()))
+
+
+def _open_target(out: Path | None, encoder: EncoderLike, config: BuildConfig,
+                 append: bool) -> Any:
+    from vpr_ros.mapdb.place_map import PlaceMap
+
+    if out is not None and append and _is_existing_map(out):
+        existing = PlaceMap.load(out, expected_fingerprint=encoder.fingerprint, mmap=False)
+        if existing.dim != encoder.dim:
+            raise MapError(f"the map at {out} holds {existing.dim}-D descriptors but the "
+                           f"encoder gives {encoder.dim}-D; use the map's model")
+        return existing
+    return PlaceMap.create(encoder.dim, encoder.fingerprint, index=config.index,
+                           storage_dtype=config.storage_dtype)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **kw: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(enabled: bool, total: int | None, desc: str) -> Any:
+    """A tqdm bar on stderr (frames read, rate and ETA when the frame count is known)."""
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="frame", dynamic_ncols=True, smoothing=0.1)
