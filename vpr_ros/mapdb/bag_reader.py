@@ -124,11 +124,11 @@ class BagReader:
         if not files:
             raise BagError(f"bag {self.path} cannot be read: {reason}; and no .db3 or .mcap "
                            "storage file was found to salvage (is this a rosbag2 bag?)")
-        self._warn(f"bag {self.path} is damaged or incomplete: {reason}. Salvaging its storage "
+        self.warn(f"bag {self.path} is damaged or incomplete: {reason}. Salvaging its storage "
                    f"files directly ({', '.join(f.name for f in files)}); messages in the "
                    "damaged part are lost")
         self.stats.damaged = True
-        salvage = _Salvage(files, self._warn)
+        salvage = _Salvage(files, self.warn)
         salvage.scan_topics()
         if not salvage.topics:
             raise BagError(f"bag {self.path} is damaged and no topic could be recovered from "
@@ -140,7 +140,7 @@ class BagReader:
         self.topics = dict(salvage.topics)
         self.message_counts = {t: -1 for t in self.topics}  # unknown until read
 
-    def _warn(self, message: str) -> None:
+    def warn(self, message: str) -> None:
         """Log and record a warning once (several passes over a damaged bag meet it again)."""
         if message in self.stats.warnings:
             return
@@ -220,8 +220,8 @@ class BagReader:
                                        short.items()) + ")")
         if problem:
             self.stats.damaged = True
-            self._warn(f"{problem}; salvaging the rest from the storage files directly")
-            salvage = _Salvage(_storage_files(self.path), self._warn)
+            self.warn(f"{problem}; salvaging the rest from the storage files directly")
+            salvage = _Salvage(_storage_files(self.path), self.warn)
             salvage.scan_topics()
             yield from salvage.messages(wanted, delivered)
 
@@ -257,7 +257,7 @@ class BagReader:
                 text = (f"skipping corrupt frame #{index} on {topic} at bag time "
                         f"{message.log_time_ns} ns: {reason}")
                 if self.stats.images_corrupt <= _MAX_FRAME_WARNINGS:
-                    self._warn(text)
+                    self.warn(text)
                 else:
                     log.debug(text)
                 continue
@@ -307,11 +307,11 @@ class BagReader:
                 text = (f"skipping corrupt pose message on {topic} at bag time "
                         f"{message.log_time_ns} ns ({type(exc).__name__}: {exc})")
                 if self.stats.poses_dropped - dropped_before <= _MAX_FRAME_WARNINGS:
-                    self._warn(text)
+                    self.warn(text)
                 else:
                     log.debug(text)
         if self.stats.poses_dropped > dropped_before:
-            self._warn(f"dropped {self.stats.poses_dropped - dropped_before} pose message(s) on "
+            self.warn(f"dropped {self.stats.poses_dropped - dropped_before} pose message(s) on "
                        f"{topic} (corrupt, no fix or invalid values)")
         self.stats.poses_read += len(stamps)
         if msgtype == NAVSAT_FIX:
