@@ -19,6 +19,7 @@ from vpr_ros.errors import VPRError
 COMMAND_MODULES = [
     "vpr_ros.cli.model_cmd",
     "vpr_ros.cli.map_cmd",
+    "vpr_ros.cli.bag_cmd",
 ]
 
 
