@@ -1,0 +1,302 @@
+"""Shared helpers of the node tests (no tests here): a small real model, a synthetic textured
+world seen from a camera driven along a closed route, bags of that route, and a ROS test
+harness that drives a ``vpr_node`` through its lifecycle services and records its outputs.
+
+The world is a top-down textured plane (smooth colour noise plus a few hundred random shapes),
+so different places look different to a pretrained CNN and neighbouring frames overlap, which
+is what a real route looks like to place recognition; lap 2 changes brightness and offsets the
+path sideways, so the node never sees the map's exact images.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import cv2
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+NS = 1_000_000_000
+WORLD_PX_PER_M = 10.0
+
+
+# ----------------------------------------------------------------------------------- the model
+
+def small_model_dir(base_model: Path, root: Path, size: int = 96) -> Path:
+    """A copy of a real model directory whose recorded input size is ``size`` x ``size``.
+
+    GeM over EfficientNet has no size-dependent weights, so only model.json changes (and with
+    it the fingerprint). Created once per test session under ``root``.
+    """
+    out = root / f"vpr_node_model{size}"
+    if (out / "model.json").is_file():
+        return out
+    tmp = root / f".vpr_node_model{size}.{os.getpid()}"
+    shutil.copytree(base_model, tmp)
+    doc = json.loads((tmp / "model.json").read_text())
+    doc["input"]["size"] = [size, size]
+    (tmp / "model.json").write_text(json.dumps(doc, indent=2))
+    try:
+        tmp.rename(out)
+    except OSError:  # another module of this session made it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------- the world
+
+def make_world(size_px: int = 1200, seed: int = 7) -> np.ndarray:
+    """A (size, size, 3) uint8 RGB texture: smooth colour noise plus random shapes."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(40, 215, size=(size_px // 60, size_px // 60, 3)).astype(np.uint8)
+    world = cv2.resize(coarse, (size_px, size_px), interpolation=cv2.INTER_CUBIC)
+    for _ in range(size_px * size_px // 3000):
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        x, y = (int(v) for v in rng.integers(0, size_px, 2))
+        kind = rng.integers(0, 3)
+        if kind == 0:
+            cv2.circle(world, (x, y), int(rng.integers(4, 25)), colour, -1)
+        elif kind == 1:
+            w, h = (int(v) for v in rng.integers(5, 40, 2))
+            cv2.rectangle(world, (x, y), (x + w, y + h), colour, -1)
+        else:
+            x2, y2 = (int(v) for v in rng.integers(-40, 40, 2))
+            cv2.line(world, (x, y), (x + x2, y + y2), colour, int(rng.integers(2, 6)))
+    return world
+
+
+def render_view(world: np.ndarray, x_m: float, y_m: float, yaw: float, out_px: int = 96,
+                view_m: float = 16.0, gain: float = 1.0, offset: float = 0.0) -> np.ndarray:
+    """Top-down camera at (x, y) metres heading ``yaw``: a rotated square crop of the world."""
+    scale = out_px / (view_m * WORLD_PX_PER_M)
+    cx, cy = x_m * WORLD_PX_PER_M, y_m * WORLD_PX_PER_M
+    rot = cv2.getRotationMatrix2D((cx, cy), math.degrees(yaw), scale)
+    rot[0, 2] += out_px / 2 - cx
+    rot[1, 2] += out_px / 2 - cy
+    view = cv2.warpAffine(world, rot, (out_px, out_px), flags=cv2.INTER_AREA,
+                          borderMode=cv2.BORDER_REFLECT)
+    return np.clip(view.astype(np.float32) * gain + offset, 0, 255).astype(np.uint8)
+
+
+@dataclass
+class Route:
+    """Two laps of a circle: per-frame stamps, ground-truth positions, yaw and images."""
+
+    stamps_ns: list[int]
+    positions: list[tuple[float, float, float]]
+    yaws: list[float]
+    images: list[np.ndarray]
+    lap: list[int]
+    pose_stamps_ns: list[int] = field(default_factory=list)
+    pose_positions: list[tuple[float, float, float]] = field(default_factory=list)
+    pose_yaws: list[float] = field(default_factory=list)
+
+    def frames(self, lap: Optional[int] = None) -> list[int]:
+        return [i for i, l in enumerate(self.lap) if lap is None or l == lap]
+
+    def position_at(self, stamp_ns: int) -> tuple[float, float, float]:
+        """Ground truth at a frame stamp (frames only)."""
+        return self.positions[self.stamps_ns.index(int(stamp_ns))]
+
+
+def yaw_quaternion(yaw: float) -> tuple[float, float, float, float]:
+    return (0.0, 0.0, math.sin(yaw / 2), math.cos(yaw / 2))
+
+
+def make_route(frames_per_lap: int = 60, radius_m: float = 15.0, frame_period_s: float = 1.0,
+               start_s: float = 1000.0, out_px: int = 96, lap2_offset_m: float = 0.5,
+               lap2_gain: float = 0.7, lap2_bias: float = 12.0, seed: int = 7) -> Route:
+    """Drive twice round a circle in a textured world; odometry at twice the frame rate."""
+    world = make_world(seed=seed)
+    centre = world.shape[0] / WORLD_PX_PER_M / 2
+    route = Route([], [], [], [], [])
+    n = 2 * frames_per_lap
+    start_ns = int(start_s * NS)
+    period_ns = int(frame_period_s * NS)
+
+    def pose(t: float, lap: int) -> tuple[float, float, float, float]:
+        angle = 2 * math.pi * t
+        r = radius_m + (lap2_offset_m if lap == 1 else 0.0)
+        return (centre + r * math.cos(angle), centre + r * math.sin(angle), 0.0,
+                angle + math.pi / 2)
+
+    for i in range(n):
+        lap = i // frames_per_lap
+        x, y, z, yaw = pose(i / frames_per_lap, lap)
+        gain, bias = (lap2_gain, lap2_bias) if lap == 1 else (1.0, 0.0)
+        route.stamps_ns.append(start_ns + i * period_ns)
+        route.positions.append((x, y, z))
+        route.yaws.append(yaw)
+        route.lap.append(lap)
+        route.images.append(render_view(world, x, y, yaw, out_px, gain=gain, offset=bias))
+    for j in range(2 * n):
+        t = j / 2 / frames_per_lap
+        lap = min(1, int(t))
+        x, y, z, yaw = pose(t, lap)
+        route.pose_stamps_ns.append(start_ns + j * period_ns // 2)
+        route.pose_positions.append((x, y, z))
+        route.pose_yaws.append(yaw)
+    return route
+
+
+def write_bag(route: Route, path: Path, storage: str, frames: Iterable[int],
+              compressed: bool = False, image_topic: str = "/camera/image_raw",
+              pose_topic: str = "/odom") -> Path:
+    """A rosbag2 bag (colleague's writer) with the chosen frames and the odometry that covers
+    them."""
+    from vpr_ros.mapdb.bag_writer import write_route_bag
+
+    idx = list(frames)
+    lo, hi = route.stamps_ns[idx[0]], route.stamps_ns[idx[-1]]
+    poses = [(s, p, yaw_quaternion(yaw)) for s, p, yaw in
+             zip(route.pose_stamps_ns, route.pose_positions, route.pose_yaws)
+             if lo - NS <= s <= hi + NS]
+    return write_route_bag(path, [(route.stamps_ns[i], route.images[i]) for i in idx], poses,
+                           storage=storage, image_topic=image_topic, pose_topic=pose_topic,
+                           compressed=compressed)
+
+
+# ---------------------------------------------------------------------------------- processes
+
+def ros_env() -> dict[str, str]:
+    from vpr_ros._bootstrap import env_with_ros_libs
+
+    env = env_with_ros_libs()
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("RCUTILS_COLORIZED_OUTPUT", "0")
+    return env
+
+
+def start_node(args: list[str], log_path: Path) -> subprocess.Popen:
+    """``vpr_node ARGS`` as a subprocess (the console script's code path), output to a file."""
+    cmd = [sys.executable, "-c", "import sys; from vpr_ros.ros.node_main import main; "
+           "sys.exit(main())", *args]
+    log = open(log_path, "wb")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ros_env(),
+                            cwd=str(REPO))
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> int:
+    """SIGINT (what Ctrl-C and ros2 launch send), then SIGKILL if it hangs."""
+    import signal
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
+
+
+def bag_play(bag: Path, rate: float, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    """``vpr bag play BAG --rate R`` (the project's rosbag2 player) to completion."""
+    cmd = [sys.executable, "-m", "vpr_ros.cli", "bag", "play", str(bag), "--rate", str(rate)]
+    return subprocess.run(cmd, env=ros_env(), cwd=str(REPO), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+# ------------------------------------------------------------------------------ ROS test side
+
+class RosProbe:
+    """A plain rclpy node in the test process: lifecycle client, service client, recorder of
+    the node's outputs. Spun by the caller through :meth:`spin_until`."""
+
+    def __init__(self, node_name: str = "/vpr_node") -> None:
+        import rclpy
+        from rclpy.executors import SingleThreadedExecutor
+
+        self.target = node_name
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.node = rclpy.create_node(f"vpr_probe_{os.getpid()}_{time.monotonic_ns() % 10**6}",
+                                      context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self.received: dict[str, list[Any]] = {}
+        self._subs: list[Any] = []
+
+    def close(self) -> None:
+        import rclpy
+
+        self.executor.shutdown()
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+
+    def record(self, topic: str, msg_type: Any, reliable: bool = True, depth: int = 1000) -> list:
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+        store: list[Any] = self.received.setdefault(topic, [])
+        qos = QoSProfile(depth=depth, reliability=ReliabilityPolicy.RELIABLE if reliable
+                         else ReliabilityPolicy.BEST_EFFORT)
+        self._subs.append(self.node.create_subscription(msg_type, topic, store.append, qos))
+        return store
+
+    def publisher(self, topic: str, msg_type: Any, reliable: bool = True, depth: int = 100) -> Any:
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+        qos = QoSProfile(depth=depth, reliability=ReliabilityPolicy.RELIABLE if reliable
+                         else ReliabilityPolicy.BEST_EFFORT)
+        return self.node.create_publisher(msg_type, topic, qos)
+
+    def spin_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            self.executor.spin_once(timeout_sec=0.05)
+        return predicate()
+
+    def spin_for(self, seconds: float) -> None:
+        self.spin_until(lambda: False, seconds)
+
+    def call(self, srv_type: Any, name: str, request: Any, timeout: float = 60.0) -> Any:
+        client = self.node.create_client(srv_type, name)
+        try:
+            if not self.spin_until(client.service_is_ready, timeout):
+                raise TimeoutError(f"service {name} not available within {timeout} s")
+            future = client.call_async(request)
+            if not self.spin_until(future.done, timeout):
+                raise TimeoutError(f"service {name} did not answer within {timeout} s")
+            return future.result()
+        finally:
+            self.node.destroy_client(client)
+
+    def transition(self, label: str, timeout: float = 120.0) -> bool:
+        """ChangeState by label (configure, activate, deactivate, cleanup, shutdown)."""
+        from lifecycle_msgs.srv import ChangeState
+
+        req = ChangeState.Request()
+        req.transition.label = label
+        return bool(self.call(ChangeState, f"{self.target}/change_state", req, timeout).success)
+
+    def state(self, timeout: float = 30.0) -> str:
+        from lifecycle_msgs.srv import GetState
+
+        return str(self.call(GetState, f"{self.target}/get_state", GetState.Request(),
+                             timeout).current_state.label)
+
+    def trigger(self, service: str, timeout: float = 60.0) -> Any:
+        from std_srvs.srv import Trigger
+
+        return self.call(Trigger, f"{self.target}/{service}", Trigger.Request(), timeout)
+
+    def latest_status(self) -> Optional[dict[str, str]]:
+        """Key/values of the newest /diagnostics status of the node."""
+        from vpr_ros.ros.diagnostics import status_values
+
+        for arr in reversed(self.received.get("/diagnostics", [])):
+            for status in arr.status:
+                if status.name.startswith("vpr_node"):
+                    return status_values(status)
+        return None

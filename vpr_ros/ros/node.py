@@ -1,0 +1,527 @@
+"""``vpr_node``: the rclpy lifecycle node that recognises places in a live camera stream.
+
+Lifecycle, because loading a model and a map takes seconds and may fail: *configure* does that
+slow work once (and fails cleanly, with the reason in the log and in ``/diagnostics``, on a
+missing file or a model/map mismatch); *activate* subscribes; *deactivate* unsubscribes and
+keeps the model loaded so re-activation is instant; *cleanup* releases everything.
+
+Threads: the executor thread runs subscription callbacks (which only stamp-check a message and
+drop it in a one-slot :class:`~vpr_ros.ros.mailbox.Mailbox`), services, timers and lifecycle
+transitions; one encoder thread takes the newest frame, decodes, encodes, searches, decides and
+publishes. A camera faster than the encoder therefore costs dropped (counted) frames, never
+growing latency. Every per-frame failure is caught, counted by kind, logged throttled, and the
+node carries on with the next frame.
+
+Topics (relative names, remap at launch): subscribes ``image`` (Image or CompressedImage),
+``odometry`` (nav_msgs/Odometry) or ``pose`` (geometry_msgs/PoseStamped); publishes
+``~/relocalization``, ``~/loop_closure``, ``~/candidates``, ``~/markers`` and ``/diagnostics``;
+serves ``~/save_map``, ``~/relocalize`` and ``~/reset_session`` (std_srvs/Trigger).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from diagnostic_msgs.msg import DiagnosticArray
+from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped
+from nav_msgs.msg import Odometry
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CompressedImage, Image, PointCloud2
+from std_msgs.msg import Float64MultiArray
+from std_srvs.srv import Trigger
+from visualization_msgs.msg import MarkerArray
+
+from vpr_ros.errors import ConfigError, MapError, VPRError
+from vpr_ros.ros import conversions as conv
+from vpr_ros.ros import messages
+from vpr_ros.ros.diagnostics import (FrameTiming, LogThrottle, NodeIdentity, NodeStats, RateMeter,
+                                     diagnostic_array)
+from vpr_ros.ros.mailbox import Mailbox
+from vpr_ros.ros.params import NodeSettings, all_parameter_specs, descriptor_for, \
+    settings_from_values
+from vpr_ros.ros.pipeline import LOCALIZATION, FrameOutcome, Pipeline, default_session_name
+from vpr_ros.ros.pose_buffer import PoseBuffer
+
+NODE_NAME = "vpr_node"
+#: Header stamps further than this from the receive wall time are not wall-clock stamps (a
+#: replayed bag, sim time): the transport latency is then reported as NaN.
+_TRANSPORT_PLAUSIBLE_S = 60.0
+#: How many accepted loop closures ~/markers keeps drawing.
+_MAX_CLOSURE_SEGMENTS = 500
+
+
+@dataclass
+class _Pending:
+    """A received camera message waiting for the encoder thread."""
+
+    msg: Any
+    stamp_ns: int
+    received: float  # perf_counter seconds
+    received_wall_ns: int
+
+
+class VprNode(LifecycleNode):
+    """See the module docstring; parameters are listed by :func:`all_parameter_specs`."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(NODE_NAME, **kwargs)
+        self._specs = all_parameter_specs()
+        for spec in self._specs:
+            self.declare_parameter(spec.name, spec.default, descriptor_for(spec))
+        self.stats = NodeStats()
+        self.identity = NodeIdentity()
+        self._throttle = LogThrottle(5.0)
+        self._mailbox: Mailbox[_Pending] = Mailbox()
+        self._settings: Optional[NodeSettings] = None
+        self.pipeline: Optional[Pipeline] = None
+        self._poses: Optional[PoseBuffer] = None
+        self._session_base = ""
+        self._session_count = 0
+        self._last_stamp_ns: Optional[int] = None
+        self._jump_pending = False
+        self._state_lock = threading.Lock()
+        self._worker: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+        self._input_subs: list[Any] = []
+        self._pubs: dict[str, Any] = {}
+        self._closure_segments: list[tuple[tuple[float, ...], tuple[float, ...]]] = []
+        self._keyframes_timer: Any = None
+        self._in_rate, self._out_rate = RateMeter(), RateMeter()
+
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._diag_timer = self.create_timer(
+            float(self.get_parameter("diagnostics_period_s").value), self._publish_diagnostics)
+        self.create_service(Trigger, "~/save_map", self._srv_save_map)
+        self.create_service(Trigger, "~/relocalize", self._srv_relocalize)
+        self.create_service(Trigger, "~/reset_session", self._srv_reset_session)
+
+    # ------------------------------------------------------------------------------ lifecycle
+
+    def _parameter_values(self) -> dict[str, Any]:
+        return {s.name: self.get_parameter(s.name).value for s in self._specs}
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Load model and map; any failure is logged with its reason and returns FAILURE."""
+        self.identity.problem = ""
+        try:
+            settings = settings_from_values(self._parameter_values())
+            pipeline = self._load(settings)
+        except VPRError as exc:
+            return self._configure_failed(str(exc))
+        except Exception as exc:  # a bug, not a user error: keep the traceback
+            return self._configure_failed(f"unexpected {type(exc).__name__}: {exc}\n"
+                                          + traceback.format_exc())
+        cfg = settings.node
+        self._settings, self.pipeline = settings, pipeline
+        self._throttle = LogThrottle(cfg.log_throttle_s)
+        self.stats.set_window(cfg.diagnostics_window)
+        self._poses = PoseBuffer(cfg.pose_buffer_s, cfg.pose_max_gap_s, cfg.pose_tolerance_s,
+                                 cfg.time_jump_s) if cfg.pose_type != "none" else None
+        self._session_base, self._session_count = pipeline.session, 0
+        self._reset_diagnostics_timer(cfg.diagnostics_period_s)
+        reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+        self._pubs = {
+            "relocalization": self.create_lifecycle_publisher(
+                PoseWithCovarianceStamped, "~/relocalization", reliable),
+            "loop_closure": self.create_lifecycle_publisher(
+                Float64MultiArray, "~/loop_closure", reliable),
+            "candidates": self.create_lifecycle_publisher(PointCloud2, "~/candidates", reliable),
+            "markers": self.create_lifecycle_publisher(MarkerArray, "~/markers", reliable),
+        }
+        self._keyframes_timer = self.create_timer(cfg.markers_keyframes_period_s,
+                                                  self._publish_keyframes)
+        enc, pmap = pipeline.encoder, pipeline.map
+        self.identity = NodeIdentity(
+            lifecycle_state="inactive", mode=cfg.mode, backend=enc.backend,
+            fingerprint=enc.fingerprint, map_path=cfg.map, map_size=len(pmap),
+            session=pipeline.session if cfg.mode != LOCALIZATION else "")
+        self.get_logger().info(
+            f"configured: mode {cfg.mode}, encoder {enc.backend} (fingerprint "
+            f"{enc.fingerprint}, {enc.dim}-D, input {enc.input_size}), map "
+            f"{cfg.map or '(new live map)'} with {len(pmap)} keyframes")
+        return TransitionCallbackReturn.SUCCESS
+
+    def _configure_failed(self, reason: str) -> TransitionCallbackReturn:
+        self.get_logger().error(f"configure failed: {reason}")
+        self.identity = NodeIdentity(lifecycle_state="unconfigured",
+                                     problem=f"configure failed: {reason.splitlines()[0]}")
+        return TransitionCallbackReturn.FAILURE
+
+    def _load(self, settings: NodeSettings) -> Pipeline:
+        from vpr_ros.runtime.encoder import load_encoder
+
+        cfg = settings.node
+        if not cfg.model:
+            raise ConfigError("parameter 'model' is empty; set it to a model directory (vpr "
+                              "model init), an .onnx file or a TensorRT engine")
+        if not Path(cfg.model).exists():
+            raise ConfigError(f"model {cfg.model} does not exist; check the parameter 'model' "
+                              "(a model directory, .onnx file or TensorRT engine)")
+        options: dict[str, Any] = {"threads": cfg.threads} if cfg.threads else {}
+        encoder = load_encoder(cfg.model, backend=cfg.backend, device=cfg.device, **options)
+        place_map = self._open_map(cfg, encoder)
+        session = cfg.session or default_session_name()
+        if cfg.mode != LOCALIZATION and session in place_map.sessions():
+            raise MapError(f"session '{session}' already exists in the map {cfg.map}; set the "
+                           "parameter 'session' to a new name (or leave it empty for a dated "
+                           "one)")
+        pipeline = Pipeline(encoder, place_map, settings, session)
+        if cfg.warmup:
+            import numpy as np
+
+            h, w = encoder.input_size
+            blank = np.zeros((int(h), int(w), 3), dtype=np.uint8)
+            desc = pipeline.encode(blank, FrameTiming(0))
+            place_map.search(desc, cfg.top_k)
+        return pipeline
+
+    @staticmethod
+    def _open_map(cfg: Any, encoder: Any) -> Any:
+        from vpr_ros.mapdb import PlaceMap
+
+        path = Path(cfg.map) if cfg.map else None
+        if cfg.mode == LOCALIZATION:
+            if path is None:
+                raise ConfigError("localization mode needs a map: set the parameter 'map' to a "
+                                  "map directory built with `vpr map build`")
+            if not path.exists():
+                raise MapError(f"map {path} does not exist; build it with `vpr map build BAG "
+                               "--image-topic T --pose-topic P --model MODEL -o MAP` or fix "
+                               "the parameter 'map'")
+            place_map = PlaceMap.load(path, expected_fingerprint=encoder.fingerprint)
+        elif path is not None and path.exists():
+            place_map = PlaceMap.load(path, expected_fingerprint=encoder.fingerprint, mmap=False)
+        else:
+            return PlaceMap.create(encoder.dim, encoder.fingerprint, index=cfg.map_index)
+        place_map.check_compatible(encoder.fingerprint, encoder.dim)
+        return place_map
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Subscribe and start the encoder thread."""
+        assert self._settings is not None
+        cfg = self._settings.node
+        qos = QoSProfile(
+            depth=cfg.qos_depth, history=HistoryPolicy.KEEP_LAST,
+            durability=DurabilityPolicy.VOLATILE,
+            reliability=ReliabilityPolicy.RELIABLE if cfg.qos_reliability == "reliable"
+            else ReliabilityPolicy.BEST_EFFORT)
+        image_type = CompressedImage if cfg.image_transport == "compressed" else Image
+        self._last_stamp_ns = None
+        self._jump_pending = False
+        self._mailbox.clear()
+        self._mailbox.reopen()
+        self._stop.clear()
+        self._worker = threading.Thread(target=self._worker_loop, name="vpr_encoder",
+                                        daemon=True)
+        self._worker.start()
+        self._input_subs = [self.create_subscription(image_type, "image", self._on_image, qos)]
+        if cfg.pose_type == "odometry":
+            self._input_subs.append(self.create_subscription(
+                Odometry, "odometry", lambda m: self._on_pose(m, conv.odometry_to_pose), qos))
+        elif cfg.pose_type == "pose":
+            self._input_subs.append(self.create_subscription(
+                PoseStamped, "pose", lambda m: self._on_pose(m, conv.pose_stamped_to_pose), qos))
+        self.identity.lifecycle_state = "active"
+        self.get_logger().info(f"active: subscribed to {self._input_subs[0].topic_name} "
+                               f"({image_type.__name__}, {cfg.qos_reliability})")
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Unsubscribe and stop the encoder thread; model and map stay loaded."""
+        self._drop_subscriptions()
+        self._stop_worker()
+        self.identity.lifecycle_state = "inactive"
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Release model, map, publishers: back to unconfigured."""
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._drop_subscriptions()
+        self._stop_worker()
+        self._release()
+        self.identity.lifecycle_state = "finalized"
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.get_logger().error("error in a lifecycle transition; releasing everything")
+        self._drop_subscriptions()
+        self._stop_worker()
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _drop_subscriptions(self) -> None:
+        for sub in self._input_subs:
+            self.destroy_subscription(sub)
+        self._input_subs = []
+
+    def _stop_worker(self) -> None:
+        self._stop.set()
+        self._mailbox.close()
+        if self._worker is not None:
+            self._worker.join(timeout=30.0)
+            self._worker = None
+        self._mailbox.clear()
+
+    def _release(self) -> None:
+        for pub in self._pubs.values():
+            self.destroy_lifecycle_publisher(pub)
+        self._pubs = {}
+        if self._keyframes_timer is not None:
+            self.destroy_timer(self._keyframes_timer)
+            self._keyframes_timer = None
+        self.pipeline = None
+        self._settings = None
+        self._poses = None
+        self._closure_segments = []
+        self.identity = NodeIdentity(lifecycle_state="unconfigured")
+
+    def _reset_diagnostics_timer(self, period_s: float) -> None:
+        if abs(self._diag_timer.timer_period_ns - period_s * 1e9) > 1:
+            self.destroy_timer(self._diag_timer)
+            self._diag_timer = self.create_timer(period_s, self._publish_diagnostics)
+
+    def shutdown_worker(self) -> None:
+        """Stop the encoder thread (process exit without a lifecycle shutdown)."""
+        self._drop_subscriptions()
+        self._stop_worker()
+
+    # -------------------------------------------------------------------------------- inputs
+
+    def _on_image(self, msg: Any) -> None:
+        """Executor thread: stamp check, then into the mailbox. Nothing slow happens here."""
+        received, received_wall = time.perf_counter(), time.time_ns()
+        self.stats.count("received")
+        settings = self._settings
+        if settings is None:
+            return
+        stamp = conv.stamp_to_ns(msg.header.stamp)
+        kind = conv.classify_stamp(stamp, self._last_stamp_ns,
+                                   int(settings.node.time_jump_s * conv.NS_PER_S))
+        if kind == conv.STAMP_BACKWARDS:
+            assert self._last_stamp_ns is not None
+            self._frame_error(kind, f"frame stamp {stamp * 1e-9:.6f} s is not after the "
+                              f"previous frame's {self._last_stamp_ns * 1e-9:.6f} s (late, "
+                              "reordered or repeated frame); dropped")
+            return
+        if kind == conv.TIME_JUMP:
+            assert self._last_stamp_ns is not None
+            self._frame_error(kind, f"frame stamp jumped back from "
+                              f"{self._last_stamp_ns * 1e-9:.3f} s to {stamp * 1e-9:.3f} s: a "
+                              "clock reset (bag restarted, sim time); restarting "
+                              "relocalization agreement and the pose history")
+            self._jump_pending = True
+        self._last_stamp_ns = stamp
+        if self._mailbox.put(_Pending(msg, stamp, received, received_wall)) is not None:
+            self.stats.count("dropped")
+
+    def _on_pose(self, msg: Any, convert: Any) -> None:
+        if self._poses is None:
+            return
+        try:
+            sample = convert(msg)
+        except conv.FrameError as exc:
+            self._frame_error(exc.kind, str(exc))
+            return
+        if not self._poses.add(sample):
+            self.get_logger().warning("pose stamps jumped back (clock reset): pose history "
+                                      "cleared")
+
+    # ------------------------------------------------------------------------ encoder thread
+
+    def _worker_loop(self) -> None:
+        while not self._stop.is_set():
+            item = self._mailbox.get(timeout=0.25)
+            if item is None or self._stop.is_set():
+                continue
+            try:
+                self._process(item)
+            except conv.FrameError as exc:
+                self._frame_error(exc.kind, str(exc))
+            except Exception as exc:  # never let one frame kill the thread
+                self._frame_error(conv.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}\n"
+                                  + traceback.format_exc())
+
+    def _process(self, item: _Pending) -> None:
+        pipeline, settings = self.pipeline, self._settings
+        if pipeline is None or settings is None:
+            return
+        cfg = settings.node
+        timing = FrameTiming(item.stamp_ns)
+        start = time.perf_counter()
+        timing.wait = start - item.received
+        transport = (item.received_wall_ns - item.stamp_ns) / conv.NS_PER_S
+        if abs(transport) < _TRANSPORT_PLAUSIBLE_S:
+            timing.transport = transport
+        if self._jump_pending:
+            self._jump_pending = False
+            pipeline.time_jump()
+            if self._poses is not None:
+                self._poses.clear()
+        rgb = conv.frame_to_rgb(item.msg, cfg.image_transport == "compressed", cfg.max_pixels)
+        t_conv = time.perf_counter()
+        timing.conversion = t_conv - start
+        try:
+            descriptor = pipeline.encode(rgb, timing)
+        except VPRError as exc:
+            raise conv.FrameError(conv.ENCODER_ERROR, f"encoding failed: {exc}") from exc
+        pose = self._poses.at(item.stamp_ns) if self._poses is not None else None
+        try:
+            outcome = pipeline.decide(item.stamp_ns, descriptor, pose,
+                                      item.msg.header.frame_id, timing)
+        except VPRError as exc:
+            raise conv.FrameError(conv.SEARCH_ERROR, f"map search failed: {exc}") from exc
+        t_pub = time.perf_counter()
+        try:
+            self._publish(outcome, cfg)
+        except Exception as exc:
+            raise conv.FrameError(conv.PUBLISH_ERROR, f"publishing failed: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+        end = time.perf_counter()
+        timing.publish = end - t_pub
+        timing.total = end - item.received
+        self.identity.map_size = pipeline.map_size()
+        self.stats.frame(timing)
+
+    def _publish(self, outcome: FrameOutcome, cfg: Any) -> None:
+        pubs = self._pubs
+        if not pubs:
+            return
+        frame = cfg.map_frame
+        if cfg.publish_candidates:
+            pubs["candidates"].publish(messages.candidates_cloud(outcome.candidates,
+                                                                 outcome.stamp_ns, frame))
+        extra_markers = []
+        reloc = outcome.relocalization
+        if reloc is not None:
+            if reloc.has_pose:
+                pubs["relocalization"].publish(messages.relocalization_msg(reloc, frame))
+                self.stats.count("relocalizations")
+                extra_markers.append(messages.relocalization_marker(reloc, frame))
+            else:
+                self.stats.count("relocalizations_without_pose")
+                self._log_throttled("relocalization_without_pose", "warning",
+                                    f"recognised keyframe {reloc.keyframe_id} (score "
+                                    f"{reloc.score:.3f}) but the map has no pose for it (built "
+                                    "without --pose-topic): no pose published")
+        if outcome.closure is not None:
+            closure = outcome.closure
+            pubs["loop_closure"].publish(messages.loop_closure_msg(closure, outcome.inserted_id))
+            self.stats.count("loop_closures")
+            if outcome.closure_query_position is not None and closure.match_position is not None:
+                self._closure_segments.append((outcome.closure_query_position,
+                                               closure.match_position))
+                del self._closure_segments[:-_MAX_CLOSURE_SEGMENTS]
+            extra_markers.append(messages.closures_marker(self._closure_segments,
+                                                          outcome.stamp_ns, frame))
+        if outcome.inserted_id is not None:
+            self.stats.count("keyframes_inserted")
+        markers_pub = pubs["markers"]
+        if cfg.publish_markers and markers_pub.get_subscription_count() > 0:
+            min_score = (self._settings.relocalizer.min_score if cfg.mode == LOCALIZATION
+                         else self._settings.loop_closure.min_score) if self._settings else 0.0
+            arr = messages.frame_markers(outcome.candidates, outcome.query_position,
+                                         outcome.stamp_ns, frame, min_score)
+            arr.markers.extend(extra_markers)
+            markers_pub.publish(arr)
+
+    def _publish_keyframes(self) -> None:
+        """Timer: the map's keyframe positions as points (only when someone listens)."""
+        pipeline, settings, pub = self.pipeline, self._settings, self._pubs.get("markers")
+        if pipeline is None or settings is None or pub is None or not settings.node.publish_markers:
+            return
+        if self.identity.lifecycle_state != "active" or pub.get_subscription_count() == 0:
+            return
+        with pipeline.lock:
+            positions = pipeline.map.keyframe_table.positions.copy()
+        stamp = self.get_clock().now().nanoseconds
+        marker = messages.keyframes_marker(positions, stamp, settings.node.map_frame,
+                                           settings.node.markers_max_keyframes)
+        pub.publish(MarkerArray(markers=[marker]))
+
+    # --------------------------------------------------------------------- errors and logging
+
+    def _frame_error(self, kind: str, message: str) -> None:
+        self.stats.error(kind)
+        self._log_throttled(kind, "warning", message)
+
+    def _log_throttled(self, kind: str, level: str, message: str) -> None:
+        held = self._throttle.check(kind)
+        if held is None:
+            return
+        suffix = f" ({held} more '{kind}' suppressed in the last " \
+                 f"{self._throttle.period_s:g} s)" if held else ""
+        getattr(self.get_logger(), level)(f"[{kind}] {message}{suffix}")
+
+    # ---------------------------------------------------------------------------- diagnostics
+
+    def _publish_diagnostics(self) -> None:
+        snap = self.stats.snapshot()
+        input_hz = self._in_rate.update(snap.monotonic_s, snap.received)
+        processed_hz = self._out_rate.update(snap.monotonic_s, snap.processed)
+        self._diag_pub.publish(diagnostic_array(self.get_name(), self.get_clock().now().to_msg(),
+                                                snap, self.identity, input_hz, processed_hz))
+
+    # ------------------------------------------------------------------------------- services
+
+    def _srv_save_map(self, request: Any, response: Any) -> Any:
+        pipeline, settings = self.pipeline, self._settings
+        if pipeline is None or settings is None:
+            response.success, response.message = False, "not configured: nothing to save"
+        elif settings.node.mode == LOCALIZATION:
+            response.success = False
+            response.message = ("localization mode never changes the map; nothing to save "
+                                "(~/save_map saves the live map of loop_closure mode)")
+        elif not settings.node.map:
+            response.success = False
+            response.message = ("parameter 'map' is empty: set it to the directory to save the "
+                                "live map to, then reconfigure")
+        else:
+            try:
+                count = pipeline.save(settings.node.map)
+            except VPRError as exc:
+                response.success, response.message = False, f"save failed: {exc}"
+            else:
+                response.success = True
+                response.message = f"saved {count} keyframes to {settings.node.map}"
+                self.get_logger().info(response.message)
+        return response
+
+    def _srv_relocalize(self, request: Any, response: Any) -> Any:
+        pipeline = self.pipeline
+        if pipeline is None:
+            response.success, response.message = False, "not configured"
+        elif not pipeline.rearm_relocalizer():
+            response.success = False
+            response.message = "relocalization runs in localization mode only"
+        else:
+            response.success = True
+            response.message = "relocalizer re-armed: the next consistent match publishes a pose"
+        return response
+
+    def _srv_reset_session(self, request: Any, response: Any) -> Any:
+        pipeline = self.pipeline
+        if pipeline is None:
+            response.success, response.message = False, "not configured"
+            return response
+        self._session_count += 1
+        session = f"{self._session_base}-{self._session_count}"
+        pipeline.reset_session(session)
+        self._last_stamp_ns = None
+        if self._poses is not None:
+            self._poses.clear()
+        if pipeline.mode != LOCALIZATION:
+            self.identity.session = session
+        response.success = True
+        response.message = (f"new session '{session}'" if pipeline.mode != LOCALIZATION
+                            else "relocalization state reset")
+        self.get_logger().info(f"reset_session: {response.message}")
+        return response

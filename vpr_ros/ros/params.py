@@ -1,0 +1,186 @@
+"""Every tunable of ``vpr_node``, declared once: name, default, type, range, description.
+
+The node's own settings live in :class:`NodeConfig`, built with the same ``param()`` machinery
+as the decision configs, so one declaration gives validation (ConfigError naming the field and
+its range), the ROS parameter declaration (``ParameterDescriptor`` with a
+``FloatingPointRange`` / ``IntegerRange`` and a description) and the defaults written to
+``config/*.yaml``. The decision layers' tunables are not restated here: they come from
+``LoopClosureConfig.parameter_specs()`` and ``RelocalizerConfig.parameter_specs()`` under the
+prefixes ``loop_closure.`` and ``relocalization.``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from vpr_ros.localization import LoopClosureConfig, ParamSpec, RelocalizerConfig
+from vpr_ros.localization.params import from_mapping, param, parameter_specs, require, validate
+
+MODES = ("localization", "loop_closure")
+BACKENDS = ("auto", "torch", "onnx", "tensorrt")
+TRANSPORTS = ("raw", "compressed")
+RELIABILITIES = ("best_effort", "reliable")
+POSE_TYPES = ("none", "odometry", "pose")
+INDEX_KINDS = ("flat", "hnsw", "ivfpq", "binary")
+
+#: Allowed values of the string parameters (ROS ranges only exist for numbers).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "mode": MODES, "backend": BACKENDS, "image_transport": TRANSPORTS,
+    "qos_reliability": RELIABILITIES, "pose_type": POSE_TYPES, "map_index": INDEX_KINDS,
+}
+
+LOOP_PREFIX = "loop_closure."
+RELOC_PREFIX = "relocalization."
+
+INT_MAX = 2 ** 31 - 1
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """The node's own tunables (topics are fixed relative names; remap them at launch)."""
+
+    autostart: bool = param(
+        False, "configure and activate at start-up (for running without a lifecycle manager "
+        "or ros2 launch); read once, when the process starts")
+    mode: str = param(
+        "localization", "localization: relocalize in a prebuilt map (~/relocalization); "
+        "loop_closure: detect revisits in the live run, growing a live map (~/loop_closure)")
+    model: str = param(
+        "", "encoder to load at configure: model directory, .onnx file or TensorRT engine")
+    backend: str = param(
+        "auto", "inference backend: auto (from the model path), torch, onnx or tensorrt")
+    device: str = param("cpu", "encoder device: cpu, cuda or cuda:N")
+    threads: int = param(0, "encoder CPU threads (0: the backend's default)", 0, 256)
+    warmup: bool = param(
+        True, "encode a blank frame and run one search at configure, so the first real frame "
+        "does not pay for lazy initialisation")
+    map: str = param(
+        "", "map directory, loaded at configure with the model's fingerprint (localization: "
+        "required; loop_closure: optional start map); ~/save_map writes here")
+    map_index: str = param(
+        "flat", "index of a new live map (loop_closure without a map file): flat, hnsw, ivfpq "
+        "or binary")
+    session: str = param(
+        "", "session name of the live run's keyframes (loop_closure); empty: live-<UTC time>")
+    image_transport: str = param(
+        "raw", "message type on topic 'image': raw (sensor_msgs/Image) or compressed "
+        "(sensor_msgs/CompressedImage)")
+    qos_reliability: str = param(
+        "best_effort", "camera and pose subscription reliability: best_effort (sensor data, "
+        "matches every publisher) or reliable")
+    qos_depth: int = param(
+        5, "subscription queue depth; the encoder only ever takes the newest frame", 1, 1000)
+    pose_type: str = param(
+        "none", "pose input giving keyframe poses: none, odometry (nav_msgs/Odometry on "
+        "'odometry') or pose (geometry_msgs/PoseStamped on 'pose')")
+    pose_buffer_s: float = param(
+        5.0, "pose history kept for looking up the pose at an image stamp (s)", 0.1, 600.0)
+    pose_max_gap_s: float = param(
+        0.5, "interpolate only between pose samples at most this far apart (s)", 0.001, 60.0)
+    pose_tolerance_s: float = param(
+        0.1, "outside or between too distant samples, use the nearest sample if it is this "
+        "close to the image stamp (s)", 0.0, 10.0)
+    map_frame: str = param(
+        "map", "frame_id of ~/relocalization, ~/candidates and ~/markers (the map's frame)")
+    top_k: int = param(5, "candidates searched, decided on and published per frame", 1, 100)
+    max_pixels: int = param(
+        50_000_000, "frames with more pixels are refused (corrupt header, wrong camera mode)",
+        1, INT_MAX)
+    time_jump_s: float = param(
+        1.0, "a stamp this far behind the previous frame is a clock reset (bag restart, sim "
+        "time): state restarts; a smaller step back is a late frame and is dropped (s)",
+        0.0, 1.0e6)
+    log_throttle_s: float = param(
+        5.0, "each kind of per-frame error is logged at most once per this period (s)",
+        0.0, 3600.0)
+    diagnostics_period_s: float = param(
+        1.0, "period of the /diagnostics status (s)", 0.05, 60.0)
+    diagnostics_window: int = param(
+        300, "latency percentiles cover the last N processed frames", 1, 1_000_000)
+    publish_candidates: bool = param(True, "publish ~/candidates (top-K of every frame)")
+    publish_markers: bool = param(True, "publish ~/markers (matches, closures, keyframes)")
+    markers_max_keyframes: int = param(
+        2000, "keyframe points drawn in ~/markers (evenly subsampled above this)", 0, INT_MAX)
+    markers_keyframes_period_s: float = param(
+        5.0, "how often the keyframe points marker is refreshed (s)", 0.1, 3600.0)
+
+    def __post_init__(self) -> None:
+        validate(self)
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            require(value in allowed, f"parameter {name} = {value!r} must be one of "
+                    f"{', '.join(allowed)}")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "NodeConfig":
+        return from_mapping(cls, values)
+
+    @classmethod
+    def parameter_specs(cls) -> list[ParamSpec]:
+        return parameter_specs(cls)
+
+
+def all_parameter_specs() -> list[ParamSpec]:
+    """Node, relocalization and loop-closure tunables with their full (prefixed) names."""
+    out = list(NodeConfig.parameter_specs())
+    for prefix, cls in ((RELOC_PREFIX, RelocalizerConfig), (LOOP_PREFIX, LoopClosureConfig)):
+        out.extend(ParamSpec(name=prefix + s.name, default=s.default, type=s.type, low=s.low,
+                             high=s.high, description=s.description)
+                   for s in cls.parameter_specs())
+    return out
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """All three configs, read from the node's parameters at configure."""
+
+    node: NodeConfig
+    relocalizer: RelocalizerConfig
+    loop_closure: LoopClosureConfig
+
+
+def settings_from_values(values: Mapping[str, Any]) -> NodeSettings:
+    """Split flat, prefixed parameter values into validated configs (ConfigError on bad ones)."""
+    node: dict[str, Any] = {}
+    reloc: dict[str, Any] = {}
+    loop: dict[str, Any] = {}
+    for name, value in values.items():
+        if name.startswith(RELOC_PREFIX):
+            reloc[name[len(RELOC_PREFIX):]] = value
+        elif name.startswith(LOOP_PREFIX):
+            loop[name[len(LOOP_PREFIX):]] = value
+        else:
+            node[name] = value
+    return NodeSettings(NodeConfig.from_mapping(node), RelocalizerConfig.from_mapping(reloc),
+                        LoopClosureConfig.from_mapping(loop))
+
+
+def descriptor_for(spec: ParamSpec) -> Any:
+    """The ``rcl_interfaces/ParameterDescriptor`` of a spec: type, description, range."""
+    from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
+                                    ParameterType)
+
+    desc = ParameterDescriptor(name=spec.name, description=spec.description)
+    if spec.type is bool:
+        desc.type = ParameterType.PARAMETER_BOOL
+    elif spec.type is int:
+        desc.type = ParameterType.PARAMETER_INTEGER
+        low = int(spec.low) if spec.low is not None else -INT_MAX - 1
+        high = int(spec.high) if spec.high is not None else INT_MAX
+        desc.integer_range = [IntegerRange(from_value=low, to_value=high, step=1)]
+    elif spec.type is float:
+        desc.type = ParameterType.PARAMETER_DOUBLE
+        low_f = float(spec.low) if spec.low is not None else -sys.float_info.max
+        high_f = float(spec.high) if spec.high is not None else sys.float_info.max
+        desc.floating_point_range = [FloatingPointRange(from_value=low_f, to_value=high_f,
+                                                        step=0.0)]
+    elif spec.type is str:
+        desc.type = ParameterType.PARAMETER_STRING
+        allowed = CHOICES.get(spec.name)
+        if allowed:
+            desc.additional_constraints = "one of: " + ", ".join(allowed)
+    else:
+        raise TypeError(f"parameter {spec.name} has unsupported type {spec.type.__name__}")
+    return desc

@@ -1,0 +1,175 @@
+"""The per-frame work of the node, without ROS: encode -> search -> decide -> grow the map.
+
+Kept apart from the rclpy node so the order of operations (which the decision state machines
+depend on: exclusion before search, every query fed, insertion after the decision) is one piece
+of code that the node, the benchmark and tests share, and so each stage can be timed on its
+own. Thread safety: the encoder thread calls :meth:`Pipeline.decide`; services (save, reset,
+relocalize) come from the executor thread; one lock serialises everything that touches the map
+or the state machines.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Optional
+
+import numpy as np
+
+from vpr_ros.localization import (Candidate, LoopClosure, LoopClosureDetector, Relocalization,
+                                  Relocalizer, candidates_from_results)
+from vpr_ros.mapdb import Exclusion, Keyframe, PlaceMap
+from vpr_ros.mapdb.poses import Pose
+from vpr_ros.ros.diagnostics import FrameTiming
+from vpr_ros.ros.params import NodeSettings
+from vpr_ros.runtime.encoder import Encoder, check_descriptors
+
+LOCALIZATION = "localization"
+LOOP_CLOSURE = "loop_closure"
+
+
+def default_session_name(now: Optional[datetime] = None) -> str:
+    """``live-<UTC time>``: unique per run, sortable, readable in ``vpr map info``."""
+    now = now or datetime.now(timezone.utc)
+    return "live-" + now.strftime("%Y%m%dT%H%M%SZ")
+
+
+def encode_one(encoder: Encoder, rgb: np.ndarray, timing: FrameTiming) -> np.ndarray:
+    """One frame -> (1, D) descriptor, timing preprocessing and inference separately.
+
+    When a backend overrides ``encode`` (e.g. preprocessing on the GPU) the split is not
+    observable from outside: the whole call is timed as ``encode`` and ``preprocess`` is NaN,
+    rather than bypassing the backend's own path.
+    """
+    if type(encoder).encode is not Encoder.encode:
+        t0 = time.perf_counter()
+        out = encoder.encode([rgb])
+        timing.preprocess = float("nan")
+        timing.encode = time.perf_counter() - t0
+        return out
+    t0 = time.perf_counter()
+    batch = encoder.preprocess([rgb])
+    t1 = time.perf_counter()
+    out = check_descriptors(np.asarray(encoder._encode_batch(batch), dtype=np.float32),
+                            batch.shape[0], encoder.dim, encoder.backend)
+    timing.preprocess = t1 - t0
+    timing.encode = time.perf_counter() - t1
+    return out
+
+
+@dataclass
+class FrameOutcome:
+    """What one frame led to; the node turns it into messages."""
+
+    stamp_ns: int
+    candidates: list[Candidate]
+    relocalization: Optional[Relocalization] = None
+    closure: Optional[LoopClosure] = None
+    inserted_id: Optional[int] = None
+    query_position: Optional[tuple[float, float, float]] = None
+    closure_query_position: Optional[tuple[float, float, float]] = None
+
+
+class Pipeline:
+    """Encoder + map + the decision state machine of the node's mode."""
+
+    def __init__(self, encoder: Encoder, place_map: PlaceMap, settings: NodeSettings,
+                 session: str) -> None:
+        self.encoder = encoder
+        self.map = place_map
+        self.settings = settings
+        self.mode = settings.node.mode
+        self.top_k = settings.node.top_k
+        self.session = session
+        self.lock = threading.RLock()
+        self.relocalizer: Optional[Relocalizer] = None
+        self.detector: Optional[LoopClosureDetector] = None
+        if self.mode == LOCALIZATION:
+            self.relocalizer = Relocalizer(settings.relocalizer)
+        else:
+            self.detector = LoopClosureDetector(settings.loop_closure, session=session)
+
+    # -- per frame --------------------------------------------------------------------------
+
+    def encode(self, rgb: np.ndarray, timing: FrameTiming) -> np.ndarray:
+        return encode_one(self.encoder, rgb, timing)
+
+    def decide(self, stamp_ns: int, descriptor: np.ndarray, pose: Optional[tuple[Pose, str]],
+               image_frame_id: str, timing: FrameTiming) -> FrameOutcome:
+        """Search the map and run the mode's decision; in loop-closure mode maybe insert the
+        frame as a keyframe of the live session."""
+        with self.lock:
+            t0 = time.perf_counter()
+            exclusion = None
+            if self.detector is not None:
+                exclusion = Exclusion(**self.detector.search_exclusion(stamp_ns).as_kwargs())
+            ids, scores = self.map.search(descriptor, self.top_k, exclude=exclusion)
+            candidates = candidates_from_results(ids[0], scores[0], self.map.keyframe)
+            t1 = time.perf_counter()
+            position = pose[0].position if pose is not None else None
+            outcome = FrameOutcome(stamp_ns, candidates, query_position=position)
+            if self.relocalizer is not None:
+                outcome.relocalization = self.relocalizer.update(stamp_ns, candidates)
+            else:
+                self._loop_closure(outcome, descriptor, pose, image_frame_id)
+            timing.search = t1 - t0
+            timing.decision = time.perf_counter() - t1
+            return outcome
+
+    def _loop_closure(self, outcome: FrameOutcome, descriptor: np.ndarray,
+                      pose: Optional[tuple[Pose, str]], image_frame_id: str) -> None:
+        assert self.detector is not None
+        stamp = outcome.stamp_ns
+        outcome.closure = self.detector.process(stamp, outcome.candidates)
+        position = pose[0].position if pose is not None else None
+        orientation = pose[0].orientation if pose is not None else None
+        decision = self.detector.should_insert(stamp, position, orientation, descriptor)
+        if decision.insert:
+            kf = Keyframe(session=self.session, stamp_ns=int(stamp),
+                          frame_id=pose[1] if pose is not None else image_frame_id,
+                          position=position, orientation=orientation,
+                          source_topic="live")
+            new_id = int(self.map.add(descriptor, [kf])[0])
+            self.detector.mark_inserted(new_id, stamp, position, orientation, descriptor)
+            outcome.inserted_id = new_id
+        if outcome.closure is not None:
+            outcome.closure_query_position = position
+
+    # -- services ---------------------------------------------------------------------------
+
+    def rearm_relocalizer(self) -> bool:
+        """One-shot relocalize: the next consistent match publishes a pose again."""
+        with self.lock:
+            if self.relocalizer is None:
+                return False
+            self.relocalizer.reset()
+            return True
+
+    def reset_session(self, session: str) -> None:
+        """A new run starts: loop-closure history and recent keyframes are forgotten, new
+        keyframes go to ``session`` (old ones stay in the map and become loop candidates)."""
+        with self.lock:
+            self.session = session
+            if self.detector is not None:
+                self.detector.reset(session=session)
+            if self.relocalizer is not None:
+                self.relocalizer.reset()
+
+    def time_jump(self) -> None:
+        """The clock restarted: a relocalization streak across the jump means nothing. The
+        loop-closure detector handles a backwards stamp itself (and must keep its recent
+        keyframes excluded, so it is not reset here)."""
+        with self.lock:
+            if self.relocalizer is not None:
+                self.relocalizer.reset()
+
+    def save(self, path: str) -> int:
+        """Atomic save of the map (the live session included); returns the keyframe count."""
+        with self.lock:
+            self.map.save(path)
+            return len(self.map)
+
+    def map_size(self) -> int:
+        return len(self.map)
