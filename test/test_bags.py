@@ -3,6 +3,7 @@ message type, missing things, and damaged recordings."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -289,3 +290,30 @@ def test_header_stamp_zero_falls_back_to_bag_time(tmp_path: Path) -> None:
     with BagReader(tmp_path / "b") as reader:
         (f,) = list(reader.images("/cam"))
     assert f.stamp_ns == T0 + 5
+
+
+def test_split_recording_without_metadata_is_read_in_file_order(tmp_path: Path) -> None:
+    # A crashed split recording: no metadata.yaml, parts _0 .. _10, the last one cut short.
+    parts = tmp_path / "crashed"
+    parts.mkdir()
+    for k in range(11):
+        part = write_route_bag(tmp_path / f"p{k}", [(T0 + k * S, frame(k))], pose_topic=None,
+                               storage="mcap")
+        (part / f"p{k}.mcap").rename(parts / f"crashed_{k}.mcap")
+    last = parts / "crashed_10.mcap"
+    os.truncate(last, last.stat().st_size // 3)
+    with BagReader(parts) as reader:
+        frames = list(reader.images("/camera/image_raw"))
+    assert [f.stamp_ns for f in frames] == [T0 + k * S for k in range(10)]
+    assert reader.stats.damaged
+
+
+def test_vpr_bag_info(bag: Path, capsys: pytest.CaptureFixture) -> None:
+    from vpr_ros.cli import main
+
+    assert main(["bag", "info", str(bag), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["storage"] in ("sqlite3", "mcap") and not data["damaged"]
+    assert data["topics"]["/odom"] == {"type": "nav_msgs/msg/Odometry", "messages": 2 * N_FRAMES}
+    assert main(["bag", "info", str(bag)]) == 0
+    assert "/camera/image_raw  sensor_msgs/msg/Image  (20 messages)" in capsys.readouterr().out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import re
 import sqlite3
 import struct
 import sys
@@ -339,7 +340,10 @@ def _storage_files(path: Path) -> list[Path]:
     listed = [p for p in listed if p.is_file() and p.suffix in (".mcap", ".db3")]
     if listed:
         return listed
-    return sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".mcap", ".db3"))
+    # Split recordings are name_0, name_1, ..., name_10: sort numbers as numbers.
+    return sorted((p for p in path.iterdir() if p.is_file() and p.suffix in (".mcap", ".db3")),
+                  key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)",
+                                                                              p.name)])
 
 
 # ------------------------------------------------------------------------------------ salvage
