@@ -1,0 +1,110 @@
+"""Mapillary Street-Level Sequences (Warburg et al., CVPR 2020), train/val part.
+
+Official layout: ``<root>/train_val/<city>/{database,query}/`` each with ``postprocessed.csv``
+(``key, easting, northing, ...``: UTM metres), ``raw.csv`` (``key, lon, lat, ..., pano``) and
+``images/<key>.jpg``. The official loader (mapillary_sls ``msls.py``) reads exactly these
+columns and drops panoramas (``raw.csv`` ``pano == True``); so does this reader.
+
+For training, the query and database images of a city are pooled and grouped into places by a
+``cell_m`` UTM grid (the official loader counts database images within 10 m of a query as
+positives, hence the 10 m default). Places are keyed by (city, row, col), so two cities never
+share a place, and cells are ordered city by city, row-major, so splits are contiguous blocks.
+For evaluation, a ``query/`` or ``database/`` folder is read as positioned images.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from vpr_ros.datasets.place_set import PlaceSet, concat_labels
+from vpr_ros.datasets.utm_folder import grid_places, ordered_places
+from vpr_ros.errors import InputError
+
+TRAIN_CITIES = ("trondheim", "london", "boston", "melbourne", "amsterdam", "helsinki", "tokyo",
+                "toronto", "saopaulo", "moscow", "zurich", "paris", "bangkok", "budapest",
+                "austin", "berlin", "ottawa", "phoenix", "goa", "amman", "nairobi", "manila")
+VAL_CITIES = ("cph", "sf")
+
+
+def is_msls_folder(folder: str | Path) -> bool:
+    return (Path(folder) / "postprocessed.csv").is_file()
+
+
+def _read_csv(path: Path, needed: tuple[str, ...]) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise InputError(f"{path}: missing; an MSLS sub-folder holds postprocessed.csv, raw.csv "
+                         "and images/")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        absent = [c for c in needed if c not in (reader.fieldnames or [])]
+        if absent:
+            raise InputError(f"{path}: missing column(s) {absent}; expected at least "
+                             f"{list(needed)} (the official MSLS files)")
+        return list(reader)
+
+
+def read_msls_folder(folder: str | Path, exclude_panos: bool = True
+                     ) -> tuple[list[Path], np.ndarray]:
+    """Images of one ``query/`` or ``database/`` folder and their (N, 2) UTM positions."""
+    d = Path(folder)
+    rows = _read_csv(d / "postprocessed.csv", ("key", "easting", "northing"))
+    panos: set[str] = set()
+    if exclude_panos and (d / "raw.csv").is_file():
+        raw = _read_csv(d / "raw.csv", ("key", "pano"))
+        panos = {r["key"] for r in raw if r["pano"].strip().lower() in ("true", "1")}
+    paths, pos = [], []
+    for i, r in enumerate(rows):
+        if r["key"] in panos:
+            continue
+        try:
+            e, n = float(r["easting"]), float(r["northing"])
+        except ValueError:
+            raise InputError(f"{d / 'postprocessed.csv'}:{i + 2}: easting/northing "
+                             f"{r['easting']!r}/{r['northing']!r} are not numbers") from None
+        paths.append(d / "images" / f"{r['key']}.jpg")
+        pos.append((e, n))
+    return paths, np.array(pos, dtype=np.float64).reshape(-1, 2)
+
+
+def _city_root(root: Path) -> Path:
+    return root / "train_val" if (root / "train_val").is_dir() else root
+
+
+def read_msls(root: str | Path, cities: Iterable[str] | str | None = None, cell_m: float = 10.0,
+              name: str = "msls") -> PlaceSet:
+    """MSLS train/val cities as a PlaceSet (``cities``: names, ``"train"``, ``"val"`` or None
+    for every city folder present)."""
+    base = _city_root(Path(root))
+    if not base.is_dir():
+        raise InputError(f"{root}: no such MSLS folder")
+    present = sorted(p.name for p in base.iterdir() if (p / "database").is_dir())
+    if cities is None or cities == "all":
+        chosen = present
+    elif cities == "train":
+        chosen = [c for c in TRAIN_CITIES if c in present]
+    elif cities == "val":
+        chosen = [c for c in VAL_CITIES if c in present]
+    else:
+        chosen = [cities] if isinstance(cities, str) else list(cities)
+        missing = [c for c in chosen if c not in present]
+        if missing:
+            raise InputError(f"{base}: no city folder(s) {missing}; present: {present}")
+    if not chosen:
+        raise InputError(f"{base}: no MSLS city folders (<city>/database/) found")
+    paths: list[Path] = []
+    keys: list[tuple] = []
+    positions = []
+    for city in chosen:
+        for sub in ("database", "query"):
+            p, pos = read_msls_folder(base / city / sub)
+            paths += p
+            positions.append(pos)
+            keys += grid_places(pos, cell_m, prefix=(city,))
+    labels, _ = concat_labels(keys)
+    return PlaceSet(name=name, source=base, paths=tuple(paths), labels=labels,
+                    place_order=ordered_places(keys, labels),
+                    positions=np.concatenate(positions) if positions else None)
