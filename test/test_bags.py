@@ -15,8 +15,8 @@ import pytest
 
 from vpr_ros.errors import BagError
 from vpr_ros.mapdb.bag_reader import BagReader
-from vpr_ros.mapdb.bag_writer import (NAVSAT_FIX, ODOMETRY, POSE_STAMPED,
-                                      POSE_WITH_COVARIANCE_STAMPED, BagWriter, write_route_bag)
+from vpr_ros.mapdb.bag_writer import (NAVSAT_FIX, POSE_STAMPED, POSE_WITH_COVARIANCE_STAMPED,
+                                      BagWriter, write_route_bag)
 
 S = 1_000_000_000
 T0 = 1_700_000_000 * S

@@ -26,9 +26,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from vpr_ros.errors import BagError, InputError
-from vpr_ros.mapdb.bag_writer import (COMPRESSED_IMAGE, IMAGE, IMAGE_TYPES, NAVSAT_FIX,
-                                      ODOMETRY, POSE_STAMPED, POSE_TYPES,
-                                      POSE_WITH_COVARIANCE_STAMPED, default_typestore)
+from vpr_ros.mapdb.bag_writer import (IMAGE, IMAGE_TYPES, NAVSAT_FIX, POSE_STAMPED, POSE_TYPES,
+                                      default_typestore)
 from vpr_ros.mapdb.poses import PoseTrack, navsat_track
 from vpr_ros.runtime.image_codec import DEFAULT_MAX_PIXELS, decode_compressed, decode_image
 
