@@ -28,8 +28,9 @@ def reference_mask(kfs: list[Keyframe], ex: Exclusion | None) -> np.ndarray:
     for i, kf in enumerate(kfs):
         if kf.session in ex.sessions or i in ex.ids:
             out[i] = True
-        if ex.around_stamp_ns is not None and abs(kf.stamp_ns - ex.around_stamp_ns) <= ex.window_ns \
-                and (ex.window_session is None or kf.session == ex.window_session):
+        in_window = ex.around_stamp_ns is not None \
+            and abs(kf.stamp_ns - ex.around_stamp_ns) <= ex.window_ns
+        if in_window and (ex.window_session is None or kf.session == ex.window_session):
             out[i] = True
     return out
 

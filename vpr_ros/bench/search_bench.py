@@ -76,3 +76,325 @@ def noisy_queries(base: np.ndarray, count: int, noise: float = 0.3,
     q = np.asarray(base[src], dtype=np.float32)
     q = q + rng.standard_normal(q.shape, dtype=np.float32) * (noise / np.sqrt(dim))
     return normalize(q), src
+
+
+# -- real descriptors grown with distractors ----------------------------------------------------
+
+
+def fit_dim(x: np.ndarray, dim: int) -> np.ndarray:
+    """Truncate or zero-pad rows to ``dim`` values, then renormalise."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.shape[1] >= dim:
+        return normalize(x[:, :dim])
+    return normalize(np.pad(x, ((0, 0), (0, dim - x.shape[1]))))
+
+
+def load_descriptor_file(path: Path, dim: int) -> np.ndarray:
+    try:
+        x = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable .npy array ({exc}); pass (N, D) float "
+                         "descriptors saved with numpy.save") from exc
+    if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating) or len(x) < 2:
+        raise InputError(f"{path}: holds {x.dtype} {x.shape}; expected (N, D) float descriptors "
+                         "with N >= 2")
+    x = fit_dim(np.asarray(x), dim)
+    if not np.isfinite(x).all():
+        raise InputError(f"{path}: contains NaN or Inf")
+    return x
+
+
+def distractor_block(real: np.ndarray, j: int, seed: int) -> np.ndarray:
+    """Block ``j`` >= 1 of distractors derived from the real descriptors (see module doc)."""
+    rng = np.random.default_rng([seed, j])
+    if j % 4 == 0:
+        noise = rng.standard_normal(real.shape, dtype=np.float32) / np.sqrt(real.shape[1])
+        return normalize(real + noise)
+    perm = rng.permutation(real.shape[1])
+    signs = rng.choice(np.array([-1.0, 1.0], np.float32), size=real.shape[1])
+    return real[:, perm] * signs
+
+
+@dataclass
+class BenchData:
+    """A database given as deterministic blocks (regenerated per index kind, never held twice)
+    and the queries."""
+
+    kind: str
+    n: int
+    dim: int
+    queries: np.ndarray
+    block: Callable[[int, int], np.ndarray]  # (block number, rows still wanted) -> rows
+    block_rows: int
+    note: str
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        done, j = 0, 0
+        while done < self.n:
+            b = self.block(j, self.n - done)[: self.n - done]
+            done += len(b)
+            j += 1
+            yield b
+
+
+def synthetic_data(n: int, dim: int, queries: int, seed: int = 0,
+                   spread: float = 0.6, noise: float = 0.5) -> BenchData:
+    rows = min(n, max(1024, (64 << 20) // (4 * dim)))
+    clusters = max(1, min(n // 50, 20_000))
+    centres = cluster_centres(dim, clusters, seed)
+
+    def block(j: int, wanted: int = rows) -> np.ndarray:
+        return clustered_block(centres, min(rows, wanted), spread,
+                               np.random.default_rng([seed, 1, j]))
+
+    # Blocks are i.i.d., so query sources drawn from the first block are a fair sample.
+    first = block(0)
+    q, _ = noisy_queries(first, min(queries, len(first)), noise=noise, seed=seed + 2)
+    return BenchData("synthetic", n, dim, q, block, rows,
+                     f"synthetic: {clusters} clusters (spread {spread}), queries = map rows + "
+                     f"noise {noise} (cosine ~{1 / np.sqrt(1 + noise ** 2):.2f})")
+
+
+def real_data(n: int, dim: int, queries: int, descriptors: Path, query_file: Path | None,
+              seed: int = 0) -> BenchData:
+    real = load_descriptor_file(descriptors, dim)
+    if query_file is not None:
+        q = load_descriptor_file(query_file, dim)[:queries]
+        note_q = f"queries: {len(q)} rows of {query_file.name}"
+    else:
+        rng = np.random.default_rng(seed)
+        held = rng.choice(len(real), size=min(queries, len(real) // 2), replace=False)
+        keep = np.setdiff1d(np.arange(len(real)), held)
+        q, real = real[held], real[keep]
+        note_q = f"queries: {len(q)} rows held out of {descriptors.name}"
+
+    def block(j: int, wanted: int) -> np.ndarray:
+        return real if j == 0 else distractor_block(real[:wanted], j, seed)
+
+    return BenchData("real", n, dim, q, block, len(real),
+                     f"real: {len(real)} rows of {descriptors.name} (dim fitted to {dim}), grown "
+                     f"to {n} with distractors (signed-permutation copies; every 4th block "
+                     f"noisy near-duplicates, cosine ~0.71); {note_q}")
+
+
+# -- measurement --------------------------------------------------------------------------------
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    with open("/proc/meminfo") as f:
+        total = int(f.readline().split()[1]) * 1024
+    import faiss
+
+    return {"cpu": model, "cores": cores, "ram_gib": round(total / GIB, 1),
+            "faiss": faiss.__version__, "numpy": np.__version__}
+
+
+@dataclass
+class SearchBenchConfig:
+    dim: int = 4096
+    sizes: Sequence[int] = (100_000,)
+    indexes: Sequence[str] = ("flat:float32", "flat:float16", "binary:float16",
+                              "hnsw:float32", "ivfpq:float32")
+    queries: int = 200
+    latency_queries: int = 50
+    batch: int = 64
+    k: int = 10
+    descriptors: Path | None = None
+    query_file: Path | None = None
+    workdir: Path | None = None
+    seed: int = 0
+    save_load: bool = True
+    memory_fraction: float = 0.8
+    progress: Callable[[str], None] = field(default=lambda msg: None)
+
+
+def parse_index(spec: str) -> tuple[str, str]:
+    kind, _, dtype = spec.partition(":")
+    dtype = dtype or "float32"
+    from vpr_ros.mapdb.index import KINDS
+
+    if kind not in KINDS or dtype not in ("float32", "float16"):
+        raise ConfigError(f"index {spec!r}: expected KIND[:DTYPE] with KIND in {sorted(KINDS)} "
+                          "and DTYPE float32 or float16")
+    return kind, dtype
+
+
+def estimated_bytes(kind: str, dtype: str, n: int, dim: int) -> int:
+    """Peak memory to build and search one map (descriptors + index + fp16 scan copy)."""
+    desc = n * dim * np.dtype(dtype).itemsize
+    extra = {"flat": desc if dtype == "float16" else 0,
+             "hnsw": desc + n * 32 * 2 * 8,
+             "ivfpq": n * 80 + min(n, 50_000) * dim * 4,
+             "binary": n * 64 + 100 * dim * 4}[kind]
+    return desc + extra + 256 * dim * 4 * 64
+
+
+def percentile_ms(samples: Sequence[float], p: float) -> float:
+    return float(np.percentile(np.asarray(samples) * 1e3, p))
+
+
+def too_big(kind: str, dtype: str, n: int, dim: int, fraction: float) -> str | None:
+    """Why a configuration is skipped (it would not fit in available memory), or None."""
+    need = estimated_bytes(kind, dtype, n, dim)
+    avail = available_bytes()
+    if need > fraction * avail:
+        return f"needs ~{need / GIB:.1f} GiB, {avail / GIB:.1f} GiB available"
+    return None
+
+
+def bench_one(data: BenchData, kind: str, dtype: str, cfg: SearchBenchConfig,
+              workdir: Path) -> dict[str, Any]:
+    from vpr_ros.mapdb import Keyframe, PlaceMap
+
+    row: dict[str, Any] = {"index": kind, "dtype": dtype, "n": data.n, "dim": data.dim}
+    why = too_big(kind, dtype, data.n, data.dim, cfg.memory_fraction)
+    if why:
+        row["skipped"] = why
+        return row
+    gc.collect()
+    rss0 = rss_bytes()
+    pm = PlaceMap.create(data.dim, "bench", kind, dtype)
+    t0 = time.perf_counter()
+    done = 0
+    for block in data.blocks():
+        kfs = [Keyframe(session="bench", stamp_ns=done + i) for i in range(len(block))]
+        pm.add(block, kfs)
+        done += len(block)
+        cfg.progress(f"{kind}:{dtype} n={data.n}: built {done}/{data.n}")
+    row["build_s"] = round(time.perf_counter() - t0, 2)
+    row["rss_build_mib"] = round((rss_bytes() - rss0) / 2**20)
+    row["descriptor_mib"] = round(data.n * data.dim * np.dtype(dtype).itemsize / 2**20)
+    if cfg.save_load:
+        path = workdir / f"{kind}-{dtype}-{data.n}-{data.dim}"
+        t0 = time.perf_counter()
+        pm.save(path)
+        row["save_s"] = round(time.perf_counter() - t0, 2)
+        del pm
+        gc.collect()
+        rss0 = rss_bytes()
+        t0 = time.perf_counter()
+        pm = PlaceMap.load(path, expected_fingerprint="bench")
+        row["load_s"] = round(time.perf_counter() - t0, 2)
+    q = data.queries
+    cfg.progress(f"{kind}:{dtype} n={data.n}: exact reference")
+    ref_ids, _ = pm.search_exact(q, cfg.k)
+    for i in range(min(3, len(q))):  # warm-up: page in codes / build lazy scan structures
+        pm.search(q[i: i + 1], cfg.k)
+    cfg.progress(f"{kind}:{dtype} n={data.n}: single-query latency")
+    lat = []
+    for i in range(min(cfg.latency_queries, len(q))):
+        t0 = time.perf_counter()
+        pm.search(q[i: i + 1], cfg.k)
+        lat.append(time.perf_counter() - t0)
+    cfg.progress(f"{kind}:{dtype} n={data.n}: batch throughput")
+    ids = np.empty_like(ref_ids)
+    t0 = time.perf_counter()
+    for s in range(0, len(q), cfg.batch):
+        ids[s: s + cfg.batch] = pm.search(q[s: s + cfg.batch], cfg.k)[0]
+    batch_s = time.perf_counter() - t0
+    row["rss_search_mib"] = round((rss_bytes() - rss0) / 2**20)
+    row["p50_ms"] = round(percentile_ms(lat, 50), 3)
+    row["p99_ms"] = round(percentile_ms(lat, 99), 3)
+    row["batch_qps"] = round(len(q) / batch_s, 1)
+    row["r1_agreement"] = round(float((ids[:, 0] == ref_ids[:, 0]).mean()), 4)
+    row["r10_agreement"] = round(float(np.mean(
+        [len(set(a) & set(b)) / cfg.k for a, b in zip(ids, ref_ids)])), 4)
+    if kind == "flat":
+        scanned = data.n * data.dim * np.dtype(dtype).itemsize
+        row["scan_gb_s"] = float(f"{scanned / (row['p50_ms'] / 1e3) / 1e9:.3g}")
+    row["index_info"] = {k: v for k, v in pm.info()["index"].items() if k != "note"}
+    del pm
+    gc.collect()
+    return row
+
+
+def run_search_bench(cfg: SearchBenchConfig) -> dict[str, Any]:
+    import tempfile
+
+    if cfg.dim < 8:
+        raise ConfigError(f"--dim {cfg.dim} is too small; use e.g. 1024, 4096 or 8192")
+    specs = [parse_index(s) for s in cfg.indexes]
+    results = []
+    notes = {}
+    with tempfile.TemporaryDirectory(prefix="vpr-bench-", dir=cfg.workdir) as tmp:
+        for n in cfg.sizes:
+            reasons = [too_big(kind, dtype, n, cfg.dim, cfg.memory_fraction)
+                       for kind, dtype in specs]
+            if all(reasons):
+                results += [{"index": kind, "dtype": dtype, "n": n, "dim": cfg.dim,
+                             "skipped": why} for (kind, dtype), why in zip(specs, reasons)]
+                continue
+            if cfg.descriptors is not None:
+                data = real_data(n, cfg.dim, cfg.queries, cfg.descriptors, cfg.query_file,
+                                 cfg.seed)
+            else:
+                data = synthetic_data(n, cfg.dim, cfg.queries, cfg.seed)
+            notes[data.kind] = data.note
+            for kind, dtype in specs:
+                cfg.progress(f"{kind}:{dtype} n={n} dim={cfg.dim}")
+                results.append(bench_one(data, kind, dtype, cfg, Path(tmp)))
+    reached = [r["n"] for r in results if "skipped" not in r]
+    return {"machine": machine(), "data": notes,
+            "config": {"dim": cfg.dim, "sizes": list(cfg.sizes), "queries": cfg.queries,
+                       "latency_queries": cfg.latency_queries, "batch": cfg.batch, "k": cfg.k,
+                       "save_load": cfg.save_load},
+            "largest_n": max(reached) if reached else 0, "peak_rss_mib": round(max_rss_mib()),
+            "results": results}
+
+
+COLUMNS = [("index", "index"), ("dtype", "dtype"), ("n", "N"), ("dim", "D"),
+           ("build_s", "build s"), ("rss_build_mib", "build RSS MiB"),
+           ("load_s", "load s"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"),
+           ("batch_qps", "batch q/s"), ("scan_gb_s", "scan GB/s"),
+           ("r1_agreement", "R@1 agr"), ("r10_agreement", "R@10 agr")]
+
+
+def format_table(report: Mapping[str, Any]) -> str:
+    """The report as a Markdown table (one row per index, skipped ones say why)."""
+    lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |",
+             "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    for r in report["results"]:
+        if "skipped" in r:
+            lines.append(f"| {r['index']} | {r['dtype']} | {r['n']} | {r['dim']} | skipped: "
+                         f"{r['skipped']} |")
+            continue
+        lines.append("| " + " | ".join(str(r.get(key, "")) for key, _ in COLUMNS) + " |")
+    m = report["machine"]
+    lines.append("")
+    lines.append(f"machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; faiss "
+                 f"{m['faiss']}, numpy {m['numpy']}")
+    for note in report["data"].values():
+        lines.append(f"data: {note}")
+    lines.append(f"largest N reached: {report['largest_n']}")
+    return "\n".join(lines)
+
+
+def to_json(report: Mapping[str, Any]) -> str:
+    return json.dumps(report, indent=2, sort_keys=False)
+
+
+def max_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -7,8 +7,9 @@ Why a fallback: PQ needs at least 2**nbits training vectors (and k-means wants m
 map that is still small cannot be trained. Until the map reaches ``min_train`` descriptors, search
 is exact (and ``info()`` says so); the first ``add`` that reaches it trains on up to
 ``train_size`` of the map's descriptors and indexes everything. Defaults scale with the map at
-that moment: nlist ~ sqrt(N) (at least 39 training points per list), m = the largest of 64, 32,
-16, ... that divides the dimension into sub-vectors of at least 4 values, nprobe = nlist / 8 (at least 8).
+that moment: nlist ~ sqrt(N) (at least 39 training points per list), m = the largest of 64,
+48, 32, ... that cuts the dimension into sub-vectors of at least 4 values, nprobe = nlist / 8
+(at least 8).
 """
 
 from __future__ import annotations

@@ -1,0 +1,87 @@
+"""`vpr bench ...`: one sub-parser per benchmark (search now; encoder and node join here), each
+a thin layer over a module of ``vpr_ros.bench`` that returns plain figures, printed as a Markdown
+table or, with ``--json``, as JSON for scripts."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from vpr_ros.errors import ConfigError
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v.replace("_", "")) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers")
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers, e.g. 100000,1000000")
+    return values
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    bench = subparsers.add_parser("bench", help="benchmarks (search, ...)",
+                                  description="Measure a piece of vpr_ros on this machine.")
+    sub = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    sub.required = True
+    register_search(sub)
+
+
+def register_search(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "search", help="map search: build time, memory, latency, throughput, agreement",
+        description="Build a map per index kind and measure build time, memory, single-query "
+        "p50/p99 latency, batch throughput and R@1/R@10 agreement with exact search. With "
+        "--descriptors, real descriptors are grown to N with distractors (the target case); "
+        "otherwise synthetic clustered data is used.")
+    p.add_argument("--dim", type=int, default=4096, help="descriptor dim (default 4096)")
+    p.add_argument("--n", type=_int_list, default=[100_000], metavar="N[,N...]",
+                   help="map sizes (default 100000); sizes that do not fit in memory are "
+                   "reported as skipped")
+    p.add_argument("--index", dest="indexes", default="flat:float32,flat:float16,"
+                   "binary:float16,hnsw:float32,ivfpq:float32", metavar="KIND[:DTYPE],...",
+                   help="index kinds and storage dtypes to measure (default: %(default)s)")
+    p.add_argument("--queries", type=int, default=200,
+                   help="queries for agreement and throughput (default 200)")
+    p.add_argument("--latency-queries", type=int, default=50,
+                   help="single queries timed for p50/p99 (default 50)")
+    p.add_argument("--batch", type=int, default=64, help="batch size for throughput")
+    p.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    p.add_argument("--descriptors", type=Path, metavar="FILE.npy",
+                   help="real L2-normalised descriptors (N, D) of map images")
+    p.add_argument("--queries-file", type=Path, metavar="FILE.npy",
+                   help="real query descriptors (default: rows held out of --descriptors)")
+    p.add_argument("--workdir", type=Path, help="where saved maps go (default: system temp)")
+    p.add_argument("--no-save-load", action="store_true",
+                   help="search the map as built in memory instead of saved and re-loaded")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run_search)
+
+
+def run_search(args: argparse.Namespace) -> int:
+    from vpr_ros.bench.search_bench import (SearchBenchConfig, format_table, run_search_bench,
+                                            to_json)
+
+    if args.queries_file is not None and args.descriptors is None:
+        raise ConfigError("--queries-file needs --descriptors (the map's real descriptors)")
+    for name in ("queries", "latency_queries", "batch", "k"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+
+    def progress(msg: str) -> None:
+        print(f"\r\033[K{msg}", end="", file=sys.stderr, flush=True) if sys.stderr.isatty() \
+            else None
+
+    cfg = SearchBenchConfig(
+        dim=args.dim, sizes=args.n, indexes=[s for s in args.indexes.split(",") if s],
+        queries=args.queries, latency_queries=args.latency_queries, batch=args.batch, k=args.k,
+        descriptors=args.descriptors, query_file=args.queries_file, workdir=args.workdir,
+        seed=args.seed, save_load=not args.no_save_load, progress=progress)
+    report = run_search_bench(cfg)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    print(to_json(report) if args.json else format_table(report))
+    return 0
