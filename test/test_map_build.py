@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vpr_ros.errors import BagError, ConfigError, MapError
+from vpr_ros.errors import BagError, ConfigError, MapError, MapMismatchError
 from vpr_ros.mapdb.bag_writer import NAVSAT_FIX, BagWriter, write_route_bag
 from vpr_ros.mapdb.build import (BuildConfig, build_config_from_mapping, build_map,
                                  load_build_config)
@@ -185,6 +185,19 @@ def test_existing_output_is_refused_unless_appending(tmp_path: Path) -> None:
                            pose_topic="/odom", append=True)
     assert summary.map_size == 4
     assert PlaceMap.load(tmp_path / "map").info()["sessions"] == {"run1": 2, "run2": 2}
+
+
+def test_appending_with_another_model_is_refused(tmp_path: Path) -> None:
+    build_map(straight_route(tmp_path / "run1", n=5), "/camera/image_raw", ThumbnailEncoder(),
+              tmp_path / "map")
+
+    class OtherModel(ThumbnailEncoder):
+        fingerprint = "some-other-model"
+
+    with pytest.raises(MapMismatchError, match="fingerprint"):
+        build_map(straight_route(tmp_path / "run2", n=5), "/camera/image_raw", OtherModel(),
+                  tmp_path / "map", append=True)
+    assert PlaceMap.load(tmp_path / "map").sessions() == ["run1"]
 
 
 def test_batch_size_does_not_change_the_map(tmp_path: Path) -> None:

@@ -182,6 +182,9 @@ def build_map(bag: str | Path, image_topic: str,
     instead of after loading a model. ``out`` is where the map is saved atomically (None: not
     saved). An existing map at ``out`` is refused unless ``append`` is set, in which case this
     bag becomes a new session of it (its model fingerprint must match the encoder's).
+
+    Each keyframe's ``frame_id`` names the frame its position is in: the pose topic's header
+    frame (``local_enu`` for NavSatFix), or the camera frame for a keyframe without a pose.
     """
     from vpr_ros.mapdb.keyframe import Keyframe
 
