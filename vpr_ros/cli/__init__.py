@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "vpr_ros.cli.model_cmd",
     "vpr_ros.cli.map_cmd",
     "vpr_ros.cli.bag_cmd",
+    "vpr_ros.cli.bench_cmd",
 ]
 
 
