@@ -204,7 +204,7 @@ def test_rate_4_plays_faster(ros_env: dict[str, str], bag: Path, listener: Liste
     got = sorted(listener.wait_for(start, 3 * N_IMAGES), key=lambda r: r["t"])
     assert len(got) == 3 * N_IMAGES
     # Nominally 0.95 s / 4 = 0.24 s; loose bounds so a loaded machine does not make it flaky.
-    assert _span(got) < 1.0 and _span(got) < _RATE1_SPAN[0] / 2
+    assert _span(got) < 1.0 and _span(got) < 0.7 * _RATE1_SPAN[0]
     images = [r["stamp"] for r in got if r["topic"] == "/camera/image_raw"]
     assert images == sorted(images)
 
