@@ -18,6 +18,7 @@ from vpr_ros.errors import VPRError
 # Subcommand modules, in the order `vpr --help` lists them.
 COMMAND_MODULES = [
     "vpr_ros.cli.model_cmd",
+    "vpr_ros.cli.train_cmd",
     "vpr_ros.cli.map_cmd",
     "vpr_ros.cli.bag_cmd",
     "vpr_ros.cli.bench_cmd",
