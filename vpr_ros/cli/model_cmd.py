@@ -27,13 +27,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     info.set_defaults(func=_info)
 
     imp = msub.add_parser("import", help="official checkpoints -> model directory")
-    imp.add_argument("format", choices=["qaa-hf", "dinov2"],
+    imp.add_argument("format", choices=["qaa-hf", "dinov2", "boq"],
                      help="qaa-hf: QAA release folder (config.json + model.safetensors); "
-                          "dinov2: official DINOv2 .pth backbone + --config for the aggregator")
+                          "dinov2: official DINOv2 .pth backbone + --config for the aggregator; "
+                          "boq: official BoQ DINOv2 release .pth (dinov2_12288.pth)")
     imp.add_argument("src", help="release folder or weight file")
     imp.add_argument("-o", "--output", required=True, help="model directory to write")
     imp.add_argument("--config", help="(dinov2) model config YAML naming the aggregator")
-    imp.add_argument("--size", type=int, default=322, help="(qaa-hf) test input size, px")
+    imp.add_argument("--size", type=int, default=322,
+                     help="(qaa-hf, boq) test input size, px")
     imp.set_defaults(func=_import)
 
 
@@ -82,6 +84,13 @@ def _import(args: argparse.Namespace) -> int:
         model = import_qaa_release(args.src, input_size=args.size)
         save_model_dir(model, args.output, extra={"imported_from": str(args.src),
                                                   "format": "qaa-hf"})
+        meta = read_model_meta(args.output)
+    elif args.format == "boq":
+        from vpr_ros.models.official_boq import import_boq
+
+        model = import_boq(args.src, input_size=args.size)
+        save_model_dir(model, args.output, extra={"imported_from": str(args.src),
+                                                  "format": "boq"})
         meta = read_model_meta(args.output)
     else:
         if not args.config:
