@@ -1,0 +1,47 @@
+"""``vpr demo``: the main job end to end (see :mod:`vpr_ros.demo.run`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo", help="run the whole pipeline end to end (built-in scenario or your bag)",
+        description="Record (or take) a route, build a map with `vpr map build`, run the real "
+        "vpr_node fed by `vpr bag play` in localization and loop-closure modes, and report "
+        "accuracy, loop-closure precision, latency and plots.")
+    p.add_argument("-o", "--out", default="vpr_demo_out", help="output folder (default "
+                   "./vpr_demo_out)")
+    p.add_argument("--model", help="model directory (default: pretrained EfficientNet-Lite0 + "
+                   "GeM made on the fly)")
+    p.add_argument("--bag", help="your own rosbag2 recording instead of the built-in scenario")
+    p.add_argument("--map-bag", help="with --bag: build the map from this bag (default: --bag)")
+    p.add_argument("--image-topic", default="/camera/image_raw", help="with --bag: image topic")
+    p.add_argument("--pose-topic", default=None, help="with --bag: odometry/pose topic (ground "
+                   "truth for the report, keyframe poses for the map)")
+    p.add_argument("--compressed", action="store_true", help="images as CompressedImage "
+                   "(built-in scenario: record JPEG; your bag: the topic is compressed)")
+    p.add_argument("--storage", choices=["sqlite3", "mcap"], default="sqlite3",
+                   help="rosbag2 storage of the built-in recordings")
+    p.add_argument("--rate", type=float, default=2.0, help="bag playback speed (default 2)")
+    p.add_argument("--backend", default="auto", help="node encoder backend (default auto)")
+    p.add_argument("--radius", type=float, default=5.0,
+                   help="a match is correct within this many metres of ground truth")
+    p.add_argument("--quick", action="store_true", help="a smaller built-in scenario")
+    p.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from vpr_ros.demo.run import DemoOptions, run_demo
+
+    run_demo(DemoOptions(
+        out=Path(args.out), model=Path(args.model) if args.model else None,
+        bag=Path(args.bag) if args.bag else None,
+        map_bag=Path(args.map_bag) if args.map_bag else None,
+        image_topic=args.image_topic,
+        pose_topic=args.pose_topic if args.bag else "/odom",
+        rate=args.rate, storage=args.storage, compressed=args.compressed,
+        correct_radius_m=args.radius, backend=args.backend, quick=args.quick))
+    return 0

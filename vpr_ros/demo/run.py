@@ -1,0 +1,455 @@
+"""``vpr demo``: the whole system, end to end, as a robot would run it.
+
+1. Record: the built-in scenario (a rendered route driven twice, dusk on lap 2) is written as
+   real rosbags — or the user's own bag is used.
+2. Model: a model directory (default: pretrained EfficientNet-Lite0 + GeM, which ships with
+   the environment; any model directory can be passed).
+3. Map: ``vpr map build`` on lap 1 (a subprocess, exactly the mapper's command).
+4. Relocalization: the real ``vpr_node`` (subprocess, rclpy over DDS on loopback) in
+   localization mode is fed lap 2 by ``vpr bag play``; what it publishes is collected from
+   the wire and compared with ground truth.
+5. Loop closure: the node in loop-closure mode (live map, odometry poses) is fed the whole run;
+   its closures are checked against ground truth.
+6. Report: a printed summary, ``report.json`` and plots (route with matches, PR curve).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from vpr_ros.errors import ConfigError, VPRError
+
+GroundTruth = Callable[[int], Optional[tuple[float, float]]]
+
+
+@dataclass
+class DemoOptions:
+    out: Path
+    model: Optional[Path] = None
+    bag: Optional[Path] = None           # the user's own recording (replaces the scenario)
+    map_bag: Optional[Path] = None       # user mode: bag to build the map from (default: bag)
+    image_topic: str = "/camera/image_raw"
+    pose_topic: Optional[str] = "/odom"
+    rate: float = 2.0
+    storage: str = "sqlite3"
+    compressed: bool = False
+    correct_radius_m: float = 5.0
+    backend: str = "auto"
+    quick: bool = False                  # a shorter scenario (tests)
+    log: Callable[[str], None] = field(default=print)
+
+
+# ------------------------------------------------------------------------------ subprocesses
+
+def _exe(name: str) -> str:
+    """An entry point of this installation (beside the interpreter), else from PATH."""
+    here = Path(sys.executable).with_name(name)
+    if here.exists():
+        return str(here)
+    found = shutil.which(name)
+    if not found:
+        raise ConfigError(f"the `{name}` command is not installed; run `pip install -e .` in the "
+                          "project (or `make demo`, which does it)")
+    return found
+
+
+def _env() -> dict[str, str]:
+    from vpr_ros._bootstrap import env_with_ros_libs
+
+    env = env_with_ros_libs()
+    # The demo's DDS traffic stays on this machine.
+    env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _run(cmd: Sequence[str], log_path: Path, timeout_s: float) -> None:
+    with open(log_path, "w") as log:
+        proc = subprocess.run(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=_env(),
+                              timeout=timeout_s)
+    if proc.returncode != 0:
+        tail = log_path.read_text()[-2000:]
+        raise VPRError(f"`{' '.join(cmd[:3])} ...` failed (exit {proc.returncode}); log "
+                       f"{log_path}:\n{tail}")
+
+
+class _NodeProcess:
+    """``vpr_node`` as a subprocess with autostart, stopped with SIGINT like Ctrl-C."""
+
+    def __init__(self, params_file: Path, params: dict[str, Any], remaps: dict[str, str],
+                 log_path: Path) -> None:
+        cmd = [_exe("vpr_node"), "--ros-args", "--params-file", str(params_file)]
+        for k, v in {**params, "autostart": True}.items():
+            value = str(v).lower() if isinstance(v, bool) else str(v)
+            cmd += ["-p", f"{k}:={value}"]
+        for k, v in remaps.items():
+            cmd += ["-r", f"{k}:={v}"]
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=_env())
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise VPRError(f"vpr_node exited with {self.proc.returncode}; log {self.log_path}:\n"
+                           + self.log_path.read_text()[-2000:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def _drive_node(opts: DemoOptions, params_file: Path, params: dict[str, Any],
+                remaps: dict[str, str], bag: Path, topics: Sequence[str], name: str
+                ) -> tuple[Any, dict[str, str]]:
+    """Start the node, wait until active, play the bag into it, wait until it has caught up;
+    return what was collected from the wire and the node's last diagnostics."""
+    from vpr_ros.ros.output_collector import OutputCollector
+
+    collector = OutputCollector("vpr_node")
+    node = _NodeProcess(params_file, params, remaps, opts.out / f"{name}_node.log")
+    try:
+        deadline = time.monotonic() + 300
+        while collector.diagnostics().get("lifecycle_state") != "active":
+            node.check_alive()
+            if time.monotonic() > deadline:
+                raise VPRError(f"vpr_node did not become active in 300 s; see {node.log_path}")
+            time.sleep(0.3)
+        opts.log(f"  vpr_node active ({collector.diagnostics().get('backend')}); playing "
+                 f"{bag.name} at rate {opts.rate:g}")
+        _run([_exe("vpr"), "bag", "play", str(bag), "--rate", str(opts.rate),
+              "--wait-subscribers", "30", "--topics", *topics],
+             opts.out / f"{name}_play.log", timeout_s=3600)
+
+        def caught_up(c: Any) -> bool:
+            d = c.diagnostics()
+            done = sum(int(d.get(k, 0)) for k in ("frames_processed", "frames_dropped",
+                                                   "errors_total"))
+            return int(d.get("frames_received", -1)) <= done
+        time.sleep(1.5)  # at least one fresh diagnostics period after the last frame
+        collector.wait_for(caught_up, timeout_s=120)
+        time.sleep(1.2)
+        node.check_alive()
+        return collector.data, collector.diagnostics()
+    finally:
+        node.stop()
+        collector.close()
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+def _within(gt: GroundTruth, stamp_a: int, xy_b: tuple[float, float], radius: float
+            ) -> Optional[bool]:
+    a = gt(stamp_a)
+    if a is None:
+        return None
+    return math.hypot(a[0] - xy_b[0], a[1] - xy_b[1]) <= radius
+
+
+def evaluate_relocalization(data: Any, gt: GroundTruth, radius: float) -> dict[str, Any]:
+    errors = []
+    for r in data.relocalizations:
+        a = gt(r["stamp_ns"])
+        if a is not None:
+            errors.append(math.hypot(a[0] - r["x"], a[1] - r["y"]))
+    top1 = []
+    for stamp, arr in data.candidates:
+        if len(arr) and np.isfinite(arr["x"][0]):
+            ok = _within(gt, stamp, (float(arr["x"][0]), float(arr["y"][0])), radius)
+            if ok is not None:
+                top1.append(ok)
+    e = np.asarray(errors)
+    return {"relocalizations": len(data.relocalizations),
+            "median_error_m": float(np.median(e)) if e.size else None,
+            "p90_error_m": float(np.percentile(e, 90)) if e.size else None,
+            "within_radius": float((e <= radius).mean()) if e.size else None,
+            "frames_with_candidates": len(top1),
+            "top1_within_radius": float(np.mean(top1)) if top1 else None}
+
+
+def evaluate_loop_closures(data: Any, gt: GroundTruth, radius: float) -> dict[str, Any]:
+    correct = []
+    for c in data.loop_closures:
+        q = gt(int(round(c["query_stamp_s"] * 1e9)))
+        m = gt(int(round(c["match_stamp_s"] * 1e9)))
+        if q is not None and m is not None:
+            correct.append(math.hypot(q[0] - m[0], q[1] - m[1]) <= radius)
+    return {"loop_closures": len(data.loop_closures),
+            "precision": float(np.mean(correct)) if correct else None,
+            "checked": len(correct)}
+
+
+def pr_curve(data: Any, gt: GroundTruth, radius: float, revisits: Callable[[int], bool]
+             ) -> dict[str, list[float]]:
+    """Precision/recall of the top-1 candidate over score thresholds (single frames, before
+    the detector's temporal consistency): what the threshold parameter trades off."""
+    scored = []
+    positives = 0
+    for stamp, arr in data.candidates:
+        has_revisit = revisits(stamp)
+        positives += int(has_revisit)
+        if len(arr) and np.isfinite(arr["x"][0]):
+            ok = _within(gt, stamp, (float(arr["x"][0]), float(arr["y"][0])), radius)
+            if ok is not None:
+                scored.append((float(arr["score"][0]), bool(ok)))
+    if not scored or positives == 0:
+        return {"threshold": [], "precision": [], "recall": []}
+    scores = np.array([s for s, _ in scored])
+    ok = np.array([c for _, c in scored])
+    ths = np.unique(np.quantile(scores, np.linspace(0, 1, 41)))
+    prec, rec = [], []
+    for t in ths:
+        sel = scores >= t
+        tp = int((ok & sel).sum())
+        prec.append(tp / max(1, int(sel.sum())))
+        rec.append(tp / positives)
+    return {"threshold": ths.tolist(), "precision": prec, "recall": rec}
+
+
+# ------------------------------------------------------------------------------ plots
+
+def plot_results(out: Path, map_xy: np.ndarray, gt_xy: np.ndarray, reloc_pairs: list,
+                 loop_pairs: list, pr: dict[str, list[float]]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 6))
+    if len(gt_xy):
+        ax.plot(gt_xy[:, 0], gt_xy[:, 1], color="0.75", lw=1, label="query run (ground truth)")
+    if len(map_xy):
+        ax.scatter(map_xy[:, 0], map_xy[:, 1], s=6, color="tab:blue", label="map keyframes")
+    for (q, m, ok) in reloc_pairs:
+        ax.plot([q[0], m[0]], [q[1], m[1]], color="tab:green" if ok else "tab:red", lw=0.8)
+    for (q, m, ok) in loop_pairs:
+        ax.plot([q[0], m[0]], [q[1], m[1]], color="tab:purple" if ok else "tab:orange",
+                lw=0.8, ls="--")
+    ax.plot([], [], color="tab:green", label="relocalization (correct)")
+    ax.plot([], [], color="tab:red", label="relocalization (wrong)")
+    ax.plot([], [], color="tab:purple", ls="--", label="loop closure (correct)")
+    ax.plot([], [], color="tab:orange", ls="--", label="loop closure (wrong)")
+    ax.set_aspect("equal")
+    ax.set_xlabel("x [m]")
+    ax.set_ylabel("y [m]")
+    ax.set_title("vpr demo: map, query route and matches")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    paths.append(out / "route_matches.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    if pr["recall"]:
+        ax.plot(pr["recall"], pr["precision"], marker=".", color="tab:blue")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title("loop-closure candidates: top-1 precision/recall")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out / "pr_curve.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+# ------------------------------------------------------------------------------ the demo
+
+def _default_model(out: Path, log: Callable[[str], None]) -> Path:
+    from vpr_ros.models.model_dir import create_model_dir
+    from vpr_ros.resources import config_file
+
+    model = out / "model"
+    if not (model / "model.json").is_file():
+        meta = create_model_dir(config_file("models", "gem_effnetlite0.yaml"), model)
+        log(f"  model: {meta.config.name} ({meta.descriptor_dim}-D, ImageNet EfficientNet-Lite0 "
+            "from its pip package, no training needed)")
+    return model
+
+
+def _bag_ground_truth(bag: Path, pose_topic: str) -> tuple[GroundTruth, np.ndarray]:
+    from vpr_ros.mapdb.bag_reader import BagReader
+    from vpr_ros.mapdb.poses import interpolate
+
+    with BagReader(bag) as reader:
+        track = reader.poses(pose_topic)
+
+    def at(stamp_ns: int) -> Optional[tuple[float, float]]:
+        pose = interpolate(track, stamp_ns, max_gap_s=1.0)
+        return None if pose is None else (float(pose.position[0]), float(pose.position[1]))
+    xy = np.asarray(track.positions)[:, :2] if len(track) else np.zeros((0, 2))
+    return at, xy
+
+
+def run_demo(opts: DemoOptions) -> dict[str, Any]:
+    """Run every stage; return the report (also written to ``out/report.json``)."""
+    from vpr_ros.mapdb.place_map import PlaceMap
+    from vpr_ros.resources import config_file
+
+    t0 = time.monotonic()
+    out = opts.out.resolve()
+    opts.out = out
+    out.mkdir(parents=True, exist_ok=True)
+    log = opts.log
+    log(f"vpr demo: writing everything to {out}")
+    model = opts.model.resolve() if opts.model else _default_model(out, log)
+
+    # 1. recordings and ground truth
+    if opts.bag is None:
+        from vpr_ros.demo.record import IMAGE_TOPIC, ODOM_TOPIC, read_ground_truth, \
+            record_scenario
+        from vpr_ros.demo.scenario import ScenarioConfig
+
+        cfg = ScenarioConfig(block_length_m=36.0, block_width_m=24.0) if opts.quick \
+            else ScenarioConfig()
+        log("[1/5] rendering the built-in route (2 laps, dusk on lap 2) into rosbags ...")
+        rec = record_scenario(out / "bags", cfg, storage=opts.storage, compressed=opts.compressed)
+        truth = read_ground_truth(rec.ground_truth)
+        map_bag, query_bag, full_bag = rec.lap1, rec.lap2, rec.full
+        image_topic, pose_topic = IMAGE_TOPIC, ODOM_TOPIC
+        log(f"  lap 1: {rec.frames_per_lap[0]} frames, lap 2: {rec.frames_per_lap[1]} frames "
+            f"({opts.storage})")
+
+        def gt(stamp_ns: int) -> Optional[tuple[float, float]]:
+            row = truth.get(stamp_ns)
+            return None if row is None else (row[1], row[2])
+        query_xy = np.array([(r[1], r[2]) for r in truth.values() if r[0] == 2])
+        scenario = True
+    else:
+        if not opts.pose_topic:
+            raise ConfigError("with --bag, give --pose-topic: the report compares the node's "
+                              "output with the bag's own poses")
+        map_bag, query_bag, full_bag = (opts.map_bag or opts.bag), opts.bag, opts.bag
+        image_topic, pose_topic = opts.image_topic, opts.pose_topic
+        log(f"[1/5] using your recording {opts.bag} (map from {map_bag})")
+        gt, query_xy = _bag_ground_truth(query_bag, pose_topic)
+        scenario = False
+
+    # 2. map from the mapping run
+    log("[2/5] building the map with `vpr map build` ...")
+    map_dir = out / "map"
+    if map_dir.exists():
+        shutil.rmtree(map_dir)
+    _run([_exe("vpr"), "map", "build", str(map_bag), "--image-topic", image_topic,
+          "--pose-topic", pose_topic, "--model", str(model), "-o", str(map_dir), "--no-progress"],
+         out / "map_build.log", timeout_s=3600)
+    place_map = PlaceMap.load(map_dir)
+    map_kfs = place_map.keyframes(range(len(place_map)))
+    map_xy = np.array([k.position[:2] for k in map_kfs if k.position is not None])
+    log(f"  {len(place_map)} keyframes")
+
+    common = {"model": str(model), "backend": opts.backend,
+              "image_transport": "compressed" if opts.compressed else "raw"}
+    # 3. relocalization in the prebuilt map
+    log("[3/5] vpr_node in localization mode, fed the revisit by `vpr bag play` ...")
+    loc_data, loc_diag = _drive_node(
+        opts, config_file("vpr_localization.yaml"),
+        {**common, "map": str(map_dir), "relocalization.one_shot": False},
+        {"image": image_topic}, query_bag, [image_topic], "localization")
+    reloc = evaluate_relocalization(loc_data, gt, opts.correct_radius_m)
+
+    # 4. loop closure within one run
+    log("[4/5] vpr_node in loop-closure mode over the whole run ...")
+    lc_data, lc_diag = _drive_node(
+        opts, config_file("vpr_loop_closure.yaml"),
+        {**common, "pose_type": "odometry", "map_index": "flat"},
+        {"image": image_topic, "odometry": pose_topic}, full_bag, [image_topic, pose_topic],
+        "loop_closure")
+    loops = evaluate_loop_closures(lc_data, gt, opts.correct_radius_m)
+    if scenario:
+        lap2_start = min(s for s, r in truth.items() if r[0] == 2)
+        revisits: Callable[[int], bool] = lambda s: s >= lap2_start  # noqa: E731
+    else:
+        revisits = lambda s: True  # noqa: E731
+    pr = pr_curve(lc_data, gt, opts.correct_radius_m, revisits)
+
+    # 5. report
+    log("[5/5] report and plots ...")
+    reloc_pairs = []
+    for r in loc_data.relocalizations:
+        q = gt(r["stamp_ns"])
+        if q is not None:
+            reloc_pairs.append((q, (r["x"], r["y"]),
+                                math.hypot(q[0] - r["x"], q[1] - r["y"]) <= opts.correct_radius_m))
+    loop_pairs = []
+    for c in lc_data.loop_closures:
+        q, m = gt(int(round(c["query_stamp_s"] * 1e9))), gt(int(round(c["match_stamp_s"] * 1e9)))
+        if q is not None and m is not None:
+            loop_pairs.append((q, m, math.hypot(q[0] - m[0], q[1] - m[1]) <= opts.correct_radius_m))
+    plots = plot_results(out, map_xy, query_xy, reloc_pairs, loop_pairs, pr)
+
+    def lat(diag: dict[str, str]) -> dict[str, float]:
+        keys = ("encode_p50", "encode_p95", "total_p50", "total_p95")
+        return {k + "_ms": float(diag.get(f"latency_{k}_ms", "nan")) for k in keys}
+    report = {
+        "output_dir": str(out), "model": str(model), "map": str(map_dir),
+        "map_keyframes": len(place_map), "correct_radius_m": opts.correct_radius_m,
+        "relocalization": {**reloc, "frames_received": int(loc_diag.get("frames_received", 0)),
+                           "frames_processed": int(loc_diag.get("frames_processed", 0)),
+                           "frames_dropped": int(loc_diag.get("frames_dropped", 0)),
+                           "errors": int(loc_diag.get("errors_total", 0)),
+                           "backend": loc_diag.get("backend", ""), "latency": lat(loc_diag)},
+        "loop_closure": {**loops, "frames_processed": int(lc_diag.get("frames_processed", 0)),
+                         "keyframes_inserted": int(lc_diag.get("keyframes_inserted", 0)),
+                         "latency": lat(lc_diag)},
+        "pr_curve": pr, "plots": [str(p) for p in plots],
+        "wall_time_s": round(time.monotonic() - t0, 1),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    log(format_report(report))
+    return report
+
+
+def _pct(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{100 * v:.0f}%"
+
+
+def _m(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{v:.1f} m"
+
+
+def format_report(r: dict[str, Any]) -> str:
+    rl, lc = r["relocalization"], r["loop_closure"]
+    rad = r["correct_radius_m"]
+    lines = [
+        "",
+        "== vpr demo report ==",
+        f"map            {r['map_keyframes']} keyframes  ({r['map']})",
+        f"relocalization {rl['frames_processed']} of {rl['frames_received']} frames processed "
+        f"({rl['frames_dropped']} dropped, {rl['errors']} errors), backend {rl['backend']}",
+        f"               {rl['relocalizations']} poses published; error median "
+        f"{_m(rl['median_error_m'])}, p90 {_m(rl['p90_error_m'])}; "
+        f"{_pct(rl['within_radius'])} within {rad:g} m",
+        f"               top-1 candidate within {rad:g} m on {_pct(rl['top1_within_radius'])} "
+        f"of {rl['frames_with_candidates']} frames",
+        f"loop closure   {lc['loop_closures']} closures published, precision "
+        f"{_pct(lc['precision'])} (within {rad:g} m of ground truth); "
+        f"{lc['keyframes_inserted']} live keyframes",
+        f"latency        encode p50 {rl['latency']['encode_p50_ms']:.1f} ms / p95 "
+        f"{rl['latency']['encode_p95_ms']:.1f} ms; total p50 {rl['latency']['total_p50_ms']:.1f}"
+        f" ms / p95 {rl['latency']['total_p95_ms']:.1f} ms",
+        f"plots          {', '.join(Path(p).name for p in r['plots'])}",
+        f"everything in  {r['output_dir']}  (report.json, logs, bags, map)",
+        f"wall time      {r['wall_time_s']:.0f} s",
+    ]
+    return "\n".join(lines)
