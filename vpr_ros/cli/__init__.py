@@ -19,6 +19,7 @@ from vpr_ros.errors import VPRError
 COMMAND_MODULES = [
     "vpr_ros.cli.model_cmd",
     "vpr_ros.cli.train_cmd",
+    "vpr_ros.cli.eval_cmd",
     "vpr_ros.cli.map_cmd",
     "vpr_ros.cli.bag_cmd",
     "vpr_ros.cli.bench_cmd",

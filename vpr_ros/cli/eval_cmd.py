@@ -1,0 +1,124 @@
+"""``vpr eval recall|loop``: retrieval Recall@K and loop-closure precision/recall."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _ks(text: str) -> list[int]:
+    try:
+        ks = [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers") from None
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: K values must be >= 1")
+    return ks
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a model: Recall@K, loop-closure PR")
+    esub = p.add_subparsers(dest="eval_command", metavar="KIND")
+    esub.required = True
+
+    r = esub.add_parser("recall", help="Recall@K of queries against a database",
+                        description="Encode database and query images with the model, search "
+                        "them through a map of the chosen index kind (what the node does), and "
+                        "report Recall@K. Folders: UTM-named images (@east@north@...), MSLS "
+                        "query/database folders, or index-aligned folders (Nordland; "
+                        "nordland:summer names the shared data).")
+    r.add_argument("--model", required=True, help="model directory")
+    r.add_argument("--database", required=True, help="database folder")
+    r.add_argument("--queries", required=True, help="query folder")
+    gt = r.add_mutually_exclusive_group()
+    gt.add_argument("--threshold-m", type=float,
+                    help="positioned images: a result within this many metres is correct "
+                         "(default 25)")
+    gt.add_argument("--tolerance", type=int,
+                    help="index-aligned folders: database image i+-N is correct for query i")
+    r.add_argument("--subset", metavar="START:END",
+                   help="index-aligned folders: evaluate only this block of the route "
+                        "(fractions, e.g. 0.6:1.0 for the last 40%%)")
+    r.add_argument("--index", default="flat", choices=["flat", "hnsw", "ivfpq", "binary"],
+                   help="map index kind to search through (default flat = exact)")
+    r.add_argument("--k", type=_ks, default=[1, 5, 10, 20], help="K values (default 1,5,10,20)")
+    r.add_argument("--plot-dir", help="write recall_at_k.png and examples.png here")
+    r.add_argument("--batch-size", type=int, default=32)
+    r.add_argument("--device", default="cpu", help="cpu or cuda")
+    r.add_argument("--backend", default="torch",
+                   help="encoder backend (torch; others as vpr_ros.runtime provides them)")
+    r.add_argument("--output", help="also write the JSON result to this file")
+    r.add_argument("--json", action="store_true", help="print the result as JSON")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(func=_recall)
+
+    lp = esub.add_parser("loop", help="loop-closure precision/recall on a sequence",
+                         description="Replay the node's loop-closure detector over a sequence "
+                         "with ground-truth positions (CSV image,stamp_ns,x,y[,z], or a folder "
+                         "of UTM-named images in time order) at many thresholds; report "
+                         "recall at 100%% precision and the PR AUC.")
+    lp.add_argument("--model", required=True, help="model directory")
+    lp.add_argument("--sequence", required=True, help="sequence CSV or UTM-named image folder")
+    lp.add_argument("--gt-distance-m", type=float, default=25.0,
+                    help="a closure is correct within this distance (default 25)")
+    lp.add_argument("--loop-config", help="YAML with LoopClosureConfig values (or a "
+                    "'loop_closure' section)")
+    lp.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                    help="override one LoopClosureConfig value (repeatable)")
+    lp.add_argument("--use-poses", action="store_true",
+                    help="give the detector the sequence positions as odometry")
+    lp.add_argument("--period-s", type=float, default=1.0,
+                    help="image folders: seconds between frames (default 1)")
+    lp.add_argument("--index", default="flat", choices=["flat", "hnsw", "ivfpq", "binary"])
+    lp.add_argument("--k", type=int, default=10, help="candidates per query (default 10)")
+    lp.add_argument("--thresholds", type=int, default=50, help="thresholds swept (default 50)")
+    lp.add_argument("--plot-dir", help="write pr_curve.png here")
+    lp.add_argument("--batch-size", type=int, default=32)
+    lp.add_argument("--device", default="cpu")
+    lp.add_argument("--backend", default="torch", help="encoder backend")
+    lp.add_argument("--output", help="also write the JSON result to this file")
+    lp.add_argument("--json", action="store_true", help="print the result as JSON")
+    lp.add_argument("--no-progress", action="store_true")
+    lp.set_defaults(func=_loop)
+
+
+def _emit(result: dict, args: argparse.Namespace, text: str) -> None:
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2) if args.json else text)
+
+
+def _recall(args: argparse.Namespace) -> int:
+    from vpr_ros.eval.tasks import recall_eval
+
+    res = recall_eval(args.model, args.database, args.queries, threshold_m=args.threshold_m,
+                      tolerance=args.tolerance, index=args.index, ks=args.k,
+                      subset=args.subset, plot_dir=args.plot_dir, batch_size=args.batch_size,
+                      device=args.device, backend=args.backend,
+                      progress=not args.no_progress)
+    figures = "  ".join(f"{k} {100 * v:.2f}" for k, v in res["recall"].items())
+    text = (f"{figures}   ({res['num_queries']} queries, {res['num_database']} database images, "
+            f"{res['ground_truth']}, index {res['index']})")
+    if res.get("plots"):
+        text += "\nplots: " + ", ".join(res["plots"])
+    _emit(res, args, text)
+    return 0
+
+
+def _loop(args: argparse.Namespace) -> int:
+    from vpr_ros.eval.tasks import loop_eval
+
+    res = loop_eval(args.model, args.sequence, gt_distance_m=args.gt_distance_m,
+                    loop_config_path=args.loop_config, params=args.param, index=args.index,
+                    k=args.k, use_poses=args.use_poses, period_s=args.period_s,
+                    num_thresholds=args.thresholds, plot_dir=args.plot_dir,
+                    batch_size=args.batch_size, device=args.device, backend=args.backend,
+                    progress=not args.no_progress)
+    text = (f"recall@100%precision {res['recall_at_100_precision']:.3f}  AUC {res['auc']:.3f}  "
+            f"({res['num_positives']} revisits in {res['num_queries']} frames)")
+    if res.get("plots"):
+        text += "\nplots: " + ", ".join(res["plots"])
+    _emit(res, args, text)
+    return 0

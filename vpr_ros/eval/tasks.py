@@ -1,0 +1,124 @@
+"""The two evaluations behind ``vpr eval``, as library calls that return JSON-ready dicts.
+
+Both load the model through :func:`~vpr_ros.runtime.encoder.load_encoder` (so any model
+directory the node can run is evaluated the same way), time the encoding, and optionally write
+PNG plots next to the figures.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from vpr_ros.errors import InputError
+from vpr_ros.eval.ground_truth import ground_truth_for
+from vpr_ros.eval.recall import DEFAULT_KS, encode_paths, evaluate_descriptors
+
+
+def open_encoder(model: str | Path, backend: str, device: str):
+    """The reference PyTorch encoder for ``torch``; any other backend through the runtime's
+    :func:`~vpr_ros.runtime.encoder.load_encoder` (ONNX Runtime, TensorRT, ...)."""
+    if backend == "torch":
+        from vpr_ros.runtime.torch_encoder import TorchEncoder
+
+        return TorchEncoder.from_model_dir(model, device=device)
+    from vpr_ros.runtime.encoder import load_encoder
+
+    return load_encoder(model, backend=backend, device=device)
+
+
+def _subset(spec: Optional[str]) -> Optional[tuple[float, float]]:
+    if not spec:
+        return None
+    try:
+        a, b = (float(x) for x in spec.split(":"))
+    except ValueError:
+        raise InputError(f"--subset {spec!r}: expected START:END fractions, e.g. 0.6:1.0") from None
+    return a, b
+
+
+def recall_eval(model: str | Path, database: str, queries: str, *,
+                threshold_m: Optional[float] = None, tolerance: Optional[int] = None,
+                index: str = "flat", ks: Sequence[int] = DEFAULT_KS,
+                subset: Optional[str] = None, plot_dir: Optional[str | Path] = None,
+                batch_size: int = 32, device: str = "cpu", backend: str = "torch",
+                progress: bool = True, label: Optional[str] = None) -> dict[str, Any]:
+    """Recall@K of ``model`` for ``queries`` against ``database`` (see ``vpr eval recall``)."""
+    from vpr_ros.datasets.image_sets import read_image_set
+    if threshold_m is not None and tolerance is not None:
+        raise InputError("give either --threshold-m (positioned images) or --tolerance "
+                         "(index-aligned folders), not both")
+    db, q = read_image_set(database), read_image_set(queries)
+    rng = _subset(subset)
+    if rng is not None:
+        if db.kind != "aligned" or q.kind != "aligned":
+            raise InputError("--subset selects a block of index-aligned folders; positioned "
+                             "sets (UTM/MSLS) are evaluated whole")
+        db, q = db.select(*rng), q.select(*rng)
+    positives, gt_label = ground_truth_for(db, q, threshold_m, tolerance)
+    encoder = open_encoder(model, backend, device)
+    t0, cpu0 = time.time(), time.process_time()
+    db_desc = encode_paths(encoder, db.paths, batch_size, "database", progress)
+    q_desc = encode_paths(encoder, q.paths, batch_size, "queries", progress)
+    encode_s, encode_cpu = time.time() - t0, time.process_time() - cpu0
+    t1 = time.time()
+    res = evaluate_descriptors(db_desc, q_desc, positives, encoder.fingerprint, ks, index,
+                               gt_label, db.paths)
+    search_s = time.time() - t1
+    res.model = {"path": str(model), "fingerprint": encoder.fingerprint,
+                 "backend": encoder.backend, "dim": encoder.dim,
+                 "input_size": list(encoder.input_size)}
+    out = res.to_dict()
+    out.update({"database": str(db.source), "queries": str(q.source),
+                "subset": list(rng) if rng else None,
+                "timings_s": {"encode": round(encode_s, 2), "encode_cpu": round(encode_cpu, 2),
+                              "search": round(search_s, 3),
+                              "images_per_s": round((len(db) + len(q)) / max(encode_s, 1e-9),
+                                                    1)}})
+    if plot_dir is not None:
+        from vpr_ros.eval.plots import plot_examples, plot_recall_curve
+
+        d = Path(plot_dir)
+        name = label or Path(str(model)).name
+        out["plots"] = [
+            str(plot_recall_curve({name: res.recalls}, d / "recall_at_k.png",
+                                  title=f"Recall@K ({gt_label}, index {index})")),
+            str(plot_examples(q.paths, db.paths, res.ranked_ids, positives,
+                              d / "examples.png", title=f"{name}: queries and top matches")),
+        ]
+    return out
+
+
+def loop_eval(model: str | Path, sequence: str | Path, *, gt_distance_m: float = 25.0,
+              loop_config_path: Optional[str] = None, params: Sequence[str] = (),
+              index: str = "flat", k: int = 10, use_poses: bool = False,
+              period_s: float = 1.0, num_thresholds: int = 50,
+              plot_dir: Optional[str | Path] = None, batch_size: int = 32, device: str = "cpu",
+              backend: str = "torch", progress: bool = True) -> dict[str, Any]:
+    """Loop-closure PR of ``model`` on a sequence (see ``vpr eval loop``)."""
+    from vpr_ros.eval.loop import evaluate_sequence, loop_config, read_sequence
+
+    seq = read_sequence(sequence, period_s)
+    config = loop_config(loop_config_path, list(params))
+    encoder = open_encoder(model, backend, device)
+    t0 = time.time()
+    desc = encode_paths(encoder, seq.paths, batch_size, "sequence", progress)
+    encode_s = time.time() - t0
+    ev = evaluate_sequence(desc, seq, encoder.fingerprint, config, gt_distance_m, index, k,
+                           use_poses, num_thresholds)
+    out: dict[str, Any] = {
+        "recall_at_100_precision": ev.recall_at_100_precision, "auc": ev.auc,
+        "num_positives": ev.num_positives, "num_queries": ev.num_queries,
+        "gt_distance_m": gt_distance_m, "index": index, "use_poses": use_poses,
+        "sequence": str(seq.source), "config": {f: getattr(config, f) for f in
+                                                config.__dataclass_fields__},
+        "model": {"path": str(model), "fingerprint": encoder.fingerprint,
+                  "backend": encoder.backend},
+        "timings_s": {"encode": round(encode_s, 2)}, "curve": ev.to_dict()}
+    if plot_dir is not None:
+        from vpr_ros.eval.plots import plot_pr_curve
+
+        out["plots"] = [str(plot_pr_curve(ev, Path(plot_dir) / "pr_curve.png",
+                                          title=f"Loop closure: {Path(str(model)).name}"))]
+    return out
