@@ -43,6 +43,8 @@ def _train(args: argparse.Namespace) -> int:
     from vpr_ros.train.run import train
 
     result = train(cfg, resume=args.resume, output=Path(args.output) if args.output else None)
+    if result.global_rank != 0:
+        return 0  # DDP: the other processes trained too; rank 0 reports
     summary = {"model_dir": str(result.model_dir), "fingerprint": result.fingerprint,
                "steps": result.steps, "timings_s": result.timings,
                "loss_first": result.losses[0] if result.losses else None,

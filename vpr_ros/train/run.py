@@ -54,6 +54,7 @@ class TrainResult:
     wall_s: float
     timings: dict[str, float] = field(default_factory=dict)
     validation: Optional[dict[str, Any]] = None
+    global_rank: int = 0  # under DDP every process returns; only rank 0 wrote the outputs
 
 
 # -- model ------------------------------------------------------------------------------------
@@ -298,7 +299,8 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, output: Optional[Path]
     result = TrainResult(output=out, model_dir=out / "model", fingerprint=final.fingerprint,
                          steps=int(trainer.global_step), losses=list(module.loss_history),
                          wall_s=timings["total_s"], timings=timings,
-                         validation=validation.results if validation else None)
+                         validation=validation.results if validation else None,
+                         global_rank=int(trainer.global_rank))
     if trainer.is_global_zero:
         write_summary(result, cfg)
     return result
