@@ -114,7 +114,8 @@ def yaw_quaternion(yaw: float) -> tuple[float, float, float, float]:
 
 def make_route(frames_per_lap: int = 60, radius_m: float = 15.0, frame_period_s: float = 1.0,
                start_s: float = 1000.0, out_px: int = 96, lap2_offset_m: float = 0.5,
-               lap2_gain: float = 0.7, lap2_bias: float = 12.0, seed: int = 7) -> Route:
+               lap2_gain: float = 0.7, lap2_bias: float = 12.0, view_m: float = 10.0,
+               seed: int = 7) -> Route:
     """Drive twice round a circle in a textured world; odometry at twice the frame rate."""
     world = make_world(seed=seed)
     centre = world.shape[0] / WORLD_PX_PER_M / 2
@@ -137,7 +138,8 @@ def make_route(frames_per_lap: int = 60, radius_m: float = 15.0, frame_period_s:
         route.positions.append((x, y, z))
         route.yaws.append(yaw)
         route.lap.append(lap)
-        route.images.append(render_view(world, x, y, yaw, out_px, gain=gain, offset=bias))
+        route.images.append(render_view(world, x, y, yaw, out_px, view_m=view_m, gain=gain,
+                                        offset=bias))
     for j in range(2 * n):
         t = j / 2 / frames_per_lap
         lap = min(1, int(t))
@@ -199,11 +201,13 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> int:
     return proc.returncode
 
 
-def bag_play(bag: Path, rate: float, timeout: float = 120.0) -> subprocess.CompletedProcess:
-    """``vpr bag play BAG --rate R`` (the project's rosbag2 player) to completion."""
-    cmd = [sys.executable, "-m", "vpr_ros.cli", "bag", "play", str(bag), "--rate", str(rate)]
-    return subprocess.run(cmd, env=ros_env(), cwd=str(REPO), capture_output=True, text=True,
-                          timeout=timeout)
+def vpr_command() -> list[str]:
+    """The ``vpr`` console script of this interpreter's environment (what a user runs), or the
+    same entry point through ``-c`` where the script is not installed."""
+    script = Path(sys.executable).with_name("vpr")
+    if script.is_file():
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from vpr_ros.cli import main; sys.exit(main())"]
 
 
 # ------------------------------------------------------------------------------ ROS test side
@@ -300,3 +304,107 @@ class RosProbe:
                 if status.name.startswith("vpr_node"):
                     return status_values(status)
         return None
+
+
+# ------------------------------------------------------------------- maps and in-process nodes
+
+def build_lap_map(model: Path, route: Route, lap: int, out: Path, session: str = "lap1") -> Path:
+    """A posed map of one lap, encoded with ``model`` (PlaceMap directly: small and fast)."""
+    from vpr_ros.mapdb import Keyframe, PlaceMap
+    from vpr_ros.runtime.encoder import load_encoder
+
+    enc = load_encoder(model, threads=1)
+    idx = route.frames(lap=lap)
+    pm = PlaceMap.create(enc.dim, enc.fingerprint)
+    pm.add(enc.encode([route.images[i] for i in idx]),
+           [Keyframe(session, route.stamps_ns[i], "map", route.positions[i],
+                     yaw_quaternion(route.yaws[i])) for i in idx])
+    pm.save(out)
+    return out
+
+
+class InProcessNode:
+    """A VprNode spun by its own executor thread in the test process, plus a :class:`RosProbe`
+    in a separate rclpy context (its own DDS participant, so traffic really crosses DDS)."""
+
+    def __init__(self, overrides: dict[str, Any], remaps: dict[str, str]) -> None:
+        import threading
+
+        import rclpy
+        from diagnostic_msgs.msg import DiagnosticArray
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.parameter import Parameter
+
+        from vpr_ros.ros.node import VprNode
+
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        args = ["--ros-args"] + [a for k, v in remaps.items() for a in ("-r", f"{k}:={v}")]
+        self.node = VprNode(context=self.context, cli_args=args,
+                            parameter_overrides=[Parameter(k, value=v)
+                                                 for k, v in overrides.items()])
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self._spinner = threading.Thread(target=self.executor.spin, daemon=True)
+        self._spinner.start()
+        self.probe = RosProbe()
+        self.probe.record("/diagnostics", DiagnosticArray)
+
+    def set(self, **values: Any) -> None:
+        from rclpy.parameter import Parameter
+
+        results = self.node.set_parameters([Parameter(k, value=v) for k, v in values.items()])
+        assert all(r.successful for r in results), [r.reason for r in results]
+
+    def close(self) -> None:
+        import rclpy
+
+        self.probe.close()
+        self.node.shutdown_worker()
+        self.executor.shutdown()
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+        self._spinner.join(5)
+
+
+def image_msg(rgb: np.ndarray, stamp_ns: int, encoding: str = "rgb8") -> Any:
+    """A sensor_msgs/Image of ``rgb`` stamped ``stamp_ns``."""
+    from sensor_msgs.msg import Image
+
+    from vpr_ros.runtime.image_codec import encode_image
+
+    raw = encode_image(rgb, encoding)
+    msg = Image(height=raw.height, width=raw.width, encoding=raw.encoding, step=raw.step,
+                data=raw.data)
+    set_stamp(msg, stamp_ns)
+    return msg
+
+
+def compressed_msg(rgb: np.ndarray, stamp_ns: int, fmt: str = "jpeg") -> Any:
+    from sensor_msgs.msg import CompressedImage
+
+    from vpr_ros.runtime.image_codec import encode_compressed
+
+    name, data = encode_compressed(rgb, fmt)
+    msg = CompressedImage(format=name, data=data)
+    set_stamp(msg, stamp_ns)
+    return msg
+
+
+def set_stamp(msg: Any, stamp_ns: int, frame_id: str = "camera") -> Any:
+    msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(int(stamp_ns), NS)
+    msg.header.frame_id = frame_id
+    return msg
+
+
+def set_remote_parameters(probe: RosProbe, values: dict[str, Any], timeout: float = 30.0) -> None:
+    """``ros2 param set`` for several parameters at once, through the node's parameter
+    service."""
+    from rcl_interfaces.srv import SetParameters
+    from rclpy.parameter import Parameter
+
+    req = SetParameters.Request(parameters=[Parameter(k, value=v).to_parameter_msg()
+                                            for k, v in values.items()])
+    res = probe.call(SetParameters, f"{probe.target}/set_parameters", req, timeout)
+    bad = [r.reason for r in res.results if not r.successful]
+    assert not bad, bad

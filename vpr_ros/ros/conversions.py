@@ -16,8 +16,8 @@ from typing import Any, Optional
 import numpy as np
 
 from vpr_ros.errors import InputError
-from vpr_ros.runtime.image_codec import (SUPPORTED_ENCODINGS, _peek_dimensions, decode_compressed,
-                                         decode_image)
+from vpr_ros.runtime.image_codec import (SUPPORTED_ENCODINGS, _peek_dimensions, bytes_per_pixel,
+                                         decode_compressed, decode_image)
 
 NS_PER_S = 1_000_000_000
 
@@ -105,6 +105,34 @@ def compressed_msg_to_rgb(msg: Any, max_pixels: int) -> np.ndarray:
         return decode_compressed(msg.format, buf, max_pixels=max_pixels)
     except InputError as exc:
         raise FrameError(CORRUPT_IMAGE, str(exc)) from exc
+
+
+def check_frame(msg: Any, compressed: bool, max_pixels: int) -> None:
+    """The cheap checks (header fields, data length, compressed header), for the subscription
+    callback: a frame that is certainly bad never takes the mailbox slot from a good one.
+    Pixel decoding, and the errors only it can find, happen on the encoder thread."""
+    if compressed:
+        if len(msg.data) == 0:
+            raise FrameError(EMPTY_IMAGE, f"compressed image (format {msg.format!r}) has no "
+                             "data (an empty message); skipped")
+        if "compresseddepth" not in (msg.format or "").lower():
+            head = bytes(msg.data[:65536])
+            dims = _peek_dimensions(np.frombuffer(head, dtype=np.uint8))
+            if dims is not None:
+                _check_dims(dims[1], dims[0], max_pixels, f"compressed image ({msg.format!r})")
+        return
+    if msg.encoding not in SUPPORTED_ENCODINGS:
+        raise FrameError(UNSUPPORTED_ENCODING, f"unsupported image encoding "
+                         f"{msg.encoding!r}; supported: {', '.join(SUPPORTED_ENCODINGS)} "
+                         "(republish in one of these, or as sensor_msgs/CompressedImage)")
+    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    _check_dims(height, width, max_pixels, f"image ({msg.encoding})")
+    need = width * bytes_per_pixel(msg.encoding)
+    if step < need or len(msg.data) < step * height:
+        raise FrameError(CORRUPT_IMAGE, f"image {width}x{height} {msg.encoding} has step {step} "
+                         f"and {len(msg.data)} bytes of data; expected step >= {need} and "
+                         f"step*height = {step * height} bytes (truncated or inconsistent "
+                         "message); skipped")
 
 
 def frame_to_rgb(msg: Any, compressed: bool, max_pixels: int) -> np.ndarray:

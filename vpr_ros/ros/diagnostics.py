@@ -100,7 +100,7 @@ class StatsSnapshot:
 
 @dataclass
 class NodeStats:
-    """Counters since activation-independent start (reset only on request) and a sliding
+    """Counters since the last configure (the node makes a new ledger then) and a sliding
     window of per-frame timings."""
 
     window: int = 300
@@ -117,11 +117,6 @@ class NodeStats:
 
     def __post_init__(self) -> None:
         self._timings = deque(maxlen=max(1, int(self.window)))
-
-    def set_window(self, window: int) -> None:
-        with self._lock:
-            self.window = max(1, int(window))
-            self._timings = deque(self._timings, maxlen=self.window)
 
     def count(self, name: str, n: int = 1) -> None:
         with self._lock:

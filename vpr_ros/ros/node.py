@@ -120,7 +120,9 @@ class VprNode(LifecycleNode):
         cfg = settings.node
         self._settings, self.pipeline = settings, pipeline
         self._throttle = LogThrottle(cfg.log_throttle_s)
-        self.stats.set_window(cfg.diagnostics_window)
+        # Counters describe this configuration (model, map, camera): they restart with it.
+        self.stats = NodeStats(window=cfg.diagnostics_window)
+        self._in_rate, self._out_rate = RateMeter(), RateMeter()
         self._poses = PoseBuffer(cfg.pose_buffer_s, cfg.pose_max_gap_s, cfg.pose_tolerance_s,
                                  cfg.time_jump_s) if cfg.pose_type != "none" else None
         self._session_base, self._session_count = pipeline.session, 0
@@ -289,6 +291,11 @@ class VprNode(LifecycleNode):
             self.destroy_timer(self._diag_timer)
             self._diag_timer = self.create_timer(period_s, self._publish_diagnostics)
 
+    @property
+    def pending_frames(self) -> int:
+        """Frames waiting for the encoder thread: 0 or 1, by construction (the mailbox)."""
+        return self._mailbox.pending
+
     def shutdown_worker(self) -> None:
         """Stop the encoder thread (process exit without a lifecycle shutdown)."""
         self._drop_subscriptions()
@@ -297,7 +304,8 @@ class VprNode(LifecycleNode):
     # -------------------------------------------------------------------------------- inputs
 
     def _on_image(self, msg: Any) -> None:
-        """Executor thread: stamp check, then into the mailbox. Nothing slow happens here."""
+        """Executor thread: stamp and header checks, then into the mailbox. Nothing slow (no
+        pixel work) happens here."""
         received, received_wall = time.perf_counter(), time.time_ns()
         self.stats.count("received")
         settings = self._settings
@@ -320,6 +328,12 @@ class VprNode(LifecycleNode):
                               "relocalization agreement and the pose history")
             self._jump_pending = True
         self._last_stamp_ns = stamp
+        try:
+            conv.check_frame(msg, settings.node.image_transport == "compressed",
+                             settings.node.max_pixels)
+        except conv.FrameError as exc:
+            self._frame_error(exc.kind, str(exc))
+            return
         if self._mailbox.put(_Pending(msg, stamp, received, received_wall)) is not None:
             self.stats.count("dropped")
 

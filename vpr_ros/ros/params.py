@@ -19,7 +19,6 @@ from vpr_ros.localization import LoopClosureConfig, ParamSpec, RelocalizerConfig
 from vpr_ros.localization.params import from_mapping, param, parameter_specs, require, validate
 
 MODES = ("localization", "loop_closure")
-BACKENDS = ("auto", "torch", "onnx", "tensorrt")
 TRANSPORTS = ("raw", "compressed")
 RELIABILITIES = ("best_effort", "reliable")
 POSE_TYPES = ("none", "odometry", "pose")
@@ -27,7 +26,7 @@ INDEX_KINDS = ("flat", "hnsw", "ivfpq", "binary")
 
 #: Allowed values of the string parameters (ROS ranges only exist for numbers).
 CHOICES: dict[str, tuple[str, ...]] = {
-    "mode": MODES, "backend": BACKENDS, "image_transport": TRANSPORTS,
+    "mode": MODES, "image_transport": TRANSPORTS,
     "qos_reliability": RELIABILITIES, "pose_type": POSE_TYPES, "map_index": INDEX_KINDS,
 }
 
@@ -50,7 +49,8 @@ class NodeConfig:
     model: str = param(
         "", "encoder to load at configure: model directory, .onnx file or TensorRT engine")
     backend: str = param(
-        "auto", "inference backend: auto (from the model path), torch, onnx or tensorrt")
+        "auto", "inference backend: auto (the fastest this machine runs for the model path), "
+        "torch, onnxruntime or tensorrt")
     device: str = param("cpu", "encoder device: cpu, cuda or cuda:N")
     threads: int = param(0, "encoder CPU threads (0: the backend's default)", 0, 256)
     warmup: bool = param(
