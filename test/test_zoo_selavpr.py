@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vpr_ros.errors import ConfigError
+from vpr_ros.errors import CheckpointError, ConfigError
 from vpr_ros.mapdb.keyframe import Keyframe
 from vpr_ros.mapdb.place_map import PlaceMap
 from vpr_ros.models import build_model, model_config_from_dict
@@ -210,6 +210,27 @@ def test_bad_parameters_are_config_errors(kind: str, name: str, params: dict, ma
     injected = {} if kind == "backbone" else {"in_channels": params.pop("in_channels", 384)}
     with pytest.raises(ConfigError, match=match):
         build_component(kind, name, params, **injected)
+
+
+def test_official_dinov2_weights_load_into_the_trunk_only(tmp_path: Path) -> None:
+    bb = DinoV2SideAdapterBackbone("vits14", adapted_blocks=2, branches=1)
+    randomize_side(bb)
+    side_before = {k: v.clone() for k, v in bb.state_dict().items() if k.startswith("adapters")}
+    official = {k.replace("patch_embed.", "patch_embed.proj."): torch.randn_like(v)
+                for k, v in bb.state_dict().items() if not k.startswith("adapters")}
+    official["mask_token"] = torch.zeros(1, 384)  # pre-training only; dropped on load
+    torch.save(official, tmp_path / "dinov2_vits14_pretrain.pth")
+    bb.load_pretrained(str(tmp_path / "dinov2_vits14_pretrain.pth"))
+    state = bb.state_dict()
+    for k, v in official.items():
+        if k != "mask_token":
+            torch.testing.assert_close(state[k.replace("patch_embed.proj.", "patch_embed.")], v)
+    for k, v in side_before.items():
+        torch.testing.assert_close(state[k], v)
+    torch.save({"cls_token": torch.zeros(1, 1, 768), "pos_embed": torch.zeros(1, 1370, 768)},
+               tmp_path / "vitb.pth")
+    with pytest.raises(CheckpointError, match="vitb14"):
+        bb.load_pretrained(str(tmp_path / "vitb.pth"))
 
 
 # -- heads and codes ---------------------------------------------------------------------------

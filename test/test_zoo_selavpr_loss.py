@@ -84,7 +84,7 @@ def test_training_the_hash_head_improves_hamming_retrieval() -> None:
 
     before_acc = hamming_top1()
     history = []
-    for _ in range(30):
+    for _ in range(20):
         out = agg.forward_all(BackboneOutput(feats))
         loss = loss_fn(out, labels)
         opt.zero_grad()
