@@ -204,3 +204,21 @@ def test_missing_and_unreadable_training_images(tmp_path: Path) -> None:
 
     with pytest.raises(InputError, match=r"f003.png: image file is missing"):
         read_rgb(gone)
+
+
+def test_zero_steps_saves_the_initial_model_at_the_test_size(tmp_path: Path) -> None:
+    """The "untrained" baseline of an experiment: same recipe, same seed, no step."""
+    from vpr_ros.models.model_dir import load_model_dir
+
+    out = tmp_path / "untrained"
+    assert main(["train", "--config", str(NORDLAND_RECIPE), "-o", str(out),
+                 "--set", "trainer.max_steps=0"]) == 0
+    model, meta = load_model_dir(out / "model")
+    assert meta.config.input.size == (112, 224) and meta.extra["steps"] == 0
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(NORDLAND_RECIPE), "-o", str(again),
+                 "--set", "trainer.max_steps=0"]) == 0
+    twin, _ = load_model_dir(again / "model")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 twin.state_dict().values()))  # seeded
+    assert not (out / "cache").exists()  # no data was read

@@ -242,6 +242,8 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, output: Optional[Path]
     _check_precision(cfg)
     L.seed_everything(tc.seed, workers=True, verbose=False)
     model, train_size, test_size = build_training_model(cfg)
+    if tc.max_steps == 0:
+        return _initial_model(cfg, model, out, t0, cpu0)
     cached = use_feature_cache(cfg, model)
     ckpt_path = resolve_resume(out, resume)
 
@@ -303,6 +305,21 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, output: Optional[Path]
                          global_rank=int(trainer.global_rank))
     if trainer.is_global_zero:
         write_summary(result, cfg)
+    return result
+
+
+def _initial_model(cfg: TrainConfig, model: VPRModel, out: Path, t0: float, cpu0: float
+                   ) -> TrainResult:
+    """``max_steps: 0``: the model exactly as training would start it (same seed, weights and
+    test size), saved as a model directory; the "untrained" baseline of an experiment."""
+    model.eval()
+    fp = save_model_dir(model, out / "model", extra={"trained_with": str(cfg.source),
+                                                     "steps": 0, "train_name": cfg.name})
+    timings = {"total_s": round(time.time() - t0, 2),
+               "cpu_s": round(time.process_time() - cpu0, 2)}
+    result = TrainResult(output=out, model_dir=out / "model", fingerprint=fp, steps=0, losses=[],
+                         wall_s=timings["total_s"], timings=timings)
+    write_summary(result, cfg)
     return result
 
 
