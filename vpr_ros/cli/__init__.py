@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "vpr_ros.cli.eval_cmd",
     "vpr_ros.cli.map_cmd",
     "vpr_ros.cli.bag_cmd",
+    "vpr_ros.cli.export_cmd",
     "vpr_ros.cli.bench_cmd",
 ]
 

@@ -45,6 +45,23 @@ class Encoder(abc.ABC):
         return check_descriptors(out, batch.shape[0], self.dim, self.backend)
 
     @property
+    def output_names(self) -> tuple[str, ...]:
+        """``("global", *extras)``: what :meth:`encode_all` returns (extras such as
+        ``"binary"`` hash codes or ``"local"`` features come from the model's heads)."""
+        return ("global",)
+
+    def encode_all(self, images: ImageBatch) -> dict[str, np.ndarray]:
+        """Every output of the model, ``{"global": (B, D) float32, **extras}``, checked like
+        :meth:`encode` (extras: batch-first, finite where floating point)."""
+        batch = self.preprocess(images)
+        return check_outputs(self._encode_all_batch(batch), batch.shape[0], self.dim,
+                             self.backend)
+
+    def _encode_all_batch(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Backends with extra outputs override this; the default has the global one only."""
+        return {"global": self._encode_batch(batch)}
+
+    @property
     @abc.abstractmethod
     def preprocessing(self):  # -> vpr_ros.runtime.preprocess.Preprocessing
         """The resize policy and normalisation recorded with the model."""
@@ -62,11 +79,38 @@ def check_descriptors(out: np.ndarray, batch: int, dim: int, backend: str) -> np
     return out
 
 
+def check_outputs(outs: dict[str, np.ndarray], batch: int, dim: int, backend: str
+                  ) -> dict[str, np.ndarray]:
+    """:func:`check_descriptors` for the global output, and the same refusal of garbage for
+    the extras: one row per image, no NaN/Inf in floating-point outputs."""
+    if "global" not in outs:
+        raise BackendError(f"{backend} encoder returned {sorted(outs)} without 'global'")
+    checked = {"global": check_descriptors(np.asarray(outs["global"], dtype=np.float32), batch,
+                                           dim, backend)}
+    for name, value in outs.items():
+        if name == "global":
+            continue
+        arr = np.asarray(value)
+        if arr.ndim == 0 or arr.shape[0] != batch:
+            raise BackendError(f"{backend} encoder returned output {name!r} of shape "
+                               f"{arr.shape} for {batch} images; the artifact does not match "
+                               "its metadata")
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            raise InputError(f"{backend} encoder produced NaN/Inf in output {name!r}; the "
+                             "images or the weights are corrupt (re-export the model)")
+        checked[name] = arr
+    return checked
+
+
 def load_encoder(model: Union[str, Path], backend: str = "torch", device: str = "cpu",
                  **options) -> Encoder:
-    """Open an encoder for a model directory (or an exported artifact, per backend)."""
-    if backend in ("torch", "auto"):
-        from vpr_ros.runtime.torch_encoder import TorchEncoder
+    """Open an encoder for a model directory, an ``.onnx`` file or a TensorRT engine.
 
-        return TorchEncoder.from_model_dir(model, device=device, **options)
-    raise BackendError(f"unknown backend {backend!r}; available: torch")
+    ``backend``: ``torch``, ``onnxruntime``, ``tensorrt`` or ``auto`` (the fastest this machine
+    can run, see :mod:`vpr_ros.runtime.backend_select`); the encoder's ``backend`` string says
+    which one was chosen. ``expected_fingerprint=`` (e.g. a map's) refuses another model with
+    :class:`~vpr_ros.errors.MapMismatchError`; other options go to the backend.
+    """
+    from vpr_ros.runtime.backend_select import open_encoder
+
+    return open_encoder(model, backend=backend, device=device, **options)

@@ -3,23 +3,64 @@
 Runs the model from its model directory on CPU (fp32) or CUDA (fp32/fp16). The input size is
 fixed at load (DINOv2's positional embedding precomputed), the query banks are cached by the
 aggregator, and inference runs under ``torch.inference_mode``.
+
+On CUDA two things matter at batch 1, where a ViT-B step is a few milliseconds of GPU work
+spread over hundreds of small kernels: the frame is preprocessed on the GPU (uint8 upload, the
+:mod:`~vpr_ros.runtime.torch_preprocess` twin of the CPU resize), and the forward pass is
+replayed from a CUDA graph captured once per batch size, so Python and kernel-launch overhead
+stop dominating. (``torch.compile`` was not chosen: minutes of compilation at node start-up and
+a cache keyed on the torch build, for less gain than graphs give at batch 1.)
 """
 
 from __future__ import annotations
 
+import logging
+from collections import OrderedDict
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
-from vpr_ros.errors import BackendError
-from vpr_ros.runtime.encoder import Encoder
+from vpr_ros.errors import BackendError, InputError
+from vpr_ros.runtime.encoder import Encoder, ImageBatch, check_descriptors, check_outputs
 from vpr_ros.runtime.preprocess import Preprocessing
+
+log = logging.getLogger(__name__)
+
+#: CUDA graphs kept (one per batch size seen); each holds its own static buffers.
+MAX_GRAPHS = 4
+
+
+def check_tensor_batch(batch: torch.Tensor, size: tuple[int, int], backend: str) -> None:
+    """A preprocessed (B, 3, H, W) floating-point tensor of the model's size, or InputError."""
+    h, w = size
+    if not isinstance(batch, torch.Tensor):
+        raise InputError(f"{backend}: expected a torch.Tensor batch, got {type(batch).__name__}")
+    if batch.ndim != 4 or tuple(batch.shape[1:]) != (3, h, w) or batch.shape[0] == 0:
+        raise InputError(f"{backend}: expected a preprocessed (B, 3, {h}, {w}) batch, got shape "
+                         f"{tuple(batch.shape)}; preprocess images with the encoder's "
+                         "preprocessing first (or call encode() with RGB images)")
+    if not batch.is_floating_point():
+        raise InputError(f"{backend}: expected a floating-point normalised batch, got "
+                         f"{batch.dtype}; raw uint8 images go through encode()")
 
 
 class TorchEncoder(Encoder):
+    """Args:
+        model, meta: a loaded model and its :class:`~vpr_ros.models.model_dir.ModelMeta`.
+        device: ``cpu`` or ``cuda[:N]``; precision: ``fp32`` or ``fp16`` (CUDA only).
+        threads: CPU threads for torch (default: torch's own choice).
+        expected_fingerprint: refuse (MapMismatchError) another model than the map's.
+        cuda_graphs: replay CUDA graphs (default on for CUDA); gpu_preprocess: preprocess on
+            the GPU (default on for CUDA).
+    """
+
     def __init__(self, model, meta, device: str = "cpu", precision: str = "fp32",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, expected_fingerprint: Optional[str] = None,
+                 cuda_graphs: Optional[bool] = None, gpu_preprocess: bool = True) -> None:
+        from vpr_ros.runtime.backend_select import check_expected_fingerprint
+
         if precision not in ("fp32", "fp16"):
             raise BackendError(f"precision must be fp32 or fp16, got {precision!r}")
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -27,6 +68,7 @@ class TorchEncoder(Encoder):
                                "device cpu")
         if precision == "fp16" and not device.startswith("cuda"):
             raise BackendError("fp16 inference needs a CUDA device; use fp32 on CPU")
+        check_expected_fingerprint(meta.fingerprint, expected_fingerprint, str(meta.path))
         if threads:
             torch.set_num_threads(int(threads))
         self.device = torch.device(device)
@@ -39,24 +81,95 @@ class TorchEncoder(Encoder):
         self.fingerprint = meta.fingerprint
         self.backend = f"torch-{self.device.type}-{precision}"
         self._prep = Preprocessing.from_input_config(meta.config.input)
+        on_cuda = self.device.type == "cuda"
+        self.cuda_graphs = on_cuda if cuda_graphs is None else bool(cuda_graphs and on_cuda)
+        self._graphs: OrderedDict[int, tuple] = OrderedDict()
+        self._gpu_prep = None
+        if on_cuda and gpu_preprocess:
+            from vpr_ros.runtime.torch_preprocess import TorchPreprocessor
+
+            self._gpu_prep = TorchPreprocessor(self._prep, self.device)
 
     @classmethod
     def from_model_dir(cls, path: str | Path, device: str = "cpu", precision: str = "fp32",
-                       threads: int | None = None) -> "TorchEncoder":
+                       threads: int | None = None, **options) -> "TorchEncoder":
         from vpr_ros.models.model_dir import load_model_dir
 
         model, meta = load_model_dir(path)
-        return cls(model, meta, device=device, precision=precision, threads=threads)
+        return cls(model, meta, device=device, precision=precision, threads=threads, **options)
 
     @property
     def preprocessing(self) -> Preprocessing:
         return self._prep
 
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return ("global", *self.model.extra_outputs)
+
+    # -- tensors in, tensors out ----------------------------------------------------------
+    def encode_tensor_all(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """All outputs for a preprocessed (B, 3, H, W) tensor (no host copy if it is already
+        on the device); floating outputs are returned as float32."""
+        check_tensor_batch(batch, self.input_size, self.backend)
+        x = batch.to(self.device, self.dtype, non_blocking=True)
+        with torch.inference_mode():
+            out = self._graph_forward(x) if self.cuda_graphs else self.model.forward_all(x)
+        return {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
+
     def encode_tensor(self, batch: torch.Tensor) -> torch.Tensor:
         """Encode a preprocessed (B, 3, H, W) tensor already on the device (no host copy)."""
-        with torch.inference_mode():
-            out = self.model(batch.to(self.device, self.dtype, non_blocking=True))
-        return out.float()
+        return self.encode_tensor_all(batch)["global"]
 
+    def _graph_forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        b = int(x.shape[0])
+        entry = self._graphs.get(b)
+        if entry is None:
+            try:
+                entry = self._capture(x)
+            except RuntimeError as exc:  # capture is best effort; eager is always correct
+                log.warning("CUDA graph capture failed (%s); running eagerly", exc)
+                self.cuda_graphs = False
+                return self.model.forward_all(x)
+            self._graphs[b] = entry
+            while len(self._graphs) > MAX_GRAPHS:
+                self._graphs.popitem(last=False)
+        self._graphs.move_to_end(b)
+        graph, static_in, static_out = entry
+        static_in.copy_(x)
+        graph.replay()
+        return {k: v.clone() for k, v in static_out.items()}
+
+    def _capture(self, x: torch.Tensor) -> tuple:
+        static_in = x.clone()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: cuDNN/cuBLAS plans and the query-bank cache
+                self.model.forward_all(static_in)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self.model.forward_all(static_in)
+        return graph, static_in, static_out
+
+    # -- the Encoder interface --------------------------------------------------------------
     def _encode_batch(self, batch: np.ndarray) -> np.ndarray:
         return self.encode_tensor(torch.from_numpy(batch)).cpu().numpy()
+
+    def _encode_all_batch(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        return {k: v.cpu().numpy() for k, v in self.encode_tensor_all(
+            torch.from_numpy(batch)).items()}
+
+    def encode(self, images: ImageBatch) -> np.ndarray:
+        if self._gpu_prep is None:
+            return super().encode(images)
+        batch = self._gpu_prep(images)
+        out = self.encode_tensor(batch).cpu().numpy()
+        return check_descriptors(out, batch.shape[0], self.dim, self.backend)
+
+    def encode_all(self, images: ImageBatch) -> dict[str, np.ndarray]:
+        if self._gpu_prep is None:
+            return super().encode_all(images)
+        batch = self._gpu_prep(images)
+        outs = {k: v.cpu().numpy() for k, v in self.encode_tensor_all(batch).items()}
+        return check_outputs(outs, batch.shape[0], self.dim, self.backend)

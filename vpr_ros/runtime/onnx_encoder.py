@@ -1,0 +1,306 @@
+"""ONNX Runtime backend, and the metadata every exported artifact carries.
+
+An exported file is only useful if it can say which model it came from: a map built with one
+model must never be searched with descriptors of another, and a backend must preprocess images
+exactly as the model was trained. So ``vpr export onnx`` writes an :class:`ArtifactMeta` into the
+file's ``metadata_props`` (the TensorRT sidecar copies it), and :class:`OnnxEncoder` reads it back,
+checks the graph against it and refuses a file whose fingerprint is not the one expected.
+
+CPU tuning (measured in ``docs/bench_encoder.md``): all graph optimisations (ORT fuses
+LayerNorm, GELU, MatMul+Add and attention sub-graphs on load), one intra-op thread per usable
+core, sequential execution (one model, no inter-op parallelism to exploit) and denormals
+flushed to zero (random-weight and fine-tuned ViTs produce denormals in the attention softmax
+tails, which cost x86 cores dozens of cycles each).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from vpr_ros.errors import BackendError, InputError
+from vpr_ros.runtime.encoder import Encoder, check_outputs
+from vpr_ros.runtime.preprocess import Preprocessing
+
+log = logging.getLogger(__name__)
+
+#: ``metadata_props`` format tag; bump when the keys change meaning.
+META_FORMAT = "vpr_ros.artifact/1"
+INPUT_NAME = "images"
+GLOBAL_OUTPUT = "global"
+
+
+@dataclass(frozen=True)
+class ArtifactMeta:
+    """What an exported model says about itself (ONNX ``metadata_props``, TensorRT sidecar).
+
+    ``fingerprint`` identifies the *descriptor space*: it is the model directory's fingerprint
+    when the artifact runs at the model's configured input size, and a derived one otherwise
+    (descriptors of one model at two sizes must not share a map). ``model_fingerprint`` is
+    always the model directory's.
+    """
+
+    fingerprint: str
+    model_fingerprint: str
+    model_name: str
+    descriptor_dim: int
+    input_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: str
+    outputs: tuple[str, ...] = (GLOBAL_OUTPUT,)
+    input_name: str = INPUT_NAME
+    opset: int = 17
+    vpr_ros_version: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(size=self.input_size, mean=self.mean, std=self.std,
+                             resize=self.resize)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": META_FORMAT, "fingerprint": self.fingerprint,
+                "model_fingerprint": self.model_fingerprint, "model_name": self.model_name,
+                "descriptor_dim": self.descriptor_dim, "input_size": list(self.input_size),
+                "mean": list(self.mean), "std": list(self.std), "resize": self.resize,
+                "output_names": list(self.outputs), "input_name": self.input_name,
+                "opset": self.opset, "vpr_ros_version": self.vpr_ros_version,
+                "extra": dict(self.extra)}
+
+    def to_props(self) -> dict[str, str]:
+        """Flat string pairs for ONNX ``metadata_props`` (values JSON-encoded)."""
+        return {k: json.dumps(v) for k, v in self.to_dict().items()}
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any], source: str) -> "ArtifactMeta":
+        if doc.get("format") != META_FORMAT:
+            raise BackendError(f"{source}: no vpr_ros metadata (format {doc.get('format')!r}, "
+                               f"expected {META_FORMAT!r}); this file was not written by "
+                               "`vpr export`, or by an incompatible version. Re-export it "
+                               "from the model directory with `vpr export onnx MODEL -o FILE`")
+        try:
+            size = tuple(int(v) for v in doc["input_size"])
+            meta = cls(fingerprint=str(doc["fingerprint"]),
+                       model_fingerprint=str(doc["model_fingerprint"]),
+                       model_name=str(doc.get("model_name", "")),
+                       descriptor_dim=int(doc["descriptor_dim"]),
+                       input_size=(size[0], size[1]),
+                       mean=tuple(float(v) for v in doc["mean"]),  # type: ignore[arg-type]
+                       std=tuple(float(v) for v in doc["std"]),  # type: ignore[arg-type]
+                       resize=str(doc["resize"]),
+                       outputs=tuple(str(v) for v in doc["output_names"]),
+                       input_name=str(doc.get("input_name", INPUT_NAME)),
+                       opset=int(doc.get("opset", 0)),
+                       vpr_ros_version=str(doc.get("vpr_ros_version", "")),
+                       extra=dict(doc.get("extra") or {}))
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise BackendError(f"{source}: vpr_ros metadata is incomplete or corrupt ({exc!r}); "
+                               "re-export the file with `vpr export onnx`") from exc
+        if len(meta.mean) != 3 or len(meta.std) != 3 or not meta.outputs \
+                or meta.outputs[0] != GLOBAL_OUTPUT:
+            raise BackendError(f"{source}: vpr_ros metadata has malformed mean/std/outputs; "
+                               "re-export the file with `vpr export onnx`")
+        return meta
+
+    @classmethod
+    def from_props(cls, props: Mapping[str, str], source: str) -> "ArtifactMeta":
+        doc: dict[str, Any] = {}
+        for k, v in props.items():
+            try:
+                doc[k] = json.loads(v)
+            except (json.JSONDecodeError, TypeError):
+                doc[k] = v
+        return cls.from_dict(doc, source)
+
+
+def read_onnx_metadata(path: str | Path) -> ArtifactMeta:
+    """The :class:`ArtifactMeta` of an exported ``.onnx`` file (weights are not loaded)."""
+    import onnx
+
+    p = Path(path)
+    if not p.is_file():
+        raise BackendError(f"{p}: no such ONNX file; export one with `vpr export onnx MODEL -o "
+                           f"{p}`")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # protobuf raises its own DecodeError family
+        raise BackendError(f"{p}: not a readable ONNX file ({exc}); re-export it") from exc
+    return ArtifactMeta.from_props({e.key: e.value for e in model.metadata_props}, str(p))
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (affinity/cgroup aware where Linux tells us)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def cpu_session_options(threads: Optional[int] = None, optimization: str = "all") -> Any:
+    """The tuned CPU :class:`onnxruntime.SessionOptions` (see the module docstring)."""
+    import onnxruntime as ort
+
+    levels = {"none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    if optimization not in levels:
+        raise BackendError(f"onnxruntime optimization {optimization!r} is not one of "
+                           f"{sorted(levels)}")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = levels[optimization]
+    so.intra_op_num_threads = int(threads) if threads else usable_cores()
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.add_session_config_entry("session.set_denormal_as_zero", "1")
+    so.log_severity_level = 3  # warnings about unused initializers etc. are noise here
+    return so
+
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+             "tensorrt": "TensorrtExecutionProvider"}
+
+
+def provider_chain(provider: str, device_id: int, cache_dir: Optional[Path]
+                   ) -> list[Any]:
+    """ONNX Runtime providers for ``provider``, each falling back to the next."""
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    cuda = ("CUDAExecutionProvider", {"device_id": device_id})
+    if provider == "cuda":
+        return [cuda, "CPUExecutionProvider"]
+    if provider == "tensorrt":
+        opts: dict[str, Any] = {"device_id": device_id, "trt_fp16_enable": True}
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache_dir),
+                        trt_timing_cache_enable=True, trt_timing_cache_path=str(cache_dir))
+        return [("TensorrtExecutionProvider", opts), cuda, "CPUExecutionProvider"]
+    raise BackendError(f"onnxruntime provider {provider!r} is not one of {sorted(PROVIDERS)}")
+
+
+class OnnxEncoder(Encoder):
+    """Runs an exported ``.onnx`` file with ONNX Runtime.
+
+    Args:
+        path: the ``.onnx`` file written by ``vpr export onnx``.
+        device: ``cpu`` or ``cuda[:N]``.
+        provider: ``cpu``, ``cuda`` or ``tensorrt`` (ONNX Runtime's TensorRT execution
+            provider); default: ``cuda`` on a CUDA device, else ``cpu``.
+        threads: intra-op threads on CPU (default: every usable core).
+        expected_fingerprint: refuse (MapMismatchError) a file of another model, e.g. the
+            fingerprint recorded in the map this encoder will search.
+        optimization: ONNX Runtime graph optimisation level (``none|basic|extended|all``).
+        trt_cache_dir: engine cache of the TensorRT provider (default: beside the file).
+    """
+
+    def __init__(self, path: str | Path, device: str = "cpu", provider: Optional[str] = None,
+                 threads: Optional[int] = None, expected_fingerprint: Optional[str] = None,
+                 optimization: str = "all", trt_cache_dir: Optional[str | Path] = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise BackendError("the onnxruntime backend needs the 'onnxruntime' package "
+                               "(or 'onnxruntime-gpu' for CUDA)") from exc
+        from vpr_ros.runtime.backend_select import check_expected_fingerprint, parse_device
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise BackendError(f"{self.path}: no such ONNX file; export one with `vpr export "
+                               "onnx MODEL -o FILE`")
+        dev_type, dev_id = parse_device(device)
+        provider = provider or ("cuda" if dev_type == "cuda" else "cpu")
+        if provider != "cpu" and dev_type != "cuda":
+            raise BackendError(f"onnxruntime provider {provider!r} needs a CUDA device; pass "
+                               "device='cuda' (or provider='cpu')")
+        wanted = PROVIDERS.get(provider)
+        if wanted is None:
+            raise BackendError(f"onnxruntime provider {provider!r} is not one of "
+                               f"{sorted(PROVIDERS)}")
+        available = ort.get_available_providers()
+        if wanted not in available:
+            raise BackendError(f"onnxruntime provider {wanted} is not available in this "
+                               f"install (available: {available}); install onnxruntime-gpu "
+                               "for CUDA/TensorRT, or use provider='cpu'")
+        so = cpu_session_options(threads, optimization)
+        cache = Path(trt_cache_dir) if trt_cache_dir else self.path.parent / ".ort_trt_cache"
+        chain = provider_chain(provider, dev_id, cache if provider == "tensorrt" else None)
+        try:
+            self.session = ort.InferenceSession(str(self.path), so, providers=chain)
+        except Exception as exc:  # onnxruntime raises its own pybind exception types
+            raise BackendError(f"{self.path}: onnxruntime cannot load it ({exc}); the file is "
+                               "corrupt or not an ONNX model: re-export it with `vpr export "
+                               "onnx`") from exc
+        active = self.session.get_providers()
+        if wanted not in active:
+            raise BackendError(f"onnxruntime did not enable {wanted} for {self.path} (active: "
+                               f"{active}); check the CUDA/TensorRT libraries onnxruntime-gpu "
+                               "needs, or use provider='cpu'")
+        props = self.session.get_modelmeta().custom_metadata_map
+        self.meta = ArtifactMeta.from_props(props, str(self.path))
+        check_expected_fingerprint(self.meta.fingerprint, expected_fingerprint, str(self.path))
+        self._check_graph()
+        self.dim = self.meta.descriptor_dim
+        self.input_size = self.meta.input_size
+        self.fingerprint = self.meta.fingerprint
+        self.provider = provider
+        self.backend = f"onnxruntime-{provider}"
+        self._prep = self.meta.preprocessing
+
+    def _check_graph(self) -> None:
+        """The graph's inputs/outputs must be what the metadata promises."""
+        ins = self.session.get_inputs()
+        outs = [o.name for o in self.session.get_outputs()]
+        h, w = self.meta.input_size
+        if len(ins) != 1 or ins[0].name != self.meta.input_name:
+            raise BackendError(f"{self.path}: graph inputs {[i.name for i in ins]} do not match "
+                               f"the metadata ({self.meta.input_name!r}); re-export the file")
+        shape = list(ins[0].shape)
+        if len(shape) != 4 or shape[1:] != [3, h, w]:
+            raise BackendError(f"{self.path}: graph input shape {shape} does not match the "
+                               f"metadata's (batch, 3, {h}, {w}); re-export the file")
+        if outs != list(self.meta.outputs):
+            raise BackendError(f"{self.path}: graph outputs {outs} do not match the metadata's "
+                               f"{list(self.meta.outputs)}; re-export the file")
+        gshape = self.session.get_outputs()[0].shape
+        if len(gshape) != 2 or gshape[1] != self.meta.descriptor_dim:
+            raise BackendError(f"{self.path}: output 'global' has shape {gshape}, the metadata "
+                               f"says {self.meta.descriptor_dim}-D; re-export the file")
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self._prep
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return self.meta.outputs
+
+    def _run(self, names: Sequence[str], batch: np.ndarray) -> list[np.ndarray]:
+        h, w = self.input_size
+        if batch.dtype != np.float32 or batch.ndim != 4 or batch.shape[1:] != (3, h, w):
+            raise InputError(f"{self.backend}: expected a preprocessed (B, 3, {h}, {w}) float32 "
+                             f"batch, got {batch.shape} {batch.dtype}")
+        try:
+            return self.session.run(list(names), {self.meta.input_name:
+                                                  np.ascontiguousarray(batch)})
+        except Exception as exc:
+            raise BackendError(f"{self.backend}: inference failed on a {batch.shape} batch "
+                               f"({exc})") from exc
+
+    def _encode_batch(self, batch: np.ndarray) -> np.ndarray:
+        return self._run([GLOBAL_OUTPUT], batch)[0]
+
+    def _encode_all_batch(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(self.meta.outputs, self._run(self.meta.outputs, batch)))
+
+    def encode_preprocessed(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """All outputs of an already preprocessed (B, 3, H, W) float32 batch, checked."""
+        return check_outputs(self._encode_all_batch(batch), batch.shape[0], self.dim,
+                             self.backend)

@@ -1,0 +1,212 @@
+"""The GPU twin of :mod:`vpr_ros.runtime.preprocess`: same resize policy, same arithmetic.
+
+On a GPU backend the camera frame should be uploaded once as uint8 and resized there (a 4x
+smaller copy than a float batch, and no CPU resize in the frame budget). For the descriptors to
+stay backend-independent the twin computes what OpenCV computes on the CPU, method by method:
+
+* growing (``INTER_LINEAR``, and ``INTER_AREA`` when only some axis shrinks): OpenCV's two-tap
+  filters with its float32 phases, 11-bit fixed-point coefficients and the integer shifts of its
+  vectorised vertical pass;
+* shrinking by whole factors: integer block sums with OpenCV's rounding;
+* shrinking by other factors: coverage weights (float32), rounded to uint8;
+
+then normalised with the same float32 operations as the numpy path. The result matches OpenCV
+bit for bit except for at most one grey level on a fraction of a percent of pixels (OpenCV's
+scalar tails and border rows round differently from its vector body);
+``test/test_backends_preprocess.py`` bounds that on real and synthetic frames of many sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+
+from vpr_ros.errors import InputError
+from vpr_ros.runtime.preprocess import Preprocessing, check_image
+
+TorchImages = Union[np.ndarray, Sequence[np.ndarray], torch.Tensor, Sequence[torch.Tensor]]
+
+
+#: OpenCV's fixed-point scale for uint8 resize coefficients (INTER_RESIZE_COEF_BITS = 11).
+COEF_SCALE = 2048
+
+
+def linear_taps(src: int, dst: int, area_mode: bool = False
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """OpenCV's two-tap filter along one axis: source indices (i0, i1) and fixed-point
+    coefficients (c0, c1) summing to 2048, for INTER_LINEAR (or INTER_AREA's mode when the
+    image grows along some axis). Phases are computed in float32 as OpenCV does."""
+    scale = src / dst
+    inv = 1.0 / scale
+    i0 = np.empty(dst, dtype=np.int64)
+    frac = np.empty(dst, dtype=np.float32)
+    for d in range(dst):
+        if area_mode:
+            s = math.floor(d * scale)
+            f = np.float32((d + 1) - (s + 1) * inv)
+            f = np.float32(0.0) if f <= 0 else np.float32(f - math.floor(f))
+        else:
+            f = np.float32((d + 0.5) * scale - 0.5)
+            s = math.floor(f)
+            f = np.float32(f - s)
+        if s < 0:
+            s, f = 0, np.float32(0.0)
+        if s >= src - 1:
+            s, f = src - 1, np.float32(0.0)
+        i0[d], frac[d] = s, f
+    c1 = np.round(frac * COEF_SCALE).astype(np.int64)
+    c0 = np.round((np.float32(1.0) - frac) * COEF_SCALE).astype(np.int64)
+    return i0, np.minimum(i0 + 1, src - 1), c0, c1
+
+
+def area_weights(src: int, dst: int) -> np.ndarray:
+    """(dst, src) coverage weights of OpenCV's INTER_AREA when shrinking (src >= dst)."""
+    scale = src / dst
+    w = np.zeros((dst, src), dtype=np.float64)
+    for d in range(dst):
+        fs1 = d * scale
+        fs2 = fs1 + scale
+        cell = min(scale, src - fs1)
+        s1, s2 = math.ceil(fs1), math.floor(fs2)
+        s2 = min(s2, src - 1)
+        s1 = min(s1, s2)
+        if s1 - fs1 > 1e-3:
+            w[d, s1 - 1] = (s1 - fs1) / cell
+        w[d, s1:s2] = 1.0 / cell
+        if fs2 - s2 > 1e-3:
+            w[d, s2] = min(min(fs2 - s2, 1.0), cell) / cell
+    return w
+
+
+@dataclass(frozen=True)
+class ResizePlan:
+    """How one source size maps to the network input: OpenCV's method and its parameters.
+
+    ``mode``: ``identity``, ``linear`` (fixed-point two-tap filters, also INTER_AREA on a
+    growing axis), ``area_int`` (integer block means) or ``area`` (coverage weights). ``crop``
+    is (top, left) into the resized image for the center-crop policy.
+    """
+
+    mode: str
+    resized: tuple[int, int]
+    crop: tuple[int, int]
+    area_mode: bool = False
+
+
+def resize_plan(src_hw: tuple[int, int], prep: Preprocessing) -> ResizePlan:
+    """Mirror :func:`vpr_ros.runtime.preprocess.resize_image`'s decisions for one size."""
+    H, W = src_hw
+    h, w = prep.size
+    top = left = 0
+    rh, rw = h, w
+    if prep.resize == "center_crop":
+        scale = max(h / H, w / W)
+        rh, rw = max(h, round(H * scale)), max(w, round(W * scale))
+        top, left = (rh - h) // 2, (rw - w) // 2
+    if (H, W) == (rh, rw):
+        return ResizePlan("identity", (rh, rw), (top, left))
+    if H * W > rh * rw:  # preprocess._resize picks INTER_AREA when shrinking
+        if H >= rh and W >= rw:
+            integer = H % rh == 0 and W % rw == 0
+            return ResizePlan("area_int" if integer else "area", (rh, rw), (top, left))
+        return ResizePlan("linear", (rh, rw), (top, left), area_mode=True)
+    return ResizePlan("linear", (rh, rw), (top, left))
+
+
+def _rows(t: torch.Tensor, idx: np.ndarray, dim: int) -> torch.Tensor:
+    return t.index_select(dim, torch.from_numpy(idx).to(t.device))
+
+
+def resize_uint8(stack: torch.Tensor, plan: ResizePlan, out_hw: tuple[int, int]) -> torch.Tensor:
+    """(n, H, W, 3) uint8 -> (n, h, w, 3) float32 holding OpenCV's uint8 result."""
+    (H, W), (rh, rw) = stack.shape[1:3], plan.resized
+    (top, left), (h, w) = plan.crop, out_hw
+    if plan.mode == "identity":
+        return stack[:, top:top + h, left:left + w].float()
+    if plan.mode == "linear":
+        yi0, yi1, b0, b1 = (a[top:top + h] for a in linear_taps(H, rh, plan.area_mode))
+        xi0, xi1, a0, a1 = (a[left:left + w] for a in linear_taps(W, rw, plan.area_mode))
+        dev = stack.device
+        s = stack.to(torch.int32)
+        ca0 = torch.from_numpy(a0).to(dev, torch.int32)[None, None, :, None]
+        ca1 = torch.from_numpy(a1).to(dev, torch.int32)[None, None, :, None]
+        horiz = _rows(s, xi0, 2) * ca0 + _rows(s, xi1, 2) * ca1        # scale 2^11
+        cb0 = torch.from_numpy(b0).to(dev, torch.int32)[None, :, None, None]
+        cb1 = torch.from_numpy(b1).to(dev, torch.int32)[None, :, None, None]
+        # OpenCV's vectorised vertical pass: (((r0 >> 4) * b0) >> 16) + ((r1 >> 4) * b1) >> 16,
+        # then (+2) >> 2: scale 2^22 back to 2^0 with its intermediate truncations.
+        v = ((_rows(horiz, yi0, 1) >> 4) * cb0 >> 16) + ((_rows(horiz, yi1, 1) >> 4) * cb1 >> 16)
+        return ((v + 2) >> 2).clamp_(0, 255).float()
+    if plan.mode == "area_int":
+        ky, kx = H // rh, W // rw
+        sums = stack.to(torch.int32).reshape(-1, rh, ky, rw, kx, 3).sum(dim=(2, 4))
+        if (ky, kx) == (2, 2):  # OpenCV's 2x2 kernel rounds half up, the others half to even
+            out = torch.div(sums + 2, 4, rounding_mode="floor").float()
+        else:
+            out = (sums.double() / (ky * kx)).round_().float()
+        return out[:, top:top + h, left:left + w]
+    wy = torch.from_numpy(area_weights(H, rh)[top:top + h]).float().to(stack.device)
+    wx = torch.from_numpy(area_weights(W, rw)[left:left + w]).float().to(stack.device)
+    rows = torch.einsum("oh,nhwc->nowc", wy, stack.float())
+    return torch.einsum("pw,nowc->nopc", wx, rows).round_().clamp_(0, 255).float()
+
+
+class TorchPreprocessor:
+    """``(images) -> (B, 3, h, w) float32`` on ``device``, matching ``preprocess_batch``.
+
+    Accepts what the numpy path accepts (a list of HxWx3 uint8 arrays or one (B, H, W, 3)
+    array) and uint8 torch tensors of the same layouts, e.g. frames already decoded on the GPU.
+    """
+
+    def __init__(self, prep: Preprocessing, device: Union[str, torch.device] = "cpu",
+                 ) -> None:
+        self.prep = prep
+        self.device = torch.device(device)
+        self._mean = torch.tensor(prep.mean, dtype=torch.float32) * 255.0
+        self._inv_std = 1.0 / (torch.tensor(prep.std, dtype=torch.float32) * 255.0)
+        self._mean = self._mean.to(self.device)
+        self._inv_std = self._inv_std.to(self.device)
+
+    def _as_list(self, images: TorchImages) -> list[torch.Tensor]:
+        if isinstance(images, (np.ndarray, torch.Tensor)):
+            if images.ndim == 4:
+                images = list(images)
+            else:
+                raise InputError(f"expected a list of (H, W, 3) images or a (B, H, W, 3) array, "
+                                 f"got an array of shape {tuple(images.shape)}")
+        if len(images) == 0:
+            raise InputError("empty batch: nothing to encode")
+        out = []
+        for i, img in enumerate(images):
+            if isinstance(img, torch.Tensor):
+                if img.dtype != torch.uint8:
+                    raise InputError(f"image {i}: expected dtype uint8 (0..255 RGB), got "
+                                     f"{img.dtype}")
+                if img.ndim != 3 or img.shape[2] != 3:
+                    raise InputError(f"image {i}: expected shape (H, W, 3) RGB, got "
+                                     f"{tuple(img.shape)}")
+                if img.shape[0] == 0 or img.shape[1] == 0:
+                    raise InputError(f"image {i}: empty image {tuple(img.shape)}")
+                out.append(img.to(self.device, non_blocking=True))
+            else:
+                out.append(torch.from_numpy(np.ascontiguousarray(check_image(img, i)))
+                           .to(self.device, non_blocking=True))
+        return out
+
+    def __call__(self, images: TorchImages) -> torch.Tensor:
+        frames = self._as_list(images)
+        h, w = self.prep.size
+        out = torch.empty((len(frames), h, w, 3), dtype=torch.float32, device=self.device)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, f in enumerate(frames):
+            groups.setdefault((int(f.shape[0]), int(f.shape[1])), []).append(i)
+        for hw, idx in groups.items():
+            stack = torch.stack([frames[i] for i in idx])              # (n, H, W, 3) uint8
+            out[idx] = resize_uint8(stack, resize_plan(hw, self.prep), (h, w))
+        out -= self._mean
+        out *= self._inv_std
+        return out.permute(0, 3, 1, 2).contiguous()
