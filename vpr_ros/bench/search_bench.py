@@ -209,6 +209,7 @@ def machine() -> dict[str, Any]:
     import faiss
 
     return {"cpu": model, "cores": cores, "ram_gib": round(total / GIB, 1),
+            "load_average": [round(v, 2) for v in os.getloadavg()],
             "faiss": faiss.__version__, "numpy": np.__version__}
 
 
@@ -357,6 +358,7 @@ def run_search_bench(cfg: SearchBenchConfig) -> dict[str, Any]:
                 cfg.progress(f"{kind}:{dtype} n={n} dim={cfg.dim}")
                 results.append(bench_one(data, kind, dtype, cfg, Path(tmp)))
     reached = [r["n"] for r in results if "skipped" not in r]
+    # Load average at the end: these figures are only comparable on an otherwise idle machine.
     return {"machine": machine(), "data": notes,
             "config": {"dim": cfg.dim, "sizes": list(cfg.sizes), "queries": cfg.queries,
                        "latency_queries": cfg.latency_queries, "batch": cfg.batch, "k": cfg.k,
@@ -384,8 +386,8 @@ def format_table(report: Mapping[str, Any]) -> str:
         lines.append("| " + " | ".join(str(r.get(key, "")) for key, _ in COLUMNS) + " |")
     m = report["machine"]
     lines.append("")
-    lines.append(f"machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; faiss "
-                 f"{m['faiss']}, numpy {m['numpy']}")
+    lines.append(f"machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, load average "
+                 f"{m['load_average']} at the end; faiss {m['faiss']}, numpy {m['numpy']}")
     for note in report["data"].values():
         lines.append(f"data: {note}")
     lines.append(f"largest N reached: {report['largest_n']}")

@@ -15,19 +15,30 @@ cannot find enough of them.
 from __future__ import annotations
 
 import abc
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 import numpy as np
 
-from vpr_ros.mapdb.index.vectors import DescriptorStore
+from vpr_ros.mapdb.index.vectors import DescriptorStore, half_to_float
 
 #: Score given to padding slots (id -1) of a result row.
 PAD_SCORE = np.float32(-np.inf)
 
-# Rows per block of the exact scan: large enough for BLAS to run at memory speed, small enough
-# that the block's float32 copy (fp16 storage) stays in cache.
-SCAN_BLOCK_BYTES = 4 << 20
+# Exact scan blocks. float32 rows are read in place by BLAS: large blocks keep every core busy
+# (one small matrix-vector product per block would leave threads waiting). float16 rows are
+# converted to a float32 buffer first, which should stay in cache. The score block of a big batch
+# is bounded too.
+SCAN_F32_BLOCK_BYTES = 256 << 20
+SCAN_F16_BUFFER_BYTES = 16 << 20
+SCAN_SCORE_BYTES = 64 << 20
+
+#: Batches up to this size run faiss on one OpenMP thread. faiss splits even a single query over
+#: its threads, and on a busy robot computer (or this shared 2-core machine) an OpenMP team whose
+#: members are descheduled spins at every barrier: one 1M-code Hamming scan measured 265 ms on two
+#: threads against 23 ms on one under load. One thread per small query is the robust choice.
+SMALL_BATCH = 4
 
 Artifact = Any  # np.ndarray (saved as .npy) or a faiss index (saved with faiss.write_index)
 
@@ -72,8 +83,26 @@ class VectorIndex(abc.ABC):
         return {"kind": self.kind, **self.params}
 
 
-def scan_block_rows(dim: int) -> int:
-    return max(256, SCAN_BLOCK_BYTES // (4 * dim))
+@contextmanager
+def faiss_threads(queries: int) -> Iterator[None]:
+    """One OpenMP thread for the calling thread's faiss calls when the batch is small (the
+    setting is per calling thread in OpenMP, so other threads are not affected)."""
+    if queries > SMALL_BATCH:
+        yield
+        return
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def scan_block_rows(dim: int, dtype: np.dtype, queries: int) -> int:
+    limit = SCAN_F32_BLOCK_BYTES if dtype == np.float32 else SCAN_F16_BUFFER_BYTES
+    return max(256, min(limit // (4 * dim), SCAN_SCORE_BYTES // (4 * max(1, queries))))
 
 
 def _merge_topk(best_s: np.ndarray, best_i: np.ndarray, s: np.ndarray, i: np.ndarray,
@@ -108,13 +137,13 @@ def exact_search(store: DescriptorStore, queries: np.ndarray, k: int,
     b = queries.shape[0]
     best_s = np.full((b, 0), PAD_SCORE, np.float32)
     best_i = np.full((b, 0), -1, np.int64)
-    rows = scan_block_rows(store.dim)
+    rows = scan_block_rows(store.dim, store.dtype, b)
     qt = np.ascontiguousarray(queries.T, dtype=np.float32)
-    buf = np.empty((rows, store.dim), np.float32) if store.dtype != np.float32 else None
+    half = store.dtype == np.float16
+    buf = np.empty((rows, store.dim), np.float32) if half else None
     for start, block in store.chunks(rows):
         if buf is not None:
-            blk = buf[: len(block)]
-            blk[...] = block
+            blk = half_to_float(block, buf[: len(block)])
         else:
             blk = block
         s = np.matmul(blk, qt).T  # (b, rows)

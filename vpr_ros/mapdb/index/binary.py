@@ -20,7 +20,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from vpr_ros.errors import ConfigError, InputError, MapError
-from vpr_ros.mapdb.index.base import VectorIndex, allowed_selector, approximate_search
+from vpr_ros.mapdb.index.base import (VectorIndex, allowed_selector, approximate_search,
+                                      faiss_threads)
 from vpr_ros.mapdb.index.params import check_keys, int_param
 from vpr_ros.mapdb.index.vectors import GrowableArray
 
@@ -132,11 +133,12 @@ class BinaryIndex(VectorIndex):
         sel, _bitmap = allowed_selector(allowed)
 
         def fetch(rows: np.ndarray, kk: int, effort: int) -> np.ndarray:
-            if sel is None:
-                return self.index.search(qcodes[rows], kk)[1]
-            params = faiss.SearchParameters()
-            params.sel = sel
-            return self.index.search(qcodes[rows], kk, params=params)[1]
+            with faiss_threads(len(rows)):
+                if sel is None:
+                    return self.index.search(qcodes[rows], kk)[1]
+                params = faiss.SearchParameters()
+                params.sel = sel
+                return self.index.search(qcodes[rows], kk, params=params)[1]
 
         return approximate_search(self.store, queries, k, allowed, self.params["rerank"], fetch)
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from vpr_ros.errors import ConfigError
 from vpr_ros.mapdb.index.base import (PAD_SCORE, VectorIndex, allowed_selector, exact_search,
-                                      sort_results)
+                                      faiss_threads, sort_results)
 
 # Below this many queries a per-query scan of the fp16 codes beats block conversion + BLAS.
 FP16_SCAN_MAX_QUERIES = 8
@@ -99,16 +99,15 @@ class FlatIndex(VectorIndex):
             sel = faiss.IDSelectorRange(int(a), int(b))
             params = faiss.SearchParameters()
             params.sel = faiss.IDSelectorAnd(sel, base_sel) if base_sel is not None else sel
-            d, i = self._sq.search(queries, kk, params=params)
-            return d, i
+            with faiss_threads(len(queries)):
+                return self._sq.search(queries, kk, params=params)
 
         if parts == 1:
+            params = faiss.SearchParameters()
             if base_sel is not None:
-                params = faiss.SearchParameters()
                 params.sel = base_sel
+            with faiss_threads(len(queries)):
                 d, i = self._sq.search(queries, kk, params=params)
-            else:
-                d, i = self._sq.search(queries, kk)
         else:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(parts, thread_name_prefix="vpr-flat")

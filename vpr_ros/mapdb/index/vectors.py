@@ -9,11 +9,28 @@ parts, and a save writes them out as one ``.npy`` file.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
 STORAGE_DTYPES = ("float32", "float16")
+
+
+_HALF_DECODERS: dict[int, Any] = {}
+
+
+def half_to_float(block: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """float16 rows -> ``out`` (float32) through faiss's SIMD decoder, about twice as fast as
+    numpy's cast, which is not vectorised for half floats on this class of CPU."""
+    import faiss
+
+    dim = block.shape[1]
+    sq = _HALF_DECODERS.get(dim)
+    if sq is None:
+        sq = _HALF_DECODERS[dim] = faiss.ScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16)
+    src = np.ascontiguousarray(block, dtype=np.float16)
+    sq.decode_c(faiss.swig_ptr(src.view(np.uint8)), faiss.swig_ptr(out), len(src))
+    return out
 
 
 class GrowableArray:
@@ -127,7 +144,11 @@ class DescriptorStore:
         if len(segs) == 1:
             # Sorted gathers read a memory-mapped file front to back.
             order = np.argsort(ids, kind="stable")
-            out[order] = segs[0][1][ids[order]]
+            picked = segs[0][1][ids[order]]
+            if self.dtype == np.float16 and len(ids):
+                out[order] = half_to_float(picked, np.empty_like(out))
+            else:
+                out[order] = picked
             return out
         starts = np.array([s for s, _ in segs], dtype=np.int64)
         which = np.searchsorted(starts, ids, side="right") - 1
