@@ -24,8 +24,8 @@ def test_synthetic_bench_reports_every_kind(capsys: pytest.CaptureFixture,
                                             tmp_path: Path) -> None:
     report = run_bench(capsys, "--dim", "32", "--n", "1500,1000000000", "--queries", "40",
                        "--latency-queries", "5", "--batch", "16", "--workdir", str(tmp_path),
-                       "--index", "flat:float32,flat:float16,binary:float32,hnsw,ivfpq")
-    rows = {(r["index"], r["dtype"], r["n"]): r for r in report["results"]}
+                       "--index", "flat:float32,flat:float16,binary:float32:rerank=50,hnsw,ivfpq")
+    rows = {(r["index"].split()[0], r["dtype"], r["n"]): r for r in report["results"]}
     assert len(rows) == 10 and report["largest_n"] == 1500
     for kind in ("flat", "binary", "hnsw", "ivfpq"):
         assert "skipped" in rows[(kind, "float32", 10**9)]
@@ -80,3 +80,15 @@ def _save(x: np.ndarray) -> Path:
     path = Path(tempfile.mkdtemp()) / "real.npy"
     np.save(path, x)
     return path
+
+
+def test_index_specs_take_parameters() -> None:
+    from vpr_ros.bench.search_bench import parse_index
+    from vpr_ros.errors import ConfigError
+
+    assert parse_index("binary:float16:rerank=300+bits=1024") == \
+        ("binary", "float16", {"rerank": 300, "bits": 1024})
+    assert parse_index("hnsw") == ("hnsw", "float32", {})
+    for bad in ("annoy", "flat:float64", "binary:float16:rerank"):
+        with pytest.raises(ConfigError, match="index"):
+            parse_index(bad)

@@ -232,15 +232,24 @@ class SearchBenchConfig:
     progress: Callable[[str], None] = field(default=lambda msg: None)
 
 
-def parse_index(spec: str) -> tuple[str, str]:
-    kind, _, dtype = spec.partition(":")
-    dtype = dtype or "float32"
+def parse_index(spec: str) -> tuple[str, str, dict[str, int]]:
+    """``KIND[:DTYPE][:key=value+key=value]`` -> (kind, dtype, parameters), e.g.
+    ``binary:float16:rerank=300`` or ``hnsw:float32:M=16+ef_search=64``."""
     from vpr_ros.mapdb.index import KINDS
 
+    kind, _, rest = spec.partition(":")
+    dtype, _, raw = rest.partition(":")
+    dtype = dtype or "float32"
+    params: dict[str, int] = {}
+    for item in filter(None, raw.split("+")):
+        key, eq, value = item.partition("=")
+        if not eq or not value.lstrip("-").isdigit():
+            raise ConfigError(f"index {spec!r}: parameter {item!r} must be key=integer")
+        params[key] = int(value)
     if kind not in KINDS or dtype not in ("float32", "float16"):
-        raise ConfigError(f"index {spec!r}: expected KIND[:DTYPE] with KIND in {sorted(KINDS)} "
-                          "and DTYPE float32 or float16")
-    return kind, dtype
+        raise ConfigError(f"index {spec!r}: expected KIND[:DTYPE][:key=value+...] with KIND in "
+                          f"{sorted(KINDS)} and DTYPE float32 or float16")
+    return kind, dtype, params
 
 
 def estimated_bytes(kind: str, dtype: str, n: int, dim: int) -> int:
@@ -266,30 +275,31 @@ def too_big(kind: str, dtype: str, n: int, dim: int, fraction: float) -> str | N
     return None
 
 
-def bench_one(data: BenchData, kind: str, dtype: str, cfg: SearchBenchConfig,
-              workdir: Path) -> dict[str, Any]:
+def bench_one(data: BenchData, kind: str, dtype: str, params: dict[str, int],
+              cfg: SearchBenchConfig, workdir: Path) -> dict[str, Any]:
     from vpr_ros.mapdb import Keyframe, PlaceMap
 
-    row: dict[str, Any] = {"index": kind, "dtype": dtype, "n": data.n, "dim": data.dim}
+    label = kind + "".join(f" {k}={v}" for k, v in params.items())
+    row: dict[str, Any] = {"index": label, "dtype": dtype, "n": data.n, "dim": data.dim}
     why = too_big(kind, dtype, data.n, data.dim, cfg.memory_fraction)
     if why:
         row["skipped"] = why
         return row
     gc.collect()
     rss0 = rss_bytes()
-    pm = PlaceMap.create(data.dim, "bench", kind, dtype)
+    pm = PlaceMap.create(data.dim, "bench", {"kind": kind, **params}, dtype)
     t0 = time.perf_counter()
     done = 0
     for block in data.blocks():
         kfs = [Keyframe(session="bench", stamp_ns=done + i) for i in range(len(block))]
         pm.add(block, kfs)
         done += len(block)
-        cfg.progress(f"{kind}:{dtype} n={data.n}: built {done}/{data.n}")
+        cfg.progress(f"{label}:{dtype} n={data.n}: built {done}/{data.n}")
     row["build_s"] = round(time.perf_counter() - t0, 2)
     row["rss_build_mib"] = round((rss_bytes() - rss0) / 2**20)
     row["descriptor_mib"] = round(data.n * data.dim * np.dtype(dtype).itemsize / 2**20)
     if cfg.save_load:
-        path = workdir / f"{kind}-{dtype}-{data.n}-{data.dim}"
+        path = workdir / "map"
         t0 = time.perf_counter()
         pm.save(path)
         row["save_s"] = round(time.perf_counter() - t0, 2)
@@ -300,17 +310,17 @@ def bench_one(data: BenchData, kind: str, dtype: str, cfg: SearchBenchConfig,
         pm = PlaceMap.load(path, expected_fingerprint="bench")
         row["load_s"] = round(time.perf_counter() - t0, 2)
     q = data.queries
-    cfg.progress(f"{kind}:{dtype} n={data.n}: exact reference")
+    cfg.progress(f"{label}:{dtype} n={data.n}: exact reference")
     ref_ids, _ = pm.search_exact(q, cfg.k)
     for i in range(min(3, len(q))):  # warm-up: page in codes / build lazy scan structures
         pm.search(q[i: i + 1], cfg.k)
-    cfg.progress(f"{kind}:{dtype} n={data.n}: single-query latency")
+    cfg.progress(f"{label}:{dtype} n={data.n}: single-query latency")
     lat = []
     for i in range(min(cfg.latency_queries, len(q))):
         t0 = time.perf_counter()
         pm.search(q[i: i + 1], cfg.k)
         lat.append(time.perf_counter() - t0)
-    cfg.progress(f"{kind}:{dtype} n={data.n}: batch throughput")
+    cfg.progress(f"{label}:{dtype} n={data.n}: batch throughput")
     ids = np.empty_like(ref_ids)
     t0 = time.perf_counter()
     for s in range(0, len(q), cfg.batch):
@@ -329,6 +339,10 @@ def bench_one(data: BenchData, kind: str, dtype: str, cfg: SearchBenchConfig,
     row["index_info"] = {k: v for k, v in pm.info()["index"].items() if k != "note"}
     del pm
     gc.collect()
+    if cfg.save_load:
+        import shutil
+
+        shutil.rmtree(workdir / "map", ignore_errors=True)
     return row
 
 
@@ -343,10 +357,10 @@ def run_search_bench(cfg: SearchBenchConfig) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="vpr-bench-", dir=cfg.workdir) as tmp:
         for n in cfg.sizes:
             reasons = [too_big(kind, dtype, n, cfg.dim, cfg.memory_fraction)
-                       for kind, dtype in specs]
+                       for kind, dtype, _ in specs]
             if all(reasons):
                 results += [{"index": kind, "dtype": dtype, "n": n, "dim": cfg.dim,
-                             "skipped": why} for (kind, dtype), why in zip(specs, reasons)]
+                             "skipped": why} for (kind, dtype, _), why in zip(specs, reasons)]
                 continue
             if cfg.descriptors is not None:
                 data = real_data(n, cfg.dim, cfg.queries, cfg.descriptors, cfg.query_file,
@@ -354,9 +368,9 @@ def run_search_bench(cfg: SearchBenchConfig) -> dict[str, Any]:
             else:
                 data = synthetic_data(n, cfg.dim, cfg.queries, cfg.seed)
             notes[data.kind] = data.note
-            for kind, dtype in specs:
+            for kind, dtype, params in specs:
                 cfg.progress(f"{kind}:{dtype} n={n} dim={cfg.dim}")
-                results.append(bench_one(data, kind, dtype, cfg, Path(tmp)))
+                results.append(bench_one(data, kind, dtype, params, cfg, Path(tmp)))
     reached = [r["n"] for r in results if "skipped" not in r]
     # Load average at the end: these figures are only comparable on an otherwise idle machine.
     return {"machine": machine(), "data": notes,
