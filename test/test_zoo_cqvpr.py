@@ -128,6 +128,40 @@ def test_bad_parameters_are_config_errors(params: dict, match: str) -> None:
         build_component("aggregator", "cqvpr", params, in_channels=64)
 
 
+def export_onnx(model, path: Path) -> tuple[str, ...]:
+    """Export through ``vpr_ros.export`` (TensorRT op set, no image-independent compute, ONNX
+    Runtime parity: its own checks) when that package is present; otherwise plain
+    ``torch.onnx.export`` with the same conventions. Returns the output names."""
+    names = ("global", *model.extra_outputs)
+    try:
+        from vpr_ros.export.onnx_export import export_model_onnx
+    except ImportError:
+        export_model_onnx = None
+    if export_model_onnx is not None:
+        meta = export_model_onnx(model, path, model_fingerprint="0" * 24, verify=True)
+        assert tuple(meta.outputs) == names
+        return names
+
+    class Outputs(torch.nn.Module):
+        def __init__(self, m) -> None:
+            super().__init__()
+            self.m = m
+
+        def forward(self, images: torch.Tensor):
+            out = self.m.forward_all(images)
+            return tuple(out[n] for n in names)
+
+    model.eval().fix_input_size()
+    h, w = model.input_size
+    with torch.no_grad():
+        Outputs(model)(torch.randn(1, 3, h, w))  # warm the aggregator's query cache
+        torch.onnx.export(Outputs(model).eval(), (torch.randn(2, 3, h, w),), str(path),
+                          input_names=["images"], output_names=list(names), dynamo=False,
+                          opset_version=17, dynamic_axes={"images": {0: "batch"}},
+                          training=torch.onnx.TrainingMode.PRESERVE)
+    return names
+
+
 def test_onnx_export_with_the_local_head_as_second_output(tmp_path: Path) -> None:
     ort = pytest.importorskip("onnxruntime")
     cfg = model_config_from_dict({
@@ -139,29 +173,34 @@ def test_onnx_export_with_the_local_head_as_second_output(tmp_path: Path) -> Non
     torch.manual_seed(0)
     model = build_model(cfg)
     del model.backbone.blocks[1:]  # one trunk block keeps the trace small on CPU
-    model.eval().fix_input_size()
-
-    class Outputs(torch.nn.Module):
-        def __init__(self, m) -> None:
-            super().__init__()
-            self.m = m
-
-        def forward(self, images: torch.Tensor):
-            out = self.m.forward_all(images)
-            return out["global"], out["local"]
-
+    model.eval()
     path = tmp_path / "cqvpr.onnx"
-    torch.onnx.export(Outputs(model).eval(), (torch.randn(2, 3, 56, 70),), str(path),
-                      input_names=["images"], output_names=["global", "local"], dynamo=False,
-                      opset_version=17, dynamic_axes={"images": {0: "batch"}})
+    assert export_onnx(model, path) == ("global", "local")
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    shapes = {o.name: o.shape for o in sess.get_outputs()}
+    assert shapes["global"][1] == 384 + 64 and shapes["local"][1:] == [13, 17, 32]
     x = torch.randn(3, 3, 56, 70)
-    g, local = sess.run(None, {"images": x.numpy()})
+    g, local = sess.run(["global", "local"], {"images": x.numpy()})
     with torch.no_grad():
         ref = model.forward_all(x)
     assert g.shape == (3, 384 + 64) and local.shape == (3, 13, 17, 32)
     assert (g * ref["global"].numpy()).sum(1).min() >= 0.9999
     assert (local * ref["local"].numpy()).sum(-1).min() >= 0.9999
+
+
+def test_query_self_attention_is_cached_in_inference_only() -> None:
+    agg = small_aggregator()
+    with torch.no_grad():
+        first = agg.initial_queries()
+        assert agg.initial_queries() is first                 # reused while nothing changed
+        agg.decoder[0].norm1.bias.add_(0.5)
+        changed = agg.initial_queries()
+    assert changed is not first and not torch.allclose(changed, first)
+    fresh = agg.decoder[0].attend_self(agg.queries)
+    torch.testing.assert_close(changed, fresh.detach())
+    assert agg.initial_queries().requires_grad               # with autograd: never cached
+    agg.train()
+    assert agg._query_cache is None
 
 
 def test_cpu_configs_build_with_packaged_weights() -> None:

@@ -315,9 +315,19 @@ def test_binary_first_stage_then_float_rerank_through_placemap(model) -> None:
 
 # -- export ------------------------------------------------------------------------------------
 
-def test_onnx_export_gives_the_same_descriptors_and_codes(model, tmp_path: Path) -> None:
-    ort = pytest.importorskip("onnxruntime")
-    model.fix_input_size()
+def export_onnx(model, path: Path) -> tuple[str, ...]:
+    """Export through ``vpr_ros.export`` (TensorRT op set, no image-independent compute, ONNX
+    Runtime parity: its own checks) when that package is present; otherwise plain
+    ``torch.onnx.export`` with the same conventions. Returns the output names."""
+    names = ("global", *model.extra_outputs)
+    try:
+        from vpr_ros.export.onnx_export import export_model_onnx
+    except ImportError:
+        export_model_onnx = None
+    if export_model_onnx is not None:
+        meta = export_model_onnx(model, path, model_fingerprint="0" * 24, verify=True)
+        assert tuple(meta.outputs) == names
+        return names
 
     class Outputs(torch.nn.Module):
         def __init__(self, m) -> None:
@@ -326,16 +336,26 @@ def test_onnx_export_gives_the_same_descriptors_and_codes(model, tmp_path: Path)
 
         def forward(self, images: torch.Tensor):
             out = self.m.forward_all(images)
-            return out["global"], out["binary"]
+            return tuple(out[n] for n in names)
 
-    x = torch.randn(2, 3, *SIZE)
+    model.eval().fix_input_size()
+    h, w = model.input_size
+    with torch.no_grad():
+        Outputs(model)(torch.randn(1, 3, h, w))  # warm the aggregator's query cache
+        torch.onnx.export(Outputs(model).eval(), (torch.randn(2, 3, h, w),), str(path),
+                          input_names=["images"], output_names=list(names), dynamo=False,
+                          opset_version=17, dynamic_axes={"images": {0: "batch"}},
+                          training=torch.onnx.TrainingMode.PRESERVE)
+    return names
+
+
+def test_onnx_export_gives_the_same_descriptors_and_codes(model, tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
     path = tmp_path / "selavpr.onnx"
-    torch.onnx.export(Outputs(model).eval(), (x,), str(path), input_names=["images"],
-                      output_names=["global", "binary"], dynamo=False, opset_version=17,
-                      dynamic_axes={"images": {0: "batch"}})
+    assert export_onnx(model, path) == ("global", "binary")
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x3 = torch.randn(3, 3, *SIZE)
-    g, b = sess.run(None, {"images": x3.numpy()})
+    g, b = sess.run(["global", "binary"], {"images": x3.numpy()})
     with torch.no_grad():
         ref = model.forward_all(x3)
     cos = (g * ref["global"].numpy()).sum(1) / np.linalg.norm(g, axis=1)

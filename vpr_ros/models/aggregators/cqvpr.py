@@ -23,9 +23,15 @@ mutual-nearest-neighbour re-ranking (:mod:`vpr_ros.models.rerank`).
 No official code is public; the layer layout above follows the paper's description, with choices
 where it is silent (decoder depth 2 with 8 heads and a 4x FFN, no positional encoding, softmax
 over queries, the MLP's width) made explicit as parameters.
+
+Export: the first decoder layer's query self-attention sees no image, so in inference it is
+computed once and cached (as QAA and BoQ do with their query banks); an ONNX graph then holds it
+as a constant instead of recomputing it for every frame.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +40,12 @@ from torch import nn
 from vpr_ros.models.aggregators.selavpr import GeMPool
 from vpr_ros.models.backbones.base import BackboneOutput
 from vpr_ros.models.registry import register_aggregator
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """``F.normalize`` along the last axis, written as a broadcast division (its ONNX export
+    has no ``Expand`` to a runtime shape, which hides the output width from shape inference)."""
+    return x / x.norm(p=2, dim=-1, keepdim=True).clamp(min=eps)
 
 
 class QueryDecoderLayer(nn.Module):
@@ -48,10 +60,15 @@ class QueryDecoderLayer(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Linear(ffn_dim, dim))
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, q: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        q = self.norm1(q + self.self_attn(q, q, q, need_weights=False)[0])
+    def attend_self(self, q: torch.Tensor) -> torch.Tensor:
+        return self.norm1(q + self.self_attn(q, q, q, need_weights=False)[0])
+
+    def attend_image(self, q: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         q = self.norm2(q + self.cross_attn(q, memory, memory, need_weights=False)[0])
         return self.norm3(q + self.ffn(q))
+
+    def forward(self, q: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        return self.attend_image(self.attend_self(q), memory)
 
 
 class LocalHead(nn.Module):
@@ -65,7 +82,7 @@ class LocalHead(nn.Module):
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> (B, 4h-3, 4w-3, dim), unit norm along the last axis."""
         x = self.upconv2(F.relu(self.upconv1(feats)))
-        return F.normalize(x, p=2, dim=1).permute(0, 2, 3, 1)
+        return l2_normalize(x.permute(0, 2, 3, 1))
 
 
 @register_aggregator("cqvpr")
@@ -110,30 +127,65 @@ class CQVPRAggregator(nn.Module):
         self.gem = GeMPool(p)
         self.local_head = LocalHead(in_channels, local_hidden, local_dim) if local_dim else None
         self.extra_outputs: tuple[str, ...] = ("local",) if local_dim else ()
+        self._query_cache: Optional[torch.Tensor] = None
+        self._query_key: Optional[tuple] = None
 
     @property
     def out_dim(self) -> int:
         return self.in_channels + self.query_dim
 
+    # -- the image-independent part ----------------------------------------------------------
+    def initial_queries(self) -> torch.Tensor:
+        """(1, K, d): the learned queries after the first layer's self-attention, which sees no
+        image. Cached in inference (eval mode, no autograd), keyed on the parameters' storage
+        and version counters and dropped on ``train()`` and state-dict loads, so it never goes
+        stale; a warm cache is what puts it into an ONNX graph as a constant. Not cached under
+        torch.compile/torch.export (fake tensors have no data pointer to key on)."""
+        layer = self.decoder[0]
+        caching = (not self.training and not torch.is_grad_enabled()
+                   and not torch.compiler.is_compiling())
+        if caching:
+            params = [self.queries, *layer.self_attn.parameters(), *layer.norm1.parameters()]
+            key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params)
+            if self._query_cache is not None and self._query_key == key:
+                return self._query_cache
+        q = layer.attend_self(self.queries)
+        if caching:
+            self._query_cache, self._query_key = q, key
+        else:
+            self._query_cache = self._query_key = None
+        return q
+
+    def train(self, mode: bool = True) -> "CQVPRAggregator":
+        self._query_cache = self._query_key = None
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[override]
+        self._query_cache = self._query_key = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    # -- forward ----------------------------------------------------------------------------
     def contexts(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens (B, N, C) -> refined queries (B, K, d) and heatmaps (B, K, N) (softmax over K)."""
         memory = self.input_norm(self.input_proj(tokens))
-        q = self.queries.expand(tokens.shape[0], -1, -1)
-        for layer in self.decoder:
+        q = self.initial_queries().expand(tokens.shape[0], -1, -1)
+        q = self.decoder[0].attend_image(q, memory)
+        for layer in list(self.decoder)[1:]:
             q = layer(q, memory)
         logits = torch.matmul(q, memory.transpose(1, 2)) * self.query_dim ** -0.5
         return q, logits.softmax(dim=1)
 
     def _global(self, x: BackboneOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         feats = x.features
-        b, c, h, w = feats.shape
-        tokens = feats.flatten(2).transpose(1, 2)                       # (B, N, C)
+        b, _, h, w = feats.shape
+        # Widths come from the module, not from the input's shape, and normalisation divides by
+        # a broadcast norm: an exported graph then keeps the descriptor width static.
+        tokens = feats.reshape(b, self.in_channels, -1).transpose(1, 2)   # (B, N, C)
         queries, heat = self.contexts(tokens)
-        ctx = self.context_mlp(heat.transpose(1, 2))                    # (B, N, d)
-        pix = F.normalize(tokens, p=2, dim=-1)
-        joint = torch.cat([pix, F.normalize(ctx, p=2, dim=-1)], dim=-1)  # (B, N, C + d)
-        joint = joint.transpose(1, 2).reshape(b, c + self.query_dim, h, w)
-        g = F.normalize(self.gem(joint), p=2, dim=-1)
+        ctx = self.context_mlp(heat.transpose(1, 2))                      # (B, N, d)
+        pix = l2_normalize(tokens)
+        joint = torch.cat([pix, l2_normalize(ctx)], dim=-1)               # (B, N, C + d)
+        g = l2_normalize(self.gem(joint.transpose(1, 2).unsqueeze(-1)))   # GeM over the N axis
         return g, {"heatmaps": heat.reshape(b, self.num_queries, h, w), "pixels": pix,
                    "queries": queries}
 
@@ -155,6 +207,5 @@ class CQVPRAggregator(nn.Module):
             heat = parts["heatmaps"].flatten(2)                                  # (B, K, N)
             weights = heat / heat.sum(dim=-1, keepdim=True).clamp(min=1e-6)
             out["heatmaps"] = parts["heatmaps"]
-            out["query_features"] = F.normalize(torch.matmul(weights, parts["pixels"]), p=2,
-                                                dim=-1)
+            out["query_features"] = l2_normalize(torch.matmul(weights, parts["pixels"]))
         return out
