@@ -252,10 +252,12 @@ def parse_index(spec: str) -> tuple[str, str, dict[str, int]]:
     return kind, dtype, params
 
 
-def estimated_bytes(kind: str, dtype: str, n: int, dim: int) -> int:
-    """Peak memory to build and search one map (descriptors + index + fp16 scan copy)."""
+def estimated_bytes(kind: str, dtype: str, n: int, dim: int, save_load: bool = True) -> int:
+    """Peak resident memory to build and search one map: the descriptors, the index, and for
+    fp16 exact search the faiss copy it scans (which replaces the in-memory descriptors when the
+    map is saved and re-loaded memory-mapped, as the node does)."""
     desc = n * dim * np.dtype(dtype).itemsize
-    extra = {"flat": desc if dtype == "float16" else 0,
+    extra = {"flat": desc if dtype == "float16" and not save_load else 0,
              "hnsw": desc + n * 32 * 2 * 8,
              "ivfpq": n * 80 + min(n, 50_000) * dim * 4,
              "binary": n * 64 + 100 * dim * 4}[kind]
@@ -266,9 +268,10 @@ def percentile_ms(samples: Sequence[float], p: float) -> float:
     return float(np.percentile(np.asarray(samples) * 1e3, p))
 
 
-def too_big(kind: str, dtype: str, n: int, dim: int, fraction: float) -> str | None:
+def too_big(kind: str, dtype: str, n: int, dim: int, fraction: float,
+            save_load: bool = True) -> str | None:
     """Why a configuration is skipped (it would not fit in available memory), or None."""
-    need = estimated_bytes(kind, dtype, n, dim)
+    need = estimated_bytes(kind, dtype, n, dim, save_load)
     avail = available_bytes()
     if need > fraction * avail:
         return f"needs ~{need / GIB:.1f} GiB, {avail / GIB:.1f} GiB available"
@@ -281,7 +284,7 @@ def bench_one(data: BenchData, kind: str, dtype: str, params: dict[str, int],
 
     label = kind + "".join(f" {k}={v}" for k, v in params.items())
     row: dict[str, Any] = {"index": label, "dtype": dtype, "n": data.n, "dim": data.dim}
-    why = too_big(kind, dtype, data.n, data.dim, cfg.memory_fraction)
+    why = too_big(kind, dtype, data.n, data.dim, cfg.memory_fraction, cfg.save_load)
     if why:
         row["skipped"] = why
         return row
@@ -356,7 +359,7 @@ def run_search_bench(cfg: SearchBenchConfig) -> dict[str, Any]:
     notes = {}
     with tempfile.TemporaryDirectory(prefix="vpr-bench-", dir=cfg.workdir) as tmp:
         for n in cfg.sizes:
-            reasons = [too_big(kind, dtype, n, cfg.dim, cfg.memory_fraction)
+            reasons = [too_big(kind, dtype, n, cfg.dim, cfg.memory_fraction, cfg.save_load)
                        for kind, dtype, _ in specs]
             if all(reasons):
                 results += [{"index": kind, "dtype": dtype, "n": n, "dim": cfg.dim,

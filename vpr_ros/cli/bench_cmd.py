@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from vpr_ros.errors import ConfigError
@@ -73,9 +74,16 @@ def run_search(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
 
+    tty = sys.stderr.isatty()
+    last = [0.0]
+
     def progress(msg: str) -> None:
-        print(f"\r\033[K{msg}", end="", file=sys.stderr, flush=True) if sys.stderr.isatty() \
-            else None
+        """A one-line live status on a terminal; throttled plain lines in a log."""
+        if tty:
+            print(f"\r\033[K{msg}", end="", file=sys.stderr, flush=True)
+        elif "built" not in msg or time.monotonic() - last[0] > 30:
+            print(msg, file=sys.stderr, flush=True)
+            last[0] = time.monotonic()
 
     cfg = SearchBenchConfig(
         dim=args.dim, sizes=args.n, indexes=[s for s in args.indexes.split(",") if s],
