@@ -45,9 +45,27 @@ class FrameTiming:
     publish: float = 0.0
     total: float = 0.0
     transport: float = math.nan
+    #: Thread CPU seconds of each stage on the encoder thread: what the work itself costs,
+    #: apart from time spent waiting for a core on a busy machine (helper threads of BLAS,
+    #: OpenCV or torch are not included).
+    cpu: dict[str, float] = field(default_factory=dict)
 
     def stage(self, name: str) -> float:
         return float(getattr(self, name))
+
+
+class Stopwatch:
+    """Times consecutive stages of one frame, wall clock and thread CPU, into a FrameTiming."""
+
+    def __init__(self, timing: FrameTiming) -> None:
+        self.timing = timing
+        self._wall, self._cpu = time.perf_counter(), time.thread_time()
+
+    def lap(self, stage: str) -> None:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        setattr(self.timing, stage, wall - self._wall)
+        self.timing.cpu[stage] = cpu - self._cpu
+        self._wall, self._cpu = wall, cpu
 
 
 class LogThrottle:

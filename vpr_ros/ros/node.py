@@ -41,11 +41,12 @@ from vpr_ros.errors import ConfigError, MapError, VPRError
 from vpr_ros.ros import conversions as conv
 from vpr_ros.ros import messages
 from vpr_ros.ros.diagnostics import (FrameTiming, LogThrottle, NodeIdentity, NodeStats, RateMeter,
-                                     diagnostic_array)
+                                     Stopwatch, diagnostic_array)
 from vpr_ros.ros.mailbox import Mailbox
 from vpr_ros.ros.params import NodeSettings, all_parameter_specs, descriptor_for, \
     settings_from_values
-from vpr_ros.ros.pipeline import LOCALIZATION, FrameOutcome, Pipeline, default_session_name
+from vpr_ros.ros.pipeline import (LOCALIZATION, FrameOutcome, Pipeline, default_session_name,
+                                  limit_blas_threads)
 from vpr_ros.ros.pose_buffer import PoseBuffer
 
 NODE_NAME = "vpr_node"
@@ -93,6 +94,7 @@ class VprNode(LifecycleNode):
         self._closure_segments: list[tuple[tuple[float, ...], tuple[float, ...]]] = []
         self._keyframes_timer: Any = None
         self._in_rate, self._out_rate = RateMeter(), RateMeter()
+        self._blas_note = ""
 
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._diag_timer = self.create_timer(
@@ -146,7 +148,7 @@ class VprNode(LifecycleNode):
         self.get_logger().info(
             f"configured: mode {cfg.mode}, encoder {enc.backend} (fingerprint "
             f"{enc.fingerprint}, {enc.dim}-D, input {enc.input_size}), map "
-            f"{cfg.map or '(new live map)'} with {len(pmap)} keyframes")
+            f"{cfg.map or '(new live map)'} with {len(pmap)} keyframes; {self._blas_note}")
         return TransitionCallbackReturn.SUCCESS
 
     def _configure_failed(self, reason: str) -> TransitionCallbackReturn:
@@ -165,6 +167,7 @@ class VprNode(LifecycleNode):
         if not Path(cfg.model).exists():
             raise ConfigError(f"model {cfg.model} does not exist; check the parameter 'model' "
                               "(a model directory, .onnx file or TensorRT engine)")
+        self._blas_note = limit_blas_threads(cfg.blas_threads)
         options: dict[str, Any] = {"threads": cfg.threads} if cfg.threads else {}
         encoder = load_encoder(cfg.model, backend=cfg.backend, device=cfg.device, **options)
         place_map = self._open_map(cfg, encoder)
@@ -370,8 +373,8 @@ class VprNode(LifecycleNode):
             return
         cfg = settings.node
         timing = FrameTiming(item.stamp_ns)
-        start = time.perf_counter()
-        timing.wait = start - item.received
+        watch = Stopwatch(timing)
+        timing.wait = time.perf_counter() - item.received
         transport = (item.received_wall_ns - item.stamp_ns) / conv.NS_PER_S
         if abs(transport) < _TRANSPORT_PLAUSIBLE_S:
             timing.transport = transport
@@ -381,8 +384,7 @@ class VprNode(LifecycleNode):
             if self._poses is not None:
                 self._poses.clear()
         rgb = conv.frame_to_rgb(item.msg, cfg.image_transport == "compressed", cfg.max_pixels)
-        t_conv = time.perf_counter()
-        timing.conversion = t_conv - start
+        watch.lap("conversion")
         try:
             descriptor = pipeline.encode(rgb, timing)
         except VPRError as exc:
@@ -393,15 +395,14 @@ class VprNode(LifecycleNode):
                                       item.msg.header.frame_id, timing)
         except VPRError as exc:
             raise conv.FrameError(conv.SEARCH_ERROR, f"map search failed: {exc}") from exc
-        t_pub = time.perf_counter()
+        watch = Stopwatch(timing)
         try:
             self._publish(outcome, cfg)
         except Exception as exc:
             raise conv.FrameError(conv.PUBLISH_ERROR, f"publishing failed: "
                                   f"{type(exc).__name__}: {exc}") from exc
-        end = time.perf_counter()
-        timing.publish = end - t_pub
-        timing.total = end - item.received
+        watch.lap("publish")
+        timing.total = time.perf_counter() - item.received
         self.identity.map_size = pipeline.map_size()
         self.stats.frame(timing)
 

@@ -88,11 +88,13 @@ def synthetic_frames(count: int, width: int, height: int, seed: int = 0) -> list
 
 
 def publish_images(topic: str, rate_hz: float, seconds: float, width: int, height: int,
-                   compressed: bool = False, wait_s: float = 20.0) -> dict[str, Any]:
-    """Publish frames on ``topic`` at ``rate_hz`` for ``seconds`` (best effort, the sensor
-    QoS of camera drivers); header stamps are the wall clock at publication. Returns counts."""
+                   compressed: bool = False, qos: str = "reliable",
+                   wait_s: float = 20.0) -> dict[str, Any]:
+    """Publish frames on ``topic`` at ``rate_hz`` for ``seconds``; header stamps are the wall
+    clock at publication. ``qos`` ``best_effort`` is the sensor-data profile of camera drivers.
+    Returns counts."""
     import rclpy
-    from rclpy.qos import qos_profile_sensor_data
+    from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
     from sensor_msgs.msg import CompressedImage, Image
 
     from vpr_ros.runtime.image_codec import encode_compressed, encode_image
@@ -100,7 +102,9 @@ def publish_images(topic: str, rate_hz: float, seconds: float, width: int, heigh
     rclpy.init()
     node = rclpy.create_node("vpr_bench_camera")
     msg_type = CompressedImage if compressed else Image
-    pub = node.create_publisher(msg_type, topic, qos_profile_sensor_data)
+    profile = qos_profile_sensor_data if qos == "best_effort" else \
+        QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
+    pub = node.create_publisher(msg_type, topic, profile)
     messages = []
     for rgb in synthetic_frames(8, width, height):
         if compressed:
@@ -151,9 +155,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pub.add_argument("--width", type=int, default=640)
     pub.add_argument("--height", type=int, default=480)
     pub.add_argument("--compressed", action="store_true")
+    pub.add_argument("--qos", choices=["reliable", "best_effort"], default="reliable")
     args = parser.parse_args(argv)
     out = publish_images(args.topic, args.rate, args.seconds, args.width, args.height,
-                         args.compressed)
+                         args.compressed, args.qos)
     print(json.dumps(out), flush=True)
     return 0 if out["subscribed"] else 1
 

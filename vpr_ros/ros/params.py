@@ -53,6 +53,11 @@ class NodeConfig:
         "torch, onnxruntime or tensorrt")
     device: str = param("cpu", "encoder device: cpu, cuda or cuda:N")
     threads: int = param(0, "encoder CPU threads (0: the backend's default)", 0, 256)
+    blas_threads: int = param(
+        1, "threads the map search's BLAS may use, process-wide (0: the library default). One "
+        "is fastest for single-frame searches when the encoder and other nodes share the cores: "
+        "a multi-threaded matrix-vector product can stall for tens of ms waiting for a "
+        "descheduled thread", 0, 256)
     warmup: bool = param(
         True, "encode a blank frame and run one search at configure, so the first real frame "
         "does not pay for lazy initialisation")

@@ -11,7 +11,6 @@ or the state machines.
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Optional
@@ -22,7 +21,7 @@ from vpr_ros.localization import (Candidate, LoopClosure, LoopClosureDetector, R
                                   Relocalizer, candidates_from_results)
 from vpr_ros.mapdb import Exclusion, Keyframe, PlaceMap
 from vpr_ros.mapdb.poses import Pose
-from vpr_ros.ros.diagnostics import FrameTiming
+from vpr_ros.ros.diagnostics import FrameTiming, Stopwatch
 from vpr_ros.ros.params import NodeSettings
 from vpr_ros.runtime.encoder import Encoder, check_descriptors
 
@@ -36,6 +35,19 @@ def default_session_name(now: Optional[datetime] = None) -> str:
     return "live-" + now.strftime("%Y%m%dT%H%M%SZ")
 
 
+def limit_blas_threads(threads: int) -> str:
+    """Cap the BLAS thread pools of this process (0: leave them); returns what was done, for
+    the log. Uses threadpoolctl, which the pinned requirements bring (through scikit-learn)."""
+    if threads <= 0:
+        return "BLAS threads: library default"
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return "BLAS threads: not limited (threadpoolctl is not installed)"
+    threadpool_limits(limits=int(threads), user_api="blas")
+    return f"BLAS threads: {threads}"
+
+
 def encode_one(encoder: Encoder, rgb: np.ndarray, timing: FrameTiming) -> np.ndarray:
     """One frame -> (1, D) descriptor, timing preprocessing and inference separately.
 
@@ -43,19 +55,17 @@ def encode_one(encoder: Encoder, rgb: np.ndarray, timing: FrameTiming) -> np.nda
     observable from outside: the whole call is timed as ``encode`` and ``preprocess`` is NaN,
     rather than bypassing the backend's own path.
     """
+    watch = Stopwatch(timing)
     if type(encoder).encode is not Encoder.encode:
-        t0 = time.perf_counter()
         out = encoder.encode([rgb])
+        watch.lap("encode")
         timing.preprocess = float("nan")
-        timing.encode = time.perf_counter() - t0
         return out
-    t0 = time.perf_counter()
     batch = encoder.preprocess([rgb])
-    t1 = time.perf_counter()
+    watch.lap("preprocess")
     out = check_descriptors(np.asarray(encoder._encode_batch(batch), dtype=np.float32),
                             batch.shape[0], encoder.dim, encoder.backend)
-    timing.preprocess = t1 - t0
-    timing.encode = time.perf_counter() - t1
+    watch.lap("encode")
     return out
 
 
@@ -101,21 +111,20 @@ class Pipeline:
         """Search the map and run the mode's decision; in loop-closure mode maybe insert the
         frame as a keyframe of the live session."""
         with self.lock:
-            t0 = time.perf_counter()
+            watch = Stopwatch(timing)
             exclusion = None
             if self.detector is not None:
                 exclusion = Exclusion(**self.detector.search_exclusion(stamp_ns).as_kwargs())
             ids, scores = self.map.search(descriptor, self.top_k, exclude=exclusion)
             candidates = candidates_from_results(ids[0], scores[0], self.map.keyframe)
-            t1 = time.perf_counter()
+            watch.lap("search")
             position = pose[0].position if pose is not None else None
             outcome = FrameOutcome(stamp_ns, candidates, query_position=position)
             if self.relocalizer is not None:
                 outcome.relocalization = self.relocalizer.update(stamp_ns, candidates)
             else:
                 self._loop_closure(outcome, descriptor, pose, image_frame_id)
-            timing.search = t1 - t0
-            timing.decision = time.perf_counter() - t1
+            watch.lap("decision")
             return outcome
 
     def _loop_closure(self, outcome: FrameOutcome, descriptor: np.ndarray,
