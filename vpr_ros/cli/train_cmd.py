@@ -52,6 +52,9 @@ def _train(args: argparse.Namespace) -> int:
                "validation": result.validation}
     if args.json:
         print(json.dumps(summary, indent=2))
+    elif result.steps == 0:
+        print(f"saved the initial (untrained) model: {result.model_dir} (fingerprint "
+              f"{result.fingerprint})")
     else:
         print(f"trained {result.steps} steps in {result.wall_s:.0f} s; model directory "
               f"{result.model_dir} (fingerprint {result.fingerprint})")

@@ -148,12 +148,17 @@ class _DataModule(L.LightningDataModule):
         self.sets = sets
         self.cfg = cfg
 
-    def train_dataloader(self) -> dict[str, Any]:
+    def train_dataloader(self) -> Any:
+        """One loader per dataset, combined so that every step draws one batch from each;
+        "max_size_cycle": the epoch is the longest loader's, shorter ones start over."""
+        from lightning.pytorch.utilities import CombinedLoader
+
         t = self.cfg.trainer
         rank = self.trainer.global_rank if self.trainer else 0
         world = self.trainer.world_size if self.trainer else 1
-        return {s.cfg.name: s.loader(t.seed + i, rank, world, t.num_workers, t.batches_per_epoch)
-                for i, s in enumerate(self.sets)}
+        loaders = {s.cfg.name: s.loader(t.seed + i, rank, world, t.num_workers,
+                                        t.batches_per_epoch) for i, s in enumerate(self.sets)}
+        return CombinedLoader(loaders, mode="max_size_cycle")
 
 
 def build_train_sets(cfg: TrainConfig, model: VPRModel, train_size: tuple[int, int],
@@ -191,13 +196,12 @@ def _epoch_batches(sets: list[TrainSet], cfg: TrainConfig, world_size: int) -> i
 # -- the run ----------------------------------------------------------------------------------
 
 class _FinalModel(L.Callback):
-    """Writes the model directory and the summary when training ends (rank 0 only)."""
+    """Writes the model directory when training ends (rank 0 only), before the trainer
+    tears down, so the model is saved even when a later step (summary, checkpoint) fails."""
 
-    def __init__(self, out: Path, cfg: TrainConfig, started: float, timings: dict) -> None:
+    def __init__(self, out: Path, cfg: TrainConfig) -> None:
         self.out = out
         self.cfg = cfg
-        self.started = started
-        self.timings = timings
         self.fingerprint = ""
 
     def on_train_end(self, trainer: L.Trainer, pl_module: VPRTrainingModule) -> None:
@@ -248,7 +252,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, output: Optional[Path]
     ckpt_path = resolve_resume(out, resume)
 
     timings: dict[str, float] = {}
-    final = _FinalModel(out, cfg, t0, timings)
+    final = _FinalModel(out, cfg)
     callbacks: list[L.Callback] = [
         ModelCheckpoint(dirpath=out / "checkpoints", filename="step{step}",
                         every_n_train_steps=tc.checkpoint_every_n_steps, save_last=True,
