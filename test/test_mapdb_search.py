@@ -107,7 +107,7 @@ def test_padding_when_fewer_allowed_than_k() -> None:
 
 
 # Fewer, smaller PQ codebooks keep training fast; the defaults are covered elsewhere.
-IVFPQ_SMALL = {"kind": "ivfpq", "m": 8, "nbits": 6}
+IVFPQ_SMALL = {"kind": "ivfpq", "m": 8, "nbits": 6, "nlist": 16, "train_size": 2000}
 KINDS = ["flat", "hnsw", IVFPQ_SMALL, "binary"]
 
 
@@ -196,16 +196,17 @@ def test_binary_uses_model_codes_when_given(clustered) -> None:
 def test_ivfpq_searches_exactly_until_it_can_train() -> None:
     db = clustered_descriptors(1500, 32, clusters=20, seed=1)
     kfs = keyframes_for(len(db))
-    pm = PlaceMap.create(32, FP, "ivfpq")
+    pm = PlaceMap.create(32, FP, {"kind": "ivfpq", "nbits": 6})  # trains from 4 * 2**6 rows
     flat = PlaceMap.create(32, FP, "flat")
-    pm.add(db[:500], kfs[:500])
-    flat.add(db[:500], kfs[:500])
+    pm.add(db[:200], kfs[:200])
+    flat.add(db[:200], kfs[:200])
     info = pm.info()["index"]
-    assert info["trained"] is False and "exact search until" in info["note"]
+    assert info["trained"] is False and "exact search until the map holds 256" in info["note"]
     q = db[:20]
     np.testing.assert_array_equal(pm.search(q, 5)[0], flat.search(q, 5)[0])
-    pm.add(db[500:], kfs[500:])  # crosses min_train (1024): trains on the map's descriptors
+    pm.add(db[200:], kfs[200:])  # crosses min_train: trains on the map's own descriptors
     info = pm.info()["index"]
+    # Defaults scale with the map: nlist ~ sqrt(N) capped at N / 39, m cuts D=32 into 8 x 4.
     assert info["trained"] is True and info["nlist"] == 38 and info["m"] == 8
     assert (pm.search(q, 1)[0][:, 0] == np.arange(20)).mean() >= 0.95
     with pytest.raises(ConfigError, match="min_train"):
@@ -295,3 +296,26 @@ def test_descriptor_store_blocks_keep_row_order() -> None:
     ids = rng.integers(0, len(ref), 200)
     np.testing.assert_array_equal(store.rows(ids), ref[ids])
     np.testing.assert_array_equal(np.concatenate([b for _, b in store.chunks(33)]), ref)
+
+
+def test_faiss_is_loaded_with_sleeping_openmp_threads() -> None:
+    """The wait policy is set only while faiss's own libgomp initialises, never left behind."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, sys\n"
+            "from vpr_ros.mapdb.index.faiss_loader import load_faiss\n"
+            "seen = []\n"
+            "real_import = __builtins__.__import__\n"
+            "def spy(name, *a, **k):\n"
+            "    if name == 'faiss' and 'faiss' not in sys.modules:\n"
+            "        seen.append(os.environ.get('OMP_WAIT_POLICY'))\n"
+            "    return real_import(name, *a, **k)\n"
+            "__builtins__.__import__ = spy\n"
+            "load_faiss()\n"
+            "print(seen[0], os.environ.get('OMP_WAIT_POLICY'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"},
+                         check=True).stdout.split()
+    assert out == ["PASSIVE", "None"]

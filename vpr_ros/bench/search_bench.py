@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from vpr_ros.errors import ConfigError, InputError
+from vpr_ros.mapdb.index.faiss_loader import load_faiss
 
 GIB = 1 << 30
 
@@ -206,7 +207,7 @@ def machine() -> dict[str, Any]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     with open("/proc/meminfo") as f:
         total = int(f.readline().split()[1]) * 1024
-    import faiss
+    faiss = load_faiss()
 
     return {"cpu": model, "cores": cores, "ram_gib": round(total / GIB, 1),
             "load_average": [round(v, 2) for v in os.getloadavg()],

@@ -42,6 +42,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from vpr_ros.errors import MapError
+from vpr_ros.mapdb.index.faiss_loader import load_faiss
 from vpr_ros.mapdb.keyframe import KeyframeTable
 
 FORMAT = "vpr_ros.map"
@@ -130,7 +131,7 @@ def write_npy(path: Path, segments: Sequence[np.ndarray], dtype: np.dtype | str,
 
 
 def write_faiss(path: Path, index: Any) -> dict[str, Any]:
-    import faiss
+    faiss = load_faiss()
 
     faiss.write_index(index, str(path))
     with open(path, "rb+") as f:

@@ -21,6 +21,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 import numpy as np
 
+from vpr_ros.mapdb.index.faiss_loader import load_faiss
 from vpr_ros.mapdb.index.vectors import DescriptorStore, half_to_float
 
 #: Score given to padding slots (id -1) of a result row.
@@ -34,10 +35,8 @@ SCAN_F32_BLOCK_BYTES = 256 << 20
 SCAN_F16_BUFFER_BYTES = 16 << 20
 SCAN_SCORE_BYTES = 64 << 20
 
-#: Batches up to this size run faiss on one OpenMP thread. faiss splits even a single query over
-#: its threads, and on a busy robot computer (or this shared 2-core machine) an OpenMP team whose
-#: members are descheduled spins at every barrier: one 1M-code Hamming scan measured 265 ms on two
-#: threads against 23 ms on one under load. One thread per small query is the robust choice.
+#: Batches up to this size run faiss on one OpenMP thread where the caller already spreads the
+#: work over its own threads (the fp16 exact scan), so the two kinds of threads do not compete.
 SMALL_BATCH = 4
 
 Artifact = Any  # np.ndarray (saved as .npy) or a faiss index (saved with faiss.write_index)
@@ -90,7 +89,7 @@ def faiss_threads(queries: int) -> Iterator[None]:
     if queries > SMALL_BATCH:
         yield
         return
-    import faiss
+    faiss = load_faiss()
 
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
@@ -215,7 +214,7 @@ def allowed_selector(allowed: np.ndarray | None):
     must outlive the search), or (None, None)."""
     if allowed is None:
         return None, None
-    import faiss
+    faiss = load_faiss()
 
     bitmap = np.packbits(allowed, bitorder="little")
     return faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap)), bitmap

@@ -20,8 +20,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from vpr_ros.errors import ConfigError, InputError, MapError
-from vpr_ros.mapdb.index.base import (VectorIndex, allowed_selector, approximate_search,
-                                      faiss_threads)
+from vpr_ros.mapdb.index.faiss_loader import load_faiss
+from vpr_ros.mapdb.index.base import VectorIndex, allowed_selector, approximate_search
 from vpr_ros.mapdb.index.params import check_keys, int_param
 from vpr_ros.mapdb.index.vectors import GrowableArray
 
@@ -48,7 +48,7 @@ class BinaryIndex(VectorIndex):
 
     def __init__(self, store, params: Mapping[str, Any]) -> None:
         super().__init__(store, params)
-        import faiss
+        faiss = load_faiss()
 
         self.bits = self.params["bits"]
         self.codes = GrowableArray(np.uint8, self.bits // 8)
@@ -127,18 +127,17 @@ class BinaryIndex(VectorIndex):
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None,
                query_codes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        import faiss
+        faiss = load_faiss()
 
         qcodes = self.query_codes_for(queries, query_codes)
         sel, _bitmap = allowed_selector(allowed)
 
         def fetch(rows: np.ndarray, kk: int, effort: int) -> np.ndarray:
-            with faiss_threads(len(rows)):
-                if sel is None:
-                    return self.index.search(qcodes[rows], kk)[1]
-                params = faiss.SearchParameters()
-                params.sel = sel
-                return self.index.search(qcodes[rows], kk, params=params)[1]
+            if sel is None:
+                return self.index.search(qcodes[rows], kk)[1]
+            params = faiss.SearchParameters()
+            params.sel = sel
+            return self.index.search(qcodes[rows], kk, params=params)[1]
 
         return approximate_search(self.store, queries, k, allowed, self.params["rerank"], fetch)
 

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from vpr_ros.errors import ConfigError
+from vpr_ros.mapdb.index.faiss_loader import load_faiss
 from vpr_ros.mapdb.index.base import (PAD_SCORE, VectorIndex, allowed_selector, exact_search,
                                       faiss_threads, sort_results)
 
@@ -56,7 +57,7 @@ class FlatIndex(VectorIndex):
 
     def _sq_sync(self) -> None:
         """Bring the fp16 scan index up to the store's row count."""
-        import faiss
+        faiss = load_faiss()
 
         if self._sq is None:
             self._sq = faiss.IndexScalarQuantizer(self.store.dim, faiss.ScalarQuantizer.QT_fp16,
@@ -85,7 +86,7 @@ class FlatIndex(VectorIndex):
 
     def _fp16_scan(self, queries: np.ndarray, k: int,
                    allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        import faiss
+        faiss = load_faiss()
 
         if self._sq is None or self._sq.ntotal != len(self.store):
             self._sq_sync()

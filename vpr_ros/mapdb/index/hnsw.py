@@ -13,8 +13,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from vpr_ros.errors import MapError
-from vpr_ros.mapdb.index.base import (VectorIndex, allowed_selector, approximate_search,
-                                      faiss_threads)
+from vpr_ros.mapdb.index.faiss_loader import load_faiss
+from vpr_ros.mapdb.index.base import VectorIndex, allowed_selector, approximate_search
 from vpr_ros.mapdb.index.params import check_keys, int_param
 
 PARAMS = ("M", "ef_construction", "ef_search", "candidates")
@@ -36,7 +36,7 @@ class HNSWIndex(VectorIndex):
                 "candidates": int_param(cls.kind, given, "candidates", 32, 1)}
 
     def _new_index(self):
-        import faiss
+        faiss = load_faiss()
 
         d, m = self.store.dim, self.params["M"]
         if self.store.dtype == np.float16:
@@ -58,7 +58,7 @@ class HNSWIndex(VectorIndex):
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None,
                query_codes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        import faiss
+        faiss = load_faiss()
 
         sel, _bitmap = allowed_selector(allowed)
         ef = self.params["ef_search"]
@@ -68,8 +68,7 @@ class HNSWIndex(VectorIndex):
             params.efSearch = max(ef * effort, kk)
             if sel is not None:
                 params.sel = sel
-            with faiss_threads(len(rows)):
-                return self.index.search(queries[rows], kk, params=params)[1]
+            return self.index.search(queries[rows], kk, params=params)[1]
 
         return approximate_search(self.store, queries, k, allowed, self.params["candidates"],
                                   fetch)
@@ -78,7 +77,7 @@ class HNSWIndex(VectorIndex):
         return {"hnsw": self.index}
 
     def restore(self, files: Mapping[str, Path]) -> None:
-        import faiss
+        faiss = load_faiss()
 
         path = files["hnsw"]
         try:

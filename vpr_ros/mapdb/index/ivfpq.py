@@ -21,8 +21,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from vpr_ros.errors import ConfigError, MapError
+from vpr_ros.mapdb.index.faiss_loader import load_faiss
 from vpr_ros.mapdb.index.base import (VectorIndex, allowed_selector, approximate_search,
-                                      exact_search, faiss_threads)
+                                      exact_search)
 from vpr_ros.mapdb.index.params import check_keys, int_param
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class IVFPQIndex(VectorIndex):
                 "nprobe": min(nlist, self.params["nprobe"] or max(8, nlist // 8))}
 
     def _new_index(self, shape: Mapping[str, int]):
-        import faiss
+        faiss = load_faiss()
 
         quantizer = faiss.IndexFlatIP(self.store.dim)
         index = faiss.IndexIVFPQ(quantizer, self.store.dim, shape["nlist"], shape["m"],
@@ -128,7 +129,7 @@ class IVFPQIndex(VectorIndex):
                query_codes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         if self.index is None:
             return exact_search(self.store, queries, k, allowed)
-        import faiss
+        faiss = load_faiss()
 
         sel, _bitmap = allowed_selector(allowed)
         nprobe, nlist = self._trained_with["nprobe"], self._trained_with["nlist"]
@@ -138,8 +139,7 @@ class IVFPQIndex(VectorIndex):
             params.nprobe = min(nlist, nprobe * effort)
             if sel is not None:
                 params.sel = sel
-            with faiss_threads(len(rows)):
-                return self.index.search(queries[rows], kk, params=params)[1]
+            return self.index.search(queries[rows], kk, params=params)[1]
 
         return approximate_search(self.store, queries, k, allowed, self.params["candidates"],
                                   fetch)
@@ -152,7 +152,7 @@ class IVFPQIndex(VectorIndex):
         return {"ivfpq": self.index} if self.index is not None else {}
 
     def restore(self, files: Mapping[str, Path]) -> None:
-        import faiss
+        faiss = load_faiss()
 
         if "ivfpq" not in files:
             if len(self.store) >= self.params["min_train"]:

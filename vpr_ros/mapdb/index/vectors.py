@@ -13,6 +13,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from vpr_ros.mapdb.index.faiss_loader import load_faiss
+
 STORAGE_DTYPES = ("float32", "float16")
 
 
@@ -22,7 +24,7 @@ _HALF_DECODERS: dict[int, Any] = {}
 def half_to_float(block: np.ndarray, out: np.ndarray) -> np.ndarray:
     """float16 rows -> ``out`` (float32) through faiss's SIMD decoder, about twice as fast as
     numpy's cast, which is not vectorised for half floats on this class of CPU."""
-    import faiss
+    faiss = load_faiss()
 
     dim = block.shape[1]
     sq = _HALF_DECODERS.get(dim)
