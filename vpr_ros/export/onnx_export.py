@@ -225,10 +225,6 @@ def check_onnx_graph(model, meta: Optional[ArtifactMeta] = None) -> GraphReport:
     if resize:
         raise ExportError(f"the graph resizes tensors ({resize}); the positional embedding "
                           "was not precomputed (call model.fix_input_size(size) before export)")
-    unsupported = sorted(set(counts) - TENSORRT_OPS)
-    if unsupported:
-        raise ExportError(f"ops {unsupported} are not in TensorRT's supported ONNX op set; "
-                          "change the model code that produces them (or the opset)")
     idle = constant_only_nodes(graph)
     heavy = sorted({n.op_type for n in idle if n.op_type in COMPUTE_OPS})
     if heavy:
@@ -237,6 +233,10 @@ def check_onnx_graph(model, meta: Optional[ArtifactMeta] = None) -> GraphReport:
                           f"on constants only, e.g. {names}): the query banks were not folded "
                           "into constants; export in eval mode without autograd with the "
                           "aggregator's cache warm")
+    unsupported = sorted(set(counts) - TENSORRT_OPS)
+    if unsupported:
+        raise ExportError(f"ops {unsupported} are not in TensorRT's supported ONNX op set; "
+                          "change the model code that produces them (or the opset)")
     if len(graph.input) != 1:
         raise ExportError(f"the graph has inputs {[i.name for i in graph.input]}; expected one "
                           f"({INPUT_NAME!r}); were initializers exported as inputs?")

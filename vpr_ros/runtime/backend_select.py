@@ -214,13 +214,13 @@ def export_cache_dir() -> Path:
     return Path(base) / "exports"
 
 
-def cached_onnx(model_dir: Union[str, Path]) -> Path:
+def cached_onnx(model_dir: Union[str, Path], cache_dir: Optional[Path] = None) -> Path:
     """An ONNX export of ``model_dir`` at its configured size, made once and reused (keyed by
     the model's fingerprint, so a changed model is re-exported, never mixed up)."""
     from vpr_ros.models.model_dir import read_model_meta
 
     meta = read_model_meta(model_dir)
-    out = export_cache_dir() / f"{meta.fingerprint}.onnx"
+    out = Path(cache_dir or export_cache_dir()) / f"{meta.fingerprint}.onnx"
     if not out.is_file():
         from vpr_ros.export.onnx_export import export_onnx
 

@@ -199,11 +199,13 @@ class OnnxEncoder(Encoder):
             fingerprint recorded in the map this encoder will search.
         optimization: ONNX Runtime graph optimisation level (``none|basic|extended|all``).
         trt_cache_dir: engine cache of the TensorRT provider (default: beside the file).
+        tuned: False gives ONNX Runtime's default session options (the benchmark's "before").
     """
 
     def __init__(self, path: str | Path, device: str = "cpu", provider: Optional[str] = None,
                  threads: Optional[int] = None, expected_fingerprint: Optional[str] = None,
-                 optimization: str = "all", trt_cache_dir: Optional[str | Path] = None) -> None:
+                 optimization: str = "all", trt_cache_dir: Optional[str | Path] = None,
+                 tuned: bool = True) -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -229,7 +231,7 @@ class OnnxEncoder(Encoder):
             raise BackendError(f"onnxruntime provider {wanted} is not available in this "
                                f"install (available: {available}); install onnxruntime-gpu "
                                "for CUDA/TensorRT, or use provider='cpu'")
-        so = cpu_session_options(threads, optimization)
+        so = cpu_session_options(threads, optimization) if tuned else ort.SessionOptions()
         cache = Path(trt_cache_dir) if trt_cache_dir else self.path.parent / ".ort_trt_cache"
         chain = provider_chain(provider, dev_id, cache if provider == "tensorrt" else None)
         try:
@@ -251,7 +253,7 @@ class OnnxEncoder(Encoder):
         self.input_size = self.meta.input_size
         self.fingerprint = self.meta.fingerprint
         self.provider = provider
-        self.backend = f"onnxruntime-{provider}"
+        self.backend = f"onnxruntime-{provider}" + ("" if tuned else "-untuned")
         self._prep = self.meta.preprocessing
 
     def _check_graph(self) -> None:

@@ -1,0 +1,356 @@
+"""`vpr bench encoder`: latency, throughput and memory of each backend x model x input size.
+
+Per cell: p50/p95 latency of ``encode`` at batch 1, throughput (images/s) at batch 8 and 32, and
+peak memory (on CPU the peak RSS growth of the process from before the encoder was opened; on
+GPU ``torch.cuda.max_memory_allocated``, plus the TensorRT context's own device memory).
+
+Why each cell runs in its own process: RSS growth is only meaningful in a fresh process, torch
+and ONNX Runtime keep global thread pools that would otherwise leak settings from one cell into
+the next, and a backend that crashes or runs out of memory must not take the table down.
+
+What is timed is ``Encoder.encode`` on uint8 RGB images already at the model's input size: the
+whole per-frame cost (normalisation, host/device copies, inference, the NaN check) except the
+resize, which depends on the camera. Models are built from ``config/models/*.yaml`` with random
+weights (speed does not depend on the values), kept with their exports in ``--workdir``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from vpr_ros.errors import BackendError, ConfigError
+
+#: Backend names of the benchmark -> load_encoder arguments (and how to prepare the artifact).
+BACKENDS: dict[str, dict[str, Any]] = {
+    "torch-cpu": {"backend": "torch", "device": "cpu", "artifact": "model_dir"},
+    "torch-cuda": {"backend": "torch", "device": "cuda", "precision": "fp32",
+                   "artifact": "model_dir"},
+    "torch-cuda-fp16": {"backend": "torch", "device": "cuda", "precision": "fp16",
+                        "artifact": "model_dir"},
+    "onnxruntime-cpu": {"backend": "onnxruntime", "device": "cpu", "artifact": "onnx"},
+    "onnxruntime-cpu-untuned": {"backend": "onnxruntime", "device": "cpu", "tuned": False,
+                                "artifact": "onnx"},
+    "onnxruntime-cuda": {"backend": "onnxruntime", "device": "cuda", "provider": "cuda",
+                         "artifact": "onnx"},
+    "onnxruntime-tensorrt": {"backend": "onnxruntime", "device": "cuda",
+                             "provider": "tensorrt", "artifact": "onnx"},
+    "tensorrt": {"backend": "tensorrt", "device": "cuda", "artifact": "engine"},
+}
+DEFAULT_MODELS = ("dinov2s_gem", "qaa_dinov2b_8192")
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "config" / "models"
+
+
+def default_backends() -> list[str]:
+    """Every backend this machine can run."""
+    from vpr_ros.runtime.backend_select import probe
+
+    avail = probe()
+    names = ["torch-cpu"]
+    if avail.onnxruntime:
+        names.append("onnxruntime-cpu")
+    if avail.torch_cuda:
+        names += ["torch-cuda", "torch-cuda-fp16"]
+        if "CUDAExecutionProvider" in avail.ort_providers:
+            names.append("onnxruntime-cuda")
+        if avail.tensorrt:
+            names.append("tensorrt")
+    return names
+
+
+def resolve_config(name: str) -> Path:
+    """``dinov2s_gem`` / ``config/models/x.yaml`` / any YAML path -> the file."""
+    p = Path(name)
+    for cand in (p, REPO_CONFIGS / p, REPO_CONFIGS / f"{name}.yaml", Path.cwd() / "config" /
+                 "models" / f"{name}.yaml"):
+        if cand.is_file():
+            return cand
+    raise ConfigError(f"model config {name!r} not found (looked in {REPO_CONFIGS}); give a "
+                      "YAML path or a name from config/models/")
+
+
+def ensure_model_dir(config: str | Path, root: Path, size: Optional[int] = None,
+                     seed: int = 0) -> Path:
+    """A model directory for ``config`` at ``size`` (default: its own), with the config's
+    backbone weights or random ones, created once under ``root`` and reused."""
+    import torch
+
+    from vpr_ros.models.config import load_yaml, model_config_from_dict
+    from vpr_ros.models.model_dir import init_model, save_model_dir
+
+    path = resolve_config(str(config))
+    data = load_yaml(path)
+    cfg = model_config_from_dict(data, source=str(path))
+    if size:
+        cfg = cfg.with_input_size((int(size), int(size)))
+    out = root / f"{cfg.name}_{cfg.input.size[0]}x{cfg.input.size[1]}"
+    if (out / "model.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    torch.manual_seed(seed)
+    model = init_model(cfg, dict(data.get("weights") or {}))
+    save_model_dir(model, out, extra={"init_config": str(path), "purpose": "benchmark"})
+    return out
+
+
+def prepare_artifact(kind: str, model_dir: Path, root: Path) -> Path:
+    """The file a backend runs: the model dir, its ONNX export, or a TensorRT engine."""
+    from vpr_ros.runtime.backend_select import cached_onnx
+
+    if kind == "model_dir":
+        return model_dir
+    onnx_path = cached_onnx(model_dir, root / "exports")
+    if kind == "onnx":
+        return onnx_path
+    from vpr_ros.export.tensorrt_build import build_engine
+
+    engine = onnx_path.with_suffix(".engine")
+    if not engine.is_file():
+        build_engine(onnx_path, engine, max_batch=32, opt_batch=1,
+                     timing_cache=root / "exports" / "timing.cache")
+    return engine
+
+
+# -- one cell --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Cell:
+    backend: str
+    artifact: str
+    model: str
+    size: int
+    batches: tuple[int, ...] = (8, 32)
+    latency_iters: int = 30
+    min_time_s: float = 3.0
+    threads: Optional[int] = None
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) so the peak of this cell can be read."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _timed(fn: Callable[[], Any], iters: int) -> list[float]:
+    out = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def run_cell(cell: Cell) -> dict[str, Any]:
+    """Measure one backend x model x size in this process."""
+    from vpr_ros.runtime.encoder import load_encoder
+
+    spec = dict(BACKENDS[cell.backend])
+    spec.pop("artifact")
+    gpu = spec["device"] == "cuda"
+    if gpu:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+    if cell.threads:
+        spec["threads"] = cell.threads
+    rss0 = _rss()
+    peak_ok = _reset_peak_rss()
+    t0 = time.perf_counter()
+    enc = load_encoder(cell.artifact, **spec)
+    load_s = time.perf_counter() - t0
+    h, w = enc.input_size
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(max(cell.batches + (1,)), h, w, 3), dtype=np.uint8)
+    one = images[:1]
+    for _ in range(3):
+        enc.encode(one)
+    lat = np.array(_timed(lambda: enc.encode(one), cell.latency_iters)) * 1e3
+    row: dict[str, Any] = {
+        "backend": enc.backend, "model": cell.model, "size": cell.size,
+        "p50_ms": round(float(np.percentile(lat, 50)), 2),
+        "p95_ms": round(float(np.percentile(lat, 95)), 2), "load_s": round(load_s, 2)}
+    for b in cell.batches:
+        batch = images[:b]
+        enc.encode(batch)
+        times: list[float] = []
+        while len(times) < 2 or sum(times) < cell.min_time_s:
+            times += _timed(lambda: enc.encode(batch), 1)
+        row[f"ips_b{b}"] = round(b * len(times) / sum(times), 2)
+    if gpu:
+        import torch
+
+        mem = torch.cuda.max_memory_allocated()
+        ctx = getattr(getattr(enc, "_engine", None), "device_memory_size", 0) or 0
+        row["peak_mib"] = round((mem + int(ctx)) / 2**20, 1)
+        row["memory"] = "cuda max_memory_allocated" + (" + TensorRT context" if ctx else "")
+    else:
+        row["peak_mib"] = round(((_peak_rss() if peak_ok else _rss()) - rss0) / 2**20, 1)
+        row["memory"] = "peak RSS growth" if peak_ok else "RSS growth (peak unavailable)"
+    return row
+
+
+# -- the table -------------------------------------------------------------------------------
+
+@dataclass
+class EncoderBenchConfig:
+    backends: Sequence[str] = field(default_factory=default_backends)
+    models: Sequence[str] = DEFAULT_MODELS
+    sizes: Sequence[Optional[int]] = (None,)
+    batches: tuple[int, ...] = (8, 32)
+    latency_iters: int = 30
+    min_time_s: float = 3.0
+    threads: Optional[int] = None
+    workdir: Path = field(default_factory=lambda: Path(
+        os.environ.get("VPR_CACHE_DIR") or Path.home() / ".cache" / "vpr_ros") / "bench")
+    in_process: bool = False
+
+
+def machine() -> dict[str, Any]:
+    import onnxruntime
+    import torch
+
+    from vpr_ros.runtime.onnx_encoder import usable_cores
+
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                       cpu)
+    except OSError:
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "cores": usable_cores(),
+                            "load_average": [round(v, 2) for v in os.getloadavg()],
+                            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _spawn(cell: Cell) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "vpr_ros.bench.encoder_bench", json.dumps(asdict(cell))]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"error": tail[0]}
+    return json.loads(lines[-1])
+
+
+def run_encoder_bench(cfg: EncoderBenchConfig,
+                      progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+    """Every backend x model x size; a cell that fails is reported with its error."""
+    unknown = sorted(set(cfg.backends) - set(BACKENDS))
+    if unknown:
+        raise ConfigError(f"unknown backend(s) {unknown}; choose from {sorted(BACKENDS)}")
+    if not cfg.batches or min(cfg.batches) < 1:
+        raise ConfigError("batches must be positive integers")
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for model in cfg.models:
+        for size in cfg.sizes:
+            model_dir = ensure_model_dir(model, cfg.workdir / "models", size)
+            from vpr_ros.models.model_dir import read_model_meta
+
+            real_size = read_model_meta(model_dir).config.input.size[0]
+            for backend in cfg.backends:
+                if progress:
+                    progress(f"{backend} {model} {real_size}px")
+                base = {"backend": backend, "model": Path(str(model)).stem, "size": real_size}
+                try:
+                    artifact = prepare_artifact(BACKENDS[backend]["artifact"], model_dir,
+                                                cfg.workdir)
+                except (BackendError, ConfigError) as exc:
+                    rows.append({**base, "error": str(exc)})
+                    continue
+                except Exception as exc:  # an export/build failure is a result, not a crash
+                    rows.append({**base, "error": f"{type(exc).__name__}: {exc}"})
+                    continue
+                cell = Cell(backend=backend, artifact=str(artifact), model=base["model"],
+                            size=real_size, batches=tuple(cfg.batches),
+                            latency_iters=cfg.latency_iters, min_time_s=cfg.min_time_s,
+                            threads=cfg.threads)
+                result = run_cell(cell) if cfg.in_process else _spawn(cell)
+                rows.append({**base, **result})
+    return {"machine": machine(), "rows": rows, "batches": list(cfg.batches),
+            "speedups": speedups(rows)}
+
+
+def speedups(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Throughput of each backend relative to PyTorch eager on the same device, model, size."""
+    out = []
+    for r in rows:
+        if "error" in r or r["backend"].startswith("torch"):
+            continue
+        device = "cpu" if "cpu" in r["backend"] else "cuda"
+        ref = next((t for t in rows if "error" not in t and t["model"] == r["model"]
+                    and t["size"] == r["size"] and t["backend"] == f"torch-{device}-fp32"),
+                   None)
+        if ref is None:
+            continue
+        keys = [k for k in r if k.startswith("ips_b")]
+        out.append({"backend": r["backend"], "model": r["model"], "size": r["size"],
+                    "vs": ref["backend"],
+                    **{f"x_{k[4:]}": round(r[k] / ref[k], 2) for k in keys if ref.get(k)}})
+    return out
+
+
+def format_table(result: dict[str, Any]) -> str:
+    batches = result["batches"]
+    head = ["backend", "model", "size", "p50 ms (b1)", "p95 ms (b1)",
+            *[f"img/s b{b}" for b in batches], "peak MiB", "load s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['backend']} | {r['model']} | {r['size']} | error: "
+                         f"{r['error'][:120]} |")
+            continue
+        cells = [r["backend"], r["model"], str(r["size"]), f"{r['p50_ms']:.1f}",
+                 f"{r['p95_ms']:.1f}", *[f"{r.get(f'ips_b{b}', float('nan')):.2f}"
+                                         for b in batches], f"{r['peak_mib']:.0f}",
+                 f"{r['load_s']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    for s in result["speedups"]:
+        xs = ", ".join(f"b{k[2:]} x{v}" for k, v in s.items() if k.startswith("x_"))
+        lines.append(f"\n{s['backend']} vs {s['vs']} ({s['model']} {s['size']}px): {xs}")
+    m = result["machine"]
+    lines.append(f"\nmachine: {m['cpu']}, {m['cores']} cores, load {m['load_average']}, "
+                 f"torch {m['torch']}, onnxruntime {m['onnxruntime']}"
+                 + (f", GPU {m['gpu']}" if "gpu" in m else ""))
+    return "\n".join(lines)
+
+
+def _main(argv: Sequence[str]) -> int:
+    """``python -m vpr_ros.bench.encoder_bench CELL_JSON``: one cell, JSON on stdout."""
+    doc = json.loads(argv[0])
+    doc["batches"] = tuple(doc["batches"])
+    print(json.dumps(run_cell(Cell(**doc))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
