@@ -29,7 +29,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub.required = True
     register_search(sub)
     register_encoder(sub)
-    register_encoder(sub)
 
 
 def register_search(sub: argparse._SubParsersAction) -> None:
@@ -95,53 +94,6 @@ def run_search(args: argparse.Namespace) -> int:
     if sys.stderr.isatty():
         print(file=sys.stderr)
     print(to_json(report) if args.json else format_table(report))
-    return 0
-
-
-def register_encoder(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "encoder", help="encoder backends: latency, throughput, peak memory",
-        description="Per backend x model x input size: p50/p95 latency at batch 1, throughput "
-        "at larger batches and peak memory, each cell in a fresh process. Models are "
-        "config/models/*.yaml with random weights (speed does not depend on them).")
-    p.add_argument("--backends", help="comma-separated, from torch-cpu, onnxruntime-cpu, "
-                   "onnxruntime-cpu-untuned, torch-cuda, torch-cuda-fp16, onnxruntime-cuda, "
-                   "onnxruntime-tensorrt, tensorrt (default: all this machine can run)")
-    p.add_argument("--models", default="dinov2s_gem,qaa_dinov2b_8192",
-                   help="model configs (names in config/models or YAML paths; default "
-                   "%(default)s)")
-    p.add_argument("--sizes", type=_int_list, help="input sizes in px (default: each model's)")
-    p.add_argument("--batches", type=_int_list, default=[8, 32],
-                   help="throughput batch sizes (default 8,32)")
-    p.add_argument("--latency-iters", type=int, default=30, help="batch-1 runs timed")
-    p.add_argument("--min-time", type=float, default=3.0,
-                   help="seconds of runs per throughput figure (default 3)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: every usable core)")
-    p.add_argument("--workdir", type=Path, help="where models/exports/engines are kept")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(func=run_encoder)
-
-
-def run_encoder(args: argparse.Namespace) -> int:
-    import json
-
-    from vpr_ros.bench.encoder_bench import (EncoderBenchConfig, default_backends,
-                                             format_table, run_encoder_bench)
-
-    cfg = EncoderBenchConfig(
-        backends=args.backends.split(",") if args.backends else default_backends(),
-        models=[m for m in args.models.split(",") if m], sizes=args.sizes or [None],
-        batches=tuple(args.batches), latency_iters=args.latency_iters,
-        min_time_s=args.min_time, threads=args.threads)
-    if args.workdir:
-        cfg.workdir = args.workdir
-    if args.latency_iters < 1:
-        raise ConfigError("--latency-iters must be >= 1")
-    report = run_encoder_bench(cfg, progress=lambda m: print(
-        f"\r\033[K{m}", end="", file=sys.stderr, flush=True) if sys.stderr.isatty() else None)
-    if sys.stderr.isatty():
-        print(file=sys.stderr)
-    print(json.dumps(report, indent=2) if args.json else format_table(report))
     return 0
 
 
