@@ -70,7 +70,7 @@ def test_mutual_nn_similarity_and_local_loss() -> None:
     swapped[2] = swapped[0]                   # the negative now matches the anchor perfectly
     glob[2] = glob[0]                         # and is the hardest negative by global similarity
     bad = mutual_nn_local_loss(swapped.requires_grad_(), glob, labels)
-    assert float(bad) > 0.0
+    assert float(bad.detach()) > 0.0
     bad.backward()
 
 
