@@ -335,7 +335,7 @@ def format_table(result: dict[str, Any]) -> str:
                  f"{r['load_s']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     for s in result["speedups"]:
-        xs = ", ".join(f"b{k[2:]} x{v}" for k, v in s.items() if k.startswith("x_"))
+        xs = ", ".join(f"{k[2:]} x{v}" for k, v in s.items() if k.startswith("x_"))
         lines.append(f"\n{s['backend']} vs {s['vs']} ({s['model']} {s['size']}px): {xs}")
     m = result["machine"]
     lines.append(f"\nmachine: {m['cpu']}, {m['cores']} cores, load {m['load_average']}, "
