@@ -150,20 +150,38 @@ class _OnFeatures(torch.nn.Module):
 
 
 def test_onnx_export_matches_torch_in_onnxruntime() -> None:
-    """Exported with a dynamic batch through the TorchScript-based exporter (the fused
-    attention kernels are switched off while tracing), run in onnxruntime on another batch."""
+    """Exported like ``vpr export onnx`` does it (TorchScript exporter, eval mode preserved,
+    query cache warm): the refined queries enter the graph as constants, no attention over
+    constants is left to run per image, and onnxruntime matches torch on another batch size.
+    The fused attention kernels are switched off while tracing, and switched back after."""
+    import onnx
     import onnxruntime as ort
 
     torch.manual_seed(0)
     model = _OnFeatures(_tiny(num_queries=6)).eval()
-    x, batch = torch.randn(1, 24, 5, 6), torch.randn(3, 24, 5, 6)
+    x, batch = torch.randn(2, 24, 5, 6), torch.randn(3, 24, 5, 6)
     buf = io.BytesIO()
     with torch.no_grad():
+        model(x)                                               # warms the query cache
         torch.onnx.export(model, (x,), buf, input_names=["features"], output_names=["global"],
                           dynamic_axes={"features": {0: "batch"}, "global": {0: "batch"}},
-                          opset_version=17, dynamo=False)
+                          opset_version=17, dynamo=False,
+                          training=torch.onnx.TrainingMode.PRESERVE)
         ref = model(batch).numpy()
-    assert torch.backends.mha.get_fastpath_enabled()      # the global flag was restored
+    assert torch.backends.mha.get_fastpath_enabled()
+    proto = onnx.shape_inference.infer_shapes(onnx.load_from_string(buf.getvalue()),
+                                              data_prop=True)
+    graph = proto.graph
+    out_dims = graph.output[0].type.tensor_type.shape.dim
+    assert out_dims[0].dim_param and out_dims[1].dim_value == 96   # (batch, static out_dim)
+    const = {i.name for i in graph.initializer}
+    idle = []
+    for node in graph.node:                                    # nodes fed by constants only
+        if node.op_type == "Constant" or all(i in const for i in node.input if i):
+            const.update(node.output)
+            if node.op_type != "Constant":
+                idle.append(node.op_type)
+    assert not set(idle) & {"MatMul", "Gemm", "Softmax", "LayerNormalization"}, idle
     sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
     out = sess.run(None, {"features": batch.numpy()})[0]
     assert out.shape == ref.shape == (3, 96)

@@ -105,6 +105,11 @@ def import_boq(src: str | Path, input_size: int = RELEASE_INPUT_SIZE) -> VPRMode
     sd = read_state_dict(src)
     config = boq_release_config(sd, str(src), input_size)
     state = release_state_to_ours(sd, str(src))
+    # Keys and shapes are checked against a meta-device skeleton first, so a file that does not
+    # fit is refused at once, before the real backbone is allocated and initialised.
+    with torch.device("meta"):
+        skeleton = build_model(config)
+    load_exact(skeleton, {k: v.to("meta") for k, v in state.items()}, str(src))
     model = build_model(config)
     load_exact(model, state, str(src))
     return model

@@ -29,7 +29,6 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vpr_ros.models.backbones.base import BackboneOutput
@@ -136,11 +135,12 @@ class BoQAggregator(nn.Module):
     def block_queries(self) -> tuple[torch.Tensor, ...]:
         """Refined queries of every block; cached in inference (eval mode, no autograd) and
         recomputed whenever a query parameter changes (version counters), on ``train()`` and on
-        state-dict loads, so a cache can never go stale. Never cached while tracing or
-        exporting (the exporter folds them into constants itself, and fake tensors have no
-        data pointer to key a cache on)."""
+        state-dict loads, so a cache can never go stale. A warm cache is what makes an ONNX
+        trace hold the queries as constants (no image-independent attention at run time).
+        Not cached under torch.compile/torch.export: fake tensors have no data pointer to key
+        a cache on (there the compiler folds the parameter-only work itself)."""
         caching = (not self.training and not torch.is_grad_enabled()
-                   and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+                   and not torch.compiler.is_compiling())
         if caching:
             key = tuple((p.data_ptr(), p._version, p.device, p.dtype)
                         for p in self._query_params())
@@ -172,4 +172,8 @@ class BoQAggregator(nn.Module):
                 outs.append(out)
         out = torch.cat(outs, dim=1)                            # (B, L*Q, P)
         out = self.fc(out.transpose(1, 2))                      # (B, P, row_dim)
-        return F.normalize(out.flatten(1), p=2, dim=-1)
+        # The width is spelled out and the norm divides by broadcasting (F.normalize traces to
+        # Shape + Expand): traced attention computes the channel axis from shapes, and an
+        # exported graph must declare a static (batch, out_dim) output.
+        out = out.reshape(-1, self.out_dim)
+        return out / out.norm(p=2, dim=-1, keepdim=True).clamp_min(1e-12)
