@@ -27,15 +27,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     info.set_defaults(func=_info)
 
     imp = msub.add_parser("import", help="official checkpoints -> model directory")
-    imp.add_argument("format", choices=["qaa-hf", "dinov2", "boq"],
+    imp.add_argument("format", choices=["qaa-hf", "dinov2", "boq", "dcvlaq"],
                      help="qaa-hf: QAA release folder (config.json + model.safetensors); "
                           "dinov2: official DINOv2 .pth backbone + --config for the aggregator; "
-                          "boq: official BoQ DINOv2 release .pth (dinov2_12288.pth)")
+                          "boq: official BoQ DINOv2 release .pth (dinov2_12288.pth); "
+                          "dcvlaq: official DINOv2 .pth (or 'none') + --clip CLIP visual "
+                          "weights + --config (a dinov2_clip_fusion model YAML)")
     imp.add_argument("src", help="release folder or weight file")
     imp.add_argument("-o", "--output", required=True, help="model directory to write")
-    imp.add_argument("--config", help="(dinov2) model config YAML naming the aggregator")
+    imp.add_argument("--config", help="(dinov2, dcvlaq) model config YAML naming the aggregator")
     imp.add_argument("--size", type=int, default=322,
                      help="(qaa-hf, boq) test input size, px")
+    imp.add_argument("--clip", help="(dcvlaq) CLIP visual weights (OpenAI/open_clip or timm "
+                     "layout); omitted: random CLIP")
     imp.set_defaults(func=_import)
 
 
@@ -92,6 +96,14 @@ def _import(args: argparse.Namespace) -> int:
         save_model_dir(model, args.output, extra={"imported_from": str(args.src),
                                                   "format": "boq"})
         meta = read_model_meta(args.output)
+    elif args.format == "dcvlaq":
+        from vpr_ros.models.backbones.dinov2_clip_fusion import create_fusion_model_dir
+
+        if not args.config:
+            raise ConfigError("dcvlaq import needs --config (e.g. "
+                              "config/models/dcvlaq_dinov2b.yaml)")
+        meta = create_fusion_model_dir(args.config, args.output, dinov2=args.src,
+                                       clip=args.clip)
     else:
         if not args.config:
             raise ConfigError("dinov2 import needs --config (a model YAML naming the aggregator, "
