@@ -98,7 +98,7 @@ class World:
                 length = math.hypot(qx - px, qy - py)
                 pos = 0.0
                 while pos < length - 1.0:
-                    w = float(rng.uniform(5.0, 14.0))
+                    w = float(rng.uniform(4.0, 10.0))
                     end = min(length, pos + w)
                     f0, f1 = pos / length, end / length
                     segs.append((px + f0 * (qx - px), py + f0 * (qy - py),
@@ -118,6 +118,12 @@ class World:
         self.sign_color = _hsv_to_rgb(np.stack([rng.uniform(0, 1, n), np.full(n, 0.9),
                                                 np.full(n, 0.95)], 1))
         self.lit = rng.uniform(0, 1, (n, 64)) < 0.45  # which windows glow at dusk
+        # facade style: 0 plain window grid, 1 pilasters (vertical stripes), 2 horizontal
+        # bands, 3 a diagonal mural at street level; second colour for stripes and murals
+        self.style = rng.integers(0, 4, n)
+        self.accent = _hsv_to_rgb(np.stack([rng.uniform(0, 1, n), rng.uniform(0.5, 1.0, n),
+                                             rng.uniform(0.3, 0.9, n)], 1))
+        self.stripe = rng.uniform(0.5, 2.0, n)        # stripe / band period (m)
 
     def cast(self, x: float, y: float, angles: np.ndarray
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -176,6 +182,14 @@ def render(world: World, cfg: ScenarioConfig, x: float, y: float, yaw: float, la
     window = (fu < world.win_fill[segc][None, :]) & (fv > 0.35) & (fv < 0.8) & (v > 2.0)
     sign = world.sign_on[segc][None, :] & (np.abs(v - world.sign_v[segc][None, :]) < 0.35)
     img = np.broadcast_to(world.color[segc][None, :, :], (h, w, 3)).copy()
+    style = world.style[segc][None, :]
+    period = world.stripe[segc][None, :]
+    accent_px = np.broadcast_to(world.accent[segc][None, :, :], (h, w, 3))
+    pattern = (((style == 1) & ((along[None, :] / period) % 1.0 < 0.3))
+               | ((style == 2) & ((v / period) % 1.0 < 0.35))
+               | ((style == 3) & (v < 3.0) & (((along[None, :] + v) / period) % 1.0 < 0.5)))
+    pattern &= wall
+    img[pattern] = accent_px[pattern]
     img[window] = (0.12, 0.16, 0.22)
     if lap == 2:  # dusk: some windows glow
         win_id = (np.floor(along[None, :] / du) + 7 * np.floor(v / dv)).astype(int) % 64
