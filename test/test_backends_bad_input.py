@@ -67,6 +67,16 @@ def test_onnx_of_another_model_than_the_map_is_refused(tmp_path: Path) -> None:
         load_encoder(path, backend="auto", expected_fingerprint="b" * 24)
 
 
+def test_options_for_another_backend(tmp_path: Path) -> None:
+    """Named explicitly, a backend refuses options it does not take; auto drops those meant
+    for other candidates (the same call must work whichever backend wins)."""
+    path = write_pool_model(tmp_path / "m.onnx")
+    with pytest.raises(BackendError, match=r"does not take option\(s\) \['precision'\]"):
+        load_encoder(path, backend="onnxruntime", precision="fp16")
+    enc = load_encoder(path, backend="auto", device="cpu", precision="fp16", threads=1)
+    assert enc.backend == "onnxruntime-cpu"
+
+
 def test_files_that_are_not_our_exports(tmp_path: Path) -> None:
     with pytest.raises(BackendError, match="no vpr_ros metadata"):
         OnnxEncoder(write_pool_model(tmp_path / "plain.onnx", meta=None))

@@ -147,7 +147,13 @@ def _fold_constant_plumbing(model) -> int:
     from onnx.reference import ReferenceEvaluator
 
     graph = model.graph
-    foldable = [n for n in constant_only_nodes(graph) if n.op_type not in COMPUTE_OPS]
+    avail = {i.name for i in graph.initializer}
+    avail |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    foldable = []
+    for node in constant_only_nodes(graph):  # topological order; skip what compute feeds
+        if node.op_type not in COMPUTE_OPS and all(i in avail for i in node.input if i):
+            foldable.append(node)
+            avail.update(node.output)
     if not foldable:
         return 0
     produced = {o for n in foldable for o in n.output}

@@ -231,23 +231,42 @@ def cached_onnx(model_dir: Union[str, Path], cache_dir: Optional[Path] = None) -
     return out
 
 
-def _open(path: Path, kind: str, choice: Choice, expected: Optional[str], options: dict):
-    opts = {**dict(choice.options), **options}
+def _accepted(cls_init: Any, opts: dict, strict: bool, backend: str) -> dict:
+    """Options the backend's constructor takes. In ``auto`` mode the others (meant for
+    another candidate, e.g. ``precision`` for torch) are dropped; named explicitly they are an
+    error, so a typo never passes silently."""
+    import inspect
+
+    params = inspect.signature(cls_init).parameters
+    unknown = sorted(k for k in opts if k not in params)
+    if unknown and strict:
+        raise BackendError(f"backend {backend!r} does not take option(s) {unknown}; it takes "
+                           f"{sorted(p for p in params if p not in ('self', 'cls'))}")
+    return {k: v for k, v in opts.items() if k in params}
+
+
+def _open(path: Path, kind: str, choice: Choice, expected: Optional[str], options: dict,
+          strict: bool):
     if choice.backend == "torch":
         from vpr_ros.runtime.torch_encoder import TorchEncoder
 
+        opts = {**dict(choice.options), **options}
+        known = set(_accepted(TorchEncoder.__init__, opts, strict, "torch"))
         return TorchEncoder.from_model_dir(path, device=choice.device,
-                                           expected_fingerprint=expected, **opts)
+                                           expected_fingerprint=expected,
+                                           **{k: opts[k] for k in known})
     if choice.backend == "onnxruntime":
         from vpr_ros.runtime.onnx_encoder import OnnxEncoder
 
+        opts = _accepted(OnnxEncoder.__init__, {**dict(choice.options), **options}, strict,
+                         "onnxruntime")
         onnx_path = cached_onnx(path) if kind == "model_dir" else path
-        opts.pop("precision", None)
         return OnnxEncoder(onnx_path, device=choice.device, expected_fingerprint=expected,
                            **opts)
     from vpr_ros.runtime.tensorrt_encoder import TensorRTEncoder
 
-    opts.pop("precision", None)
+    opts = _accepted(TensorRTEncoder.__init__, {**dict(choice.options), **options}, strict,
+                     "tensorrt")
     return TensorRTEncoder(path, device=choice.device, expected_fingerprint=expected, **opts)
 
 
@@ -261,7 +280,8 @@ def open_encoder(path: Union[str, Path], backend: str = "torch", device: Optiona
     errors: list[str] = []
     for choice in plan:
         try:
-            enc = _open(p, kind, choice, expected_fingerprint, dict(options))
+            enc = _open(p, kind, choice, expected_fingerprint, dict(options),
+                        strict=backend != "auto")
         except MapMismatchError:
             raise
         except BackendError as exc:
