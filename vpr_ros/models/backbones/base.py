@@ -40,5 +40,14 @@ class Backbone(nn.Module):
         """Precompute whatever depends on the input size (default: nothing)."""
         self.check_input_size(size)
 
+    def load_pretrained(self, source: str) -> None:
+        """Load pre-trained weights named by a config's ``weights.backbone`` (a file path, or
+        'package' where weights ship with a pip package). Backbones that have such weights
+        override this."""
+        from vpr_ros.errors import ConfigError
+
+        raise ConfigError(f"weights.backbone: {type(self).__name__} cannot load pre-trained "
+                          f"weights ({source!r}); use 'none'")
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -116,6 +116,16 @@ class DinoV2Backbone(Backbone):
             for p in self.norm.parameters():
                 p.requires_grad_(True)
 
+    def load_pretrained(self, source: str) -> None:
+        """An official DINOv2 ``.pth`` (or a safetensors copy of it)."""
+        from vpr_ros.errors import ConfigError
+        from vpr_ros.models.checkpoints import load_dinov2_weights
+
+        if source == "package":
+            raise ConfigError("weights.backbone: no pip package ships DINOv2 weights; give the "
+                              "path of the official dinov2_*_pretrain.pth file")
+        load_dinov2_weights(self, source)
+
     # -- size handling ---------------------------------------------------------------------
     def fix_input_size(self, size: tuple[int, int]) -> None:
         """Precompute the positional embedding for ``size`` (pixels); forward then only

