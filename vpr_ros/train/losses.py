@@ -50,6 +50,9 @@ def register_loss(name: str) -> Callable[[type[T]], type[T]]:
 
 
 def build_extra_loss(name: str, params: dict[str, Any]) -> ExtraLoss:
+    # The method-specific losses of the zoo register themselves on import.
+    from vpr_ros.train import losses_extra  # noqa: F401
+
     if name not in EXTRA_LOSSES:
         raise ConfigError(f"loss.extra: unknown loss {name!r}; registered extra losses are "
                           f"{sorted(EXTRA_LOSSES)} (register one with "
