@@ -50,6 +50,8 @@ class _Feed:
         self.pub = self.probe.publisher(TOPIC, msg_type, reliable=True, depth=500)
         self.clouds = self.probe.record("/vpr_node/candidates", PointCloud2)
         self.stamp_ns = 3000 * NS
+
+    def wait_for_node(self) -> None:
         assert self.probe.spin_until(lambda: self.pub.get_subscription_count() == 1, 15)
 
     def close(self) -> None:
@@ -84,6 +86,16 @@ class _Feed:
         assert self.answered(stamp), "a good frame after bad ones got no answer"
 
 
+@pytest.fixture
+def feeds() -> Iterator[list]:
+    """Feeds made by a test; their publishers are dropped at its end, pass or fail, so the
+    next test may publish another message type on the same topic."""
+    made: list[_Feed] = []
+    yield made
+    for feed in made:
+        feed.close()
+
+
 def _status_after(probe, key: str, at_least: int, timeout: float = 10.0) -> dict:
     assert probe.spin_until(lambda: int((probe.latest_status() or {}).get(key, "0")) >= at_least,
                             timeout), (key, probe.latest_status())
@@ -91,13 +103,15 @@ def _status_after(probe, key: str, at_least: int, timeout: float = 10.0) -> dict
 
 
 def test_raw_frames_bad_in_every_way_are_counted_and_good_ones_still_answered(
-        harness: InProcessNode, route, capfd) -> None:
+        harness: InProcessNode, route, feeds, capfd) -> None:
     from sensor_msgs.msg import Image
 
     h = harness
     h.set(image_transport="raw")
     assert h.probe.transition("configure") and h.probe.transition("activate")
     feed = _Feed(h, Image)
+    feeds.append(feed)
+    feed.wait_for_node()
     good = route.images[route.frames(lap=1)[0]]
     feed.send_good(image_msg(good, 0))
 
@@ -138,15 +152,16 @@ def test_raw_frames_bad_in_every_way_are_counted_and_good_ones_still_answered(
                  "time_jump"):
         assert log.count(f"[{kind}]") == 1, (kind, log)
     assert "max_pixels" in log and "fancy16" in log
-    feed.close()
 
 
 def test_flood_faster_than_the_encoder_drops_old_frames_without_latency_build_up(
-        harness: InProcessNode, route) -> None:
+        harness: InProcessNode, route, feeds) -> None:
     from sensor_msgs.msg import Image
 
     h = harness
     feed = _Feed(h, Image)
+    feeds.append(feed)
+    feed.wait_for_node()
     stats = h.node.stats
     stats.clear_timings()
     before = (stats.received, stats.processed, stats.dropped)
@@ -179,18 +194,19 @@ def test_flood_faster_than_the_encoder_drops_old_frames_without_latency_build_up
     assert int(status["frames_dropped"]) == stats.dropped
     assert int(status["latency_window_frames"]) == processed
     assert float(status["latency_encode_p95_ms"]) > 0
-    feed.close()
     assert h.probe.transition("deactivate") and h.probe.transition("cleanup")
 
 
 def test_compressed_frames_truncated_or_empty_are_counted(harness: InProcessNode, route,
-                                                          capfd) -> None:
+                                                          feeds, capfd) -> None:
     from sensor_msgs.msg import CompressedImage
 
     h = harness
     h.set(image_transport="compressed")
     assert h.probe.transition("configure") and h.probe.transition("activate")
     feed = _Feed(h, CompressedImage)
+    feeds.append(feed)
+    feed.wait_for_node()
     good = route.images[route.frames(lap=1)[3]]
     feed.send_good(compressed_msg(good, 0))
     jpeg = compressed_msg(good, 0)

@@ -264,25 +264,56 @@ class RosProbe:
     def spin_for(self, seconds: float) -> None:
         self.spin_until(lambda: False, seconds)
 
-    def call(self, srv_type: Any, name: str, request: Any, timeout: float = 60.0) -> Any:
-        client = self.node.create_client(srv_type, name)
-        try:
-            if not self.spin_until(client.service_is_ready, timeout):
-                raise TimeoutError(f"service {name} not available within {timeout} s")
-            future = client.call_async(request)
-            if not self.spin_until(future.done, timeout):
+    def call(self, srv_type: Any, name: str, request: Any, timeout: float = 60.0,
+             attempt_s: float = 8.0, retry: bool = True) -> Any:
+        """Call a service and wait for the answer.
+
+        DDS matches a client's request and reply paths separately, so right after a server
+        appears a reply can be lost although the service looked ready. Each attempt uses a
+        fresh client and waits ``attempt_s``; with ``retry`` (idempotent calls) the request is
+        sent again, otherwise :class:`TimeoutError` lets the caller check what happened.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            client = self.node.create_client(srv_type, name)
+            try:
+                if not self.spin_until(client.service_is_ready, deadline - time.monotonic()):
+                    raise TimeoutError(f"service {name} not available within {timeout} s")
+                future = client.call_async(request)
+                if self.spin_until(future.done, max(0.1, min(attempt_s,
+                                                             deadline - time.monotonic()))):
+                    return future.result()
+                client.remove_pending_request(future)
+            finally:
+                self.node.destroy_client(client)
+            if not retry or time.monotonic() >= deadline:
                 raise TimeoutError(f"service {name} did not answer within {timeout} s")
-            return future.result()
-        finally:
-            self.node.destroy_client(client)
+
+    _GOALS = {"configure": "inactive", "activate": "active", "deactivate": "inactive",
+              "cleanup": "unconfigured", "shutdown": "finalized"}
 
     def transition(self, label: str, timeout: float = 120.0) -> bool:
-        """ChangeState by label (configure, activate, deactivate, cleanup, shutdown)."""
+        """ChangeState by label (configure, activate, deactivate, cleanup, shutdown).
+
+        Not idempotent, so a lost reply is not answered by sending it again blindly: the node's
+        state says whether the transition happened (goal state) or must be asked again."""
         from lifecycle_msgs.srv import ChangeState
 
         req = ChangeState.Request()
         req.transition.label = label
-        return bool(self.call(ChangeState, f"{self.target}/change_state", req, timeout).success)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return bool(self.call(ChangeState, f"{self.target}/change_state", req,
+                                      max(1.0, deadline - time.monotonic()), attempt_s=15.0,
+                                      retry=False).success)
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise
+            # GetState is served after the transition ends (one executor thread): it says
+            # whether the lost reply was a success.
+            if self.state(timeout=max(1.0, deadline - time.monotonic())) == self._GOALS[label]:
+                return True
 
     def state(self, timeout: float = 30.0) -> str:
         from lifecycle_msgs.srv import GetState

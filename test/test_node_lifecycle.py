@@ -50,14 +50,18 @@ def _set(node, **values) -> None:
 
 
 def _configure_fails(node, probe: RosProbe, capfd, expect: str) -> None:
+    probe.received["/diagnostics"].clear()
     assert probe.transition("configure") is False
     assert probe.state() == "unconfigured" and node.pipeline is None
     err = capfd.readouterr().err
     assert "configure failed" in err and expect in err, err
-    assert probe.spin_until(lambda: (probe.latest_status() or {}).get("lifecycle_state")
-                            == "unconfigured", 10)
-    arr = probe.received["/diagnostics"][-1]
-    assert arr.status[0].level == b"\x02" and expect in arr.status[0].message
+    def reported() -> bool:  # /diagnostics says ERROR, with the reason
+        arrays = probe.received["/diagnostics"]
+        return bool(arrays) and arrays[-1].status[0].level == b"\x02" \
+            and expect in arrays[-1].status[0].message
+
+    assert probe.spin_until(reported, 10), probe.received["/diagnostics"][-1:]
+    assert probe.latest_status()["lifecycle_state"] == "unconfigured"
 
 
 def test_configure_fails_cleanly_on_missing_files_and_mismatched_map(

@@ -108,6 +108,9 @@ class RunningNode:
         """Bring the node to *active* with these parameters, through the lifecycle services:
         the first time from the params file as started; later by deactivate -> cleanup ->
         set parameters -> configure -> activate, as an operator would switch cameras/maps."""
+        if self.proc.poll() is not None:
+            raise AssertionError(f"vpr_node exited with {self.proc.returncode}:\n"
+                                 + self.output()[-3000:])
         try:
             if self.configured is None:
                 assert self.probe.state(timeout=180) == "unconfigured", self.output()
@@ -120,7 +123,8 @@ class RunningNode:
             assert self.probe.transition("activate"), self.output()[-3000:]
             assert self.probe.state() == "active"
         except TimeoutError as exc:
-            raise AssertionError(f"{exc}\n{self.output()[-3000:]}") from exc
+            alive = "running" if self.proc.poll() is None else f"exited {self.proc.returncode}"
+            raise AssertionError(f"{exc} (vpr_node {alive})\n{self.output()[-3000:]}") from exc
         self.configured = values
         for store in self.probe.received.values():
             store.clear()

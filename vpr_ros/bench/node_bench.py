@@ -1,0 +1,407 @@
+"""`vpr bench node`: where the time of one camera frame goes inside ``vpr_node``, through real
+DDS, at several input rates.
+
+Set-up: a small model (GeM over ImageNet EfficientNet-Lite0 by default), a map of
+``--map-size`` keyframes with synthetic unit descriptors (search cost depends on the count and
+dimension, not on where the vectors came from), the node hosted in this process in localization
+mode, and a separate camera process publishing 640x480 ``sensor_msgs/Image`` (or JPEG
+``CompressedImage``) at each rate, stamped with the wall clock, reliable by default (see
+``--qos``).
+
+Per processed frame the node records, in seconds: ``conversion`` (message -> RGB),
+``preprocess`` (resize + normalise), ``encode`` (inference), ``search`` (map search + candidate
+lookup), ``decision`` (relocalizer), ``publish`` (building and publishing the outputs),
+``wait`` (receive -> the encoder thread picks the frame up), ``total`` (receive -> published)
+and ``transport`` (camera publish -> node callback). ``overhead`` is everything but encode:
+conversion + preprocess + search + decision + publish.
+
+"No queue growth" is checked three ways: frames waiting for the encoder never exceed one
+(sampled every 5 ms), ``wait`` stays below one frame's processing time, and the latency
+of the last third of each run is no higher than that of the first third.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from vpr_ros.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL_CONFIG = REPO / "config" / "models" / "gem_effnetlite0.yaml"
+STAGES = ("conversion", "preprocess", "encode", "search", "decision", "publish")
+REPORTED = (*STAGES, "overhead", "wait", "total", "transport")
+TOPIC = "/vpr_bench/image"
+OVERHEAD_TARGET_MS = 5.0
+
+
+@dataclass
+class NodeBenchConfig:
+    """What to measure; the defaults are the documented run (docs/bench_node.md)."""
+
+    model: Optional[Path] = None
+    model_config: Path = DEFAULT_MODEL_CONFIG
+    input_size: Optional[int] = None
+    map_size: int = 10_000
+    rates: list[float] = field(default_factory=lambda: [5.0, 15.0, 30.0, 100.0])
+    seconds: float = 8.0
+    width: int = 640
+    height: int = 480
+    compressed: bool = False
+    qos: str = "reliable"
+    backend: str = "auto"
+    threads: int = 0
+    top_k: int = 5
+    index: str = "flat"
+    workdir: Optional[Path] = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.map_size < 1 or self.seconds <= 0 or not self.rates or min(self.rates) <= 0:
+            raise ConfigError("--map-size must be >= 1, --seconds > 0 and every rate > 0")
+        if self.qos not in ("reliable", "best_effort"):
+            raise ConfigError(f"--qos {self.qos!r} must be reliable or best_effort")
+        if self.width < 1 or self.height < 1:
+            raise ConfigError(f"image size {self.width}x{self.height} must be positive")
+
+
+def _stage_values(timings: list[Any], name: str, cpu: bool = False) -> np.ndarray:
+    def one(t: Any, stage: str) -> float:
+        return t.cpu.get(stage, math.nan) if cpu else t.stage(stage)
+
+    if name == "overhead":
+        vals = [sum(0.0 if math.isnan(one(t, s)) else one(t, s)
+                    for s in STAGES if s != "encode") for t in timings]
+    else:
+        vals = [one(t, name) for t in timings]
+    arr = np.asarray(vals, dtype=np.float64) * 1e3
+    return arr[np.isfinite(arr)]
+
+
+def _percentiles(arr: np.ndarray) -> dict[str, float]:
+    if arr.size == 0:
+        return {"p50": math.nan, "p95": math.nan, "max": math.nan}
+    p50, p95 = np.percentile(arr, [50, 95])
+    return {"p50": float(p50), "p95": float(p95), "max": float(arr.max())}
+
+
+def summarise(timings: list[Any]) -> dict[str, dict[str, float]]:
+    """p50 / p95 / max in ms of every reported stage (wall clock)."""
+    return {name: _percentiles(_stage_values(timings, name)) for name in REPORTED}
+
+
+def summarise_cpu(timings: list[Any]) -> dict[str, dict[str, float]]:
+    """The same for the encoder thread's CPU time per stage: the cost of the work itself,
+    without the time spent waiting for a core on a shared machine."""
+    return {name: _percentiles(_stage_values(timings, name, cpu=True))
+            for name in (*STAGES, "overhead")}
+
+
+def latency_trend_ms(timings: list[Any]) -> float:
+    """Median total latency of the last third minus the first third (ms): > 0 means growth."""
+    totals = _stage_values(timings, "total")
+    if totals.size < 6:
+        return math.nan
+    third = totals.size // 3
+    return float(np.median(totals[-third:]) - np.median(totals[:third]))
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+                            "platform": platform.platform()}
+    try:
+        info["load_average_1m"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    return info
+
+
+def _prepare_model(cfg: NodeBenchConfig, workdir: Path) -> Path:
+    if cfg.model is not None:
+        return cfg.model
+    import yaml
+
+    from vpr_ros.models.model_dir import create_model_dir
+
+    data = yaml.safe_load(Path(cfg.model_config).read_text())
+    if cfg.input_size:
+        data.setdefault("input", {})["size"] = [cfg.input_size, cfg.input_size]
+    spec = workdir / "model.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    out = workdir / "model"
+    create_model_dir(spec, out, seed=cfg.seed)
+    return out
+
+
+def _prepare_map(cfg: NodeBenchConfig, model: Path, workdir: Path) -> Path:
+    """``map_size`` posed keyframes with random unit descriptors of the model's dimension."""
+    from vpr_ros.mapdb import Keyframe, PlaceMap
+    from vpr_ros.models.model_dir import read_model_meta
+
+    meta = read_model_meta(model)
+    rng = np.random.default_rng(cfg.seed)
+    pm = PlaceMap.create(meta.descriptor_dim, meta.fingerprint, index=cfg.index)
+    block = 2048
+    for start in range(0, cfg.map_size, block):
+        n = min(block, cfg.map_size - start)
+        desc = rng.standard_normal((n, meta.descriptor_dim)).astype(np.float32)
+        desc /= np.linalg.norm(desc, axis=1, keepdims=True)
+        kfs = [Keyframe("bench", (1_000 + i) * 1_000_000_000, "map",
+                        (float(i % 100), float(i // 100), 0.0), (0.0, 0.0, 0.0, 1.0))
+               for i in range(start, start + n)]
+        pm.add(desc, kfs)
+    out = workdir / "map"
+    pm.save(out)
+    return out
+
+
+def _publisher(cfg: NodeBenchConfig, rate: float) -> subprocess.Popen:
+    from vpr_ros._bootstrap import env_with_ros_libs
+
+    cmd = [sys.executable, "-m", "vpr_ros.ros.node_harness", "publish", TOPIC, "--rate",
+           str(rate), "--seconds", str(cfg.seconds), "--width", str(cfg.width), "--height",
+           str(cfg.height), "--qos", cfg.qos] + (["--compressed"] if cfg.compressed else [])
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env_with_ros_libs())
+
+
+def _measure_rate(harness: Any, cfg: NodeBenchConfig, rate: float) -> dict[str, Any]:
+    stats = harness.stats
+    stats.clear_timings()
+    before = (stats.received, stats.processed, stats.dropped, sum(stats.errors.values()))
+    max_pending = [0]
+    stop = threading.Event()
+
+    def sample() -> None:  # the mailbox depth, every 5 ms
+        while not stop.is_set():
+            max_pending[0] = max(max_pending[0], harness.node.pending_frames)
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    proc = _publisher(cfg, rate)
+    try:
+        out, err = proc.communicate(timeout=cfg.seconds + 120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 30
+    while not harness.idle() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    stop.set()
+    sampler.join(1)
+    if proc.returncode != 0:
+        raise ConfigError(f"the camera process failed (exit {proc.returncode}): "
+                          f"{(err or out).strip()[-2000:]}")
+    sent = json.loads(out.strip().splitlines()[-1])
+    timings = stats.timings()
+    stages = summarise(timings)
+    processing = [t.total - t.wait for t in timings]
+    return {
+        "rate_hz": rate, "achieved_hz": round(sent["achieved_hz"], 2), "sent": sent["sent"],
+        "received": stats.received - before[0], "processed": stats.processed - before[1],
+        "dropped": stats.dropped - before[2],
+        "errors": sum(stats.errors.values()) - before[3],
+        "max_pending": max_pending[0],
+        "max_wait_over_processing": (max(t.wait for t in timings) / max(processing)
+                                     if timings and max(processing) > 0 else math.nan),
+        "latency_trend_ms": latency_trend_ms(timings),
+        "stages_ms": stages,
+        "stages_cpu_ms": summarise_cpu(timings),
+    }
+
+
+def run_node_bench(cfg: NodeBenchConfig,
+                   progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+    """Prepare model and map, host the node, play the camera at each rate; plain figures."""
+    from vpr_ros.ros.node_harness import NodeHarness
+
+    say = progress or (lambda msg: None)
+    tmp = None
+    if cfg.workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="vpr_bench_node_")
+        workdir = Path(tmp.name)
+    else:
+        workdir = Path(cfg.workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        say("model")
+        model = _prepare_model(cfg, workdir)
+        say(f"map of {cfg.map_size} keyframes")
+        pmap = _prepare_map(cfg, model, workdir)
+        say("configuring the node")
+        params = {"mode": "localization", "model": str(model), "map": str(pmap),
+                  "backend": cfg.backend, "threads": cfg.threads, "top_k": cfg.top_k,
+                  "image_transport": "compressed" if cfg.compressed else "raw",
+                  "qos_reliability": cfg.qos,
+                  "relocalization.one_shot": False, "diagnostics_window": 1_000_000,
+                  "log_throttle_s": 60.0}
+        t0 = time.perf_counter()
+        harness = NodeHarness(params, {"image": TOPIC})
+        configure_s = time.perf_counter() - t0
+        try:
+            encoder = harness.node.pipeline.encoder
+            identity = {"backend": encoder.backend, "input_size": list(encoder.input_size),
+                        "dim": encoder.dim, "fingerprint": encoder.fingerprint}
+            rows = []
+            for rate in cfg.rates:
+                say(f"{rate:g} Hz for {cfg.seconds:g} s")
+                rows.append(_measure_rate(harness, cfg, rate))
+        finally:
+            harness.close()
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    worst = max(r["stages_ms"]["overhead"]["p95"] for r in rows)
+    no_growth = all(r["max_pending"] <= 1 and not (r["latency_trend_ms"] > 0.5 * max(
+        1.0, r["stages_ms"]["encode"]["p50"])) for r in rows)
+    cfg_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    return {"config": cfg_dict, "machine": machine_info(), "encoder": identity,
+            "configure_s": round(configure_s, 2), "rates": rows,
+            "overhead_p95_ms_worst": worst,
+            "target": {"overhead_p95_ms": OVERHEAD_TARGET_MS,
+                       "overhead_met": bool(worst <= OVERHEAD_TARGET_MS),
+                       "no_queue_growth": bool(no_growth)}}
+
+
+def _f(value: float) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else f"{value:.2f}"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Markdown: one row per input rate, p50 / p95 per stage in ms."""
+    head = ["rate Hz", "sent", "processed", "dropped", "max waiting", *REPORTED,
+            "overhead CPU", "trend"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result["rates"]:
+        cells = [f"{r['rate_hz']:g} ({r['achieved_hz']:g})", str(r["sent"]), str(r["processed"]),
+                 str(r["dropped"]), str(r["max_pending"])]
+        cells += [f"{_f(r['stages_ms'][s]['p50'])} / {_f(r['stages_ms'][s]['p95'])}"
+                  for s in REPORTED]
+        cpu = r["stages_cpu_ms"]["overhead"]
+        cells.append(f"{_f(cpu['p50'])} / {_f(cpu['p95'])}")
+        cells.append(_f(r["latency_trend_ms"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    t = result["target"]
+    enc = result["encoder"]
+    lines += ["", f"encoder {enc['backend']} {enc['input_size']} -> {enc['dim']}-D; map "
+              f"{result['config']['map_size']} keyframes ({result['config']['index']}); "
+              f"frames {result['config']['width']}x{result['config']['height']} "
+              f"{'JPEG' if result['config']['compressed'] else 'rgb8'}",
+              f"overhead (all but encode) p95, worst rate: {_f(result['overhead_p95_ms_worst'])}"
+              f" ms (target <= {t['overhead_p95_ms']:g}: {'met' if t['overhead_met'] else 'NOT met'})"
+              f"; queue growth: {'none' if t['no_queue_growth'] else 'YES'}",
+              f"machine: {result['machine'].get('cpu')} x{result['machine'].get('cores')}, "
+              f"load {result['machine'].get('load_average_1m')}"]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- the CLI
+
+def _float_list(text: str) -> list[float]:
+    import argparse
+
+    try:
+        values = [float(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers")
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive rates, e.g. 5,15,30,100")
+    return values
+
+
+def register(sub: Any) -> None:
+    """Add ``node`` to the ``vpr bench`` sub-parsers."""
+    p = sub.add_parser(
+        "node", help="per-frame latency breakdown of vpr_node through DDS at several rates",
+        description="Host vpr_node (localization mode) with a small model and a map of "
+        "synthetic keyframes, publish camera frames to it from another process at each rate, "
+        "and report p50/p95 per stage (conversion, preprocess, encode, search, decision, "
+        "publish), waiting, end-to-end and transport latency, drops and queue growth.")
+    p.add_argument("--model", type=Path, help="model directory (default: a new "
+                   "GeM + EfficientNet-Lite0 from config/models/gem_effnetlite0.yaml)")
+    p.add_argument("--input-size", type=int, help="square input size of the default model "
+                   "(default: the config's, 224)")
+    p.add_argument("--map-size", type=int, default=10_000, help="keyframes in the map "
+                   "(default 10000)")
+    p.add_argument("--index", default="flat", help="map index kind (default flat)")
+    p.add_argument("--rates", type=_float_list, default=[5.0, 15.0, 30.0, 100.0],
+                   metavar="HZ[,HZ...]", help="camera rates (default 5,15,30,100)")
+    p.add_argument("--seconds", type=float, default=8.0, help="seconds per rate (default 8)")
+    p.add_argument("--image-size", default="640x480", metavar="WxH",
+                   help="camera frame size (default 640x480)")
+    p.add_argument("--compressed", action="store_true", help="JPEG CompressedImage frames")
+    p.add_argument("--qos", choices=["reliable", "best_effort"], default="reliable",
+                   help="camera and subscription reliability (default reliable: best-effort "
+                   "raw 640x480 frames are mostly lost in DDS fragmentation on a busy host)")
+    p.add_argument("--backend", default="auto",
+                   help="encoder backend: auto, torch, onnxruntime, tensorrt (default auto)")
+    p.add_argument("--threads", type=int, default=0, help="encoder threads (0: default)")
+    p.add_argument("--workdir", type=Path, help="keep model and map here (default: temp)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run_cli)
+
+
+def run_cli(args: Any) -> int:
+    try:
+        width, height = (int(v) for v in args.image_size.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--image-size {args.image_size!r} must look like 640x480")
+    cfg = NodeBenchConfig(model=args.model, input_size=args.input_size, map_size=args.map_size,
+                          index=args.index, rates=args.rates, seconds=args.seconds,
+                          width=width, height=height, compressed=args.compressed, qos=args.qos,
+                          backend=args.backend, threads=args.threads, workdir=args.workdir)
+
+    def progress(msg: str) -> None:
+        print(f"[bench node] {msg}", file=sys.stderr, flush=True)
+
+    result = run_node_bench(cfg, progress)
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Standalone entry (``python -m vpr_ros.bench.node_bench``), same options as the CLI."""
+    import argparse
+
+    from vpr_ros._bootstrap import ensure_ros_libs
+
+    ensure_ros_libs()
+    parser = argparse.ArgumentParser(prog="vpr bench")
+    register(parser.add_subparsers(dest="benchmark", required=True))
+    args = parser.parse_args(["node", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
