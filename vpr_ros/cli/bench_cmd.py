@@ -29,6 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub.required = True
     register_search(sub)
     register_encoder(sub)
+    from vpr_ros.bench.node_bench import register as register_node
+
+    register_node(sub)
 
 
 def register_search(sub: argparse._SubParsersAction) -> None:
