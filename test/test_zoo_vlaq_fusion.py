@@ -181,7 +181,10 @@ def test_onnx_export_matches_torch_in_onnxruntime(imported, tmp_path: Path) -> N
     model, meta, *_ = imported
     model.eval()
     batch = torch.randn(3, 3, 56, 70)
-    with torch.no_grad():
+    fusion = model.backbone.fusion
+    with torch.no_grad():                    # a live CLIP branch (the import starts it at zero)
+        fusion.weight.copy_(torch.randn(WIDTH, WIDTH) * 0.05)
+        fusion.bias.copy_(torch.randn(WIDTH) * 0.05)
         dynamic = model(batch).numpy()
     path = tmp_path / "dcvlaq.onnx"
     try:
@@ -197,6 +200,9 @@ def test_onnx_export_matches_torch_in_onnxruntime(imported, tmp_path: Path) -> N
                               output_names=["global"], opset_version=17, dynamo=False,
                               dynamic_axes={"images": {0: "batch"}, "global": {0: "batch"}})
     model.backbone.release_fixed_size()
+    with torch.no_grad():
+        fusion.weight.zero_()
+        fusion.bias.zero_()
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     out = sess.run(None, {sess.get_inputs()[0].name: batch.numpy()})[0]
     assert out.shape == dynamic.shape == (3, 64)

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import timm
 import torch
@@ -62,6 +62,9 @@ from vpr_ros.models.backbones.base import Backbone, BackboneOutput
 from vpr_ros.models.backbones.dinov2 import PATCH, DinoV2Backbone
 from vpr_ros.models.config import IMAGENET_MEAN, IMAGENET_STD
 from vpr_ros.models.registry import register_backbone
+
+if TYPE_CHECKING:  # model_dir imports the registry, which imports this module
+    from vpr_ros.models.model_dir import ModelMeta
 
 # name -> timm model the layers come from, patch size, width, heads, pre-training input (px)
 CLIP_ARCHS: dict[str, dict[str, Any]] = {
@@ -360,7 +363,7 @@ def load_fusion_weights(backbone: DinoV2ClipFusionBackbone, dinov2: str | Path |
 
 def create_fusion_model_dir(config_path: str | Path, out: str | Path,
                             dinov2: str | None = None, clip: str | None = None,
-                            seed: int = 0) -> Any:
+                            seed: int = 0) -> ModelMeta:
     """``vpr model import dcvlaq``: a model directory from a config naming this backbone, with
     the DINOv2 and CLIP halves loaded from their own files (``None``/'none': random).
 
