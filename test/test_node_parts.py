@@ -384,3 +384,38 @@ def test_launch_files_parse_and_wire_existing_configs(name, config) -> None:
 def _names(tree: ast.AST) -> set[str]:
     return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | \
         {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+
+
+# ---------------------------------------------------------------------------- stage timing
+
+def test_encode_is_timed_in_stages_on_the_host_path_and_whole_otherwise() -> None:
+    from vpr_ros.ros.pipeline import encode_one, host_preprocessing
+    from vpr_ros.runtime.encoder import Encoder
+    from vpr_ros.runtime.preprocess import Preprocessing
+
+    class Host(Encoder):
+        dim, input_size, fingerprint, backend = 4, (8, 8), "fake", "fake-cpu"
+
+        @property
+        def preprocessing(self) -> Preprocessing:
+            return Preprocessing((8, 8), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+        def _encode_batch(self, batch: np.ndarray) -> np.ndarray:
+            return np.tile([[1.0, 0.0, 0.0, 0.0]], (len(batch), 1)).astype(np.float32)
+
+    class Device(Host):
+        backend = "fake-cuda"
+
+        def encode(self, images):  # preprocessing inside, as a GPU backend does
+            return self._encode_batch(np.zeros((len(images), 3, 8, 8), np.float32))
+
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    timing = FrameTiming(0)
+    out = encode_one(Host(), rgb, timing)
+    assert out.shape == (1, 4) and host_preprocessing(Host())
+    assert timing.preprocess >= 0 and timing.encode >= 0
+    assert set(timing.cpu) == {"preprocess", "encode"}
+    timing = FrameTiming(0)
+    assert not host_preprocessing(Device())
+    encode_one(Device(), rgb, timing)
+    assert math.isnan(timing.preprocess) and timing.encode >= 0

@@ -48,15 +48,24 @@ def limit_blas_threads(threads: int) -> str:
     return f"BLAS threads: {threads}"
 
 
+def host_preprocessing(encoder: Encoder) -> bool:
+    """Whether ``encode`` is the shared host path: ``preprocess`` (numpy/OpenCV) then inference.
+
+    True for backends that keep :meth:`Encoder.encode` and for every CPU backend; a GPU backend
+    that overrides ``encode`` (preprocessing on the device) is called as a whole instead.
+    """
+    return type(encoder).encode is Encoder.encode or "cpu" in str(encoder.backend).split("-")
+
+
 def encode_one(encoder: Encoder, rgb: np.ndarray, timing: FrameTiming) -> np.ndarray:
     """One frame -> (1, D) descriptor, timing preprocessing and inference separately.
 
-    When a backend overrides ``encode`` (e.g. preprocessing on the GPU) the split is not
+    When preprocessing happens inside a backend's own ``encode`` (on the GPU) the split is not
     observable from outside: the whole call is timed as ``encode`` and ``preprocess`` is NaN,
     rather than bypassing the backend's own path.
     """
     watch = Stopwatch(timing)
-    if type(encoder).encode is not Encoder.encode:
+    if not host_preprocessing(encoder):
         out = encoder.encode([rgb])
         watch.lap("encode")
         timing.preprocess = float("nan")

@@ -1,0 +1,40 @@
+"""`vpr bench node` end to end on a tiny setting: a camera process publishes through DDS to the
+hosted node, and the report holds every stage's latency, the drops and the queue evidence."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("rclpy", reason="ROS 2 Python packages (ros-kilted-* wheels)")
+
+from test_node_common import small_model_dir  # noqa: E402
+
+
+def test_node_bench_reports_a_stage_breakdown_and_no_queue(effnet_gem_model_dir: Path,
+                                                            tmp_path: Path) -> None:
+    from vpr_ros.bench.node_bench import NodeBenchConfig, format_table, run_node_bench
+
+    model = small_model_dir(effnet_gem_model_dir, tmp_path.parent)
+    cfg = NodeBenchConfig(model=model, map_size=2000, rates=[4.0, 200.0], seconds=2.0,
+                          width=320, height=240, backend="torch", threads=1,
+                          workdir=tmp_path / "work")
+    result = run_node_bench(cfg)
+    slow, flood = result["rates"]
+    assert slow["sent"] >= 6 and slow["processed"] >= 0.5 * slow["sent"]
+    # 200 frames/s is far above what the encoder sustains: frames are dropped, never queued.
+    assert flood["dropped"] > 0 and flood["processed"] < flood["received"]
+    for row in result["rates"]:
+        assert row["max_pending"] <= 1 and row["errors"] == 0
+        assert row["processed"] + row["dropped"] == row["received"]
+        for stage in ("conversion", "preprocess", "encode", "search", "decision", "publish",
+                      "overhead", "wait", "total", "transport"):
+            assert math.isfinite(row["stages_ms"][stage]["p95"]), stage
+        assert row["stages_ms"]["total"]["p50"] >= row["stages_ms"]["encode"]["p50"]
+        assert row["stages_cpu_ms"]["overhead"]["p50"] > 0
+    assert result["encoder"]["backend"].startswith("torch")
+    assert result["encoder"]["input_size"] == [96, 96]
+    table = format_table(result)
+    assert "overhead" in table and "queue growth" in table
