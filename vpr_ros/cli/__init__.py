@@ -17,6 +17,7 @@ from vpr_ros.errors import VPRError
 
 # Subcommand modules, in the order `vpr --help` lists them.
 COMMAND_MODULES = [
+    "vpr_ros.cli.demo_cmd",
     "vpr_ros.cli.model_cmd",
     "vpr_ros.cli.train_cmd",
     "vpr_ros.cli.eval_cmd",
