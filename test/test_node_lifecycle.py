@@ -129,6 +129,17 @@ def test_lifecycle_subscribes_only_while_active_and_keeps_the_model(
     assert probe.state() == "unconfigured" and node.pipeline is None
     assert not probe.trigger("relocalize").success  # not configured: a clear no
 
+    # Any encoder artifact: the ONNX export of the same model serves the same map.
+    from vpr_ros.runtime.backend_select import cached_onnx
+
+    _set(node, model=str(cached_onnx(model96)), backend="onnxruntime")
+    assert probe.transition("configure") and probe.transition("activate")
+    assert node.pipeline.encoder.backend.startswith("onnxruntime")
+    assert probe.spin_until(lambda: pub.get_subscription_count() == 1, 10)
+    assert feed(3)
+    assert probe.transition("deactivate") and probe.transition("cleanup")
+    _set(node, backend="auto")
+
 
 def test_loop_closure_mode_grows_saves_and_resets_the_live_map(
         running, model96: Path, route, tmp_path: Path) -> None:

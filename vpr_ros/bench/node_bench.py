@@ -15,9 +15,11 @@ lookup), ``decision`` (relocalizer), ``publish`` (building and publishing the ou
 and ``transport`` (camera publish -> node callback). ``overhead`` is everything but encode:
 conversion + preprocess + search + decision + publish.
 
-"No queue growth" is checked three ways: frames waiting for the encoder never exceed one
-(sampled every 5 ms), ``wait`` stays below one frame's processing time, and the latency
-of the last third of each run is no higher than that of the first third.
+"No queue growth" is checked two ways: frames waiting for the encoder never exceed one
+(sampled every 5 ms), and no frame waits longer than 1.5x the longest processing of a frame
+(a queue of q frames would make it wait q times that). The latency trend (median of the last
+third of each run minus the first third) is reported too, for the eye: on a shared machine it
+moves with the load.
 """
 
 from __future__ import annotations
@@ -282,8 +284,10 @@ def run_node_bench(cfg: NodeBenchConfig,
         if tmp is not None:
             tmp.cleanup()
     worst = max(r["stages_ms"]["overhead"]["p95"] for r in rows)
-    no_growth = all(r["max_pending"] <= 1 and not (r["latency_trend_ms"] > 0.5 * max(
-        1.0, r["stages_ms"]["encode"]["p50"])) for r in rows)
+    # A queue of q frames makes a frame wait q processing times; the mailbox allows one at
+    # most, and then a frame waits at most for the one being processed.
+    no_growth = all(r["max_pending"] <= 1 and not r["max_wait_over_processing"] > 1.5
+                    for r in rows)
     cfg_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     return {"config": cfg_dict, "machine": machine_info(), "encoder": identity,
             "configure_s": round(configure_s, 2), "rates": rows,
@@ -300,12 +304,12 @@ def _f(value: float) -> str:
 
 def format_table(result: dict[str, Any]) -> str:
     """Markdown: one row per input rate, p50 / p95 per stage in ms."""
-    head = ["rate Hz", "sent", "processed", "dropped", "max waiting", *REPORTED,
+    head = ["rate Hz", "sent", "processed", "dropped", "max waiting", "wait/proc", *REPORTED,
             "overhead CPU", "trend"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rates"]:
         cells = [f"{r['rate_hz']:g} ({r['achieved_hz']:g})", str(r["sent"]), str(r["processed"]),
-                 str(r["dropped"]), str(r["max_pending"])]
+                 str(r["dropped"]), str(r["max_pending"]), _f(r["max_wait_over_processing"])]
         cells += [f"{_f(r['stages_ms'][s]['p50'])} / {_f(r['stages_ms'][s]['p95'])}"
                   for s in REPORTED]
         cpu = r["stages_cpu_ms"]["overhead"]
