@@ -143,6 +143,7 @@ def test_lifecycle_subscribes_only_while_active_and_keeps_the_model(
 
 def test_loop_closure_mode_grows_saves_and_resets_the_live_map(
         running, model96: Path, route, tmp_path: Path) -> None:
+    from geometry_msgs.msg import PoseStamped
     from sensor_msgs.msg import Image
 
     from vpr_ros.mapdb import PlaceMap
@@ -150,12 +151,27 @@ def test_loop_closure_mode_grows_saves_and_resets_the_live_map(
     node, probe = running
     live = tmp_path / "live_map"
     _set(node, mode="loop_closure", model=str(model96), map=str(live), session="test-run",
-         pose_type="none")
+         pose_type="pose")
     assert probe.transition("configure") and probe.transition("activate")
     pub = probe.publisher(TOPIC, Image, reliable=False)
-    assert probe.spin_until(lambda: pub.get_subscription_count() == 1, 10)
-    for n, i in enumerate(route.frames(lap=0)[:6]):
-        pub.publish(image_msg(route.images[i], route.stamps_ns[i]))
+    poses = probe.publisher("/pose", PoseStamped, reliable=True)
+    assert probe.spin_until(lambda: pub.get_subscription_count() == 1
+                            and poses.get_subscription_count() == 1, 10)
+
+    def pose_at(stamp_ns: int, x: float) -> PoseStamped:
+        msg = PoseStamped()
+        msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, NS)
+        msg.header.frame_id = "odom"
+        msg.pose.position.x = x
+        return msg
+
+    frames = route.frames(lap=0)[:6]
+    for n, i in enumerate(frames):  # 2 m apart: every frame becomes a keyframe
+        stamp = route.stamps_ns[i]
+        poses.publish(pose_at(stamp - NS // 4, 2.0 * n - 0.5))
+        poses.publish(pose_at(stamp + NS // 4, 2.0 * n + 0.5))
+        probe.spin_for(0.2)
+        pub.publish(image_msg(route.images[i], stamp))
         probe.spin_until(lambda: node.stats.processed > n, 5)
     assert probe.spin_until(lambda: node.stats.keyframes_inserted >= 3, 10)
     inserted = node.stats.keyframes_inserted
@@ -164,6 +180,10 @@ def test_loop_closure_mode_grows_saves_and_resets_the_live_map(
     assert saved.success, saved.message
     pm = PlaceMap.load(live)
     assert len(pm) == inserted and pm.sessions() == ["test-run"]
+    # Keyframe poses: interpolated from the PoseStamped samples at each image stamp.
+    for kf in pm.keyframes(range(len(pm))):
+        n = frames.index(route.stamps_ns.index(kf.stamp_ns))
+        assert kf.position == pytest.approx((2.0 * n, 0.0, 0.0)) and kf.frame_id == "odom"
     assert pm.fingerprint == node.pipeline.encoder.fingerprint
 
     reset = probe.trigger("reset_session")
