@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from vpr_ros.errors import CheckpointError
+from vpr_ros.errors import CheckpointError, ConfigError
 from vpr_ros.models.backbones.dinov2_clip_fusion import clip_to_ours, load_clip_weights
 from vpr_ros.models.config import IMAGENET_MEAN, IMAGENET_STD
 from vpr_ros.models.model_dir import load_model_dir
@@ -229,3 +229,21 @@ def test_clip_files_of_the_wrong_shape_or_incomplete_are_named(imported, tmp_pat
     torch.save(sd, path)
     with pytest.raises(CheckpointError, match=r"missing keys \['blocks\.5\.mlp\.fc1\.bias'\]"):
         load_clip_weights(tower, path)
+
+
+def test_weights_backbone_names_both_halves_in_one_string(imported) -> None:
+    """``weights.backbone: DINOV2:CLIP`` (what ``vpr model init --backbone-weights`` and a
+    recipe's ``model.backbone_weights`` pass): each file lands in its half, in either order."""
+    import os
+
+    model, _, dino_sd, clip_sd, d = imported
+    bb = model.backbone
+    with torch.no_grad():
+        bb.clip.blocks[4].mlp.fc1.weight.zero_()
+        bb.dino.blocks[2].attn.proj.bias.zero_()
+    bb.load_pretrained(os.pathsep.join([str(d / "clip.pt"), str(d / "dinov2_vits14_pretrain.pth")]))
+    torch.testing.assert_close(bb.clip.blocks[4].mlp.fc1.weight,
+                               clip_sd["visual.transformer.resblocks.4.mlp.c_fc.weight"])
+    torch.testing.assert_close(bb.dino.blocks[2].attn.proj.bias, dino_sd["blocks.2.attn.proj.bias"])
+    with pytest.raises(ConfigError, match="both clip weights"):
+        bb.load_pretrained(os.pathsep.join([str(d / "clip.pt")] * 2))

@@ -37,15 +37,17 @@ LayerNorm (``clip_final_norm``); the fusion layer starts at zero (``zero_init_fu
 training starts from pure DINOv2 tokens and the CLIP correction is learned from there; the
 class token passed on is DINOv2's.
 
-Weights: ``load_fusion_weights`` loads an official DINOv2 ``.pth`` into the DINOv2 half and a
-CLIP file in OpenAI/open_clip layout (``visual.conv1.weight``, ``visual.transformer.resblocks.N``
-...; text-tower keys are ignored) or timm layout (``patch_embed.proj.weight``, ``blocks.N`` ...)
-into the CLIP half. OpenAI weights use QuickGELU (``clip_act: quick_gelu``, the default);
+Weights: an official DINOv2 ``.pth`` goes into the DINOv2 half and a CLIP file in OpenAI/open_clip
+layout (``visual.conv1.weight``, ``visual.transformer.resblocks.N`` ...; text-tower keys are
+ignored) or timm layout (``patch_embed.proj.weight``, ``blocks.N`` ...) into the CLIP half, by
+``vpr model import dcvlaq DINOV2 --clip CLIP`` or by ``weights.backbone: DINOV2:CLIP`` (the two
+paths joined by ``os.pathsep``; see ``load_pretrained``). OpenAI weights use QuickGELU (``clip_act: quick_gelu``, the default);
 open_clip's LAION weights use GELU (``clip_act: gelu``).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
@@ -232,6 +234,33 @@ class DinoV2ClipFusionBackbone(Backbone):
         self._resize_h = torch.empty(0, device=self._clip_scale.device)
         self._resize_w = torch.empty(0, device=self._clip_scale.device)
 
+    def load_pretrained(self, source: str) -> None:
+        """``weights.backbone`` (``vpr model init --backbone-weights``, a recipe's
+        ``model.backbone_weights``) names this backbone's two pre-trained halves as one string:
+        the official DINOv2 ``.pth`` and the CLIP visual-tower file joined by ``os.pathsep``
+        (``dinov2_vitb14_pretrain.pth:clip_vit_b16.bin``), in either order; each file goes to
+        the half its keys identify. A single file loads its half alone."""
+        from vpr_ros.models.checkpoints import read_state_dict
+
+        paths = [p for p in str(source).split(os.pathsep) if p]
+        if source == "package" or not paths:
+            raise ConfigError(f"weights.backbone {source!r}: {type(self).__name__} needs the "
+                              f"DINOv2 and CLIP weight files joined by {os.pathsep!r} (no pip "
+                              "package ships them)")
+        found: dict[str, str] = {}
+        for path in paths:
+            state = read_state_dict(path)
+            half = "clip" if _looks_like_clip(state) else "dinov2"
+            if half in found:
+                raise ConfigError(f"weights.backbone: {found[half]} and {path} are both {half} "
+                                  "weights; give one DINOv2 and one CLIP file")
+            found[half] = path
+            if half == "clip":
+                _load_clip_state(self.clip, clip_to_ours(state), path)
+            else:
+                _load_dinov2_state(self.dino, state, path)
+        self.release_fixed_size()
+
     # -- forward ---------------------------------------------------------------------------
     def clip_tokens(self, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """CLIP patch tokens (B, gh*gw, C) on DINOv2's grid, without autograd (frozen)."""
@@ -322,11 +351,37 @@ def _describe_clip(state: Mapping[str, torch.Tensor]) -> Optional[dict[str, int]
     return {"patch": int(w.shape[-1]), "dim": int(w.shape[0]), "depth": depth, "grid": grid}
 
 
+def _looks_like_clip(sd: Mapping[str, torch.Tensor]) -> bool:
+    """OpenAI/open_clip (``visual.*``, ``conv1``, ``class_embedding``) or timm CLIP
+    (``norm_pre``, which DINOv2 does not have) rather than an official DINOv2 file."""
+    return any(k.startswith("visual.") or k in ("conv1.weight", "class_embedding",
+                                                  "norm_pre.weight") for k in sd)
+
+
+def _load_dinov2_state(dino: DinoV2Backbone, sd: Mapping[str, torch.Tensor],
+                       source: str | Path) -> None:
+    from vpr_ros.models.checkpoints import dinov2_to_ours, infer_dinov2_arch, load_exact
+
+    found = infer_dinov2_arch(sd)
+    if found["arch"] != dino.arch or found["registers"] != dino.num_registers:
+        raise CheckpointError(f"{source}: is DINOv2 {found['arch']} with {found['registers']} "
+                              f"registers, but the config asks for {dino.arch} with "
+                              f"{dino.num_registers}; fix backbone.params in the config")
+    load_exact(dino, dinov2_to_ours(sd), str(source))
+    dino.release_fixed_size()
+
+
 def load_clip_weights(tower: ClipVisionTower, path: str | Path) -> None:
     """Load a CLIP visual tower file into ``tower`` (every key and shape checked, by name)."""
-    from vpr_ros.models.checkpoints import load_exact, read_state_dict
+    from vpr_ros.models.checkpoints import read_state_dict
 
-    state = clip_to_ours(read_state_dict(path))
+    _load_clip_state(tower, clip_to_ours(read_state_dict(path)), path)
+
+
+def _load_clip_state(tower: ClipVisionTower, state: Mapping[str, torch.Tensor],
+                     path: str | Path) -> None:
+    from vpr_ros.models.checkpoints import load_exact
+
     found = _describe_clip(state)
     if found is None:
         raise CheckpointError(f"{path}: not a CLIP visual tower (no conv1/patch_embed and "
@@ -365,10 +420,9 @@ def create_fusion_model_dir(config_path: str | Path, out: str | Path,
                             dinov2: str | None = None, clip: str | None = None,
                             seed: int = 0) -> ModelMeta:
     """``vpr model import dcvlaq``: a model directory from a config naming this backbone, with
-    the DINOv2 and CLIP halves loaded from their own files (``None``/'none': random).
-
-    ``vpr model init`` takes one backbone weight file; this backbone has two pretrained halves,
-    hence its own entry point. Returns the directory's :class:`ModelMeta`.
+    the DINOv2 and CLIP halves loaded from their own files (``None``/'none': random). The same
+    as ``vpr model init CONFIG --backbone-weights DINOV2:CLIP`` with the two files as separate,
+    named arguments (and a refusal of any other backbone). Returns the :class:`ModelMeta`.
     """
     from vpr_ros.models.config import load_yaml, model_config_from_dict
     from vpr_ros.models.model_dir import read_model_meta, save_model_dir
