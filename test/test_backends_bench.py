@@ -35,8 +35,8 @@ def workdir(tmp_path_factory) -> Path:
 def test_bench_rows_for_each_backend(workdir: Path) -> None:
     cfg = EncoderBenchConfig(backends=["torch-cpu", "onnxruntime-cpu", "tensorrt"],
                              models=[str(workdir / "models" / "test_dinov2s_qaa.yaml")],
-                             batches=(2,), latency_iters=3, min_time_s=0.0, workdir=workdir,
-                             in_process=True)
+                             batches=(2,), latency_iters=3, min_time_s=0.0, warmup=1,
+                             workdir=workdir, in_process=True)
     result = run_encoder_bench(cfg)
     rows = {r["backend"]: r for r in result["rows"]}
     assert rows["torch-cpu-fp32"]["size"] == rows["onnxruntime-cpu"]["size"] == 112
@@ -60,7 +60,7 @@ def test_bench_cell_in_a_subprocess_matches_in_process_shape(workdir: Path) -> N
 
     model_dir = ensure_model_dir(workdir / "models" / "test_dinov2s_qaa.yaml", workdir / "models")
     cell = Cell(backend="torch-cpu", artifact=str(model_dir), model="m", size=112, batches=(1,),
-                latency_iters=2, min_time_s=0.0)
+                latency_iters=1, min_time_s=0.0, warmup=1)
     here, there = run_cell(cell), _spawn(cell)
     assert set(here) == set(there) and "error" not in there
     bad = Cell(backend="torch-cpu", artifact=str(workdir / "missing"), model="m", size=112)

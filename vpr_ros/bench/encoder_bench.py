@@ -131,6 +131,7 @@ class Cell:
     latency_iters: int = 30
     min_time_s: float = 3.0
     threads: Optional[int] = None
+    warmup: int = 3
 
 
 def _rss() -> int:
@@ -187,7 +188,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(max(cell.batches + (1,)), h, w, 3), dtype=np.uint8)
     one = images[:1]
-    for _ in range(3):
+    for _ in range(cell.warmup):
         enc.encode(one)
     lat = np.array(_timed(lambda: enc.encode(one), cell.latency_iters)) * 1e3
     row: dict[str, Any] = {
@@ -225,6 +226,7 @@ class EncoderBenchConfig:
     latency_iters: int = 30
     min_time_s: float = 3.0
     threads: Optional[int] = None
+    warmup: int = 3
     workdir: Path = field(default_factory=lambda: Path(
         os.environ.get("VPR_CACHE_DIR") or Path.home() / ".cache" / "vpr_ros") / "bench")
     in_process: bool = False
@@ -293,7 +295,7 @@ def run_encoder_bench(cfg: EncoderBenchConfig,
                 cell = Cell(backend=backend, artifact=str(artifact), model=base["model"],
                             size=real_size, batches=tuple(cfg.batches),
                             latency_iters=cfg.latency_iters, min_time_s=cfg.min_time_s,
-                            threads=cfg.threads)
+                            threads=cfg.threads, warmup=cfg.warmup)
                 result = run_cell(cell) if cfg.in_process else _spawn(cell)
                 rows.append({**base, **result})
     return {"machine": machine(), "rows": rows, "batches": list(cfg.batches),
