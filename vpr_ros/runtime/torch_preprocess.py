@@ -18,6 +18,7 @@ scalar tails and border rows round differently from its vector body);
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence, Union
@@ -117,8 +118,17 @@ def resize_plan(src_hw: tuple[int, int], prep: Preprocessing) -> ResizePlan:
     return ResizePlan("linear", (rh, rw), (top, left))
 
 
-def _rows(t: torch.Tensor, idx: np.ndarray, dim: int) -> torch.Tensor:
-    return t.index_select(dim, torch.from_numpy(idx).to(t.device))
+@functools.lru_cache(maxsize=32)
+def _taps(src: int, dst: int, area_mode: bool, device: torch.device
+          ) -> tuple[torch.Tensor, ...]:
+    """:func:`linear_taps` as device tensors, made once per size (a camera has one size)."""
+    return tuple(torch.from_numpy(a).to(device, torch.int64 if i < 2 else torch.int32)
+                 for i, a in enumerate(linear_taps(src, dst, area_mode)))
+
+
+@functools.lru_cache(maxsize=32)
+def _area(src: int, dst: int, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(area_weights(src, dst)).float().to(device)
 
 
 def resize_uint8(stack: torch.Tensor, plan: ResizePlan, out_hw: tuple[int, int]) -> torch.Tensor:
@@ -128,18 +138,15 @@ def resize_uint8(stack: torch.Tensor, plan: ResizePlan, out_hw: tuple[int, int])
     if plan.mode == "identity":
         return stack[:, top:top + h, left:left + w].float()
     if plan.mode == "linear":
-        yi0, yi1, b0, b1 = (a[top:top + h] for a in linear_taps(H, rh, plan.area_mode))
-        xi0, xi1, a0, a1 = (a[left:left + w] for a in linear_taps(W, rw, plan.area_mode))
-        dev = stack.device
+        yi0, yi1, b0, b1 = (t[top:top + h] for t in _taps(H, rh, plan.area_mode, stack.device))
+        xi0, xi1, a0, a1 = (t[left:left + w] for t in _taps(W, rw, plan.area_mode, stack.device))
         s = stack.to(torch.int32)
-        ca0 = torch.from_numpy(a0).to(dev, torch.int32)[None, None, :, None]
-        ca1 = torch.from_numpy(a1).to(dev, torch.int32)[None, None, :, None]
-        horiz = _rows(s, xi0, 2) * ca0 + _rows(s, xi1, 2) * ca1        # scale 2^11
-        cb0 = torch.from_numpy(b0).to(dev, torch.int32)[None, :, None, None]
-        cb1 = torch.from_numpy(b1).to(dev, torch.int32)[None, :, None, None]
+        horiz = (s.index_select(2, xi0) * a0[None, None, :, None]
+                 + s.index_select(2, xi1) * a1[None, None, :, None])          # scale 2^11
         # OpenCV's vectorised vertical pass: (((r0 >> 4) * b0) >> 16) + ((r1 >> 4) * b1) >> 16,
         # then (+2) >> 2: scale 2^22 back to 2^0 with its intermediate truncations.
-        v = ((_rows(horiz, yi0, 1) >> 4) * cb0 >> 16) + ((_rows(horiz, yi1, 1) >> 4) * cb1 >> 16)
+        v = (((horiz.index_select(1, yi0) >> 4) * b0[None, :, None, None] >> 16)
+             + ((horiz.index_select(1, yi1) >> 4) * b1[None, :, None, None] >> 16))
         return ((v + 2) >> 2).clamp_(0, 255).float()
     if plan.mode == "area_int":
         ky, kx = H // rh, W // rw
@@ -149,8 +156,8 @@ def resize_uint8(stack: torch.Tensor, plan: ResizePlan, out_hw: tuple[int, int])
         else:
             out = (sums.double() / (ky * kx)).round_().float()
         return out[:, top:top + h, left:left + w]
-    wy = torch.from_numpy(area_weights(H, rh)[top:top + h]).float().to(stack.device)
-    wx = torch.from_numpy(area_weights(W, rw)[left:left + w]).float().to(stack.device)
+    wy = _area(H, rh, stack.device)[top:top + h]
+    wx = _area(W, rw, stack.device)[left:left + w]
     rows = torch.einsum("oh,nhwc->nowc", wy, stack.float())
     return torch.einsum("pw,nowc->nopc", wx, rows).round_().clamp_(0, 255).float()
 
