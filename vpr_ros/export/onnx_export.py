@@ -213,7 +213,10 @@ def check_onnx_graph(model, meta: Optional[ArtifactMeta] = None) -> GraphReport:
     import onnx
 
     try:
-        onnx.checker.check_model(model)
+        # Beyond the 2 GiB protobuf limit the checker needs the saved file (export_model_onnx
+        # checks it after writing); everything below works on the proto either way.
+        if model.ByteSize() <= EXTERNAL_DATA_BYTES:
+            onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"the exported graph fails the ONNX checker: {exc}") from exc
     graph = model.graph
@@ -330,23 +333,19 @@ def export_model_onnx(model: nn.Module, out: Union[str, Path], *, model_fingerpr
     with torch.no_grad(), mha_fastpath_disabled(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about int(shape): sizes are static
         graph_module(dummy[:1])  # warms the aggregator's caches (query banks) for the trace
-        fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=out.parent if out.parent.exists()
-                                   else None)
-        os.close(fd)
-        try:
-            torch.onnx.export(graph_module, (dummy,), tmp, dynamo=False, opset_version=opset,
-                              input_names=[INPUT_NAME], output_names=list(names),
-                              dynamic_axes=dynamic, do_constant_folding=True,
-                              training=torch.onnx.TrainingMode.PRESERVE)
-            proto = onnx.load(tmp)
-        except ExportError:
-            raise
-        except Exception as exc:
-            raise ExportError(f"torch.onnx.export failed for {cfg.name}: {exc}") from exc
-        finally:
-            for f in (tmp, tmp + ".data"):
-                if os.path.exists(f):
-                    os.unlink(f)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # A folder, not a file: beyond 2 GiB the exporter writes one data file per tensor.
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".vpr_export_") as tmpdir:
+            tmp = os.path.join(tmpdir, "model.onnx")
+            try:
+                torch.onnx.export(graph_module, (dummy,), tmp, dynamo=False,
+                                  opset_version=opset, input_names=[INPUT_NAME],
+                                  output_names=list(names), dynamic_axes=dynamic,
+                                  do_constant_folding=True,
+                                  training=torch.onnx.TrainingMode.PRESERVE)
+                proto = onnx.load(tmp)  # external data, if any, is read into the proto here
+            except Exception as exc:
+                raise ExportError(f"torch.onnx.export failed for {cfg.name}: {exc}") from exc
     _drop_identities(proto.graph)
     folded = _fold_constant_plumbing(proto)
     _drop_dead(proto.graph)
@@ -370,6 +369,11 @@ def export_model_onnx(model: nn.Module, out: Union[str, Path], *, model_fingerpr
     log.info("exported %s at %dx%d: %d nodes, %d parameters, %d constant nodes folded",
              cfg.name, hw[0], hw[1], sum(report.op_counts.values()), report.parameters, folded)
     _save(proto, out)
+    if proto.ByteSize() > EXTERNAL_DATA_BYTES:
+        try:
+            onnx.checker.check_model(str(out))
+        except onnx.checker.ValidationError as exc:
+            raise ExportError(f"{out} fails the ONNX checker: {exc}") from exc
     if verify:
         from vpr_ros.export.parity import verify_onnx_export
 
