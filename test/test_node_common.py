@@ -103,9 +103,16 @@ class Route:
     def frames(self, lap: Optional[int] = None) -> list[int]:
         return [i for i, l in enumerate(self.lap) if lap is None or l == lap]
 
+    def frame_at(self, stamp_ns: int) -> int:
+        """Index of the frame with this stamp (to 1 ms: stamps may come back as float
+        seconds)."""
+        i = int(np.argmin(np.abs(np.asarray(self.stamps_ns) - int(stamp_ns))))
+        assert abs(self.stamps_ns[i] - int(stamp_ns)) < 1_000_000, stamp_ns
+        return i
+
     def position_at(self, stamp_ns: int) -> tuple[float, float, float]:
-        """Ground truth at a frame stamp (frames only)."""
-        return self.positions[self.stamps_ns.index(int(stamp_ns))]
+        """Ground truth at a frame stamp."""
+        return self.positions[self.frame_at(stamp_ns)]
 
 
 def yaw_quaternion(yaw: float) -> tuple[float, float, float, float]:

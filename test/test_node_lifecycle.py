@@ -182,7 +182,7 @@ def test_loop_closure_mode_grows_saves_and_resets_the_live_map(
     assert len(pm) == inserted and pm.sessions() == ["test-run"]
     # Keyframe poses: interpolated from the PoseStamped samples at each image stamp.
     for kf in pm.keyframes(range(len(pm))):
-        n = frames.index(route.stamps_ns.index(kf.stamp_ns))
+        n = frames.index(route.frame_at(kf.stamp_ns))
         assert kf.position == pytest.approx((2.0 * n, 0.0, 0.0)) and kf.frame_id == "odom"
     assert pm.fingerprint == node.pipeline.encoder.fingerprint
 

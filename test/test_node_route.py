@@ -26,8 +26,9 @@ from test_node_common import (NS, REPO, RosProbe, make_route, ros_env,  # noqa: 
                               small_model_dir, start_node, stop_process, vpr_command,
                               write_bag)
 
-FRAMES_PER_LAP = 40          # 1 s apart in bag time: a lap lasts 40 s
-RELOC_TOLERANCE_M = 3.0      # a relocalization is right when within this of the truth
+FRAMES_PER_LAP = 30          # 1.34 m apart on the ground
+FRAME_PERIOD_S = 40.0 / 30   # in bag time: a lap lasts 40 s, more than the exclusion window
+RELOC_TOLERANCE_M = 4.0      # a relocalization is right when within this of the truth
 CLOSURE_TOLERANCE_M = 5.0    # a closure is right when its two frames are this close
 EXCLUSION_WINDOW_S = 30.0    # loop_closure.exclusion_window_s in config/vpr_loop_closure.yaml
 STORAGES = [("sqlite3", "raw"), ("mcap", "compressed")]
@@ -35,7 +36,8 @@ STORAGES = [("sqlite3", "raw"), ("mcap", "compressed")]
 
 @pytest.fixture(scope="module")
 def route():
-    return make_route(frames_per_lap=FRAMES_PER_LAP, radius_m=6.4, view_m=10.0, out_px=96)
+    return make_route(frames_per_lap=FRAMES_PER_LAP, radius_m=6.4, view_m=10.0, out_px=96,
+                      frame_period_s=FRAME_PERIOD_S)
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +47,12 @@ def model96(effnet_gem_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture(scope="module")
 def play_rate(model96: Path, route) -> float:
-    """Frames per second the bag is played at (bag stamps are 1 s apart, so rate = fps).
+    """The ``--rate`` the bags are played at.
 
     The node drops frames it cannot encode in time (by design), and the decisions need most
     consecutive frames of this short route; on a loaded 2-core CI machine the encoder can be 5x
     slower than idle, so the rate is set from the encoder speed measured here: about 60 % of
-    what it sustains, between 2 and 10 frames/s.
+    the frames per second it sustains, between 2 and 10 frames/s.
     """
     from vpr_ros.runtime.encoder import load_encoder
 
@@ -62,7 +64,8 @@ def play_rate(model96: Path, route) -> float:
         enc.encode([img])
         times.append(time.perf_counter() - t0)
     per_frame = float(np.median(times)) + 0.03  # search, decision, publishing, DDS
-    return float(min(10.0, max(2.0, 0.6 / per_frame)))
+    fps = min(10.0, max(2.0, 0.6 / per_frame))
+    return fps * FRAME_PERIOD_S
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +255,6 @@ def _closes_loops(recording: dict[str, Any], route, model96: Path, play_rate: fl
                    "image_transport": recording["transport"]})
     node.play(recording["bags"]["full"], play_rate, ["/camera/image_raw", "/odom"])
 
-    lap1_end = route.stamps_ns[route.frames(lap=0)[-1]]
     closures = [parse_loop_closure(m) for m in node.closures]
     assert len(closures) >= 5, (len(closures), play_rate, node.output()[-3000:])
     across = 0
@@ -264,7 +266,7 @@ def _closes_loops(recording: dict[str, Any], route, model96: Path, play_rate: fl
         assert math.dist((c["match_x"], c["match_y"], c["match_z"]),
                          route.position_at(m_ns)) < 1e-3    # keyframe posed from odometry
         assert c["consistent_count"] >= 3 and c["score"] >= 0.8
-        across += q_ns > lap1_end >= m_ns
+        across += route.lap[route.frame_at(q_ns)] == 1 and route.lap[route.frame_at(m_ns)] == 0
     assert across >= 0.8 * len(closures)
 
     status = node.probe.latest_status()
