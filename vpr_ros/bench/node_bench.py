@@ -130,8 +130,8 @@ def machine_info() -> dict[str, Any]:
                     break
     except OSError:
         pass
-    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-                            "platform": platform.platform()}
+    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(),
+                            "python": platform.python_version(), "platform": platform.platform()}
     try:
         info["load_average_1m"] = round(os.getloadavg()[0], 2)
     except OSError:
@@ -323,7 +323,8 @@ def format_table(result: dict[str, Any]) -> str:
               f"frames {result['config']['width']}x{result['config']['height']} "
               f"{'JPEG' if result['config']['compressed'] else 'rgb8'}",
               f"overhead (all but encode) p95, worst rate: {_f(result['overhead_p95_ms_worst'])}"
-              f" ms (target <= {t['overhead_p95_ms']:g}: {'met' if t['overhead_met'] else 'NOT met'})"
+              f" ms (target <= {t['overhead_p95_ms']:g}: "
+              f"{'met' if t['overhead_met'] else 'NOT met'})"
               f"; queue growth: {'none' if t['no_queue_growth'] else 'YES'}",
               f"machine: {result['machine'].get('cpu')} x{result['machine'].get('cores')}, "
               f"load {result['machine'].get('load_average_1m')}"]

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped
 from nav_msgs.msg import Odometry
@@ -43,8 +44,8 @@ from vpr_ros.ros import messages
 from vpr_ros.ros.diagnostics import (FrameTiming, LogThrottle, NodeIdentity, NodeStats, RateMeter,
                                      Stopwatch, diagnostic_array)
 from vpr_ros.ros.mailbox import Mailbox
-from vpr_ros.ros.params import NodeSettings, all_parameter_specs, descriptor_for, \
-    settings_from_values
+from vpr_ros.ros.params import (NodeConfig, NodeSettings, all_parameter_specs, descriptor_for,
+                                settings_from_values)
 from vpr_ros.ros.pipeline import (LOCALIZATION, FrameOutcome, Pipeline, default_session_name,
                                   limit_blas_threads)
 from vpr_ros.ros.pose_buffer import PoseBuffer
@@ -178,8 +179,6 @@ class VprNode(LifecycleNode):
                            "one)")
         pipeline = Pipeline(encoder, place_map, settings, session)
         if cfg.warmup:
-            import numpy as np
-
             h, w = encoder.input_size
             blank = np.zeros((int(h), int(w), 3), dtype=np.uint8)
             desc = pipeline.encode(blank, FrameTiming(0))
@@ -187,7 +186,7 @@ class VprNode(LifecycleNode):
         return pipeline
 
     @staticmethod
-    def _open_map(cfg: Any, encoder: Any) -> Any:
+    def _open_map(cfg: NodeConfig, encoder: Any) -> Any:
         from vpr_ros.mapdb import PlaceMap
 
         path = Path(cfg.map) if cfg.map else None
@@ -406,7 +405,7 @@ class VprNode(LifecycleNode):
         self.identity.map_size = pipeline.map_size()
         self.stats.frame(timing)
 
-    def _publish(self, outcome: FrameOutcome, cfg: Any) -> None:
+    def _publish(self, outcome: FrameOutcome, cfg: NodeConfig) -> None:
         pubs = self._pubs
         if not pubs:
             return

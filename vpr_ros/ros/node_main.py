@@ -31,7 +31,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     node = VprNode()
     executor = SingleThreadedExecutor()
     executor.add_node(node)
-    status = 0
     try:
         if node.get_parameter("autostart").value:
             if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
@@ -47,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         executor.remove_node(node)
         node.destroy_node()
         rclpy.try_shutdown()
-    return status
+    return 0
 
 
 if __name__ == "__main__":
