@@ -40,6 +40,8 @@ BACKENDS: dict[str, dict[str, Any]] = {
     "onnxruntime-cpu": {"backend": "onnxruntime", "device": "cpu", "artifact": "onnx"},
     "onnxruntime-cpu-untuned": {"backend": "onnxruntime", "device": "cpu", "tuned": False,
                                 "artifact": "onnx"},
+    "onnxruntime-cpu-spin": {"backend": "onnxruntime", "device": "cpu", "spin": True,
+                             "artifact": "onnx"},
     "onnxruntime-cuda": {"backend": "onnxruntime", "device": "cuda", "provider": "cuda",
                          "artifact": "onnx"},
     "onnxruntime-tensorrt": {"backend": "onnxruntime", "device": "cuda",

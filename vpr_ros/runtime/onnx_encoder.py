@@ -11,8 +11,9 @@ CPU session options (:func:`cpu_session_options`; before/after figures in
 ViT MLPs, scaled MatMuls and the patch-embedding convolution's layout on load), one intra-op
 thread per core this process may use (affinity-aware, so a robot's pinned or containerised node
 neither oversubscribes nor idles cores), a single inter-op thread with sequential execution (one model, nothing to run
-side by side) and denormals flushed to zero (values below 1e-38 change no descriptor, but cost
-x86 cores microcode assists). Fusing the ViT attention into ``com.microsoft.Attention`` was
+side by side), idle threads sleeping instead of spinning (the CPU is shared with the rest of
+the robot) and denormals flushed to zero (values below 1e-38 change no descriptor, but cost x86
+cores microcode assists). Fusing the ViT attention into ``com.microsoft.Attention`` was
 tried and measured no faster on CPU: 86% of the time is in the projection/MLP GEMMs.
 """
 
@@ -146,8 +147,15 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def cpu_session_options(threads: Optional[int] = None, optimization: str = "all") -> Any:
-    """The tuned CPU :class:`onnxruntime.SessionOptions` (see the module docstring)."""
+def cpu_session_options(threads: Optional[int] = None, optimization: str = "all",
+                        spin: bool = False) -> Any:
+    """The tuned CPU :class:`onnxruntime.SessionOptions` (see the module docstring).
+
+    ``spin``: let idle intra-op threads busy-wait for the next op. Off by default: on a CPU
+    shared with other nodes spinning threads take cores the rest of the robot (and the
+    encoder's own descheduled threads) need; measured equal or better throughput without it
+    on the shared 2-core benchmark machine, for less CPU time per image.
+    """
     import onnxruntime as ort
 
     levels = {"none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -163,6 +171,7 @@ def cpu_session_options(threads: Optional[int] = None, optimization: str = "all"
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.add_session_config_entry("session.set_denormal_as_zero", "1")
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     so.log_severity_level = 3  # warnings about unused initializers etc. are noise here
     return so
 
@@ -203,12 +212,13 @@ class OnnxEncoder(Encoder):
         optimization: ONNX Runtime graph optimisation level (``none|basic|extended|all``).
         trt_cache_dir: engine cache of the TensorRT provider (default: beside the file).
         tuned: False gives ONNX Runtime's default session options (the benchmark's "before").
+        spin: busy-waiting intra-op threads (see :func:`cpu_session_options`).
     """
 
     def __init__(self, path: str | Path, device: str = "cpu", provider: Optional[str] = None,
                  threads: Optional[int] = None, expected_fingerprint: Optional[str] = None,
                  optimization: str = "all", trt_cache_dir: Optional[str | Path] = None,
-                 tuned: bool = True) -> None:
+                 tuned: bool = True, spin: bool = False) -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -234,7 +244,7 @@ class OnnxEncoder(Encoder):
             raise BackendError(f"onnxruntime provider {wanted} is not available in this "
                                f"install (available: {available}); install onnxruntime-gpu "
                                "for CUDA/TensorRT, or use provider='cpu'")
-        so = cpu_session_options(threads, optimization) if tuned else ort.SessionOptions()
+        so = cpu_session_options(threads, optimization, spin) if tuned else ort.SessionOptions()
         cache = Path(trt_cache_dir) if trt_cache_dir else self.path.parent / ".ort_trt_cache"
         chain = provider_chain(provider, dev_id, cache if provider == "tensorrt" else None)
         try:
@@ -256,7 +266,8 @@ class OnnxEncoder(Encoder):
         self.input_size = self.meta.input_size
         self.fingerprint = self.meta.fingerprint
         self.provider = provider
-        self.backend = f"onnxruntime-{provider}" + ("" if tuned else "-untuned")
+        self.backend = f"onnxruntime-{provider}" + ("" if tuned else "-untuned") + (
+            "-spin" if spin and tuned else "")
         self._prep = self.meta.preprocessing
 
     def _check_graph(self) -> None:
