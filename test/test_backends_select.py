@@ -106,6 +106,10 @@ def test_load_encoder_torch_model_dir_with_expected_fingerprint(effnet_gem_model
     fp = read_model_meta(effnet_gem_model_dir).fingerprint
     enc = load_encoder(effnet_gem_model_dir, backend="torch", expected_fingerprint=fp)
     assert enc.backend == "torch-cpu-fp32" and enc.fingerprint == fp
+    # on the CPU preprocessing stays the shared numpy path (the node times it separately)
+    from vpr_ros.runtime.encoder import Encoder
+
+    assert type(enc).encode is Encoder.encode
     with pytest.raises(MapMismatchError, match="was expected"):
         load_encoder(effnet_gem_model_dir, backend="torch", expected_fingerprint="f" * 24)
     with pytest.raises(BackendError, match="runs model directories"):

@@ -29,9 +29,10 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from vpr_ros.errors import BackendError, InputError
-from vpr_ros.runtime.encoder import Encoder, ImageBatch, check_descriptors, check_outputs
+from vpr_ros.runtime.encoder import Encoder
 from vpr_ros.runtime.onnx_encoder import ArtifactMeta
 from vpr_ros.runtime.preprocess import Preprocessing
+from vpr_ros.runtime.torch_preprocess import GpuPreprocessed
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ def gpu_identity(device_index: int = 0) -> tuple[str, str]:
     return str(props.name), f"{props.major}.{props.minor}"
 
 
-class TensorRTEncoder(Encoder):
+class TensorRTEncoder(GpuPreprocessed, Encoder):
     """Runs a serialized TensorRT engine (built by ``vpr export tensorrt``).
 
     ``encode(images)`` preprocesses on the GPU when the torch twin is available, copies through
@@ -335,17 +336,3 @@ class TensorRTEncoder(Encoder):
 
     def _encode_batch(self, batch: np.ndarray) -> np.ndarray:
         return self._encode_all_batch(batch)["global"]
-
-    def encode(self, images: ImageBatch) -> np.ndarray:
-        if self._gpu_prep is None:
-            return super().encode(images)
-        batch = self._gpu_prep(images)
-        out = self.encode_tensor_all(batch)["global"].float().cpu().numpy()
-        return check_descriptors(out, batch.shape[0], self.dim, self.backend)
-
-    def encode_all(self, images: ImageBatch) -> dict[str, np.ndarray]:
-        if self._gpu_prep is None:
-            return super().encode_all(images)
-        batch = self._gpu_prep(images)
-        outs = {k: v.cpu().numpy() for k, v in self.encode_tensor_all(batch).items()}
-        return check_outputs(outs, batch.shape[0], self.dim, self.backend)

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from vpr_ros.errors import BackendError, InputError
-from vpr_ros.runtime.encoder import Encoder, ImageBatch, check_descriptors, check_outputs
+from vpr_ros.runtime.encoder import Encoder
 from vpr_ros.runtime.preprocess import Preprocessing
+from vpr_ros.runtime.torch_preprocess import GpuPreprocessed
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,9 @@ def check_tensor_batch(batch: torch.Tensor, size: tuple[int, int], backend: str)
 
 
 class TorchEncoder(Encoder):
-    """Args:
+    """PyTorch inference of a loaded model.
+
+    Args:
         model, meta: a loaded model and its :class:`~vpr_ros.models.model_dir.ModelMeta`.
         device: ``cpu`` or ``cuda[:N]``; precision: ``fp32`` or ``fp16`` (CUDA only).
         threads: CPU threads for torch (default: torch's own choice).
@@ -55,6 +58,14 @@ class TorchEncoder(Encoder):
         cuda_graphs: replay CUDA graphs (default on for CUDA); gpu_preprocess: preprocess on
             the GPU (default on for CUDA).
     """
+
+    def __new__(cls, *args, **kwargs):
+        """On CUDA (with GPU preprocessing) the instance is a :class:`CudaTorchEncoder`."""
+        device = str(kwargs.get("device", args[2] if len(args) > 2 else "cpu"))
+        if cls is TorchEncoder and device.startswith("cuda") and kwargs.get("gpu_preprocess",
+                                                                              True):
+            cls = CudaTorchEncoder
+        return super().__new__(cls)
 
     def __init__(self, model, meta, device: str = "cpu", precision: str = "fp32",
                  threads: int | None = None, expected_fingerprint: Optional[str] = None,
@@ -88,7 +99,7 @@ class TorchEncoder(Encoder):
         if on_cuda and gpu_preprocess:
             from vpr_ros.runtime.torch_preprocess import TorchPreprocessor
 
-            self._gpu_prep = TorchPreprocessor(self._prep, self.device)
+            self._gpu_prep = TorchPreprocessor(self._prep, self.device)  # CudaTorchEncoder
 
     @classmethod
     def from_model_dir(cls, path: str | Path, device: str = "cpu", precision: str = "fp32",
@@ -160,16 +171,7 @@ class TorchEncoder(Encoder):
         return {k: v.cpu().numpy() for k, v in self.encode_tensor_all(
             torch.from_numpy(batch)).items()}
 
-    def encode(self, images: ImageBatch) -> np.ndarray:
-        if self._gpu_prep is None:
-            return super().encode(images)
-        batch = self._gpu_prep(images)
-        out = self.encode_tensor(batch).cpu().numpy()
-        return check_descriptors(out, batch.shape[0], self.dim, self.backend)
 
-    def encode_all(self, images: ImageBatch) -> dict[str, np.ndarray]:
-        if self._gpu_prep is None:
-            return super().encode_all(images)
-        batch = self._gpu_prep(images)
-        outs = {k: v.cpu().numpy() for k, v in self.encode_tensor_all(batch).items()}
-        return check_outputs(outs, batch.shape[0], self.dim, self.backend)
+class CudaTorchEncoder(GpuPreprocessed, TorchEncoder):
+    """:class:`TorchEncoder` on CUDA with frames preprocessed on the GPU (what
+    ``TorchEncoder(..., device="cuda")`` gives unless ``gpu_preprocess=False``)."""

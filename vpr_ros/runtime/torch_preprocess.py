@@ -217,3 +217,32 @@ class TorchPreprocessor:
         out -= self._mean
         out *= self._inv_std
         return out.permute(0, 3, 1, 2).contiguous()
+
+
+class GpuPreprocessed:
+    """Mixin for encoders that preprocess on their CUDA device (``self._gpu_prep``):
+    ``encode``/``encode_all`` upload uint8 frames, run the twin there and hand the batch to
+    ``encode_tensor_all``. Only classes that really preprocess on the GPU carry it, so callers
+    that time preprocessing apart from inference (the node's pipeline checks whether ``encode``
+    is overridden) keep that split on the CPU paths."""
+
+    _gpu_prep: "TorchPreprocessor | None"
+
+    def encode(self, images: TorchImages) -> np.ndarray:
+        from vpr_ros.runtime.encoder import check_descriptors
+
+        if self._gpu_prep is None:
+            return super().encode(images)  # type: ignore[misc]
+        batch = self._gpu_prep(images)
+        out = self.encode_tensor_all(batch)["global"].float().cpu().numpy()  # type: ignore
+        return check_descriptors(out, batch.shape[0], self.dim, self.backend)  # type: ignore
+
+    def encode_all(self, images: TorchImages) -> dict[str, np.ndarray]:
+        from vpr_ros.runtime.encoder import check_outputs
+
+        if self._gpu_prep is None:
+            return super().encode_all(images)  # type: ignore[misc]
+        batch = self._gpu_prep(images)
+        outs = {k: v.cpu().numpy() for k, v in
+                self.encode_tensor_all(batch).items()}  # type: ignore[attr-defined]
+        return check_outputs(outs, batch.shape[0], self.dim, self.backend)  # type: ignore
