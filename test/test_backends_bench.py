@@ -43,6 +43,7 @@ def test_bench_rows_for_each_backend(workdir: Path) -> None:
     for name in ("torch-cpu-fp32", "onnxruntime-cpu"):
         r = rows[name]
         assert 0 < r["p50_ms"] <= r["p95_ms"] and r["ips_b2"] > 0 and r["load_s"] >= 0
+        assert r["cpu_ms_b2"] > 0 and r["rounds_ok"] == 1
         assert r["peak_mib"] > 0 and r["memory"].startswith("peak RSS")
     # no TensorRT here (or no GPU): reported as a row with the reason, not a crash
     trt = rows.get("tensorrt")
@@ -65,6 +66,17 @@ def test_bench_cell_in_a_subprocess_matches_in_process_shape(workdir: Path) -> N
     assert set(here) == set(there) and "error" not in there
     bad = Cell(backend="torch-cpu", artifact=str(workdir / "missing"), model="m", size=112)
     assert "no such" in _spawn(bad)["error"]
+
+
+def test_rounds_are_merged_by_median() -> None:
+    from vpr_ros.bench.encoder_bench import merge_rounds
+
+    runs = [{"backend": "b", "p50_ms": 10.0, "ips_b8": 3.0}, {"error": "crashed"},
+            {"backend": "b", "p50_ms": 30.0, "ips_b8": 1.0},
+            {"backend": "b", "p50_ms": 20.0, "ips_b8": 2.0}]
+    merged = merge_rounds(runs)
+    assert merged["p50_ms"] == 20.0 and merged["ips_b8"] == 2.0 and merged["rounds_ok"] == 3
+    assert merge_rounds([{"error": "x"}]) == {"error": "x"}
 
 
 def test_bench_refuses_unknown_backends(workdir: Path) -> None:

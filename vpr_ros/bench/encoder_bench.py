@@ -201,9 +201,13 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         batch = images[:b]
         enc.encode(batch)
         times: list[float] = []
+        cpu0 = time.process_time()
         while len(times) < 2 or sum(times) < cell.min_time_s:
             times += _timed(lambda: enc.encode(batch), 1)
         row[f"ips_b{b}"] = round(b * len(times) / sum(times), 2)
+        # CPU time of all the process's threads per image: the cost to a shared CPU, and a
+        # figure load from other processes distorts far less than wall time
+        row[f"cpu_ms_b{b}"] = round((time.process_time() - cpu0) * 1e3 / (b * len(times)), 1)
     if gpu:
         import torch
 
@@ -229,6 +233,7 @@ class EncoderBenchConfig:
     min_time_s: float = 3.0
     threads: Optional[int] = None
     warmup: int = 3
+    rounds: int = 1
     workdir: Path = field(default_factory=lambda: Path(
         os.environ.get("VPR_CACHE_DIR") or Path.home() / ".cache" / "vpr_ros") / "bench")
     in_process: bool = False
@@ -274,7 +279,7 @@ def run_encoder_bench(cfg: EncoderBenchConfig,
     if not cfg.batches or min(cfg.batches) < 1:
         raise ConfigError("batches must be positive integers")
     cfg.workdir.mkdir(parents=True, exist_ok=True)
-    rows = []
+    cells: list[tuple[dict[str, Any], Optional[Cell]]] = []
     for model in cfg.models:
         for size in cfg.sizes:
             model_dir = ensure_model_dir(model, cfg.workdir / "models", size)
@@ -282,26 +287,47 @@ def run_encoder_bench(cfg: EncoderBenchConfig,
 
             real_size = read_model_meta(model_dir).config.input.size[0]
             for backend in cfg.backends:
-                if progress:
-                    progress(f"{backend} {model} {real_size}px")
                 base = {"backend": backend, "model": Path(str(model)).stem, "size": real_size}
                 try:
                     artifact = prepare_artifact(BACKENDS[backend]["artifact"], model_dir,
                                                 cfg.workdir)
                 except (BackendError, ConfigError) as exc:
-                    rows.append({**base, "error": str(exc)})
+                    cells.append(({**base, "error": str(exc)}, None))
                     continue
                 except Exception as exc:  # an export/build failure is a result, not a crash
-                    rows.append({**base, "error": f"{type(exc).__name__}: {exc}"})
+                    cells.append(({**base, "error": f"{type(exc).__name__}: {exc}"}, None))
                     continue
-                cell = Cell(backend=backend, artifact=str(artifact), model=base["model"],
-                            size=real_size, batches=tuple(cfg.batches),
-                            latency_iters=cfg.latency_iters, min_time_s=cfg.min_time_s,
-                            threads=cfg.threads, warmup=cfg.warmup)
-                result = run_cell(cell) if cfg.in_process else _spawn(cell)
-                rows.append({**base, **result})
+                cells.append((base, Cell(
+                    backend=backend, artifact=str(artifact), model=base["model"],
+                    size=real_size, batches=tuple(cfg.batches), latency_iters=cfg.latency_iters,
+                    min_time_s=cfg.min_time_s, threads=cfg.threads, warmup=cfg.warmup)))
+    # Rounds interleave the cells (A B C, A B C, ...) so that load from other processes hits
+    # every backend alike; each figure is the median over rounds.
+    runs: list[list[dict[str, Any]]] = [[] for _ in cells]
+    for r in range(max(1, cfg.rounds)):
+        for i, (base, cell) in enumerate(cells):
+            if cell is None:
+                continue
+            if progress:
+                progress(f"round {r + 1}: {base['backend']} {base['model']} {base['size']}px")
+            runs[i].append(run_cell(cell) if cfg.in_process else _spawn(cell))
+    rows = [base if cell is None else {**base, **merge_rounds(results)}
+            for (base, cell), results in zip(cells, runs)]
     return {"machine": machine(), "rows": rows, "batches": list(cfg.batches),
-            "speedups": speedups(rows)}
+            "rounds": max(1, cfg.rounds), "speedups": speedups(rows)}
+
+
+def merge_rounds(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Median of each figure over rounds (the first error, if every round failed)."""
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return {"error": results[0]["error"] if results else "not run"}
+    merged = dict(ok[0])
+    for key, value in ok[0].items():
+        if isinstance(value, float):  # measurements; ints (size) and strings identify
+            merged[key] = round(float(np.median([r[key] for r in ok if key in r])), 2)
+    merged["rounds_ok"] = len(ok)
+    return merged
 
 
 def speedups(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -317,16 +343,20 @@ def speedups(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         if ref is None:
             continue
         keys = [k for k in r if k.startswith("ips_b")]
+        cpu = [k for k in r if k.startswith("cpu_ms_b")]
         out.append({"backend": r["backend"], "model": r["model"], "size": r["size"],
                     "vs": ref["backend"],
-                    **{f"x_{k[4:]}": round(r[k] / ref[k], 2) for k in keys if ref.get(k)}})
+                    **{f"x_{k[4:]}": round(r[k] / ref[k], 2) for k in keys if ref.get(k)},
+                    **{f"cpu_x_{k[7:]}": round(ref[k] / r[k], 2) for k in cpu
+                       if ref.get(k) and r[k]}})
     return out
 
 
 def format_table(result: dict[str, Any]) -> str:
     batches = result["batches"]
     head = ["backend", "model", "size", "p50 ms (b1)", "p95 ms (b1)",
-            *[f"img/s b{b}" for b in batches], "peak MiB", "load s"]
+            *[f"img/s b{b}" for b in batches], *[f"CPU ms/img b{b}" for b in batches],
+            "peak MiB", "load s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
         if "error" in r:
@@ -335,14 +365,18 @@ def format_table(result: dict[str, Any]) -> str:
             continue
         cells = [r["backend"], r["model"], str(r["size"]), f"{r['p50_ms']:.1f}",
                  f"{r['p95_ms']:.1f}", *[f"{r.get(f'ips_b{b}', float('nan')):.2f}"
-                                         for b in batches], f"{r['peak_mib']:.0f}",
-                 f"{r['load_s']:.1f}"]
+                                         for b in batches],
+                 *[f"{r.get(f'cpu_ms_b{b}', float('nan')):.0f}" for b in batches],
+                 f"{r['peak_mib']:.0f}", f"{r['load_s']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     for s in result["speedups"]:
         xs = ", ".join(f"{k[2:]} x{v}" for k, v in s.items() if k.startswith("x_"))
-        lines.append(f"\n{s['backend']} vs {s['vs']} ({s['model']} {s['size']}px): {xs}")
+        cx = ", ".join(f"{k[6:]} x{v}" for k, v in s.items() if k.startswith("cpu_x_"))
+        lines.append(f"\n{s['backend']} vs {s['vs']} ({s['model']} {s['size']}px): throughput "
+                     f"{xs}" + (f"; CPU time per image {cx} less" if cx else ""))
     m = result["machine"]
-    lines.append(f"\nmachine: {m['cpu']}, {m['cores']} cores, load {m['load_average']}, "
+    lines.append(f"\nmachine: {m['cpu']}, {m['cores']} cores, load {m['load_average']} (at the "
+                 f"end; {result.get('rounds', 1)} interleaved round(s), medians), "
                  f"torch {m['torch']}, onnxruntime {m['onnxruntime']}"
                  + (f", GPU {m['gpu']}" if "gpu" in m else ""))
     return "\n".join(lines)

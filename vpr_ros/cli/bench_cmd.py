@@ -119,6 +119,8 @@ def register_encoder(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-time", type=float, default=3.0,
                    help="seconds of runs per throughput figure (default 3)")
     p.add_argument("--threads", type=int, help="CPU threads (default: every usable core)")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of all "
+                   "cells, medians reported (use 3+ on a shared machine)")
     p.add_argument("--workdir", type=Path, help="where models/exports/engines are kept")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run_encoder)
@@ -134,7 +136,7 @@ def run_encoder(args: argparse.Namespace) -> int:
         backends=args.backends.split(",") if args.backends else default_backends(),
         models=[m for m in args.models.split(",") if m], sizes=args.sizes or [None],
         batches=tuple(args.batches), latency_iters=args.latency_iters,
-        min_time_s=args.min_time, threads=args.threads)
+        min_time_s=args.min_time, threads=args.threads, rounds=args.rounds)
     if args.workdir:
         cfg.workdir = args.workdir
     if args.latency_iters < 1:
