@@ -304,3 +304,30 @@ def test_cli_export_onnx(tiny_model_dir: Path, capsys) -> None:
     assert doc["output_names"] == ["global", "binary", "local"] and out.is_file()
     assert main(["export", "onnx", str(tiny_model_dir), "-o", str(out), "--opset", "11"]) == 2
     assert "opset 11" in capsys.readouterr().err
+
+
+def test_fused_attention_for_onnxruntime_matches_the_plain_graph(dino_qaa_onnx: Path) -> None:
+    """ONNX Runtime runs the 12 ViT attentions as fused ops (in memory; the file stays plain
+    ONNX for TensorRT) with the same descriptors. The test model has trained-like layer scales,
+    so attention really shapes its output."""
+    fused, plain = OnnxEncoder(dino_qaa_onnx), OnnxEncoder(dino_qaa_onnx, fuse_attention=False)
+    assert fused.fused_attention == 12 and plain.fused_attention == 0
+    assert not any(n.domain for n in onnx.load(str(dino_qaa_onnx)).graph.node)
+    x = np.random.default_rng(0).standard_normal((3, 3, 112, 112)).astype(np.float32)
+    a, b = fused.encode_preprocessed(x)["global"], plain.encode_preprocessed(x)["global"]
+    np.testing.assert_allclose(a, b, atol=2e-5)
+    # attention shapes this model's output: the same fused graph with a wrong softmax scale
+    # is far outside the tolerance used above
+    import onnxruntime as ort
+
+    from vpr_ros.runtime.onnx_encoder import fuse_vit_attention
+
+    model = onnx.load(str(dino_qaa_onnx))
+    assert fuse_vit_attention(model) == 12
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if node.op_type == "Attention" and attr.name == "scale":
+                attr.f *= 4
+    wrong = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    c = wrong.run(None, {"images": x})[0]
+    assert np.abs(c - b).max() > 1e-3

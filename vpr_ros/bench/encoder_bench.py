@@ -83,7 +83,8 @@ def resolve_config(name: str) -> Path:
 def ensure_model_dir(config: str | Path, root: Path, size: Optional[int] = None,
                      seed: int = 0) -> Path:
     """A model directory for ``config`` at ``size`` (default: its own), with the config's
-    backbone weights or random ones, created once under ``root`` and reused."""
+    backbone weights or random ones (with trained-like layer scales), created once under
+    ``root`` and reused."""
     import torch
 
     from vpr_ros.models.config import load_yaml, model_config_from_dict
@@ -98,9 +99,30 @@ def ensure_model_dir(config: str | Path, root: Path, size: Optional[int] = None,
     if (out / "model.json").is_file() and (out / "model.safetensors").is_file():
         return out
     torch.manual_seed(seed)
-    model = init_model(cfg, dict(data.get("weights") or {}))
+    weights = dict(data.get("weights") or {})
+    model = init_model(cfg, weights)
+    if weights.get("backbone") in (None, "none", "random"):
+        trained_like_layer_scales(model)
     save_model_dir(model, out, extra={"init_config": str(path), "purpose": "benchmark"})
     return out
+
+
+def trained_like_layer_scales(model, low: float = 0.05, high: float = 0.5) -> int:
+    """Set ViT LayerScale factors to magnitudes trained DINOv2 models have.
+
+    timm initialises them at 1e-5, which makes every block of a random ViT nearly the identity:
+    its descriptors would hide any numerical difference between backends in the attention and
+    MLPs (speed is unaffected either way). Returns the number of factors set."""
+    import torch
+
+    count = 0
+    with torch.no_grad():
+        for module in model.modules():
+            gamma = getattr(module, "gamma", None)
+            if type(module).__name__ == "LayerScale" and isinstance(gamma, torch.Tensor):
+                gamma.uniform_(low, high)
+                count += 1
+    return count
 
 
 def prepare_artifact(kind: str, model_dir: Path, root: Path) -> Path:

@@ -176,6 +176,121 @@ def cpu_session_options(threads: Optional[int] = None, optimization: str = "all"
     return so
 
 
+def _single_consumer(consumers: dict, name: str, op: str):
+    users = consumers.get(name, [])
+    if len(users) != 1 or users[0].op_type != op:
+        raise LookupError(name)
+    return users[0]
+
+
+def _producer(producers: dict, name: str, op: str):
+    node = producers.get(name)
+    if node is None or node.op_type != op:
+        raise LookupError(name)
+    return node
+
+
+def fuse_vit_attention(model) -> int:
+    """Rewrite each ViT self-attention of an exported graph into one ONNX Runtime
+    ``com.microsoft.Attention`` node (in memory, for ONNX Runtime only: the file on disk stays
+    plain ONNX for TensorRT). Returns the number of blocks fused.
+
+    The pattern is what the TorchScript exporter makes of timm's attention: qkv MatMul + bias,
+    Reshape (B, N, 3, H, d), Transpose, Split, the decomposed scaled_dot_product_attention
+    (q and k^T each scaled by sqrt(scale), MatMul, Softmax, MatMul), Transpose, Reshape. The
+    fused op does the projection and attention per (image, head), so the (B, H, N, N) score
+    tensor is never materialised: measured 5-8% less CPU time for DINOv2 on 2 cores.
+    Anything that does not match exactly is left alone.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    values = {t.name: t for t in graph.initializer}
+    values.update({n.output[0]: n.attribute[0].t for n in graph.node
+                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+
+    def const(name: str):
+        return numpy_helper.to_array(values[name]) if name in values else None
+
+    def perm(node) -> list:
+        return next((list(helper.get_attribute_value(a)) for a in node.attribute
+                     if a.name == "perm"), [])
+
+    fused: dict[str, Any] = {}
+    for sm in [n for n in graph.node if n.op_type == "Softmax"]:
+        try:
+            m1 = _producer(producers, sm.input[0], "MatMul")
+            m2 = _single_consumer(consumers, sm.output[0], "MatMul")
+            t2 = _single_consumer(consumers, m2.output[0], "Transpose")
+            r1 = _single_consumer(consumers, t2.output[0], "Reshape")
+            mq = _producer(producers, m1.input[0], "Mul")
+            mk = _producer(producers, m1.input[1], "Mul")
+            tk = _producer(producers, mk.input[0], "Transpose")
+            sq = [_producer(producers, mq.input[0], "Squeeze"),
+                  _producer(producers, tk.input[0], "Squeeze"),
+                  _producer(producers, m2.input[1], "Squeeze")]
+            split = _producer(producers, sq[0].input[0], "Split")
+            t0 = _producer(producers, split.input[0], "Transpose")
+            r0 = _producer(producers, t0.input[0], "Reshape")
+            shape = _producer(producers, r0.input[1], "Concat")
+            add = _producer(producers, r0.input[0], "Add")
+        except (LookupError, IndexError):
+            continue
+        if (perm(t2) != [0, 2, 1, 3] or perm(tk) != [0, 1, 3, 2]
+                or perm(t0) != [2, 0, 3, 1, 4] or m2.input[0] != sm.output[0]
+                or [q.input[0] for q in sq] != list(split.output) or len(shape.input) != 5):
+            continue
+        dims = [const(i) for i in shape.input[2:]]
+        bias_in = [i for i in add.input if const(i) is not None]
+        proj_in = [i for i in add.input if const(i) is None]
+        if any(d is None for d in dims) or len(bias_in) != 1 or len(proj_in) != 1:
+            continue
+        three, heads, head_dim = (int(np.asarray(d).reshape(-1)[0]) for d in dims)
+        mm = producers.get(proj_in[0])
+        if three != 3 or mm is None or mm.op_type != "MatMul" or const(mm.input[1]) is None:
+            continue
+        weight, bias = const(mm.input[1]), const(bias_in[0])
+        if weight.shape != (heads * head_dim, 3 * heads * head_dim) or bias.shape != (
+                3 * heads * head_dim,):
+            continue
+        sq_scale, sk_scale = const(mq.input[1]), const(mk.input[1])
+        if (sq_scale is None) != (sk_scale is None):
+            continue
+        # Constant multipliers carry an explicit scale; shape-derived ones are SDPA's default.
+        scale = (float(np.asarray(sq_scale).reshape(-1)[0] * np.asarray(sk_scale).reshape(-1)[0])
+                 if sq_scale is not None else 1.0 / float(np.sqrt(head_dim)))
+        name = f"{sm.name or r1.output[0]}/fused_attention"
+        graph.initializer.extend([
+            numpy_helper.from_array(weight.astype(np.float32), f"{name}/weight"),
+            numpy_helper.from_array(bias.astype(np.float32), f"{name}/bias")])
+        fused[r1.output[0]] = helper.make_node(
+            "Attention", [mm.input[0], f"{name}/weight", f"{name}/bias"], [r1.output[0]],
+            name=name, domain="com.microsoft", num_heads=heads, scale=scale)
+    if not fused:
+        return 0
+    nodes = [fused.get(n.output[0], n) if n.output else n for n in graph.node]
+    live = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(nodes):  # drop what only fed the replaced sub-graphs
+        if any(o in live for o in node.output):
+            kept.append(node)
+            live.update(i for i in node.input if i)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    inits = [t for t in graph.initializer if t.name in live]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return len(fused)
+
+
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
 
@@ -198,6 +313,21 @@ def provider_chain(provider: str, device_id: int, cache_dir: Optional[Path]
     raise BackendError(f"onnxruntime provider {provider!r} is not one of {sorted(PROVIDERS)}")
 
 
+def _with_fused_attention(path: Path) -> tuple[Any, int]:
+    """(model bytes with fused attention, count), or (path, 0) when nothing fused or the file
+    is too large to rewrite in memory (external weights beyond the 2 GiB protobuf limit)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # unreadable: let InferenceSession report it with its own message
+        return str(path), 0
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        return str(path), 0
+    count = fuse_vit_attention(model)
+    return (model.SerializeToString(), count) if count else (str(path), 0)
+
+
 class OnnxEncoder(Encoder):
     """Runs an exported ``.onnx`` file with ONNX Runtime.
 
@@ -213,12 +343,14 @@ class OnnxEncoder(Encoder):
         trt_cache_dir: engine cache of the TensorRT provider (default: beside the file).
         tuned: False gives ONNX Runtime's default session options (the benchmark's "before").
         spin: busy-waiting intra-op threads (see :func:`cpu_session_options`).
+        fuse_attention: on CPU, run ViT attention as ONNX Runtime's fused Attention op
+            (:func:`fuse_vit_attention`; the file itself is not changed).
     """
 
     def __init__(self, path: str | Path, device: str = "cpu", provider: Optional[str] = None,
                  threads: Optional[int] = None, expected_fingerprint: Optional[str] = None,
                  optimization: str = "all", trt_cache_dir: Optional[str | Path] = None,
-                 tuned: bool = True, spin: bool = False) -> None:
+                 tuned: bool = True, spin: bool = False, fuse_attention: bool = True) -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -247,8 +379,12 @@ class OnnxEncoder(Encoder):
         so = cpu_session_options(threads, optimization, spin) if tuned else ort.SessionOptions()
         cache = Path(trt_cache_dir) if trt_cache_dir else self.path.parent / ".ort_trt_cache"
         chain = provider_chain(provider, dev_id, cache if provider == "tensorrt" else None)
+        source: Any = str(self.path)
+        self.fused_attention = 0
+        if provider == "cpu" and tuned and fuse_attention:
+            source, self.fused_attention = _with_fused_attention(self.path)
         try:
-            self.session = ort.InferenceSession(str(self.path), so, providers=chain)
+            self.session = ort.InferenceSession(source, so, providers=chain)
         except Exception as exc:  # onnxruntime raises its own pybind exception types
             raise BackendError(f"{self.path}: onnxruntime cannot load it ({exc}); the file is "
                                "corrupt or not an ONNX model: re-export it with `vpr export "
