@@ -79,6 +79,10 @@ def test_bad_values_and_missing_sections(tmp_path: Path) -> None:
     doc["data"]["train"][0]["cities"] = ["Rome"]
     with pytest.raises(ConfigError, match=r"\['cities'\] do not apply to kind 'nordland'"):
         load_train_config(_write(tmp_path, doc))
+    doc = _minimal()
+    doc["data"]["train"][0].update(kind="gsv_cities", path="/data/gsv", cities=[3])
+    with pytest.raises(ConfigError, match=r"cities = \[3\] must be a list of city names"):
+        load_train_config(_write(tmp_path, doc))
     with pytest.raises(ConfigError, match="exactly one of 'config'"):
         load_train_config(_write(tmp_path, _minimal(model={"train_size": [64, 64]})))
     yaml_1_1 = _minimal(optimizer={"lr": "1e-5"})  # YAML 1.1 reads 1e-5 as a string

@@ -33,10 +33,15 @@ def _sets(args: list[str]) -> list[str]:
     return [a for s in args for a in ("--set", s)]
 
 
+# Retrieval validation on 17 held-out frames (winter -> summer, +-1 file), at the end.
+VAL = ("data.val={database: 'nordland:summer', queries: 'nordland:winter', "
+       "subset: [0.6, 0.605], tolerance: 1}")
+
+
 @pytest.fixture(scope="module")
 def nordland_run(nordland_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("train") / "run"
-    rc = main(["train", "--config", str(NORDLAND_RECIPE), "-o", str(out), *_sets(SHORT)])
+    rc = main(["train", "--config", str(NORDLAND_RECIPE), "-o", str(out), *_sets(SHORT + [VAL])])
     assert rc == 0
     return out
 
@@ -61,6 +66,10 @@ def test_short_nordland_recipe_gives_a_loadable_model_whose_loss_fell(nordland_r
     assert desc.shape == (2, 1024)
     np.testing.assert_allclose(np.linalg.norm(desc, axis=1), 1.0, atol=1e-4)
     assert (nordland_run / "checkpoints" / "last.ckpt").is_file()
+    val = summary["validation"]
+    assert val["step"] == 5 and val["num_queries"] == 17  # round(3576 * [0.6, 0.605])
+    assert val["ground_truth"] == "index tolerance +-1"
+    assert 0.0 <= val["recall"]["R@1"] <= val["recall"]["R@5"] <= val["recall"]["R@10"] <= 1.0
     assert any((nordland_run / "tensorboard").rglob("events.out.tfevents.*"))
 
 

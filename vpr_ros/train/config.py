@@ -395,6 +395,11 @@ def train_config_from_dict(data: Any, source: str | Path) -> TrainConfig:
 
 
 def _check_dataset(d: DatasetConfig, where: str) -> None:
+    c = d.cities
+    if not (c is None or (isinstance(c, str) and c) or (
+            isinstance(c, (list, tuple)) and c and all(isinstance(x, str) and x for x in c))):
+        raise ConfigError(f"{where} ({d.name}): cities = {c!r} must be a list of city names, "
+                          "'all', or (msls) 'train' / 'val'")
     if d.kind in ("gsv_cities", "msls", "utm_folder") and not d.path:
         raise ConfigError(f"{where} ({d.name}): kind {d.kind!r} needs 'path' (the dataset root)")
     if d.kind == "aligned" and len(d.folders) < 1:
