@@ -21,7 +21,8 @@ import numpy as np
 
 from vpr_ros.errors import ConfigError, InputError, MapError
 from vpr_ros.mapdb.index.faiss_loader import load_faiss
-from vpr_ros.mapdb.index.base import VectorIndex, allowed_selector, approximate_search
+from vpr_ros.mapdb.index.base import (PAD_SCORE, VectorIndex, allowed_selector,
+                                      approximate_search, exact_search, filtered_candidates)
 from vpr_ros.mapdb.index.params import check_keys, int_param
 from vpr_ros.mapdb.index.vectors import GrowableArray
 
@@ -65,7 +66,8 @@ class BinaryIndex(VectorIndex):
         if source not in CODE_SOURCES:
             raise ConfigError(f"index 'binary' parameter codes={source!r} must be one of "
                               f"{CODE_SOURCES} ('model' = a hash head supplies the codes)")
-        return {"bits": bits, "rerank": int_param(cls.kind, given, "rerank", 100, 1),
+        # rerank 0: the Hamming order itself (what the codes alone achieve; scores stay exact)
+        return {"bits": bits, "rerank": int_param(cls.kind, given, "rerank", 100, 0),
                 "seed": int_param(cls.kind, given, "seed", 0, 0), "codes": source}
 
     def _projection(self) -> np.ndarray:
@@ -139,7 +141,23 @@ class BinaryIndex(VectorIndex):
             params.sel = sel
             return self.index.search(qcodes[rows], kk, params=params)[1]
 
+        if self.params["rerank"] == 0:
+            return self._hamming_order(queries, k, allowed, fetch)
         return approximate_search(self.store, queries, k, allowed, self.params["rerank"], fetch)
+
+    def _hamming_order(self, queries: np.ndarray, k: int, allowed: np.ndarray | None,
+                       fetch) -> tuple[np.ndarray, np.ndarray]:
+        """``rerank: 0``: the first ``k`` allowed candidates in Hamming order (ties as faiss
+        returns them), each with its exact inner-product score, not re-sorted by it."""
+        ids, short = filtered_candidates(fetch, queries.shape[0], k, allowed, len(self.store))
+        scores = np.full(ids.shape, PAD_SCORE, np.float32)
+        for r in range(len(ids)):
+            valid = ids[r] >= 0
+            if valid.any():
+                scores[r, valid] = self.store.rows(ids[r, valid]) @ queries[r]
+        if short.any():  # too few allowed candidates among the codes: complete exactly
+            ids[short], scores[short] = exact_search(self.store, queries[short], k, allowed)
+        return ids, scores
 
     def artifacts(self) -> dict[str, Any]:
         out: dict[str, Any] = {"binary_codes": self.codes.view()}
