@@ -93,3 +93,20 @@ def test_twin_on_cuda_matches_cpu_twin() -> None:
     gpu = TorchPreprocessor(prep, "cuda")(frames).cpu().numpy()
     assert _levels(cpu, gpu).max() <= 1.0 + 1e-3
     assert (_levels(preprocess_batch(frames, prep), gpu) > 0.5).mean() < 0.01
+
+
+@pytest.mark.parametrize("size,policy", [((224, 224), "stretch"), ((112, 224), "center_crop")])
+def test_normalisation_table_equals_the_formula_bit_for_bit(size, policy) -> None:
+    """The lookup-table normalisation must give exactly (v - 255 mean) / (255 std) in float32,
+    or maps built before it would no longer match the node's descriptors."""
+    from vpr_ros.runtime.preprocess import resize_image
+
+    prep = Preprocessing(size=size, mean=MEAN, std=STD, resize=policy)
+    images = [_frame((480, 640), 1), _frame((32, 64), 2), _frame(size, 3)]
+    images[0][:2, :2] = [[0, 255, 128], [255, 0, 1]]  # both extreme levels present
+    got = preprocess_batch(images, prep)
+    ref = np.stack([resize_image(im, prep) for im in images]).astype(np.float32)
+    ref = (ref - np.asarray(MEAN, np.float32) * np.float32(255.0)) * (
+        np.float32(1.0) / (np.asarray(STD, np.float32) * np.float32(255.0)))
+    assert got.dtype == np.float32 and got.flags.c_contiguous and got.shape == (3, 3, *size)
+    np.testing.assert_array_equal(got, ref.transpose(0, 3, 1, 2))
