@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-INDEX_CHOICES = ["flat", "hnsw", "ivfpq", "binary"]
+INDEX_CHOICES = ["auto", "flat", "hnsw", "ivfpq", "binary"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,7 +29,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--model", required=True, help="model directory (vpr model init)")
     build.add_argument("-o", "--output", required=True, help="map directory to write")
     build.add_argument("--index", choices=INDEX_CHOICES,
-                       help="search index of a new map (default: from the config, flat)")
+                       help="search index of a new map (default: from the config, auto = "
+                       "binary over the model's hash codes for a model with a hash head, "
+                       "flat otherwise; binary uses the model's codes when it has any)")
+    build.add_argument("--no-local-features", action="store_true",
+                       help="do not store the model's local features (a model with a local "
+                       "head, e.g. CQVPR, otherwise keeps them for re-ranking: float16, "
+                       "H*W*C*2 bytes per keyframe)")
     build.add_argument("--batch-size", type=int, help="images per encoder pass (default: "
                        "from the config, 16)")
     build.add_argument("--session", help="session name of this bag's keyframes (default: the "
@@ -65,8 +71,9 @@ def _build(args: argparse.Namespace) -> int:
     from vpr_ros.mapdb.build import build_map, load_build_config
     from vpr_ros.runtime.encoder import load_encoder
 
-    config = load_build_config(args.config).replace(index=args.index,
-                                                    batch_size=args.batch_size)
+    config = load_build_config(args.config).replace(
+        index=args.index, batch_size=args.batch_size,
+        local_features=False if args.no_local_features else None)
     def encoder() -> Any:  # loaded only once the bag and its topics are known to be fine
         return load_encoder(args.model, backend=args.backend, device=args.device)
 
@@ -84,10 +91,19 @@ def _format_info(info: dict[str, Any]) -> str:
     sessions = ", ".join(f"{name} ({n})" for name, n in info["sessions"].items()) or "none"
     index = info["index"]
     index_text = index.get("kind", "?") if isinstance(index, dict) else str(index)
+    if isinstance(index, dict) and index.get("kind") == "binary":
+        index_text += (f" ({index.get('bits')}-bit codes from "
+                       f"{'the model' if index.get('codes') == 'model' else 'a random projection'}"
+                       f", re-rank {index.get('rerank')})")
+    local = info.get("local_features")
+    local_text = "none" if not local else \
+        (f"{' x '.join(str(v) for v in local['grid'])} {local['dtype']} per keyframe, "
+         f"{local['bytes'] / 1e6:.2f} MB (mutual-NN re-ranking)")
     lines = [
         f"map          {info['path']}",
         f"keyframes    {info['count']} in {len(info['sessions'])} session(s): {sessions}",
         f"descriptors  {info['dim']}-D {info['storage_dtype']}, index {index_text}",
+        f"local feats  {local_text}",
         f"model        fingerprint {info['fingerprint']}",
         f"poses        {'yes' if info['has_poses'] else 'no (stamps only)'}; "
         f"GNSS {'yes' if info['has_gnss'] else 'no'}",

@@ -21,6 +21,8 @@ from vpr_ros.errors import BagError, ConfigError, MapError
 from vpr_ros.mapdb.bag_reader import BagReader, ImageFrame
 from vpr_ros.mapdb.bag_writer import NAVSAT_FIX, POSE_TYPES
 from vpr_ros.mapdb.keyframe_selection import KeyframePolicy, KeyframeSelector
+from vpr_ros.mapdb.model_outputs import (INDEX_CHOICES, ModelOutputs, extra_output_names,
+                                         index_spec_for)
 from vpr_ros.mapdb.poses import Pose, PoseTrack, interpolate
 from vpr_ros.runtime.image_codec import DEFAULT_MAX_PIXELS
 
@@ -28,7 +30,7 @@ log = logging.getLogger(__name__)
 
 #: frame_id recorded for keyframes whose position is local ENU metres from NavSatFix.
 ENU_FRAME = "local_enu"
-INDEX_KINDS = ("flat", "hnsw", "ivfpq", "binary")
+INDEX_KINDS = INDEX_CHOICES
 
 
 class EncoderLike(Protocol):
@@ -48,8 +50,9 @@ class BuildConfig:
     max_pose_gap_s: float = 0.5
     batch_size: int = 16
     max_pixels: int = DEFAULT_MAX_PIXELS
-    index: str = "flat"
+    index: str = "auto"
     storage_dtype: str = "float32"
+    local_features: bool = True
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_pose_gap_s, (int, float)) and self.max_pose_gap_s > 0):
@@ -64,6 +67,9 @@ class BuildConfig:
                               f"{self.max_pixels!r}")
         if self.index not in INDEX_KINDS:
             raise ConfigError(f"map.index {self.index!r} is not one of {', '.join(INDEX_KINDS)}")
+        if not isinstance(self.local_features, bool):
+            raise ConfigError(f"map.local_features must be true or false, got "
+                              f"{self.local_features!r}")
 
     def replace(self, **changes: Any) -> "BuildConfig":
         """A copy with the given fields changed (``None`` values are ignored)."""
@@ -75,7 +81,8 @@ class BuildConfig:
 _SECTIONS: dict[str, dict[str, str]] = {
     "poses": {"max_gap_s": "max_pose_gap_s"},
     "encoding": {"batch_size": "batch_size", "max_pixels": "max_pixels"},
-    "map": {"index": "index", "storage_dtype": "storage_dtype"},
+    "map": {"index": "index", "storage_dtype": "storage_dtype",
+            "local_features": "local_features"},
 }
 
 
@@ -142,6 +149,8 @@ class BuildSummary:
     pose_samples: int = 0
     bag_damaged: bool = False
     map_size: int = 0
+    index: str = ""
+    local_features: bool = False
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
 
@@ -158,7 +167,8 @@ class BuildSummary:
             if self.pose_topic else "poses:         none (stamps-only map)",
             f"keyframes:     {self.keyframes} added to session '{self.session}' "
             f"({self.keyframes_with_pose} with pose, {self.keyframes_without_pose} without)",
-            f"map:           {self.map_path} ({self.map_size} keyframes in total)",
+            f"map:           {self.map_path} ({self.map_size} keyframes in total; index "
+            f"{self.index}{', local features' if self.local_features else ''})",
             f"time:          {self.seconds:.1f} s",
         ]
         if self.warnings:
@@ -204,9 +214,12 @@ def build_map(bag: str | Path, image_topic: str,
         if not hasattr(encoder, "encode"):
             encoder = encoder()  # type: ignore[operator]
         assert hasattr(encoder, "encode")
-        place_map = _open_target(out_path, encoder, config, append)
+        existing = _open_existing(out_path, encoder) if append else None
+        # A new map is created at the first batch, when the model's extra outputs are known.
+        target: list[Any] = [existing]
+        extras = extra_output_names(encoder)
         session = session or _default_session(bag)
-        if session in place_map.sessions():
+        if existing is not None and session in existing.sessions():
             raise MapError(f"session '{session}' is already in the map at {out_path}; pass "
                            "--session with a new name to add this bag as another session")
         track: PoseTrack | None = None
@@ -228,7 +241,12 @@ def build_map(bag: str | Path, image_topic: str,
         def flush() -> None:
             if not pending:
                 return
-            descriptors = encoder.encode([f.rgb for f, _ in pending])
+            images = [f.rgb for f, _ in pending]
+            outs = encoder.encode_all(images) if extras else \
+                {"global": encoder.encode(images)}  # type: ignore[attr-defined]
+            if target[0] is None:
+                target[0] = _create_map(encoder, config, ModelOutputs.from_batch(outs))
+            place_map = target[0]
             keyframes = [
                 Keyframe(session=session, stamp_ns=int(f.stamp_ns),
                          frame_id=pose_frame if pose is not None else f.frame_id,
@@ -237,7 +255,9 @@ def build_map(bag: str | Path, image_topic: str,
                          gnss=pose.gnss if pose is not None else None,
                          source_bag=source_bag, source_topic=image_topic)
                 for f, pose in pending]
-            place_map.add(np.asarray(descriptors, dtype=np.float32), keyframes)
+            place_map.add(np.asarray(outs["global"], dtype=np.float32), keyframes,
+                          binary_codes=outs.get("binary") if place_map.model_codes else None,
+                          local_features=outs.get("local") if place_map.local_grid else None)
             summary.keyframes += len(pending)
             with_pose = sum(1 for _, pose in pending if pose is not None)
             summary.keyframes_with_pose += with_pose
@@ -275,9 +295,14 @@ def build_map(bag: str | Path, image_topic: str,
                 f"{config.max_pose_gap_s} s (clock mismatch between camera and odometry?)")
         summary.warnings.append(text)
         log.warning(text)
+    place_map = target[0]
+    if place_map is None:  # no keyframe was selected: an empty map of the right layout
+        place_map = _create_map(encoder, config, ModelOutputs.probe(encoder))
     if out_path is not None:
         place_map.save(out_path)
     summary.map_size = len(place_map)
+    summary.index = place_map.index_kind + (" (model codes)" if place_map.model_codes else "")
+    summary.local_features = place_map.local_grid is not None
     summary.seconds = time.monotonic() - started
     return place_map, summary
 
@@ -286,18 +311,31 @@ def _is_existing_map(out: Path) -> bool:
     return out.exists() and (not out.is_dir() or any(out.iterdir()))
 
 
-def _open_target(out: Path | None, encoder: EncoderLike, config: BuildConfig,
-                 append: bool) -> Any:
+def _open_existing(out: Path | None, encoder: EncoderLike) -> Any:
+    """The map at ``out`` to append to (None when there is none yet), checked against the
+    encoder: fingerprint, dim, and the extra outputs its stored codes / local features need."""
     from vpr_ros.mapdb.place_map import PlaceMap
 
-    if out is not None and append and _is_existing_map(out):
-        existing = PlaceMap.load(out, expected_fingerprint=encoder.fingerprint, mmap=False)
-        if existing.dim != encoder.dim:
-            raise MapError(f"the map at {out} holds {existing.dim}-D descriptors but the "
-                           f"encoder gives {encoder.dim}-D; use the map's model")
-        return existing
-    return PlaceMap.create(encoder.dim, encoder.fingerprint, index=config.index,
-                           storage_dtype=config.storage_dtype)
+    if out is None or not _is_existing_map(out):
+        return None
+    existing = PlaceMap.load(out, expected_fingerprint=encoder.fingerprint, mmap=False)
+    if existing.dim != encoder.dim:
+        raise MapError(f"the map at {out} holds {existing.dim}-D descriptors but the "
+                       f"encoder gives {encoder.dim}-D; use the map's model")
+    existing.check_outputs(ModelOutputs.probe(encoder), need_local=True)
+    return existing
+
+
+def _create_map(encoder: EncoderLike, config: BuildConfig, outputs: ModelOutputs) -> Any:
+    """A new map laid out for the model: index from ``config.index`` (``auto``: binary over the
+    hash head's codes, else flat) and a local-feature store when the model has a local head
+    (unless ``config.local_features`` is off)."""
+    from vpr_ros.mapdb.place_map import PlaceMap
+
+    grid = outputs.local_grid if config.local_features else None
+    return PlaceMap.create(encoder.dim, encoder.fingerprint,
+                           index=index_spec_for(config.index, outputs),
+                           storage_dtype=config.storage_dtype, local_grid=grid)
 
 
 class _NoBar:

@@ -22,6 +22,8 @@ from vpr_ros.mapdb.index.base import PAD_SCORE, VectorIndex, exact_search, sort_
 from vpr_ros.mapdb.index.binary import BinaryIndex
 from vpr_ros.mapdb.index.vectors import STORAGE_DTYPES, DescriptorStore
 from vpr_ros.mapdb.keyframe import Exclusion, Keyframe, KeyframeTable
+from vpr_ros.mapdb.local_store import LOCAL_DTYPE, ROLE as LOCAL_ROLE, LocalFeatureStore
+from vpr_ros.mapdb.model_outputs import ModelOutputs
 
 #: How far a descriptor's L2 norm may be from 1 (descriptors must be L2-normalised so that the
 #: inner product is the cosine similarity every threshold in this project assumes).
@@ -38,7 +40,8 @@ class PlaceMap:
     """Keyframes + descriptors + index; ids are 0..N-1 in insertion order."""
 
     def __init__(self, dim: int, fingerprint: str, index: str | Mapping[str, Any] = "flat",
-                 storage_dtype: str = "float32") -> None:
+                 storage_dtype: str = "float32",
+                 local_grid: Sequence[int] | None = None) -> None:
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
             raise ConfigError(f"descriptor dim {dim!r} must be a positive integer")
         if not isinstance(fingerprint, str) or not fingerprint:
@@ -51,19 +54,23 @@ class PlaceMap:
         self._store = DescriptorStore(self._dim, storage_dtype)
         self._table = KeyframeTable()
         self._index: VectorIndex = make_index(index, self._store)
+        self._local: LocalFeatureStore | None = \
+            LocalFeatureStore(local_grid) if local_grid is not None else None
         self.created = storage.now_iso()
         self.updated = self.created
         self.path: Path | None = None
 
     @classmethod
     def create(cls, dim: int, fingerprint: str, index: str | Mapping[str, Any] = "flat",
-               storage_dtype: str = "float32") -> "PlaceMap":
+               storage_dtype: str = "float32",
+               local_grid: Sequence[int] | None = None) -> "PlaceMap":
         """An empty map for descriptors of ``dim`` from the model ``fingerprint``.
 
         ``index``: "flat" (exact), "hnsw", "ivfpq" or "binary", or a dict such as
-        ``{"kind": "binary", "bits": 512, "rerank": 100}``.
+        ``{"kind": "binary", "bits": 512, "rerank": 100}``. ``local_grid`` (e.g. ``(25, 25,
+        128)``): keep each keyframe's local features (float16) for mutual-NN re-ranking.
         """
-        return cls(dim, fingerprint, index, storage_dtype)
+        return cls(dim, fingerprint, index, storage_dtype, local_grid)
 
     # -- properties ------------------------------------------------------------------------------
 
@@ -85,6 +92,60 @@ class PlaceMap:
     @property
     def storage_dtype(self) -> str:
         return self._store.dtype.name
+
+    @property
+    def model_codes(self) -> bool:
+        """True when the index searches the model's hash-head codes (``add`` needs
+        ``binary_codes`` and ``search`` needs ``query_codes``)."""
+        return isinstance(self._index, BinaryIndex) and self._index.params["codes"] == "model"
+
+    def binary_codes(self) -> np.ndarray | None:
+        """(N, bits/8) uint8 packed codes of a binary index (the model's own where
+        :attr:`model_codes`), None for other index kinds."""
+        return self._index.codes.view() if isinstance(self._index, BinaryIndex) else None
+
+    @property
+    def local_grid(self) -> tuple[int, ...] | None:
+        """Per-keyframe local feature grid, or None when the map stores no local features."""
+        return self._local.grid if self._local is not None else None
+
+    def local_features(self, ids: np.ndarray) -> np.ndarray:
+        """float32 ``(len(ids), *local_grid)`` local features of keyframes ``ids``."""
+        if self._local is None:
+            raise InputError("this map stores no local features (built from a model without a "
+                             "local head, or with --no-local-features)")
+        return self._local.get(ids)
+
+    def check_outputs(self, outputs: ModelOutputs, need_local: bool = False) -> None:
+        """Refuse a model whose extra outputs cannot serve this map: a map searched with the
+        hash head's codes needs a model giving codes of the same length, and stored local
+        features need the same grid (``need_local``: also refuse a model without a local
+        head, as live mapping must keep the store in step)."""
+        where = f" at {self.path}" if self.path else ""
+        if self.model_codes:
+            bits = self._index.params["bits"]
+            if outputs.code_bytes is None:
+                raise MapMismatchError(
+                    f"the map{where} is searched with {bits}-bit codes from the model's hash "
+                    "head, but this model (or export) has no 'binary' output; use the model "
+                    "directory or an export that keeps the hash head, or rebuild the map with "
+                    "--index flat")
+            if 8 * outputs.code_bytes != bits:
+                raise MapMismatchError(
+                    f"the map{where} holds {bits}-bit hash codes but the model gives "
+                    f"{8 * outputs.code_bytes}-bit codes: " + _mismatch_advice())
+        if self._local is not None:
+            if outputs.local_grid is None:
+                if need_local:
+                    raise MapMismatchError(
+                        f"the map{where} stores local features {self._local.grid} per keyframe "
+                        "but this model (or export) has no 'local' output, so new keyframes "
+                        "could not get theirs; use the model directory or an export with the "
+                        "local head")
+            elif tuple(outputs.local_grid) != self._local.grid:
+                raise MapMismatchError(
+                    f"the map{where} stores local features of grid {self._local.grid} but the "
+                    f"model gives {tuple(outputs.local_grid)}: " + _mismatch_advice())
 
     @property
     def keyframe_table(self) -> KeyframeTable:
@@ -132,8 +193,12 @@ class PlaceMap:
         return x
 
     def add(self, descriptors: np.ndarray, keyframes: Sequence[Keyframe],
-            binary_codes: np.ndarray | None = None) -> np.ndarray:
-        """Append L2-normalised descriptors and their keyframes; returns the new ids (int64)."""
+            binary_codes: np.ndarray | None = None,
+            local_features: np.ndarray | None = None) -> np.ndarray:
+        """Append L2-normalised descriptors and their keyframes; returns the new ids (int64).
+
+        ``binary_codes``: the hash head's codes (maps searched with model codes need them);
+        ``local_features``: ``(B, *local_grid)`` (maps with a local-feature store need them)."""
         x = self._as_rows(descriptors, "descriptors")
         if len(keyframes) != len(x):
             raise InputError(f"{len(x)} descriptors but {len(keyframes)} keyframes; give one "
@@ -149,11 +214,23 @@ class PlaceMap:
                              f"{self.index_kind!r}; codes are used only by index 'binary'")
         if isinstance(self._index, BinaryIndex):
             self._index.check_codes_for_add(len(x), binary_codes)
+        local_rows = None
+        if self._local is not None:
+            if local_features is None:
+                raise InputError("this map stores local features for re-ranking; pass "
+                                 "local_features (the model's 'local' output) with every add")
+            local_rows = self._local.as_rows(local_features, len(x))
+        elif local_features is not None:
+            raise InputError("local_features were given but this map has no local-feature "
+                             "store (create it with local_grid=...)")
         stored = x.astype(self._store.dtype, copy=False)
         start = len(self._store)
         ids = self._table.append(keyframes)
         self._store.append(stored)
         self._index.add(start, stored.astype(np.float32, copy=False), binary_codes)
+        if local_rows is not None:
+            assert self._local is not None
+            self._local.append(local_rows)
         self.updated = storage.now_iso()
         return ids
 
@@ -209,6 +286,8 @@ class PlaceMap:
             "format": storage.FORMAT, "format_version": storage.FORMAT_VERSION,
             "fingerprint": self._fingerprint, "dim": self._dim, "count": len(self),
             "storage_dtype": self.storage_dtype, "index": self._index.manifest_params(),
+            "local_features": None if self._local is None else
+            {"grid": list(self._local.grid), "dtype": LOCAL_DTYPE},
             "sessions": self._table.session_counts(),
             "stamp_range_ns": [int(stamps.min()), int(stamps.max())] if len(stamps) else None,
             "has_poses": self._table.has_poses(), "has_gnss": self._table.has_gnss(),
@@ -227,6 +306,8 @@ class PlaceMap:
             writer = storage.MapWriter(directory)
             writer.add_npy("descriptors", [seg for _, seg in self._store.segments()],
                            self._store.dtype, self._dim)
+            if self._local is not None:
+                writer.add_npy(LOCAL_ROLE, self._local.segments(), LOCAL_DTYPE, self._local.grid)
             writer.stage("descriptors")
             writer.add_keyframes(self._table, {
                 "fingerprint": self._fingerprint, "dim": str(self._dim),
@@ -295,11 +376,34 @@ class PlaceMap:
         pm._table = table
         pm._index = make_index({"kind": kind, **params}, pm._store)
         pm._index.restore({r: p for r, p in files.items()
-                           if r not in ("descriptors", "keyframes")})
+                           if r not in ("descriptors", "keyframes", LOCAL_ROLE)})
+        pm._local = cls._load_local(mpath, manifest, files, count, mmap)
         pm.created = str(manifest.get("created", pm.created))
         pm.updated = str(manifest.get("updated", pm.updated))
         pm.path = directory
         return pm
+
+    @staticmethod
+    def _load_local(mpath: Path, manifest: Mapping[str, Any], files: Mapping[str, Path],
+                    count: int, mmap: bool) -> LocalFeatureStore | None:
+        entry = manifest.get("local_features")
+        if entry is None:
+            if LOCAL_ROLE in files:
+                raise MapError(f"{mpath}: lists a {LOCAL_ROLE} file but no local_features "
+                               "entry; the manifest is corrupt: rebuild the map")
+            return None
+        grid = entry.get("grid") if isinstance(entry, dict) else None
+        if not (isinstance(grid, list) and len(grid) in (2, 3)
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in grid)
+                and entry.get("dtype") == LOCAL_DTYPE):
+            raise MapError(f"{mpath}: local_features entry {entry!r} is invalid (expected a "
+                           f"grid of 2 or 3 positive integers and dtype {LOCAL_DTYPE}); the "
+                           "manifest is corrupt: rebuild the map")
+        if LOCAL_ROLE not in files:
+            raise MapError(f"{mpath}: the map has local features but lists no {LOCAL_ROLE} "
+                           "file; the manifest is corrupt: rebuild the map")
+        base = storage.load_npy(files[LOCAL_ROLE], LOCAL_DTYPE, (count, *grid), mmap=mmap)
+        return LocalFeatureStore(grid, base)
 
     # -- merging and reporting -------------------------------------------------------------------
 
@@ -324,6 +428,12 @@ class PlaceMap:
             codes = other._index.codes.view()
         if isinstance(self._index, BinaryIndex):
             self._index.check_codes_for_add(len(other), codes)
+        if self.local_grid != other.local_grid:
+            raise MapMismatchError(
+                f"cannot merge: this map stores local features {self.local_grid or 'none'}, the "
+                f"other{f' ({other.path})' if other.path else ''} "
+                f"{other.local_grid or 'none'}; rebuild one so both keep the same local "
+                "features (or neither: --no-local-features)")
         start = len(self)
         ids = self._table.extend_from(other._table)
         for first, block in other._store.chunks(_MERGE_BLOCK):
@@ -331,6 +441,8 @@ class PlaceMap:
             self._store.append(stored)
             self._index.add(start + first, stored.astype(np.float32, copy=False),
                             None if codes is None else codes[first: first + len(block)])
+        if self._local is not None and other._local is not None:
+            self._local.extend_from(other._local)
         self.updated = storage.now_iso()
         return ids
 
@@ -347,6 +459,8 @@ class PlaceMap:
             "stamp_range_ns": [int(stamps.min()), int(stamps.max())] if len(stamps) else None,
             "has_poses": self._table.has_poses(), "has_gnss": self._table.has_gnss(),
             "format_version": storage.FORMAT_VERSION,
+            "local_features": None if self._local is None else
+            {"grid": list(self._local.grid), "dtype": LOCAL_DTYPE, "bytes": self._local.nbytes},
         }
         if self.path is not None and (self.path / storage.MANIFEST).exists():
             try:

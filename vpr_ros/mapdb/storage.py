@@ -108,12 +108,16 @@ class _HashingWriter:
 
 
 def write_npy(path: Path, segments: Sequence[np.ndarray], dtype: np.dtype | str,
-              width: int | None = None) -> dict[str, Any]:
+              width: int | Sequence[int] | None = None) -> dict[str, Any]:
     """Write the row-wise concatenation of ``segments`` as one .npy file without building it in
-    memory; returns the manifest record (name, bytes, sha256)."""
+    memory; returns the manifest record (name, bytes, sha256). ``width``: the shape of one row
+    (an int, or a tuple such as a local-feature grid ``(H, W, C)`` whose segments hold the
+    flattened rows)."""
     dtype = np.dtype(dtype)
     rows = sum(len(s) for s in segments)
-    shape: tuple[int, ...] = (rows,) if width is None else (rows, width)
+    tail: tuple[int, ...] = () if width is None else \
+        ((int(width),) if isinstance(width, (int, np.integer)) else tuple(int(w) for w in width))
+    shape: tuple[int, ...] = (rows, *tail)
     out = _HashingWriter(path)
     try:
         np.lib.format.write_array_header_1_0(
@@ -293,7 +297,7 @@ class MapWriter:
         return self.directory / file_name(role, self.generation, suffix)
 
     def add_npy(self, role: str, segments: Sequence[np.ndarray], dtype: Any,
-                width: int | None) -> None:
+                width: int | Sequence[int] | None) -> None:
         self.files[role] = write_npy(self.path(role, "npy"), segments, dtype, width)
 
     def add_faiss(self, role: str, index: Any) -> None:
