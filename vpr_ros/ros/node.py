@@ -39,6 +39,7 @@ from std_srvs.srv import Trigger
 from visualization_msgs.msg import MarkerArray
 
 from vpr_ros.errors import ConfigError, MapError, VPRError
+from vpr_ros.mapdb.model_outputs import ModelOutputs, index_spec_for
 from vpr_ros.ros import conversions as conv
 from vpr_ros.ros import messages
 from vpr_ros.ros.diagnostics import (FrameTiming, LogThrottle, NodeIdentity, NodeStats, RateMeter,
@@ -149,7 +150,10 @@ class VprNode(LifecycleNode):
         self.get_logger().info(
             f"configured: mode {cfg.mode}, encoder {enc.backend} (fingerprint "
             f"{enc.fingerprint}, {enc.dim}-D, input {enc.input_size}), map "
-            f"{cfg.map or '(new live map)'} with {len(pmap)} keyframes; {self._blas_note}")
+            f"{cfg.map or '(new live map)'} with {len(pmap)} keyframes (index {pmap.index_kind}"
+            f"{' over the model hash codes' if pmap.model_codes else ''}; local re-rank of the "
+            f"top {pipeline.rerank_top_n if pipeline.rerank_top_n else 'none'}); "
+            f"{self._blas_note}")
         return TransitionCallbackReturn.SUCCESS
 
     def _configure_failed(self, reason: str) -> TransitionCallbackReturn:
@@ -171,22 +175,30 @@ class VprNode(LifecycleNode):
         self._blas_note = limit_blas_threads(cfg.blas_threads)
         options: dict[str, Any] = {"threads": cfg.threads} if cfg.threads else {}
         encoder = load_encoder(cfg.model, backend=cfg.backend, device=cfg.device, **options)
-        place_map = self._open_map(cfg, encoder)
+        outputs = ModelOutputs.probe(encoder)
+        place_map = self._open_map(cfg, encoder, outputs)
         session = cfg.session or default_session_name()
         if cfg.mode != LOCALIZATION and session in place_map.sessions():
             raise MapError(f"session '{session}' already exists in the map {cfg.map}; set the "
                            "parameter 'session' to a new name (or leave it empty for a dated "
                            "one)")
-        pipeline = Pipeline(encoder, place_map, settings, session)
+        pipeline = Pipeline(encoder, place_map, settings, session, outputs)
+        if place_map.local_grid is not None and outputs.local_grid is None:
+            self.get_logger().warning(
+                f"the map stores local features but the model {cfg.model} has no 'local' "
+                "output: no re-ranking (use the model directory or an export with the local "
+                "head)")
         if cfg.warmup:
             h, w = encoder.input_size
             blank = np.zeros((int(h), int(w), 3), dtype=np.uint8)
-            desc = pipeline.encode(blank, FrameTiming(0))
-            place_map.search(desc, cfg.top_k)
+            pipeline.search(pipeline.encode(blank, FrameTiming(0)))
         return pipeline
 
     @staticmethod
-    def _open_map(cfg: NodeConfig, encoder: Any) -> Any:
+    def _open_map(cfg: NodeConfig, encoder: Any, outputs: ModelOutputs) -> Any:
+        """The prebuilt map (checked against the model: fingerprint, dim, hash codes, local
+        grid) or a new live map laid out for the model (``map_index``; local features when
+        the model has a local head)."""
         from vpr_ros.mapdb import PlaceMap
 
         path = Path(cfg.map) if cfg.map else None
@@ -202,8 +214,11 @@ class VprNode(LifecycleNode):
         elif path is not None and path.exists():
             place_map = PlaceMap.load(path, expected_fingerprint=encoder.fingerprint, mmap=False)
         else:
-            return PlaceMap.create(encoder.dim, encoder.fingerprint, index=cfg.map_index)
+            return PlaceMap.create(encoder.dim, encoder.fingerprint,
+                                   index=index_spec_for(cfg.map_index, outputs),
+                                   local_grid=outputs.local_grid)
         place_map.check_compatible(encoder.fingerprint, encoder.dim)
+        place_map.check_outputs(outputs, need_local=cfg.mode != LOCALIZATION)
         return place_map
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -385,12 +400,12 @@ class VprNode(LifecycleNode):
         rgb = conv.frame_to_rgb(item.msg, cfg.image_transport == "compressed", cfg.max_pixels)
         watch.lap("conversion")
         try:
-            descriptor = pipeline.encode(rgb, timing)
+            query = pipeline.encode(rgb, timing)
         except VPRError as exc:
             raise conv.FrameError(conv.ENCODER_ERROR, f"encoding failed: {exc}") from exc
         pose = self._poses.at(item.stamp_ns) if self._poses is not None else None
         try:
-            outcome = pipeline.decide(item.stamp_ns, descriptor, pose,
+            outcome = pipeline.decide(item.stamp_ns, query, pose,
                                       item.msg.header.frame_id, timing)
         except VPRError as exc:
             raise conv.FrameError(conv.SEARCH_ERROR, f"map search failed: {exc}") from exc

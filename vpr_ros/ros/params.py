@@ -22,7 +22,7 @@ MODES = ("localization", "loop_closure")
 TRANSPORTS = ("raw", "compressed")
 RELIABILITIES = ("best_effort", "reliable")
 POSE_TYPES = ("none", "odometry", "pose")
-INDEX_KINDS = ("flat", "hnsw", "ivfpq", "binary")
+INDEX_KINDS = ("auto", "flat", "hnsw", "ivfpq", "binary")
 
 #: Allowed values of the string parameters (ROS ranges only exist for numbers).
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -32,6 +32,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 LOOP_PREFIX = "loop_closure."
 RELOC_PREFIX = "relocalization."
+RERANK_PREFIX = "rerank."
 
 INT_MAX = 2 ** 31 - 1
 
@@ -65,8 +66,9 @@ class NodeConfig:
         "", "map directory, loaded at configure with the model's fingerprint (localization: "
         "required; loop_closure: optional start map); ~/save_map writes here")
     map_index: str = param(
-        "flat", "index of a new live map (loop_closure without a map file): flat, hnsw, ivfpq "
-        "or binary")
+        "auto", "index of a new live map (loop_closure without a map file): auto (binary over "
+        "the model's hash codes for a model with a hash head, else flat), flat, hnsw, ivfpq or "
+        "binary")
     session: str = param(
         "", "session name of the live run's keyframes (loop_closure); empty: live-<UTC time>")
     image_transport: str = param(
@@ -127,10 +129,35 @@ class NodeConfig:
         return parameter_specs(cls)
 
 
+@dataclass(frozen=True)
+class RerankConfig:
+    """Second-stage re-ranking of the map search (``rerank.*`` parameters)."""
+
+    local_top_k: int = param(
+        5, "re-rank the global top N candidates by mutual nearest neighbours of local features "
+        "when the map stores them (models with a local head, e.g. CQVPR); 0: off. Each "
+        "candidate costs an (L x L x C) product (L local locations): about 10 ms for a "
+        "25x25x128 grid on one CPU core, so N is a latency budget (the papers re-rank 100, "
+        "offline)", 0, 1000)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "RerankConfig":
+        return from_mapping(cls, values)
+
+    @classmethod
+    def parameter_specs(cls) -> list[ParamSpec]:
+        return parameter_specs(cls)
+
+
 def all_parameter_specs() -> list[ParamSpec]:
-    """Node, relocalization and loop-closure tunables with their full (prefixed) names."""
+    """Node, relocalization, loop-closure and re-rank tunables with their full (prefixed)
+    names."""
     out = list(NodeConfig.parameter_specs())
-    for prefix, cls in ((RELOC_PREFIX, RelocalizerConfig), (LOOP_PREFIX, LoopClosureConfig)):
+    for prefix, cls in ((RELOC_PREFIX, RelocalizerConfig), (LOOP_PREFIX, LoopClosureConfig),
+                        (RERANK_PREFIX, RerankConfig)):
         out.extend(ParamSpec(name=prefix + s.name, default=s.default, type=s.type, low=s.low,
                              high=s.high, description=s.description)
                    for s in cls.parameter_specs())
@@ -139,11 +166,12 @@ def all_parameter_specs() -> list[ParamSpec]:
 
 @dataclass(frozen=True)
 class NodeSettings:
-    """All three configs, read from the node's parameters at configure."""
+    """All four configs, read from the node's parameters at configure."""
 
     node: NodeConfig
     relocalizer: RelocalizerConfig
     loop_closure: LoopClosureConfig
+    rerank: RerankConfig = RerankConfig()
 
 
 def settings_from_values(values: Mapping[str, Any]) -> NodeSettings:
@@ -151,15 +179,18 @@ def settings_from_values(values: Mapping[str, Any]) -> NodeSettings:
     node: dict[str, Any] = {}
     reloc: dict[str, Any] = {}
     loop: dict[str, Any] = {}
+    rerank: dict[str, Any] = {}
     for name, value in values.items():
         if name.startswith(RELOC_PREFIX):
             reloc[name[len(RELOC_PREFIX):]] = value
+        elif name.startswith(RERANK_PREFIX):
+            rerank[name[len(RERANK_PREFIX):]] = value
         elif name.startswith(LOOP_PREFIX):
             loop[name[len(LOOP_PREFIX):]] = value
         else:
             node[name] = value
     return NodeSettings(NodeConfig.from_mapping(node), RelocalizerConfig.from_mapping(reloc),
-                        LoopClosureConfig.from_mapping(loop))
+                        LoopClosureConfig.from_mapping(loop), RerankConfig.from_mapping(rerank))
 
 
 def descriptor_for(spec: ParamSpec) -> Any:

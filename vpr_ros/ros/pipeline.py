@@ -20,10 +20,12 @@ import numpy as np
 from vpr_ros.localization import (Candidate, LoopClosure, LoopClosureDetector, Relocalization,
                                   Relocalizer, candidates_from_results)
 from vpr_ros.mapdb import Exclusion, Keyframe, PlaceMap
+from vpr_ros.mapdb.local_rerank import search_reranked
+from vpr_ros.mapdb.model_outputs import ModelOutputs
 from vpr_ros.mapdb.poses import Pose
 from vpr_ros.ros.diagnostics import FrameTiming, Stopwatch
 from vpr_ros.ros.params import NodeSettings
-from vpr_ros.runtime.encoder import Encoder, check_descriptors
+from vpr_ros.runtime.encoder import Encoder, check_descriptors, check_outputs
 
 LOCALIZATION = "localization"
 LOOP_CLOSURE = "loop_closure"
@@ -79,6 +81,37 @@ def encode_one(encoder: Encoder, rgb: np.ndarray, timing: FrameTiming) -> np.nda
 
 
 @dataclass
+class Query:
+    """One frame's encoder outputs: the (1, D) descriptor, and where the map uses them the
+    hash head's (1, bytes) codes and the (1, H, W, C) local features."""
+
+    descriptor: np.ndarray
+    codes: Optional[np.ndarray] = None
+    local: Optional[np.ndarray] = None
+
+
+def encode_query(encoder: Encoder, rgb: np.ndarray, timing: FrameTiming,
+                 extras: tuple[str, ...] = ()) -> Query:
+    """:func:`encode_one`, plus the extra outputs named in ``extras`` ("binary", "local") from
+    the same forward pass; with no extras it is exactly :func:`encode_one`."""
+    if not extras:
+        return Query(encode_one(encoder, rgb, timing))
+    watch = Stopwatch(timing)
+    if not host_preprocessing(encoder):
+        outs = encoder.encode_all([rgb])
+        watch.lap("encode")
+        timing.preprocess = float("nan")
+    else:
+        batch = encoder.preprocess([rgb])
+        watch.lap("preprocess")
+        outs = check_outputs(encoder._encode_all_batch(batch), batch.shape[0], encoder.dim,
+                             encoder.backend)
+        watch.lap("encode")
+    return Query(outs["global"], outs.get("binary") if "binary" in extras else None,
+                 outs.get("local") if "local" in extras else None)
+
+
+@dataclass
 class FrameOutcome:
     """What one frame led to; the node turns it into messages."""
 
@@ -95,13 +128,24 @@ class Pipeline:
     """Encoder + map + the decision state machine of the node's mode."""
 
     def __init__(self, encoder: Encoder, place_map: PlaceMap, settings: NodeSettings,
-                 session: str) -> None:
+                 session: str, outputs: Optional[ModelOutputs] = None) -> None:
         self.encoder = encoder
         self.map = place_map
         self.settings = settings
         self.mode = settings.node.mode
         self.top_k = settings.node.top_k
         self.session = session
+        outputs = outputs or ModelOutputs()
+        # Extras are computed only where the map uses them: a model without a hash head or a
+        # local head, or a map without codes or local features, runs exactly as before.
+        has_local = place_map.local_grid is not None and outputs.local_grid is not None
+        self.rerank_top_n = settings.rerank.local_top_k if has_local else 0
+        extras = []
+        if place_map.model_codes:
+            extras.append("binary")
+        if has_local and (self.rerank_top_n > 0 or self.mode != LOCALIZATION):
+            extras.append("local")
+        self.extras: tuple[str, ...] = tuple(extras)
         self.lock = threading.RLock()
         self.relocalizer: Optional[Relocalizer] = None
         self.detector: Optional[LoopClosureDetector] = None
@@ -112,10 +156,19 @@ class Pipeline:
 
     # -- per frame --------------------------------------------------------------------------
 
-    def encode(self, rgb: np.ndarray, timing: FrameTiming) -> np.ndarray:
-        return encode_one(self.encoder, rgb, timing)
+    def encode(self, rgb: np.ndarray, timing: FrameTiming) -> Query:
+        return encode_query(self.encoder, rgb, timing, self.extras)
 
-    def decide(self, stamp_ns: int, descriptor: np.ndarray, pose: Optional[tuple[Pose, str]],
+    def search(self, query: Query, exclude: Optional[Exclusion] = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of the map for one query: with the query's hash codes where the map searches
+        model codes, then mutual-NN re-ranking of the top ``rerank.local_top_k`` where the map
+        stores local features."""
+        return search_reranked(self.map, query.descriptor, self.top_k, self.rerank_top_n,
+                               query_local=query.local, exclude=exclude,
+                               query_codes=query.codes)
+
+    def decide(self, stamp_ns: int, query: Query, pose: Optional[tuple[Pose, str]],
                image_frame_id: str, timing: FrameTiming) -> FrameOutcome:
         """Search the map and run the mode's decision; in loop-closure mode maybe insert the
         frame as a keyframe of the live session."""
@@ -124,7 +177,7 @@ class Pipeline:
             exclusion = None
             if self.detector is not None:
                 exclusion = Exclusion(**self.detector.search_exclusion(stamp_ns).as_kwargs())
-            ids, scores = self.map.search(descriptor, self.top_k, exclude=exclusion)
+            ids, scores = self.search(query, exclusion)
             candidates = candidates_from_results(ids[0], scores[0], self.map.keyframe)
             watch.lap("search")
             position = pose[0].position if pose is not None else None
@@ -132,13 +185,14 @@ class Pipeline:
             if self.relocalizer is not None:
                 outcome.relocalization = self.relocalizer.update(stamp_ns, candidates)
             else:
-                self._loop_closure(outcome, descriptor, pose, image_frame_id)
+                self._loop_closure(outcome, query, pose, image_frame_id)
             watch.lap("decision")
             return outcome
 
-    def _loop_closure(self, outcome: FrameOutcome, descriptor: np.ndarray,
+    def _loop_closure(self, outcome: FrameOutcome, query: Query,
                       pose: Optional[tuple[Pose, str]], image_frame_id: str) -> None:
         assert self.detector is not None
+        descriptor = query.descriptor
         stamp = outcome.stamp_ns
         outcome.closure = self.detector.process(stamp, outcome.candidates)
         position = pose[0].position if pose is not None else None
@@ -149,7 +203,9 @@ class Pipeline:
                           frame_id=pose[1] if pose is not None else image_frame_id,
                           position=position, orientation=orientation,
                           source_topic="live")
-            new_id = int(self.map.add(descriptor, [kf])[0])
+            new_id = int(self.map.add(
+                descriptor, [kf], binary_codes=query.codes if self.map.model_codes else None,
+                local_features=query.local if self.map.local_grid is not None else None)[0])
             self.detector.mark_inserted(new_id, stamp, position, orientation, descriptor)
             outcome.inserted_id = new_id
         if outcome.closure is not None:
