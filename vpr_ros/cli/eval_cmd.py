@@ -41,7 +41,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="index-aligned folders: evaluate only this block of the route "
                         "(fractions, e.g. 0.6:1.0 for the last 40%%)")
     r.add_argument("--index", default="flat", choices=["flat", "hnsw", "ivfpq", "binary"],
-                   help="map index kind to search through (default flat = exact)")
+                   help="map index kind to search through (default flat = exact); binary with a "
+                        "hash-head model (SelaVPR++) searches the model's own codes, else "
+                        "SimHash codes of the float descriptor")
+    r.add_argument("--rerank", type=int, metavar="N",
+                   help="--index binary: Hamming candidates re-ranked by exact float "
+                        "descriptors (default 100; 0 = Hamming ranking only)")
+    r.add_argument("--local-rerank", action="store_true",
+                   help="models with a local-feature head (CQVPR): re-rank the global top N by "
+                        "mutual-nearest-neighbour local matches, as the node does")
+    r.add_argument("--local-rerank-top", type=int, default=100, metavar="N",
+                   help="candidates re-ranked by --local-rerank (default 100)")
     r.add_argument("--k", type=_ks, default=[1, 5, 10, 20], help="K values (default 1,5,10,20)")
     r.add_argument("--plot-dir", help="write recall_at_k.png and examples.png here")
     r.add_argument("--batch-size", type=int, default=32)
@@ -82,6 +92,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     lp.add_argument("--no-progress", action="store_true")
     lp.set_defaults(func=_loop)
 
+    from vpr_ros.cli.zoo_cmd import register_zoo
+
+    register_zoo(esub)
+
 
 def _emit(result: dict, args: argparse.Namespace, text: str) -> None:
     if args.output:
@@ -97,14 +111,29 @@ def _recall(args: argparse.Namespace) -> int:
                       tolerance=args.tolerance, index=args.index, ks=args.k,
                       subset=args.subset, plot_dir=args.plot_dir, batch_size=args.batch_size,
                       device=args.device, backend=args.backend,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, rerank=args.rerank,
+                      local_rerank=args.local_rerank, local_rerank_top=args.local_rerank_top)
     figures = "  ".join(f"{k} {100 * v:.2f}" for k, v in res["recall"].items())
     text = (f"{figures}   ({res['num_queries']} queries, {res['num_database']} database images, "
-            f"{res['ground_truth']}, index {res['index']})")
+            f"{res['ground_truth']}, {describe_search(res['search'])})")
     if res.get("plots"):
         text += "\nplots: " + ", ".join(res["plots"])
     _emit(res, args, text)
     return 0
+
+
+def describe_search(search: dict) -> str:
+    """One line saying which index, codes and re-ranking produced the figures."""
+    parts = [f"index {search['index']}"]
+    b = search.get("binary")
+    if b:
+        parts.append(f"{b['bits']}-bit {b['codes']} codes, "
+                     + ("Hamming order only" if b["rerank"] == 0
+                        else f"top {b['rerank']} re-ranked by float"))
+    if search.get("local_rerank"):
+        parts.append(f"local mutual-NN re-rank of top {search['local_rerank']['top_n']}")
+    parts.append(f"{search['descriptor_bytes']['total']} B/image")
+    return ", ".join(parts)
 
 
 def _loop(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -72,9 +72,15 @@ class RecallResult:
 
 
 def search_map(db_desc: np.ndarray, q_desc: np.ndarray, fingerprint: str, k: int,
-               index: str = "flat", database_paths: Sequence[Path] | None = None
+               index: str | Mapping[str, Any] = "flat",
+               database_paths: Sequence[Path] | None = None,
+               db_codes: np.ndarray | None = None, query_codes: np.ndarray | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
-    """Build a PlaceMap of the database descriptors and search it with the queries."""
+    """Build a PlaceMap of the database descriptors and search it with the queries.
+
+    ``index`` is a kind or a PlaceMap index dict; ``db_codes`` / ``query_codes`` are a hash
+    head's packed codes for a binary index with ``codes: model`` (as the map builder and the
+    node pass them)."""
     from vpr_ros.mapdb.keyframe import Keyframe
     from vpr_ros.mapdb.place_map import PlaceMap
 
@@ -83,8 +89,9 @@ def search_map(db_desc: np.ndarray, q_desc: np.ndarray, fingerprint: str, k: int
     names = [p.name for p in database_paths] if database_paths is not None else None
     keyframes = [Keyframe(session="database", stamp_ns=i,
                           frame_id=names[i] if names else "") for i in range(len(db))]
-    pm.add(db, keyframes)
-    return pm.search(np.ascontiguousarray(q_desc, dtype=np.float32), int(k))
+    pm.add(db, keyframes, binary_codes=db_codes)
+    return pm.search(np.ascontiguousarray(q_desc, dtype=np.float32), int(k),
+                     query_codes=query_codes)
 
 
 def evaluate_descriptors(db_desc: np.ndarray, q_desc: np.ndarray,
@@ -92,14 +99,27 @@ def evaluate_descriptors(db_desc: np.ndarray, q_desc: np.ndarray,
                          ks: Sequence[int] = DEFAULT_KS, index: str = "flat",
                          ground_truth: str = "", database_paths: Sequence[Path] | None = None
                          ) -> RecallResult:
-    ks = sorted({int(k) for k in ks})
-    if not ks or ks[0] < 1:
-        raise InputError(f"K values {ks} must be positive integers")
+    ks = check_ks(ks)
     ids, scores = search_map(db_desc, q_desc, fingerprint, max(ks), index, database_paths)
+    return evaluate_ranking(ids, scores, positives, ks, int(len(db_desc)), str(index),
+                            ground_truth)
+
+
+def check_ks(ks: Sequence[int]) -> list[int]:
+    """Sorted distinct K values; InputError unless all are positive."""
+    out = sorted({int(k) for k in ks})
+    if not out or out[0] < 1:
+        raise InputError(f"K values {out} must be positive integers")
+    return out
+
+
+def evaluate_ranking(ids: np.ndarray, scores: np.ndarray, positives: Sequence[np.ndarray],
+                     ks: Sequence[int], num_database: int, index: str, ground_truth: str = ""
+                     ) -> RecallResult:
+    """Recall@K of ranked result ids (however they were searched and re-ranked)."""
     recalls, first = recall_at_k(ids, positives, ks)
-    return RecallResult(recalls=recalls, num_queries=int(len(q_desc)),
-                        num_database=int(len(db_desc)),
-                        queries_without_positives=int((first == -2).sum()), index=str(index),
+    return RecallResult(recalls=recalls, num_queries=int(len(ids)), num_database=num_database,
+                        queries_without_positives=int((first == -2).sum()), index=index,
                         ground_truth=ground_truth, ranked_ids=ids, scores=scores,
                         first_correct_rank=first)
 

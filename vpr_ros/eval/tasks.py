@@ -8,12 +8,16 @@ PNG plots next to the figures.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from vpr_ros.errors import InputError
 from vpr_ros.eval.ground_truth import ground_truth_for
-from vpr_ros.eval.recall import DEFAULT_KS, encode_paths, evaluate_descriptors
+from vpr_ros.eval.encoded import EncodedSet, encode_set
+from vpr_ros.eval.recall import DEFAULT_KS, check_ks, encode_paths, evaluate_ranking
+from vpr_ros.eval.search_plan import SearchPlan, plan_search, search_encoded
+from vpr_ros.models.rerank import DEFAULT_TOP_N
 
 
 def open_encoder(model: str | Path, backend: str, device: str):
@@ -38,13 +42,28 @@ def _subset(spec: Optional[str]) -> Optional[tuple[float, float]]:
     return a, b
 
 
-def recall_eval(model: str | Path, database: str, queries: str, *,
+@dataclass
+class EncodedEval:
+    """Database and queries of one evaluation, encoded once (several plans may search them)."""
+
+    model: str
+    encoder: Any
+    db: Any          # ImageSet
+    q: Any           # ImageSet
+    positives: list
+    gt_label: str
+    subset: Optional[tuple[float, float]]
+    db_enc: EncodedSet
+    q_enc: EncodedSet
+    timings: dict[str, float]
+
+
+def encode_eval(model: str | Path, database: str, queries: str, *,
                 threshold_m: Optional[float] = None, tolerance: Optional[int] = None,
-                index: str = "flat", ks: Sequence[int] = DEFAULT_KS,
-                subset: Optional[str] = None, plot_dir: Optional[str | Path] = None,
-                batch_size: int = 32, device: str = "cpu", backend: str = "torch",
-                progress: bool = True, label: Optional[str] = None) -> dict[str, Any]:
-    """Recall@K of ``model`` for ``queries`` against ``database`` (see ``vpr eval recall``)."""
+                subset: Optional[str] = None, extras: Sequence[str] = (), batch_size: int = 32,
+                device: str = "cpu", backend: str = "torch", progress: bool = True,
+                encoder: Any = None) -> EncodedEval:
+    """Read both image sets, ground truth, and encode them with the outputs ``extras``."""
     from vpr_ros.datasets.image_sets import read_image_set
     if threshold_m is not None and tolerance is not None:
         raise InputError("give either --threshold-m (positioned images) or --tolerance "
@@ -57,37 +76,72 @@ def recall_eval(model: str | Path, database: str, queries: str, *,
                              "sets (UTM/MSLS) are evaluated whole")
         db, q = db.select(*rng), q.select(*rng)
     positives, gt_label = ground_truth_for(db, q, threshold_m, tolerance)
-    encoder = open_encoder(model, backend, device)
+    encoder = encoder or open_encoder(model, backend, device)
     t0, cpu0 = time.time(), time.process_time()
-    db_desc = encode_paths(encoder, db.paths, batch_size, "database", progress)
-    q_desc = encode_paths(encoder, q.paths, batch_size, "queries", progress)
+    db_enc = encode_set(encoder, db.paths, batch_size, "database", progress, extras)
+    q_enc = encode_set(encoder, q.paths, batch_size, "queries", progress, extras)
     encode_s, encode_cpu = time.time() - t0, time.process_time() - cpu0
+    timings = {"encode": round(encode_s, 2), "encode_cpu": round(encode_cpu, 2),
+               "images_per_s": round((len(db) + len(q)) / max(encode_s, 1e-9), 1)}
+    return EncodedEval(str(model), encoder, db, q, positives, gt_label, rng, db_enc, q_enc,
+                       timings)
+
+
+def recall_from_encoded(ev: EncodedEval, plan: SearchPlan, ks: Sequence[int] = DEFAULT_KS,
+                        plot_dir: Optional[str | Path] = None, label: Optional[str] = None,
+                        progress: bool = False) -> dict[str, Any]:
+    """The ``vpr eval recall`` JSON of one search plan over already encoded sets."""
+    ks = check_ks(ks)
+    enc = ev.encoder
     t1 = time.time()
-    res = evaluate_descriptors(db_desc, q_desc, positives, encoder.fingerprint, ks, index,
-                               gt_label, db.paths)
+    ids, scores = search_encoded(ev.db_enc, ev.q_enc, enc.fingerprint, max(ks), plan,
+                                 ev.db.paths, progress)
+    res = evaluate_ranking(ids, scores, ev.positives, ks, len(ev.db_enc), plan.index,
+                           ev.gt_label)
     search_s = time.time() - t1
-    res.model = {"path": str(model), "fingerprint": encoder.fingerprint,
-                 "backend": encoder.backend, "dim": encoder.dim,
-                 "input_size": list(encoder.input_size)}
+    res.model = {"path": ev.model, "fingerprint": enc.fingerprint, "backend": enc.backend,
+                 "dim": enc.dim, "input_size": list(enc.input_size),
+                 "outputs": list(enc.output_names)}
     out = res.to_dict()
-    out.update({"database": str(db.source), "queries": str(q.source),
-                "subset": list(rng) if rng else None,
-                "timings_s": {"encode": round(encode_s, 2), "encode_cpu": round(encode_cpu, 2),
-                              "search": round(search_s, 3),
-                              "images_per_s": round((len(db) + len(q)) / max(encode_s, 1e-9),
-                                                    1)}})
+    out.update({"database": str(ev.db.source), "queries": str(ev.q.source),
+                "subset": list(ev.subset) if ev.subset else None,
+                "search": plan.describe(ev.db_enc),
+                "timings_s": {**ev.timings, "search": round(search_s, 3)}})
     if plot_dir is not None:
         from vpr_ros.eval.plots import plot_examples, plot_recall_curve
 
         d = Path(plot_dir)
-        name = label or Path(str(model)).name
+        name = label or Path(ev.model).name
         out["plots"] = [
             str(plot_recall_curve({name: res.recalls}, d / "recall_at_k.png",
-                                  title=f"Recall@K ({gt_label}, index {index})")),
-            str(plot_examples(q.paths, db.paths, res.ranked_ids, positives,
+                                  title=f"Recall@K ({ev.gt_label}, index {plan.index})")),
+            str(plot_examples(ev.q.paths, ev.db.paths, res.ranked_ids, ev.positives,
                               d / "examples.png", title=f"{name}: queries and top matches")),
         ]
     return out
+
+
+def recall_eval(model: str | Path, database: str, queries: str, *,
+                threshold_m: Optional[float] = None, tolerance: Optional[int] = None,
+                index: str = "flat", ks: Sequence[int] = DEFAULT_KS,
+                subset: Optional[str] = None, plot_dir: Optional[str | Path] = None,
+                batch_size: int = 32, device: str = "cpu", backend: str = "torch",
+                progress: bool = True, label: Optional[str] = None,
+                rerank: Optional[int] = None, local_rerank: bool = False,
+                local_rerank_top: int = DEFAULT_TOP_N) -> dict[str, Any]:
+    """Recall@K of ``model`` for ``queries`` against ``database`` (see ``vpr eval recall``).
+
+    ``index="binary"`` with a hash-head model searches the model's own codes (``rerank``:
+    Hamming candidates re-ranked by float, 0 = Hamming order only); ``local_rerank`` re-ranks the
+    global top ``local_rerank_top`` by local-feature mutual NN (CQVPR)."""
+    check_ks(ks)
+    encoder = open_encoder(model, backend, device)
+    plan = plan_search(encoder.output_names, index, rerank, local_rerank, local_rerank_top,
+                       model=str(model))
+    ev = encode_eval(model, database, queries, threshold_m=threshold_m, tolerance=tolerance,
+                     subset=subset, extras=plan.extras, batch_size=batch_size, device=device,
+                     backend=backend, progress=progress, encoder=encoder)
+    return recall_from_encoded(ev, plan, ks, plot_dir, label, progress)
 
 
 def loop_eval(model: str | Path, sequence: str | Path, *, gt_distance_m: float = 25.0,
