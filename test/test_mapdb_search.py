@@ -185,9 +185,9 @@ def test_binary_uses_model_codes_when_given(clustered) -> None:
     assert (ids[:, 0] == ref[:, 0]).mean() >= 0.95
     projected = PlaceMap.create(db.shape[1], FP, "binary")
     projected.add(db[:10], keyframes_for(10))
-    with pytest.raises(InputError, match="random projection"):
+    with pytest.raises(InputError, match="derives binary codes from the descriptors"):
         projected.add(db[10:20], keyframes_for(10), binary_codes=db[10:20] @ hash_head)
-    with pytest.raises(InputError, match="random projection"):
+    with pytest.raises(InputError, match="derives binary codes from the descriptors"):
         projected.search(q, 5, query_codes=q @ hash_head)
     with pytest.raises(InputError, match="shape"):
         pm.search(q, 5, query_codes=np.zeros((len(q), 7), np.uint8))

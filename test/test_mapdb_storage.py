@@ -86,7 +86,7 @@ def test_on_disk_format_is_open_and_documented(tmp_path: Path) -> None:
     assert manifest["storage_dtype"] == "float16" and manifest["index"]["kind"] == "binary"
     assert manifest["sessions"] == {"run1": 600} and manifest["has_poses"] is True
     assert set(manifest["files"]) == {"descriptors", "keyframes", "binary_codes",
-                                      "binary_projection"}
+                                      "binary_projection", "binary_thresholds"}
     for rec in manifest["files"].values():
         path = tmp_path / "m" / rec["name"]
         assert path.stat().st_size == rec["bytes"] and len(rec["sha256"]) == 64

@@ -5,15 +5,31 @@ Why: a 512-bit code is 64 bytes, 1/256 of a 4096-d float32 descriptor, so scanni
 costs a few milliseconds, and re-ranking 100 candidates with the full descriptors restores the
 exact ranking whenever the true neighbour is among them.
 
-Where codes come from: a model with a hash head gives its own codes (``binary_codes`` in
-``PlaceMap.add``, ``query_codes`` in ``search``); otherwise codes are the signs of a fixed, seeded
-Gaussian random projection D -> bits (SimHash), stored with the map so that queries are coded the
-same way forever. Codes may be given packed (uint8, bits/8 bytes per row, ``np.packbits`` order)
-or unpacked (bits per row; a bit is set where the value is > 0).
+Where codes come from (parameter ``codes``):
+
+- ``model``: a model with a hash head gives its own codes (``binary_codes`` in ``PlaceMap.add``,
+  ``query_codes`` in ``search``). Codes may be given packed (uint8, bits/8 bytes per row,
+  ``np.packbits`` order) or unpacked (bits per row; a bit is set where the value is > 0).
+- ``pca`` / ``itq``: signs of a projection learned from the map's own descriptors (PCA to
+  ``bits`` dimensions after centring, then a random or the ITQ rotation; see
+  :mod:`vpr_ros.mapdb.index.sign_codes`). Like IVF-PQ, it is trained by the first ``add`` that
+  brings the map to ``min_train`` descriptors, on up to ``train_size`` of them; until then search
+  is exact (``info()`` says so) and no codes exist. Descriptors added or merged later are coded
+  with the stored projection, which is never retrained (codes and projection stay consistent).
+- ``simhash`` (``projection`` in maps written before the learned codes): signs of a fixed, seeded
+  Gaussian random projection D -> bits through the origin. Needs no training, but on real
+  descriptors it keeps the exact top-1 among the re-ranked candidates less often (measured in
+  docs/bench_search.md).
+- ``auto`` (default): ``model`` when the first ``add`` brings codes, else :data:`DEFAULT_CODES`.
+
+Projections (and thresholds) are saved with the map so that queries are coded the same way
+forever; load recomputes a sample of codes from the descriptors to catch a projection or codes
+file that does not belong to the map.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -24,10 +40,18 @@ from vpr_ros.mapdb.index.faiss_loader import load_faiss
 from vpr_ros.mapdb.index.base import (PAD_SCORE, VectorIndex, allowed_selector,
                                       approximate_search, exact_search, filtered_candidates)
 from vpr_ros.mapdb.index.params import check_keys, int_param
+from vpr_ros.mapdb.index.sign_codes import ROTATIONS, learn_sign_projection
 from vpr_ros.mapdb.index.vectors import GrowableArray
 
-PARAMS = ("bits", "rerank", "seed", "codes")
-CODE_SOURCES = ("auto", "projection", "model")
+log = logging.getLogger(__name__)
+
+PARAMS = ("bits", "rerank", "seed", "codes", "min_train", "train_size")
+CODE_SOURCES = ("auto", "simhash", "pca", "itq", "model")
+#: Earlier name of "simhash", still accepted (maps written before learned codes say so).
+LEGACY_NAMES = {"projection": "simhash"}
+#: What ``auto`` becomes without model codes: chosen by R@1 agreement on real descriptors
+#: (docs/bench_search.md).
+DEFAULT_CODES = "pca"
 
 
 def pack_codes(codes: np.ndarray, bits: int, what: str) -> np.ndarray:
@@ -54,7 +78,8 @@ class BinaryIndex(VectorIndex):
         self.bits = self.params["bits"]
         self.codes = GrowableArray(np.uint8, self.bits // 8)
         self.index = faiss.IndexBinaryFlat(self.bits)
-        self.projection: np.ndarray | None = None
+        self.projection: np.ndarray | None = None  # (D, bits)
+        self.thresholds: np.ndarray | None = None  # (bits,), learned codes only
 
     @classmethod
     def resolve_params(cls, dim: int, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -63,21 +88,66 @@ class BinaryIndex(VectorIndex):
         if bits % 8:
             raise ConfigError(f"index 'binary' parameter bits={bits} must be a multiple of 8")
         source = given.get("codes", "auto")
+        source = LEGACY_NAMES.get(source, source) if isinstance(source, str) else source
         if source not in CODE_SOURCES:
             raise ConfigError(f"index 'binary' parameter codes={source!r} must be one of "
-                              f"{CODE_SOURCES} ('model' = a hash head supplies the codes)")
+                              f"{CODE_SOURCES} ('model' = a hash head supplies the codes; "
+                              "'pca'/'itq' = learned from the map; 'simhash' = random)")
+        if source == "itq" and bits > dim:
+            raise ConfigError(f"index 'binary' codes='itq' needs bits <= the descriptor dim "
+                              f"({bits} > {dim}); use codes='pca' or fewer bits")
+        # PCA to min(bits, dim) dimensions needs more rows than that (then a learned projection
+        # always has orthonormal columns, or rows when bits > dim, which load checks).
+        need = min(bits, dim) + 1
+        min_train = int_param(cls.kind, given, "min_train", max(need, 4 * min(bits, dim)), need)
         # rerank 0: the Hamming order itself (what the codes alone achieve; scores stay exact)
         return {"bits": bits, "rerank": int_param(cls.kind, given, "rerank", 100, 0),
-                "seed": int_param(cls.kind, given, "seed", 0, 0), "codes": source}
+                "seed": int_param(cls.kind, given, "seed", 0, 0), "codes": source,
+                "min_train": min_train,
+                "train_size": int_param(cls.kind, given, "train_size", 20_000, need)}
+
+    @property
+    def learned(self) -> bool:
+        """Codes from a projection trained on the map (pca, itq)."""
+        return self.params["codes"] in ROTATIONS
+
+    @property
+    def trained(self) -> bool:
+        """Whether codes exist: always for simhash and model codes, after training for learned."""
+        return not self.learned or self.projection is not None
 
     def _projection(self) -> np.ndarray:
         if self.projection is None:
+            if self.learned:
+                raise MapError("binary index: the learned projection is not trained yet")
             rng = np.random.default_rng(self.params["seed"])
             self.projection = rng.standard_normal((self.store.dim, self.bits)).astype(np.float32)
         return self.projection
 
     def project(self, rows: np.ndarray) -> np.ndarray:
-        return np.packbits(rows @ self._projection() > 0, axis=1)
+        """Packed sign codes of float32 ``rows`` with this map's projection (and thresholds)."""
+        scores = rows @ self._projection()
+        if self.thresholds is not None:
+            return np.packbits(scores > self.thresholds, axis=1)
+        return np.packbits(scores > 0, axis=1)
+
+    def _train_and_fill(self) -> None:
+        """Learn the projection from (a seeded sample of) the map, then code every row."""
+        n = len(self.store)
+        rng = np.random.default_rng(self.params["seed"])
+        take = min(n, self.params["train_size"])
+        sample = np.sort(rng.choice(n, size=take, replace=False)) if take < n else np.arange(n)
+        log.info("training %s sign codes (%d bits) on %d of %d descriptors",
+                 self.params["codes"], self.bits, take, n)
+        w, t = learn_sign_projection(self.store.rows(sample), self.bits, self.params["codes"],
+                                     self.params["seed"])
+        self.projection, self.thresholds = w, t
+        self.codes = GrowableArray(np.uint8, self.bits // 8)
+        self.index.reset()
+        for _, block in self.store.chunks(65536):
+            packed = self.project(np.asarray(block, dtype=np.float32))
+            self.codes.extend(packed)
+            self.index.add(packed)
 
     def check_codes_for_add(self, rows: int, codes: np.ndarray | None) -> None:
         """Refuse, before anything is modified, codes that do not fit this map."""
@@ -86,26 +156,30 @@ class BinaryIndex(VectorIndex):
             if source == "model" and rows:
                 raise InputError("this map's binary codes come from the model's hash head; pass "
                                  "binary_codes to add() for every batch (or build a map with "
-                                 "codes='projection')")
+                                 f"codes='{DEFAULT_CODES}')")
             return
-        if source == "projection":
-            raise InputError("this map derives binary codes from its random projection; "
-                             "binary_codes from a model cannot be mixed in (build a new map "
-                             "with codes='model')")
+        if source != "auto" and source != "model":
+            raise InputError(f"this map derives binary codes from the descriptors "
+                             f"(codes='{source}'); binary_codes from a model cannot be mixed in "
+                             "(build a new map with codes='model')")
         packed = pack_codes(codes, self.bits, "binary_codes")
         if len(packed) != rows:
             raise InputError(f"binary_codes has {len(packed)} rows for {rows} descriptors; give "
                              "one code per descriptor")
 
     def add(self, start: int, rows: np.ndarray, codes: np.ndarray | None) -> None:
-        if len(self.codes) != start:
+        if self.trained and len(self.codes) != start:
             raise MapError(f"binary index holds {len(self.codes)} codes but the next id is "
                            f"{start}; the codes and the descriptors disagree (rebuild the map)")
         if not len(rows):
             return
         self.check_codes_for_add(len(rows), codes)
         if self.params["codes"] == "auto":
-            self.params["codes"] = "model" if codes is not None else "projection"
+            self.params["codes"] = "model" if codes is not None else DEFAULT_CODES
+        if not self.trained:
+            if len(self.store) >= self.params["min_train"]:
+                self._train_and_fill()  # codes these rows too
+            return
         if codes is not None:
             packed = pack_codes(codes, self.bits, "binary_codes")
         else:
@@ -123,8 +197,9 @@ class BinaryIndex(VectorIndex):
                 raise InputError(f"query_codes has {len(packed)} rows for {len(queries)} queries")
             return packed
         if query_codes is not None:
-            raise InputError("this map derives binary codes from its random projection, so "
-                             "query_codes from a model cannot be used; call search() without them")
+            raise InputError(f"this map derives binary codes from the descriptors "
+                             f"(codes='{self.params['codes']}'), so query_codes from a model "
+                             "cannot be used; call search() without them")
         return self.project(queries)
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None,
@@ -132,6 +207,8 @@ class BinaryIndex(VectorIndex):
         faiss = load_faiss()
 
         qcodes = self.query_codes_for(queries, query_codes)
+        if not self.trained:  # a learned-code map still below min_train: small, scan it
+            return exact_search(self.store, queries, k, allowed)
         sel, _bitmap = allowed_selector(allowed)
 
         def fetch(rows: np.ndarray, kk: int, effort: int) -> np.ndarray:
@@ -160,29 +237,71 @@ class BinaryIndex(VectorIndex):
         return ids, scores
 
     def artifacts(self) -> dict[str, Any]:
+        if not self.trained:  # nothing learned yet: load re-trains once the map is big enough
+            return {}
         out: dict[str, Any] = {"binary_codes": self.codes.view()}
-        if self.params["codes"] == "projection":
+        if self.params["codes"] == "simhash":
             out["binary_projection"] = self._projection()
+        elif self.learned:
+            out["binary_projection"] = self.projection
+            out["binary_thresholds"] = self.thresholds
         return out
 
     def restore(self, files: Mapping[str, Path]) -> None:
         from vpr_ros.mapdb.storage import load_npy
 
         n = len(self.store)
+        if self.learned and "binary_projection" not in files:
+            if "binary_codes" in files:
+                raise MapError(f"{files['binary_codes']}: binary codes without the learned "
+                               "projection they were made with; the map is incomplete: "
+                               "rebuild it")
+            if n >= self.params["min_train"]:
+                self._train_and_fill()
+            return
         codes = load_npy(files["binary_codes"], np.uint8, (n, self.bits // 8), mmap=False) \
             if "binary_codes" in files else np.empty((0, self.bits // 8), np.uint8)
         if len(codes) != n:
             raise MapError(f"the map has {n} descriptors but no binary codes file; the map is "
                            "incomplete: rebuild it")
-        if self.params["codes"] == "projection":
-            self.projection = load_npy(files["binary_projection"], np.float32,
-                                       (self.store.dim, self.bits), mmap=False)
+        if self.params["codes"] == "simhash" or self.learned:
+            path = files.get("binary_projection")
+            if path is None:
+                raise MapError(f"{files['binary_codes']}: the map has no binary_projection "
+                               "file for its codes; the map is incomplete: rebuild it")
+            projection = load_npy(path, np.float32, (self.store.dim, self.bits), mmap=False)
+            thresholds = None
+            if self.learned:
+                tpath = files.get("binary_thresholds")
+                if tpath is None:
+                    raise MapError(f"{path}: the learned projection has no binary_thresholds "
+                                   "file; the map is incomplete: rebuild it")
+                thresholds = load_npy(tpath, np.float32, (self.bits,), mmap=False)
+            self._check_projection(projection, thresholds, path)
+            self.projection, self.thresholds = projection, thresholds
             self._check_codes(codes, files["binary_codes"])
         self.codes = GrowableArray(np.uint8, self.bits // 8)
         self.codes.extend(codes)
         self.index.reset()
         if n:
             self.index.add(codes)
+
+    def _check_projection(self, projection: np.ndarray, thresholds: np.ndarray | None,
+                          path: Path) -> None:
+        """Refuse a projection that cannot be one this index wrote: non-finite values, or (for
+        learned ones, whose columns or rows are orthonormal) vectors far from unit length. The
+        sampled code check that follows catches a valid projection of another map."""
+        if not np.isfinite(projection).all() or \
+                (thresholds is not None and not np.isfinite(thresholds).all()):
+            raise MapError(f"{path}: the binary projection holds NaN or Inf; the file is "
+                           "corrupt: restore it or rebuild the map")
+        if self.learned:
+            axis = 0 if self.bits <= self.store.dim else 1
+            norms = np.linalg.norm(projection, axis=axis)
+            if len(norms) and np.abs(norms - 1).max() > 1e-3:
+                raise MapError(f"{path}: the learned binary projection is not orthonormal "
+                               f"(vector norms {norms.min():.3g}..{norms.max():.3g}); the file "
+                               "is corrupt: restore it or rebuild the map")
 
     def _check_codes(self, codes: np.ndarray, path: Path, samples: int = 16) -> None:
         """Recompute a few codes from the descriptors: a swapped or stale codes file shows as
@@ -199,4 +318,11 @@ class BinaryIndex(VectorIndex):
                            "map or version: rebuild the map")
 
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "code_bytes": self.bits // 8}
+        out = {**super().info(), "code_bytes": self.bits // 8}
+        if self.learned:
+            out["trained"] = self.trained
+            if not self.trained:
+                out["note"] = (f"exact search until the map holds {self.params['min_train']} "
+                               f"descriptors (then {self.params['codes']} codes are trained "
+                               "on them)")
+        return out
