@@ -89,6 +89,8 @@ def test_index_specs_take_parameters() -> None:
     assert parse_index("binary:float16:rerank=300+bits=1024") == \
         ("binary", "float16", {"rerank": 300, "bits": 1024})
     assert parse_index("hnsw") == ("hnsw", "float32", {})
-    for bad in ("annoy", "flat:float64", "binary:float16:rerank"):
+    assert parse_index("binary:float16:codes=itq+rerank=50") == \
+        ("binary", "float16", {"codes": "itq", "rerank": 50})
+    for bad in ("annoy", "flat:float64", "binary:float16:rerank", "binary::codes=a-b"):
         with pytest.raises(ConfigError, match="index"):
             parse_index(bad)

@@ -206,9 +206,11 @@ class BinaryIndex(VectorIndex):
                query_codes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         faiss = load_faiss()
 
-        qcodes = self.query_codes_for(queries, query_codes)
         if not self.trained:  # a learned-code map still below min_train: small, scan it
+            if query_codes is not None:
+                self.query_codes_for(queries, query_codes)  # refuses them, as when trained
             return exact_search(self.store, queries, k, allowed)
+        qcodes = self.query_codes_for(queries, query_codes)
         sel, _bitmap = allowed_selector(allowed)
 
         def fetch(rows: np.ndarray, kk: int, effort: int) -> np.ndarray:

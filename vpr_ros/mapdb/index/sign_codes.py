@@ -23,6 +23,9 @@ is ``packbits(x @ W > t)``.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import numpy as np
 
 #: Rotations a learned projection may use.
@@ -70,16 +73,32 @@ def random_rotation(r: int, bits: int, rng: np.random.Generator) -> np.ndarray:
     return (q if r >= bits else q.T).astype(np.float32)
 
 
+@contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """BLAS on one thread for a loop of small products and SVDs: waking OpenBLAS's team for a
+    64x64 SVD costs more than the SVD, and on a shared 2-core machine 50 ITQ iterations took 4-5 s
+    with the default threads against 0.3-0.7 s on one. threadpoolctl comes with the pinned
+    requirements (through scikit-learn); without it the loop just runs with the default."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
 def itq_rotation(v: np.ndarray, rng: np.random.Generator,
                  iterations: int = ITQ_ITERATIONS) -> np.ndarray:
     """(b, b) orthogonal R minimising ||sign(V R) - V R||_F for PCA-projected rows ``v`` (m, b):
     alternate the codes B = sign(V R) and the orthogonal Procrustes solution R = U W^T of the SVD
     V^T B = U S W^T (Gong & Lazebnik, "Iterative quantization", CVPR 2011)."""
     rot = random_rotation(v.shape[1], v.shape[1], rng)
-    for _ in range(iterations):
-        codes = np.where(v @ rot >= 0, np.float32(1), np.float32(-1))
-        u, _, wt = np.linalg.svd(v.T @ codes)
-        rot = (u @ wt).astype(np.float32)
+    with one_blas_thread():
+        for _ in range(iterations):
+            codes = np.where(v @ rot >= 0, np.float32(1), np.float32(-1))
+            u, _, wt = np.linalg.svd(v.T @ codes)
+            rot = (u @ wt).astype(np.float32)
     return rot
 
 
