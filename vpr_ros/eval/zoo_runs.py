@@ -106,19 +106,22 @@ def _model(run: Path, summary: dict[str, Any], training: str, recipe: str, reuse
 
 def pretrained_gem(config: Path, test_size: Sequence[int], runs_dir: Path) -> ZooModel:
     """GeM (p as in ``config``, 3 for the default) on the pretrained backbone at the recipes'
-    test size: nothing is trained, so it is rebuilt each time (no random parts, same
-    fingerprint)."""
+    test size. Nothing is trained; the model directory is reused while its config matches (so
+    its fingerprint stays the same across calls)."""
     from vpr_ros.models.config import load_yaml, model_config_from_dict
-    from vpr_ros.models.model_dir import init_model, save_model_dir
+    from vpr_ros.models.model_dir import init_model, read_model_meta, save_model_dir
 
     data = load_yaml(config)
     weights = dict(data.get("weights") or {})
-    model_cfg = model_config_from_dict(data, source=str(config))
-    model = init_model(model_cfg.with_input_size(tuple(test_size)), weights)
-    model.eval()
-    out = runs_dir / f"{model_cfg.name}_pretrained"
-    save_model_dir(model, out / "model", extra={"baseline": "pretrained backbone + GeM, "
-                                                "not trained", "config": str(config)})
+    sized = model_config_from_dict(data, source=str(config)).with_input_size(tuple(test_size))
+    out = runs_dir / f"{sized.name}_pretrained"
+    reused = (out / "model" / "model.json").is_file() and \
+        read_model_meta(out / "model").config.to_dict() == sized.to_dict()
+    if not reused:
+        model = init_model(sized, weights)
+        model.eval()
+        save_model_dir(model, out / "model", extra={"baseline": "pretrained backbone + GeM, "
+                                                    "not trained", "config": str(config)})
     return ZooModel(name=out.name, model_dir=out / "model",
                     training="none (pretrained backbone)", recipe=str(config), steps=0,
-                    train_wall_s=None, reused=False)
+                    train_wall_s=None, reused=reused)
