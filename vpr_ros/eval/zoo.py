@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -51,7 +51,6 @@ class ZooOptions:
     batch_size: int = 32
     device: str = "cpu"
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def variants(output_names: Sequence[str], top: int) -> list[tuple[str, SearchPlan]]:
