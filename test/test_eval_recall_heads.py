@@ -175,6 +175,6 @@ def test_options_a_model_cannot_honour_are_refused(sela, effnet_gem_model_dir: P
         plan_search(("global", "binary"), "binary", rerank=-1)
     with pytest.raises(InputError, match="expected an integer >= 1"):
         plan_search(("global", "local"), "flat", local_rerank=True, local_rerank_top=0)
-    # a model without a hash head keeps SimHash codes in a binary index (today's behaviour)
+    # a model without a hash head keeps the index's own codes of the float descriptor
     plan = plan_search(("global",), "binary")
-    assert plan.binary_codes == "projection" and plan.extras == ()
+    assert plan.binary_codes == "descriptor" and plan.extras == ()

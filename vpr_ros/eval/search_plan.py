@@ -28,7 +28,8 @@ class SearchPlan:
     """One way of searching encoded sets (one row variant of the comparison table)."""
 
     index: str = "flat"
-    #: binary index only: "model" (the hash head's codes) or "projection" (SimHash of the float)
+    #: binary index only: "model" (the hash head's codes) or "descriptor" (the index's default
+    #: codes computed from the float descriptor, as for any model without a hash head)
     binary_codes: Optional[str] = None
     #: binary index only: Hamming candidates re-ranked by exact float (0 = Hamming order only;
     #: None = the index default)
@@ -46,9 +47,9 @@ class SearchPlan:
         """The PlaceMap index argument (as the map builder would create it)."""
         if self.index != "binary":
             return self.index
-        spec: dict[str, Any] = {"kind": "binary", "codes": self.binary_codes or "projection"}
+        spec: dict[str, Any] = {"kind": "binary"}
         if self.binary_codes == "model":
-            spec["bits"] = int(db.binary.shape[1]) * 8
+            spec.update(codes="model", bits=int(db.binary.shape[1]) * 8)
         if self.rerank is not None:
             spec["rerank"] = int(self.rerank)
         return spec
@@ -74,7 +75,8 @@ class SearchPlan:
         out: dict[str, Any] = {"index": self.index}
         if self.index == "binary":
             spec = self.index_spec(db)
-            out["binary"] = {"codes": spec["codes"], "bits": spec.get("bits", 512),
+            out["binary"] = {"codes": spec.get("codes", "descriptor (index default)"),
+                             "bits": spec.get("bits", 512),
                              "rerank": spec.get("rerank", 100)}
         out["descriptor_bytes"] = self.descriptor_bytes(db)
         out["local_rerank"] = ({"method": "mutual_nn", "top_n": self.local_rerank_top}
@@ -88,7 +90,7 @@ def plan_search(output_names: Sequence[str], index: str = "flat", rerank: Option
     """The plan for a model with ``output_names`` (from ``Encoder.output_names``).
 
     A binary index uses the model's own codes when it has a hash head ("binary" output), else
-    SimHash of the float descriptor (today's behaviour for every other model).
+    the index's default codes of the float descriptor (today's behaviour for other models).
     """
     if index not in INDEX_KINDS:
         raise InputError(f"index {index!r}: expected one of {INDEX_KINDS}")
@@ -112,7 +114,7 @@ def plan_search(output_names: Sequence[str], index: str = "flat", rerank: Option
         top = int(local_rerank_top)
     codes = None
     if index == "binary":
-        codes = "model" if "binary" in output_names else "projection"
+        codes = "model" if "binary" in output_names else "descriptor"
     return SearchPlan(index=index, binary_codes=codes,
                       rerank=None if rerank is None else int(rerank), local_rerank_top=top)
 
