@@ -167,7 +167,7 @@ def rerank(store: DescriptorStore, queries: np.ndarray, candidates: np.ndarray,
     for r in range(b):
         valid = candidates[r] >= 0
         if valid.any():
-            scores[r, valid] = store.rows(candidates[r, valid]) @ queries[r]
+            scores[r, valid] = store.dot(candidates[r, valid], queries[r])
     return sort_results(scores, candidates, k)
 
 

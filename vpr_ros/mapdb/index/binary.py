@@ -1,5 +1,6 @@
 """Binary first stage + exact re-rank (the SelaVPR++ scheme): Hamming search over short sign codes
-(faiss ``IndexBinaryFlat``), then exact inner products on the top ``rerank`` candidates.
+(faiss ``IndexBinaryFlat`` shards, scanned in parallel for one query: see
+:mod:`vpr_ros.mapdb.index.hamming`), then exact inner products on the top ``rerank`` candidates.
 
 Why: a 512-bit code is 64 bytes, 1/256 of a 4096-d float32 descriptor, so scanning a million codes
 costs a few milliseconds, and re-ranking 100 candidates with the full descriptors restores the
@@ -36,9 +37,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from vpr_ros.errors import ConfigError, InputError, MapError
-from vpr_ros.mapdb.index.faiss_loader import load_faiss
-from vpr_ros.mapdb.index.base import (PAD_SCORE, VectorIndex, allowed_selector,
-                                      approximate_search, exact_search, filtered_candidates)
+from vpr_ros.mapdb.index.base import (PAD_SCORE, VectorIndex, approximate_search, exact_search,
+                                      filtered_candidates)
+from vpr_ros.mapdb.index.hamming import ShardedHamming
 from vpr_ros.mapdb.index.params import check_keys, int_param
 from vpr_ros.mapdb.index.sign_codes import ROTATIONS, learn_sign_projection
 from vpr_ros.mapdb.index.vectors import GrowableArray
@@ -73,11 +74,9 @@ class BinaryIndex(VectorIndex):
 
     def __init__(self, store, params: Mapping[str, Any]) -> None:
         super().__init__(store, params)
-        faiss = load_faiss()
-
         self.bits = self.params["bits"]
         self.codes = GrowableArray(np.uint8, self.bits // 8)
-        self.index = faiss.IndexBinaryFlat(self.bits)
+        self.index = ShardedHamming(self.bits)
         self.projection: np.ndarray | None = None  # (D, bits)
         self.thresholds: np.ndarray | None = None  # (bits,), learned codes only
 
@@ -204,21 +203,14 @@ class BinaryIndex(VectorIndex):
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None,
                query_codes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        faiss = load_faiss()
-
         if not self.trained:  # a learned-code map still below min_train: small, scan it
             if query_codes is not None:
                 self.query_codes_for(queries, query_codes)  # refuses them, as when trained
             return exact_search(self.store, queries, k, allowed)
         qcodes = self.query_codes_for(queries, query_codes)
-        sel, _bitmap = allowed_selector(allowed)
 
         def fetch(rows: np.ndarray, kk: int, effort: int) -> np.ndarray:
-            if sel is None:
-                return self.index.search(qcodes[rows], kk)[1]
-            params = faiss.SearchParameters()
-            params.sel = sel
-            return self.index.search(qcodes[rows], kk, params=params)[1]
+            return self.index.search(qcodes[rows], kk, allowed)
 
         if self.params["rerank"] == 0:
             return self._hamming_order(queries, k, allowed, fetch)
@@ -233,7 +225,7 @@ class BinaryIndex(VectorIndex):
         for r in range(len(ids)):
             valid = ids[r] >= 0
             if valid.any():
-                scores[r, valid] = self.store.rows(ids[r, valid]) @ queries[r]
+                scores[r, valid] = self.store.dot(ids[r, valid], queries[r])
         if short.any():  # too few allowed candidates among the codes: complete exactly
             ids[short], scores[short] = exact_search(self.store, queries[short], k, allowed)
         return ids, scores
