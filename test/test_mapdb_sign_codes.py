@@ -84,7 +84,9 @@ def test_trained_at_min_train_then_new_rows_use_the_same_projection(data) -> Non
     np.testing.assert_array_equal(ids, ref[0])
     np.testing.assert_array_equal(scores, ref[1])
 
-    pm.add(x[600:1200], keyframes(600, 600))  # reaches min_train: trained on all 1200
+    pm.add(x[600:1200], keyframes(600, 600))  # reaches min_train: trains at the next search
+    assert pm.info()["index"]["trained"] is False
+    pm.search(q[:1], 1)
     assert pm.info()["index"]["trained"] is True and len(stored_codes(pm)) == 1200
     index = pm._index
     w, t = index.projection.copy(), index.thresholds.copy()
@@ -96,6 +98,20 @@ def test_trained_at_min_train_then_new_rows_use_the_same_projection(data) -> Non
     expect = np.packbits(x[1200:] @ w > t, axis=1)
     np.testing.assert_array_equal(stored_codes(pm)[1200:], expect)
     assert r1_agreement(pm, q) >= 0.9
+
+
+def test_a_bulk_build_trains_on_the_whole_map_not_its_first_blocks(data) -> None:
+    """Adding in many small blocks (as map build and merge do) trains exactly as adding the
+    whole map at once: on a sample of all of it, at the first search."""
+    x, q = data
+    spec = {"kind": "binary", "bits": 64, "codes": "pca", "min_train": 300}
+    blocks, whole = PlaceMap.create(x.shape[1], FP, spec), PlaceMap.create(x.shape[1], FP, spec)
+    for s in range(0, len(x), 250):
+        blocks.add(x[s: s + 250], keyframes(len(x[s: s + 250]), s))
+    whole.add(x, keyframes(len(x)))
+    np.testing.assert_array_equal(blocks.search(q, 5)[0], whole.search(q, 5)[0])
+    np.testing.assert_array_equal(blocks._index.projection, whole._index.projection)
+    np.testing.assert_array_equal(stored_codes(blocks), stored_codes(whole))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -132,7 +148,11 @@ def test_untrained_map_round_trips_and_trains_when_it_grows(tmp_path: Path, data
     loaded = PlaceMap.load(tmp_path / "m")
     assert loaded.info()["index"]["trained"] is False
     loaded.add(x[300:800], keyframes(500, 300))
+    loaded.save(tmp_path / "m")  # a save trains (on all 800) and writes the projection
     assert loaded.info()["index"]["trained"] is True and len(stored_codes(loaded)) == 800
+    again = PlaceMap.load(tmp_path / "m")
+    np.testing.assert_array_equal(again._index.projection, loaded._index.projection)
+    np.testing.assert_array_equal(again.search(q, 5)[0], loaded.search(q, 5)[0])
 
 
 def test_merge_codes_the_other_maps_rows_with_this_maps_projection(data) -> None:
@@ -142,6 +162,7 @@ def test_merge_codes_the_other_maps_rows_with_this_maps_projection(data) -> None
     b = PlaceMap.create(x.shape[1], FP, {**spec, "seed": 5})
     a.add(x[:2000], keyframes(2000, session="a"))
     b.add(x[2000:], keyframes(len(x) - 2000, 2000, session="b"))
+    a.search(x[:1], 1), b.search(x[:1], 1)  # both train on their own rows
     assert not np.array_equal(a._index.projection, b._index.projection)
     ids = a.merge(b)
     assert ids.tolist() == list(range(2000, len(x)))
