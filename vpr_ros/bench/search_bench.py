@@ -230,6 +230,10 @@ class SearchBenchConfig:
     seed: int = 0
     save_load: bool = True
     memory_fraction: float = 0.8
+    #: numpy BLAS threads (0: library default). With OpenBLAS's default team on a shared 2-core
+    #: machine, the (1, D) x (D, bits) projection of one query took 8-80 ms instead of 0.2 ms;
+    #: the node caps BLAS at 1 thread (blas_threads in config/vpr_*.yaml).
+    blas_threads: int = 0
     progress: Callable[[str], None] = field(default=lambda msg: None)
 
 
@@ -365,6 +369,10 @@ def run_search_bench(cfg: SearchBenchConfig) -> dict[str, Any]:
     if cfg.dim < 8:
         raise ConfigError(f"--dim {cfg.dim} is too small; use e.g. 1024, 4096 or 8192")
     specs = [parse_index(s) for s in cfg.indexes]
+    if cfg.blas_threads > 0:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=cfg.blas_threads, user_api="blas")
     results = []
     notes = {}
     with tempfile.TemporaryDirectory(prefix="vpr-bench-", dir=cfg.workdir) as tmp:
@@ -389,7 +397,7 @@ def run_search_bench(cfg: SearchBenchConfig) -> dict[str, Any]:
     return {"machine": machine(), "data": notes,
             "config": {"dim": cfg.dim, "sizes": list(cfg.sizes), "queries": cfg.queries,
                        "latency_queries": cfg.latency_queries, "batch": cfg.batch, "k": cfg.k,
-                       "save_load": cfg.save_load},
+                       "save_load": cfg.save_load, "blas_threads": cfg.blas_threads},
             "largest_n": max(reached) if reached else 0, "peak_rss_mib": round(max_rss_mib()),
             "results": results}
 
@@ -414,8 +422,10 @@ def format_table(report: Mapping[str, Any]) -> str:
         lines.append("| " + " | ".join(str(r.get(key, "")) for key, _ in COLUMNS) + " |")
     m = report["machine"]
     lines.append("")
+    blas = report.get("config", {}).get("blas_threads", 0)
     lines.append(f"machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, load average "
-                 f"{m['load_average']} at the end; faiss {m['faiss']}, numpy {m['numpy']}")
+                 f"{m['load_average']} at the end; faiss {m['faiss']}, numpy {m['numpy']}"
+                 + (f"; numpy BLAS threads {blas}" if blas else ""))
     for note in report["data"].values():
         lines.append(f"data: {note}")
     lines.append(f"largest N reached: {report['largest_n']}")

@@ -62,6 +62,9 @@ def register_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workdir", type=Path, help="where saved maps go (default: system temp)")
     p.add_argument("--no-save-load", action="store_true",
                    help="search the map as built in memory instead of saved and re-loaded")
+    p.add_argument("--blas-threads", type=int, default=0, metavar="N",
+                   help="cap numpy's BLAS threads (0: library default). The node runs with "
+                   "blas_threads 1 (config/vpr_*.yaml): pass 1 to measure what it sees")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run_search)
@@ -76,6 +79,8 @@ def run_search(args: argparse.Namespace) -> int:
     for name in ("queries", "latency_queries", "batch", "k"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.blas_threads < 0:
+        raise ConfigError("--blas-threads must be >= 0 (0: library default)")
 
     tty = sys.stderr.isatty()
     last = [0.0]
@@ -92,7 +97,8 @@ def run_search(args: argparse.Namespace) -> int:
         dim=args.dim, sizes=args.n, indexes=[s for s in args.indexes.split(",") if s],
         queries=args.queries, latency_queries=args.latency_queries, batch=args.batch, k=args.k,
         descriptors=args.descriptors, query_file=args.queries_file, workdir=args.workdir,
-        seed=args.seed, save_load=not args.no_save_load, progress=progress)
+        seed=args.seed, save_load=not args.no_save_load, blas_threads=args.blas_threads,
+        progress=progress)
     report = run_search_bench(cfg)
     if sys.stderr.isatty():
         print(file=sys.stderr)
