@@ -121,3 +121,89 @@ def test_variants_of_each_head() -> None:
     assert names(("global", "local")) == [
         ("float", "flat", None, None, None),
         ("float + local re-rank 100", "flat", None, None, 100)]
+
+
+def test_rows_come_from_cached_backbone_features_reused_on_a_rerun(
+        zoo, capsys: pytest.CaptureFixture) -> None:
+    base, doc = zoo
+    # every model of the zoo shares the frozen backbone: one held-out entry, computed once
+    assert {r["backbone_features"] for r in doc["rows"]} == {"cached"}
+    [entry] = doc["heldout_feature_cache"]
+    assert not entry["reused"] and Path(entry["file"]).is_file()
+    assert Path(entry["file"]).parent == base / "runs" / "feature_cache"
+    capsys.readouterr()
+    assert main(_args(base / "runs", base / "out4", SHORT)) == 0
+    again = json.loads((base / "out4" / "results.json").read_text())
+    assert [e["digest"] for e in again["heldout_feature_cache"]] == [entry["digest"]]
+    assert again["heldout_feature_cache"][0]["reused"]
+    assert [r["recall"] for r in again["rows"]] == [r["recall"] for r in doc["rows"]]
+    # and full encoding gives the same table
+    assert main([*_args(base / "runs", base / "out5", SHORT), "--no-feature-cache"]) == 0
+    full = json.loads((base / "out5" / "results.json").read_text())
+    assert {r["backbone_features"] for r in full["rows"]} == {"encoded"}
+    assert [r["recall"] for r in full["rows"]] == [r["recall"] for r in doc["rows"]]
+
+
+def _heads_model(tmp: Path, name: str) -> Path:
+    import yaml
+
+    from vpr_ros.models.model_dir import create_model_dir
+
+    data = yaml.safe_load((REPO / "config" / "models" / f"{name}.yaml").read_text())
+    data["input"]["size"] = [112, 224]
+    data["weights"] = {"backbone": "package"}
+    (tmp / f"{name}.yaml").write_text(yaml.safe_dump(data))
+    create_model_dir(tmp / f"{name}.yaml", tmp / name)
+    return tmp / name
+
+
+def test_head_on_cached_features_equals_full_encoding(nordland_root: Path,
+                                                      tmp_path: Path) -> None:
+    """SelaVPR++ (packed hash codes) and CQVPR (local features) through the cache give the
+    encoder's own arrays; a backbone with other weights gets another key and its own entry."""
+    import numpy as np
+    import torch
+
+    from vpr_ros.eval.backbone_cache import HeldOutFeatures, backbone_key, key_digest
+    from vpr_ros.eval.tasks import encode_eval, eval_image_sets, open_encoder
+    from vpr_ros.eval.zoo import shared_backbones
+    from vpr_ros.eval.zoo_runs import ZooModel
+
+    db, q = eval_image_sets("nordland:summer", "nordland:winter", SUBSET)
+    store = HeldOutFeatures(tmp_path / "cache", [db.paths, q.paths], batch_size=8,
+                            progress=False)
+    dirs = {n: _heads_model(tmp_path, n) for n in ("selavpr_effnetlite0", "cqvpr_effnetlite0")}
+    keys = []
+    for name, extra in (("selavpr_effnetlite0", "binary"), ("cqvpr_effnetlite0", "local")):
+        enc = open_encoder(dirs[name], "torch", "cpu")
+        key = backbone_key(enc, store.sets)
+        keys.append(key)
+        kw = dict(tolerance=1, subset=SUBSET, extras=(extra,), batch_size=8, progress=False,
+                  encoder=enc)
+        full = encode_eval(dirs[name], "nordland:summer", "nordland:winter", **kw)
+        cached = encode_eval(dirs[name], "nordland:summer", "nordland:winter",
+                             encode_fn=store.encode_fn(enc, key, (extra,)), **kw)
+        for a, b in ((full.db_enc, cached.db_enc), (full.q_enc, cached.q_enc)):
+            np.testing.assert_allclose(b.global_, a.global_, rtol=0, atol=1e-5)
+            assert getattr(b, extra).dtype == getattr(a, extra).dtype
+            if extra == "binary":
+                np.testing.assert_array_equal(b.binary, a.binary)
+            else:
+                np.testing.assert_allclose(b.local, a.local, rtol=0, atol=1e-5)
+    # both heads sit on the same pretrained backbone: one key, computed once, then on disk
+    assert keys[0] == keys[1] and store.has(keys[0])
+    assert [e["reused"] for e in store.entries.values()] == [False]
+    # another backbone (one weight changed, as fine-tuning would): another key, not cached
+    enc = open_encoder(dirs["cqvpr_effnetlite0"], "torch", "cpu")
+    with torch.no_grad():
+        next(enc.model.backbone.parameters()).view(-1)[0] += 1e-3
+    other = backbone_key(enc, store.sets)
+    assert key_digest(other) != key_digest(keys[0]) and not store.has(other)
+    # another image list: another key too
+    assert key_digest(backbone_key(enc, [db.paths])) != key_digest(other)
+    # in a zoo, a backbone shared by two models is cached, a lone one is encoded in full
+    zm = [ZooModel(n, d, "trained", None, 0, None, True) for n, d in dirs.items()]
+    fresh = HeldOutFeatures(tmp_path / "other", store.sets)
+    assert shared_backbones(zm, fresh, "cpu") == {key_digest(keys[0])}
+    assert shared_backbones(zm[:1], fresh, "cpu") == frozenset()
+    assert shared_backbones(zm[:1], store, "cpu") == {key_digest(keys[0])}  # on disk already

@@ -47,6 +47,9 @@ def register_zoo(esub: argparse._SubParsersAction) -> None:
                         "(default 100)")
     z.add_argument("--batch-size", type=int, default=32)
     z.add_argument("--device", default="cpu", help="evaluation device: cpu or cuda")
+    z.add_argument("--no-feature-cache", action="store_true",
+                   help="encode every model in full (default: models on one frozen backbone "
+                        "run their head on its held-out features, computed once)")
     z.add_argument("--no-progress", action="store_true", help="no progress bars")
     z.set_defaults(func=_zoo)
 
@@ -69,7 +72,7 @@ def _zoo(args: argparse.Namespace) -> int:
         database_season=args.database_season, query_season=args.query_season,
         subset=args.subset, tolerance=args.tolerance, rerank_top=args.rerank_top,
         retrain=args.retrain, batch_size=args.batch_size, device=args.device,
-        progress=not args.no_progress)
+        progress=not args.no_progress, feature_cache=not args.no_feature_cache)
     doc = run_zoo(opts, say=lambda line: print(line, flush=True))
     print()
     print(doc["table"], end="")

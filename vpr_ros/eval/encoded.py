@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -49,19 +49,37 @@ def encode_set(encoder, paths: Sequence[Path], batch_size: int = 32, desc: str =
     if missing:
         raise BackendError(f"the {encoder.backend} encoder has outputs {encoder.output_names}, "
                            f"not {missing}")
-    glob = np.empty((len(paths), encoder.dim), dtype=np.float32)
+
+    def batches() -> Iterator[dict[str, np.ndarray]]:
+        with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress,
+                  leave=False) as bar:
+            for s in range(0, len(paths), batch_size):
+                chunk = paths[s:s + batch_size]
+                yield encoder.encode_all([read_rgb(p) for p in chunk])
+                bar.update(len(chunk))
+
+    return collect_outputs(batches(), len(paths), encoder.dim, extras)
+
+
+def collect_outputs(batches: Iterable[dict[str, np.ndarray]], n: int, dim: int,
+                    extras: Sequence[str]) -> EncodedSet:
+    """An EncodedSet from per-batch ``encode_all``-style outputs (in image order), keeping
+    ``global`` and the ``extras``; shared by full encoding and cached-feature heads so both
+    store the arrays the same way."""
+    glob = np.empty((n, dim), dtype=np.float32)
     kept: dict[str, np.ndarray] = {}
-    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        for s in range(0, len(paths), batch_size):
-            chunk = paths[s:s + batch_size]
-            out = encoder.encode_all([read_rgb(p) for p in chunk])
-            glob[s:s + len(chunk)] = out["global"]
-            for name in extras:
-                value = np.asarray(out[name])
-                if name not in kept:
-                    kept[name] = np.empty((len(paths), *value.shape[1:]), dtype=value.dtype)
-                kept[name][s:s + len(chunk)] = value
-            bar.update(len(chunk))
+    s = 0
+    for out in batches:
+        b = len(out["global"])
+        glob[s:s + b] = out["global"]
+        for name in extras:
+            value = np.asarray(out[name])
+            if name not in kept:
+                kept[name] = np.empty((n, *value.shape[1:]), dtype=value.dtype)
+            kept[name][s:s + b] = value
+        s += b
+    if s != n:
+        raise BackendError(f"encoded {s} images, expected {n}")
     if "binary" in kept and kept["binary"].dtype != np.uint8:
         raise BackendError(f"the model's 'binary' output has dtype {kept['binary'].dtype}; "
                            "expected packed uint8 hash codes (re-export the model)")

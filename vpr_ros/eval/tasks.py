@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from vpr_ros.errors import InputError
 from vpr_ros.eval.ground_truth import ground_truth_for
@@ -58,16 +58,11 @@ class EncodedEval:
     timings: dict[str, float]
 
 
-def encode_eval(model: str | Path, database: str, queries: str, *,
-                threshold_m: Optional[float] = None, tolerance: Optional[int] = None,
-                subset: Optional[str] = None, extras: Sequence[str] = (), batch_size: int = 32,
-                device: str = "cpu", backend: str = "torch", progress: bool = True,
-                encoder: Any = None) -> EncodedEval:
-    """Read both image sets, ground truth, and encode them with the outputs ``extras``."""
+def eval_image_sets(database: str, queries: str, subset: Optional[str] = None
+                    ) -> tuple[Any, Any]:
+    """The database and query ImageSets of an evaluation, ``subset`` applied."""
     from vpr_ros.datasets.image_sets import read_image_set
-    if threshold_m is not None and tolerance is not None:
-        raise InputError("give either --threshold-m (positioned images) or --tolerance "
-                         "(index-aligned folders), not both")
+
     db, q = read_image_set(database), read_image_set(queries)
     rng = _subset(subset)
     if rng is not None:
@@ -75,11 +70,35 @@ def encode_eval(model: str | Path, database: str, queries: str, *,
             raise InputError("--subset selects a block of index-aligned folders; positioned "
                              "sets (UTM/MSLS) are evaluated whole")
         db, q = db.select(*rng), q.select(*rng)
+    return db, q
+
+
+#: ``encode_fn(paths, desc) -> EncodedSet``: how :func:`encode_eval` encodes one image set.
+EncodeFn = Callable[[Sequence[Path], str], EncodedSet]
+
+
+def encode_eval(model: str | Path, database: str, queries: str, *,
+                threshold_m: Optional[float] = None, tolerance: Optional[int] = None,
+                subset: Optional[str] = None, extras: Sequence[str] = (), batch_size: int = 32,
+                device: str = "cpu", backend: str = "torch", progress: bool = True,
+                encoder: Any = None, encode_fn: Optional[EncodeFn] = None) -> EncodedEval:
+    """Read both image sets, ground truth, and encode them with the outputs ``extras``.
+
+    ``encode_fn`` replaces full encoding (``vpr eval zoo`` passes one that runs the model's
+    head on cached backbone features); everything else is the same as ``vpr eval recall``."""
+    if threshold_m is not None and tolerance is not None:
+        raise InputError("give either --threshold-m (positioned images) or --tolerance "
+                         "(index-aligned folders), not both")
+    db, q = eval_image_sets(database, queries, subset)
+    rng = _subset(subset)
     positives, gt_label = ground_truth_for(db, q, threshold_m, tolerance)
     encoder = encoder or open_encoder(model, backend, device)
+    if encode_fn is None:
+        def encode_fn(paths: Sequence[Path], desc: str) -> EncodedSet:
+            return encode_set(encoder, paths, batch_size, desc, progress, extras)
     t0, cpu0 = time.time(), time.process_time()
-    db_enc = encode_set(encoder, db.paths, batch_size, "database", progress, extras)
-    q_enc = encode_set(encoder, q.paths, batch_size, "queries", progress, extras)
+    db_enc = encode_fn(db.paths, "database")
+    q_enc = encode_fn(q.paths, "queries")
     encode_s, encode_cpu = time.time() - t0, time.process_time() - cpu0
     timings = {"encode": round(encode_s, 2), "encode_cpu": round(encode_cpu, 2),
                "images_per_s": round((len(db) + len(q)) / max(encode_s, 1e-9), 1)}

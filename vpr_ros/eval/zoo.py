@@ -13,11 +13,14 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from vpr_ros.errors import InputError
 from vpr_ros.eval.search_plan import SearchPlan, plan_search
 from vpr_ros.eval.zoo_runs import ZooModel, ensure_run, pretrained_gem
+
+if TYPE_CHECKING:
+    from vpr_ros.eval.backbone_cache import HeldOutFeatures
 
 #: The six Nordland recipes of issue #7 (config/train/<name>_effnetlite0_nordland.yaml).
 DEFAULT_RECIPES = ("gem", "qaa", "boq", "dcvlaq", "selavpr", "cqvpr")
@@ -51,6 +54,9 @@ class ZooOptions:
     batch_size: int = 32
     device: str = "cpu"
     progress: bool = True
+    #: models sharing one backbone (same weights, preprocessing) run only their head on its
+    #: held-out features, computed once and kept in ``runs_dir/feature_cache``
+    feature_cache: bool = True
 
 
 def variants(output_names: Sequence[str], top: int) -> list[tuple[str, SearchPlan]]:
@@ -102,15 +108,26 @@ def run_zoo(opts: ZooOptions, say: Callable[[str], None] = print) -> dict[str, A
         say(f"[zoo] training {i}/{len(recipes)}: {recipe.name}")
         models.append(ensure_run(recipe, opts.overrides, runs, cache, retrain=opts.retrain,
                                  say=say))
+    store, shared = None, frozenset()
+    if opts.feature_cache:
+        from vpr_ros.eval.backbone_cache import HeldOutFeatures
+        from vpr_ros.eval.tasks import eval_image_sets
+
+        db, q = eval_image_sets(f"nordland:{opts.database_season}",
+                                f"nordland:{opts.query_season}", opts.subset)
+        store = HeldOutFeatures(cache, [db.paths, q.paths], opts.batch_size, opts.progress)
+        shared = shared_backbones(models, store, opts.device)
     rows = []
     for i, m in enumerate(models, 1):
         say(f"[zoo] evaluating {i}/{len(models)}: {m.name}")
-        rows.extend(evaluate_model(m, opts, say))
+        rows.extend(evaluate_model(m, opts, say, store, shared))
     doc = {"rows": rows, "split": {"database": f"nordland:{opts.database_season}",
                                    "queries": f"nordland:{opts.query_season}",
                                    "subset": opts.subset, "tolerance": opts.tolerance},
            "recipes": [str(r) for r in recipes], "overrides": list(opts.overrides),
-           "runs_dir": str(runs), "wall_s": round(time.time() - t0, 1)}
+           "runs_dir": str(runs), "wall_s": round(time.time() - t0, 1),
+           "heldout_feature_cache": [] if store is None else
+           [{"digest": d, **e} for d, e in sorted(store.entries.items())]}
     out = Path(opts.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows, opts.ks)
@@ -126,19 +143,57 @@ def _gem_config() -> Path:
     return config_file("models", "gem_effnetlite0.yaml")
 
 
-def evaluate_model(m: ZooModel, opts: ZooOptions, say: Callable[[str], None]
-                   ) -> list[dict[str, Any]]:
+def shared_backbones(models: Sequence[ZooModel], store: "HeldOutFeatures", device: str
+                     ) -> frozenset[str]:
+    """Digests of the backbone keys whose held-out features are worth caching: keys of two or
+    more models (the recipes' shared frozen backbone), or already on disk from an earlier run.
+    A model alone on its backbone (say, fine-tuned) is encoded in full, as caching would only
+    add a disk write."""
+    from collections import Counter
+
+    from vpr_ros.eval.backbone_cache import backbone_key, key_digest
+    from vpr_ros.eval.tasks import open_encoder
+
+    counts: Counter[str] = Counter()
+    on_disk: set[str] = set()
+    for m in models:
+        key = backbone_key(open_encoder(m.model_dir, "torch", device), store.sets)
+        counts[key_digest(key)] += 1
+        if store.has(key):
+            on_disk.add(key_digest(key))
+    return frozenset(d for d, n in counts.items() if n > 1 or d in on_disk)
+
+
+def evaluate_model(m: ZooModel, opts: ZooOptions, say: Callable[[str], None],
+                   store: "Optional[HeldOutFeatures]" = None,
+                   shared: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
     """Encode the held-out split once, then one row per search variant (the JSON of
-    ``vpr eval recall`` with the matching options is under ``eval``)."""
+    ``vpr eval recall`` with the matching options is under ``eval``).
+
+    When the model's backbone key is in ``shared``, "encoding" is the model's head on the
+    cached backbone features in ``store`` (same arrays as full encoding)."""
+    from vpr_ros.eval.backbone_cache import backbone_key, key_digest
     from vpr_ros.eval.tasks import encode_eval, open_encoder, recall_from_encoded
 
     encoder = open_encoder(m.model_dir, "torch", opts.device)
     plans = variants(encoder.output_names, opts.rerank_top)
     extras = sorted({e for _, p in plans for e in p.extras})
+    key = backbone_key(encoder, store.sets) if store is not None else None
+    digest = key_digest(key) if key is not None else None
+    cached = store is not None and digest in shared
+    encode_fn = store.encode_fn(encoder, key, extras) if cached else None
     ev = encode_eval(m.model_dir, f"nordland:{opts.database_season}",
                      f"nordland:{opts.query_season}", tolerance=opts.tolerance,
                      subset=opts.subset, extras=extras, batch_size=opts.batch_size,
-                     device=opts.device, progress=opts.progress, encoder=encoder)
+                     device=opts.device, progress=opts.progress, encoder=encoder,
+                     encode_fn=encode_fn)
+    if cached:
+        entry = store.entries[digest]
+        how = "from disk" if entry["reused"] else "computed this run"
+        say(f"    head on cached backbone features ({how}: {Path(entry['file']).name}), "
+            f"{ev.timings['encode']} s")
+    else:
+        say(f"    full encoding, {ev.timings['encode']} s")
     method = method_name(m.model_dir, m.training)
     rows = []
     for variant, plan in plans:
@@ -150,6 +205,8 @@ def evaluate_model(m: ZooModel, opts: ZooOptions, say: Callable[[str], None]
                      "model_dir": str(m.model_dir), "training": m.training,
                      "recipe": m.recipe, "steps": m.steps, "train_wall_s": m.train_wall_s,
                      "reused_run": m.reused, "recall": r,
+                     "backbone_features": "cached" if cached else "encoded",
+                     "feature_cache": digest if cached else None,
                      "descriptor_bytes": res["search"]["descriptor_bytes"],
                      "fingerprint": res["model"]["fingerprint"], "eval": res})
     return rows

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from vpr_ros.errors import ModelError
+from vpr_ros.models.backbones.base import BackboneOutput
 from vpr_ros.models.config import ModelConfig
 from vpr_ros.models.registry import build_component
 
@@ -48,7 +49,12 @@ class VPRModel(nn.Module):
 
     def forward_all(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"global": (B, D), **extras}``: what exporters and map builders store."""
-        feats = self.backbone(images)
+        return self.head_all(self.backbone(images))
+
+    def head_all(self, feats: BackboneOutput) -> dict[str, torch.Tensor]:
+        """:meth:`forward_all` after the backbone: the outputs of already computed backbone
+        features. One code path for both, so an evaluation that caches the features of a
+        frozen backbone (``vpr eval zoo``) gets exactly what full encoding gives."""
         if not self.extra_outputs:
             return {"global": self.aggregator(feats)}
         out = self.aggregator.forward_all(feats)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from vpr_ros.errors import BackendError, InputError
+from vpr_ros.models.backbones.base import BackboneOutput
 from vpr_ros.runtime.encoder import Encoder
 from vpr_ros.runtime.preprocess import Preprocessing
 from vpr_ros.runtime.torch_preprocess import GpuPreprocessed
@@ -130,6 +131,35 @@ class TorchEncoder(Encoder):
     def encode_tensor(self, batch: torch.Tensor) -> torch.Tensor:
         """Encode a preprocessed (B, 3, H, W) tensor already on the device (no host copy)."""
         return self.encode_tensor_all(batch)["global"]
+
+    # -- the two halves of encode_all, for callers that cache backbone features ------------
+    def backbone_features(self, images) -> BackboneOutput:
+        """Backbone features of RGB images, preprocessed exactly as :meth:`encode_all` does
+        (the runtime's resize and normalisation, on the GPU where this encoder does that).
+
+        Why: models that share one frozen backbone differ only after it, so an evaluation of
+        several of them (``vpr eval zoo``) computes these once and runs each model's head with
+        :meth:`encode_features_all`."""
+        gpu_prep = getattr(self, "_gpu_prep", None)
+        batch = gpu_prep(images) if gpu_prep is not None else torch.from_numpy(
+            self.preprocess(images))
+        check_tensor_batch(batch, self.input_size, self.backend)
+        with torch.inference_mode():
+            return self.model.backbone(batch.to(self.device, self.dtype))
+
+    def encode_features_all(self, feats: BackboneOutput) -> dict[str, np.ndarray]:
+        """:meth:`encode_all` from :meth:`backbone_features` output: the model's head, then the
+        same float32 conversion and output checks, so the arrays equal full encoding's."""
+        from vpr_ros.runtime.encoder import check_outputs
+
+        tok = feats.cls_token
+        x = BackboneOutput(feats.features.to(self.device, self.dtype),
+                           None if tok is None else tok.to(self.device, self.dtype))
+        with torch.inference_mode():
+            out = self.model.head_all(x)
+        outs = {k: (v.float() if v.is_floating_point() else v).cpu().numpy()
+                for k, v in out.items()}
+        return check_outputs(outs, int(x.features.shape[0]), self.dim, self.backend)
 
     def _graph_forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         b = int(x.shape[0])

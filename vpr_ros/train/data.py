@@ -147,6 +147,18 @@ class TrainSet:
                           persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
 
 
+def state_hash(module: torch.nn.Module) -> str:
+    """A short hash of a module's weights and buffers: the part of a feature-cache key that
+    says which backbone computed the features (a fine-tuned one never matches)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def cache_key(parts: list[str]) -> str:
     import hashlib
 

@@ -37,7 +37,8 @@ from vpr_ros.models.model_dir import init_model, load_model_dir, save_model_dir
 from vpr_ros.models.vpr_model import VPRModel
 from vpr_ros.train.config import TrainConfig
 from vpr_ros.train.data import (CachedFeatureDataset, ImageTransform, PlaceImageDataset, TrainSet,
-                                load_or_compute_features, make_randaugment, read_place_set)
+                                load_or_compute_features, make_randaugment, read_place_set,
+                                state_hash)
 from vpr_ros.train.module import VPRTrainingModule, steps_per_epoch
 from vpr_ros.train.validation import RetrievalValidation
 
@@ -106,12 +107,7 @@ def build_training_model(cfg: TrainConfig) -> tuple[VPRModel, tuple[int, int], t
     return model, train_size, test_size
 
 
-def _state_hash(module: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+_state_hash = state_hash  # the training cache key (shared with vpr eval zoo's)
 
 
 def use_feature_cache(cfg: TrainConfig, model: VPRModel) -> bool:
