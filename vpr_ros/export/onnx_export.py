@@ -44,7 +44,8 @@ from torch import nn
 
 from vpr_ros import __version__
 from vpr_ros.errors import ExportError
-from vpr_ros.runtime.onnx_encoder import GLOBAL_OUTPUT, INPUT_NAME, ArtifactMeta
+from vpr_ros.runtime.onnx_encoder import (GLOBAL_OUTPUT, INPUT_NAME, ArtifactMeta,
+                                         drop_dead_nodes)
 
 log = logging.getLogger(__name__)
 
@@ -179,21 +180,6 @@ def _fold_constant_plumbing(model) -> int:
     del graph.node[:]
     graph.node.extend(keep)
     return len(foldable)
-
-
-def _drop_dead(graph) -> None:
-    """Remove nodes and initializers nothing reads (left behind by folding)."""
-    live = {o.name for o in graph.output}
-    keep = []
-    for node in reversed(list(graph.node)):
-        if any(o in live for o in node.output):
-            keep.append(node)
-            live.update(i for i in node.input if i)
-    del graph.node[:]
-    graph.node.extend(reversed(keep))
-    inits = [t for t in graph.initializer if t.name in live]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
 
 
 @dataclass(frozen=True)
@@ -348,7 +334,7 @@ def export_model_onnx(model: nn.Module, out: Union[str, Path], *, model_fingerpr
                 raise ExportError(f"torch.onnx.export failed for {cfg.name}: {exc}") from exc
     _drop_identities(proto.graph)
     folded = _fold_constant_plumbing(proto)
-    _drop_dead(proto.graph)
+    drop_dead_nodes(proto.graph)
     meta = ArtifactMeta(
         fingerprint=descriptor_fingerprint(model_fingerprint, hw, cfg.input.size),
         model_fingerprint=model_fingerprint, model_name=cfg.name,

@@ -176,6 +176,22 @@ def cpu_session_options(threads: Optional[int] = None, optimization: str = "all"
     return so
 
 
+def drop_dead_nodes(graph) -> None:
+    """Remove the nodes and initializers of an ONNX graph that no output depends on (left
+    behind by constant folding at export and by attention fusion at load)."""
+    live = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(list(graph.node)):
+        if any(o in live for o in node.output):
+            keep.append(node)
+            live.update(i for i in node.input if i)
+    del graph.node[:]
+    graph.node.extend(reversed(keep))
+    inits = [t for t in graph.initializer if t.name in live]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+
+
 def _single_consumer(consumers: dict, name: str, op: str):
     users = consumers.get(name, [])
     if len(users) != 1 or users[0].op_type != op:
@@ -275,17 +291,9 @@ def fuse_vit_attention(model) -> int:
     if not fused:
         return 0
     nodes = [fused.get(n.output[0], n) if n.output else n for n in graph.node]
-    live = {o.name for o in graph.output}
-    kept = []
-    for node in reversed(nodes):  # drop what only fed the replaced sub-graphs
-        if any(o in live for o in node.output):
-            kept.append(node)
-            live.update(i for i in node.input if i)
     del graph.node[:]
-    graph.node.extend(reversed(kept))
-    inits = [t for t in graph.initializer if t.name in live]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
+    graph.node.extend(nodes)
+    drop_dead_nodes(graph)  # what only fed the replaced sub-graphs
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return len(fused)
