@@ -23,7 +23,7 @@ from vpr_ros.eval.ground_truth import ground_truth_for
 from vpr_ros.eval.recall import evaluate_descriptors
 from vpr_ros.models.backbones.base import BackboneOutput
 from vpr_ros.train.config import TrainConfig, ValConfig
-from vpr_ros.train.data import ImageTransform, load_or_compute_features
+from vpr_ros.train.data import ImageTransform, load_or_compute_features, state_hash
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,11 @@ class RetrievalValidation(L.Callback):
         if self.cached:
             if self._features is None:
                 self._features = load_or_compute_features(
-                    self.cache_dir, ["val", str(self.test_size), repr(model.config.input),
-                                     *map(str, paths)],
+                    # the backbone's weights are in the key: another recipe's backbone (or a
+                    # fine-tuned one) sharing this cache dir must never reuse these features
+                    self.cache_dir, ["val", state_hash(model.backbone),
+                                     repr(model.config.backbone), str(self.test_size),
+                                     repr(model.config.input), *map(str, paths)],
                     backbone=model.backbone, paths=paths, transform=transform, variants=1,
                     seed=0, batch_size=bs, device=device, desc="caching validation features",
                     progress=self.progress)
