@@ -12,24 +12,14 @@ from vpr_ros.bench.encoder_bench import (EncoderBenchConfig, format_table, run_c
                                          run_encoder_bench, speedups)
 from vpr_ros.errors import ConfigError
 
-DINO_QAA_YAML = """
-name: test_dinov2s_qaa
-backbone: {name: dinov2, params: {arch: vits14, registers: 0, trainable_blocks: 2}}
-aggregator:
-  name: qaa
-  params: {num_queries: 32, num_clusters: 8, cluster_dim: 32, feature_heads: 4, score_heads: 6}
-input: {size: [112, 112], resize: stretch}
-weights: {backbone: none}
-"""
+from backend_models import shared_dirs  # noqa: E402
+
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """The shared folder of the export/parity tests, so the model and its export are reused."""
-    base = tmp_path_factory.getbasetemp() / "vpr_backends"
-    (base / "models").mkdir(parents=True, exist_ok=True)
-    (base / "models" / "test_dinov2s_qaa.yaml").write_text(DINO_QAA_YAML)
-    return base
+    return shared_dirs(tmp_path_factory)[0].parent
 
 
 def test_bench_rows_for_each_backend(workdir: Path) -> None:

@@ -14,33 +14,15 @@ from vpr_ros.export.parity import FP16_MIN_COSINE, FP32_MIN_COSINE, encoder_pari
 from vpr_ros.runtime.backend_select import cached_onnx
 from vpr_ros.runtime.encoder import load_encoder
 
-DINO_QAA_YAML = """
-name: test_dinov2s_qaa
-backbone: {name: dinov2, params: {arch: vits14, registers: 0, trainable_blocks: 2}}
-aggregator:
-  name: qaa
-  params: {num_queries: 32, num_clusters: 8, cluster_dim: 32, feature_heads: 4, score_heads: 6}
-input: {size: [112, 112], resize: stretch}
-weights: {backbone: none}
-"""
+from backend_models import dino_qaa_model_dir, shared_dirs  # noqa: E402
 
 
-def shared_dirs(factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The folders test_export_onnx.py uses too, so each model is exported once a session."""
-    base = factory.getbasetemp() / "vpr_backends"
-    (base / "exports").mkdir(parents=True, exist_ok=True)
-    (base / "models").mkdir(parents=True, exist_ok=True)
-    return base / "models", base / "exports"
+
 
 
 @pytest.fixture(scope="module")
 def dino_qaa_dir(tmp_path_factory) -> Path:
-    from vpr_ros.bench.encoder_bench import ensure_model_dir
-
-    models, _ = shared_dirs(tmp_path_factory)
-    yaml = models / "test_dinov2s_qaa.yaml"
-    yaml.write_text(DINO_QAA_YAML)
-    return ensure_model_dir(yaml, models)
+    return dino_qaa_model_dir(tmp_path_factory)
 
 
 def _parity(model_dir: Path, onnx_path: Path, pairs) -> None:

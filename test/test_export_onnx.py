@@ -27,33 +27,16 @@ from vpr_ros.models.registry import AGGREGATORS, BACKBONES, register_aggregator,
 from vpr_ros.runtime.backend_select import cached_onnx
 from vpr_ros.runtime.onnx_encoder import OnnxEncoder, read_onnx_metadata
 
-DINO_QAA_YAML = """
-name: test_dinov2s_qaa
-backbone: {name: dinov2, params: {arch: vits14, registers: 0, trainable_blocks: 2}}
-aggregator:
-  name: qaa
-  params: {num_queries: 32, num_clusters: 8, cluster_dim: 32, feature_heads: 4, score_heads: 6}
-input: {size: [112, 112], resize: stretch}
-weights: {backbone: none}
-"""
+from backend_models import dino_qaa_model_dir, shared_dirs  # noqa: E402
+
 
 
 # -- shared real exports (same folders as test_backends_parity.py) -----------------------------
 
-def shared_dirs(factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    base = factory.getbasetemp() / "vpr_backends"
-    (base / "exports").mkdir(parents=True, exist_ok=True)
-    return base / "models", base / "exports"
 
 
 def dino_qaa_dir(factory: pytest.TempPathFactory) -> Path:
-    from vpr_ros.bench.encoder_bench import ensure_model_dir
-
-    models, _ = shared_dirs(factory)
-    models.mkdir(parents=True, exist_ok=True)
-    yaml = models / "test_dinov2s_qaa.yaml"
-    yaml.write_text(DINO_QAA_YAML)
-    return ensure_model_dir(yaml, models)
+    return dino_qaa_model_dir(factory)
 
 
 @pytest.fixture(scope="module")

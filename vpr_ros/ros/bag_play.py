@@ -137,6 +137,7 @@ def play_bag(bag: str | Path, options: PlayOptions | None = None,
         # Python's own SIGINT handling (KeyboardInterrupt) so Ctrl-C ends playback cleanly.
         rclpy.init(context=context, signal_handler_options=SignalHandlerOptions.NO)
         node = None
+        publishers = {}
         try:
             node = rclpy.create_node(options.node_name, context=context)
             qos = publisher_qos(options.qos)
@@ -149,11 +150,33 @@ def play_bag(bag: str | Path, options: PlayOptions | None = None,
                 if not options.loop:
                     break
         finally:
+            _drain(publishers)
             if node is not None:
                 node.destroy_node()
             context.try_shutdown()
     stats.wall_s = time.monotonic() - started
     return stats
+
+
+def _drain(publishers: dict[str, Any], timeout_s: float = 2.0) -> None:
+    """Let reliable subscribers acknowledge what was published before the node goes away.
+
+    Destroying the participant right after the last ``publish`` drops samples still in flight,
+    so the last messages of a bag (or those before a Ctrl-C) were sometimes never delivered.
+    Best-effort publishers return at once; the wait is bounded so a vanished subscriber cannot
+    hold the exit."""
+    from rclpy.duration import Duration
+
+    deadline = time.monotonic() + timeout_s
+    for topic, pub in publishers.items():
+        left = max(0.0, deadline - time.monotonic())
+        try:
+            if not pub.wait_for_all_acked(Duration(nanoseconds=int(left * 1e9))):
+                log.warning("%s: not every subscriber acknowledged the last messages within "
+                            "%.1f s", topic, timeout_s)
+        except Exception as exc:  # an rmw without the call must not turn an exit into a crash
+            log.debug("%s: wait_for_all_acked unavailable (%s)", topic, exc)
+            return
 
 
 def _wait_for_subscribers(publishers: dict[str, Any], timeout_s: float,
