@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import threading
 import json
 
 
@@ -43,7 +45,26 @@ def _play(args: argparse.Namespace) -> int:
     options = PlayOptions(rate=args.rate, topics=args.topics, loop=args.loop,
                           start_offset_s=args.start_offset, qos=args.qos,
                           wait_subscribers_s=args.wait_subscribers)
-    stats = play_bag(args.bag, options)
+    stop = threading.Event()
+    previous = signal.getsignal(signal.SIGINT)
+
+    def first_ctrl_c(signum, frame) -> None:
+        # Ctrl-C stops playback through the loop's own stop flag: an exception raised at an
+        # arbitrary bytecode could land inside an rclpy finaliser and be swallowed there, which
+        # left the player running. A second Ctrl-C interrupts at once.
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    in_main = threading.current_thread() is threading.main_thread()  # signal.signal needs it
+    if in_main:
+        signal.signal(signal.SIGINT, first_ctrl_c)
+    try:
+        stats = play_bag(args.bag, options, stop=stop)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
+    if stop.is_set():
+        raise KeyboardInterrupt  # reported by the CLI as "interrupted", exit status 130
     total = sum(stats.published.values())
     per_topic = ", ".join(f"{t}: {n}" for t, n in sorted(stats.published.items()))
     print(f"published {total} messages in {stats.wall_s:.1f} s ({per_topic or 'none'})"
