@@ -239,7 +239,12 @@ def test_loop_plays_again_until_interrupted(ros_env: dict[str, str], bag: Path,
         got = listener.wait_for(start, 2 * 2 * N_IMAGES + 1)
     finally:
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
+        try:
+            _, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:  # never leave a looping player publishing after a failure
+                proc.kill()
+                proc.communicate()
     assert len(got) > 4 * N_IMAGES
     stamps = [r["stamp"] for r in got]
     assert stamps[2 * N_IMAGES] == stamps[0] == T0  # the second pass starts over
