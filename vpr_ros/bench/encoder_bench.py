@@ -265,7 +265,7 @@ def machine() -> dict[str, Any]:
     import onnxruntime
     import torch
 
-    from vpr_ros.runtime.onnx_encoder import usable_cores
+    from vpr_ros.cpu_cores import usable_cores
 
     cpu = platform.processor() or "unknown"
     try:

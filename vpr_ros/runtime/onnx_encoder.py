@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from vpr_ros.cpu_cores import usable_cores
 from vpr_ros.errors import BackendError, InputError
 from vpr_ros.runtime.encoder import Encoder, check_outputs
 from vpr_ros.runtime.preprocess import Preprocessing
@@ -137,14 +137,6 @@ def read_onnx_metadata(path: str | Path) -> ArtifactMeta:
     except Exception as exc:  # protobuf raises its own DecodeError family
         raise BackendError(f"{p}: not a readable ONNX file ({exc}); re-export it") from exc
     return ArtifactMeta.from_props({e.key: e.value for e in model.metadata_props}, str(p))
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (affinity/cgroup aware where Linux tells us)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def cpu_session_options(threads: Optional[int] = None, optimization: str = "all",

@@ -15,13 +15,13 @@ another order): each shard returns its best ``k`` (distance, id) and the merge k
 
 from __future__ import annotations
 
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
+from vpr_ros.cpu_cores import usable_cores
 from vpr_ros.mapdb.index.faiss_loader import load_faiss
 
 #: Codes per shard: 2**18 x 64 bytes = 16 MiB, so a 1M-code map is 4 shards for 2 to 4 cores;
@@ -45,9 +45,7 @@ def _pool() -> ThreadPoolExecutor:
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
-                else (os.cpu_count() or 1)
-            _POOL = ThreadPoolExecutor(max_workers=max(1, cores), thread_name_prefix="hamming",
+            _POOL = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="hamming",
                                        initializer=_single_omp_thread)
         return _POOL
 
