@@ -13,8 +13,8 @@ import pytest
 
 from vpr_ros.bench.search_bench import normalize
 from vpr_ros.errors import ConfigError, MapError
-from vpr_ros.mapdb import Keyframe, PlaceMap
-from vpr_ros.mapdb.index.sign_codes import learn_sign_projection
+from vpr_ros.mapdb import Exclusion, Keyframe, PlaceMap
+from vpr_ros.mapdb.index.sign_codes import asymmetric_best, learn_sign_projection
 from vpr_ros.mapdb.storage import MANIFEST
 
 FP = "fingerprint-sign-codes"
@@ -61,7 +61,7 @@ def test_learned_codes_keep_the_exact_top1_more_often_than_simhash(data) -> None
     agreement = {}
     for codes in ("simhash", "pca", "itq"):
         pm = PlaceMap.create(x.shape[1], FP, {"kind": "binary", "bits": 64, "rerank": 10,
-                                              "codes": codes})
+                                              "codes": codes, "shortlist": 0})
         pm.add(x, keyframes(len(x)))
         assert pm.info()["index"]["codes"] == codes
         agreement[codes] = r1_agreement(pm, q)
@@ -256,3 +256,43 @@ def test_more_bits_than_dimensions_still_gives_a_full_code() -> None:
     np.testing.assert_allclose(w @ w.T, np.eye(32), atol=1e-4)
     codes = np.packbits(x @ w > t, axis=1)
     assert 0.4 < np.unpackbits(codes).mean() < 0.6
+
+
+def test_asymmetric_scores_equal_the_unpacked_inner_product() -> None:
+    """The byte-table scorer ranks candidates by sum_i proj_i * (+-1 of bit i), exactly."""
+    rng = np.random.default_rng(3)
+    bits, n = 64, 500
+    codes = rng.integers(0, 256, (n, bits // 8), dtype=np.uint8)
+    proj = rng.standard_normal((3, bits)).astype(np.float32)
+    cand = np.stack([rng.permutation(n)[:200] for _ in range(3)]).astype(np.int64)
+    cand[2, 150:] = -1                                      # padding is skipped
+    best = asymmetric_best(proj, codes, cand, 20)
+    signs = np.unpackbits(codes, axis=1).astype(np.float32) * 2 - 1
+    for r in range(3):
+        valid = cand[r][cand[r] >= 0]
+        ref = valid[np.argsort(-(signs[valid] @ proj[r]), kind="stable")[:20]]
+        np.testing.assert_array_equal(best[r], ref)
+    few = asymmetric_best(proj[:1], codes, np.array([[4, -1, 7]]), 5)
+    np.testing.assert_array_equal(few, [[4, 7, -1, -1, -1]])
+
+
+def test_asymmetric_shortlist_keeps_the_exact_top1_more_often(data) -> None:
+    """Re-scoring a Hamming shortlist with the query's real projection before the exact re-rank
+    finds the exact top-1 more often than re-ranking the Hamming order's head directly (the
+    1M-descriptor benchmark: 0.97 -> 0.995), and never returns an excluded keyframe."""
+    x, q = data
+    agreement = {}
+    for shortlist in (0, 400):
+        pm = PlaceMap.create(x.shape[1], FP, {"kind": "binary", "bits": 32, "rerank": 10,
+                                              "codes": "pca", "shortlist": shortlist})
+        pm.add(x, keyframes(len(x)))
+        stages = pm.info()["index"]["stages"]
+        assert stages == ("hamming -> asymmetric -> exact" if shortlist else "hamming -> exact")
+        agreement[shortlist] = r1_agreement(pm, q)
+        allowed_ids = np.arange(0, len(x), 3)
+        excluded = frozenset(np.setdiff1d(np.arange(len(x)), allowed_ids).tolist())
+        ids, scores = pm.search(q[:20], 5, exclude=Exclusion(ids=excluded))
+        assert np.isin(ids, allowed_ids).all()
+        assert np.all(np.diff(scores, axis=1) <= 1e-6)
+    # Measured: 0.735 without the stage, 0.915 with it (32 bits, re-rank 10 of 4000).
+    assert agreement[400] >= agreement[0] + 0.1, agreement

@@ -222,12 +222,16 @@ def allowed_selector(allowed: np.ndarray | None):
 
 def approximate_search(store: DescriptorStore, queries: np.ndarray, k: int,
                        allowed: np.ndarray | None, candidates: int,
-                       fetch: Callable[[np.ndarray, int, int], np.ndarray]
+                       fetch: Callable[[np.ndarray, int, int], np.ndarray],
+                       narrow: Callable[[np.ndarray], np.ndarray] | None = None
                        ) -> tuple[np.ndarray, np.ndarray]:
-    """The common tail of every approximate kind: allowed candidates from ``fetch``, exact re-rank,
-    and an exact scan for the queries whose candidates ran short."""
+    """The common tail of every approximate kind: allowed candidates from ``fetch``, optionally
+    cut down by a cheaper scorer (``narrow``: (B, n) ids -> (B, m) ids, -1 padded), exact
+    re-rank, and an exact scan for the queries whose candidates ran short."""
     cand, short = filtered_candidates(fetch, queries.shape[0], max(k, candidates), allowed,
                                       len(store))
+    if narrow is not None:
+        cand = narrow(cand)
     ids, scores = rerank(store, queries, cand, k)
     if short.any():
         ids[short], scores[short] = exact_search(store, queries[short], k, allowed)

@@ -24,6 +24,17 @@ Where codes come from (parameter ``codes``):
   docs/bench_search.md).
 - ``auto`` (default): ``model`` when the first ``add`` brings codes, else :data:`DEFAULT_CODES`.
 
+Three stages for projected codes (``simhash``, ``pca``, ``itq``): the Hamming scan proposes the
+``shortlist`` nearest codes (default 1000); those are re-scored *asymmetrically* -- the query's
+real-valued projection against each candidate's sign bits, ``sum_i (q.w_i - t_i) * (+-1)_i``,
+which keeps the query's magnitudes that its own code throws away -- and the best ``rerank`` of
+them get exact inner products. Why: on the 1M x 4096 real-descriptor benchmark the exact top-1
+was among the 100 nearest codes for 97% of queries but among the 100 best asymmetric scores of
+the 1000 nearest codes for 99.5%, for ~0.4 ms more (a 256-entry table per code byte, one gather
+per candidate byte); the scan itself costs the same for 100 or 1000 (faiss's counting-sort
+selection, see :mod:`vpr_ros.mapdb.index.hamming`). ``shortlist: 0`` (or <= ``rerank``) skips the
+stage. Model codes have no query projection, so their maps re-rank the Hamming order directly.
+
 Projections (and thresholds) are saved with the map so that queries are coded the same way
 forever; load recomputes a sample of codes from the descriptors to catch a projection or codes
 file that does not belong to the map.
@@ -40,6 +51,7 @@ import numpy as np
 from vpr_ros.errors import ConfigError, InputError, MapError
 from vpr_ros.mapdb.index.base import (PAD_SCORE, VectorIndex, approximate_search, exact_search,
                                       filtered_candidates)
+from vpr_ros.mapdb.index.sign_codes import asymmetric_best
 from vpr_ros.mapdb.index.hamming import ShardedHamming
 from vpr_ros.mapdb.index.params import check_keys, int_param
 from vpr_ros.mapdb.index.sign_codes import ROTATIONS, learn_sign_projection
@@ -47,7 +59,7 @@ from vpr_ros.mapdb.index.vectors import GrowableArray
 
 log = logging.getLogger(__name__)
 
-PARAMS = ("bits", "rerank", "seed", "codes", "min_train", "train_size")
+PARAMS = ("bits", "rerank", "shortlist", "seed", "codes", "min_train", "train_size")
 CODE_SOURCES = ("auto", "simhash", "pca", "itq", "model")
 #: Earlier name of "simhash", still accepted (maps written before learned codes say so).
 LEGACY_NAMES = {"projection": "simhash"}
@@ -102,6 +114,8 @@ class BinaryIndex(VectorIndex):
         min_train = int_param(cls.kind, given, "min_train", max(need, 4 * min(bits, dim)), need)
         # rerank 0: the Hamming order itself (what the codes alone achieve; scores stay exact)
         return {"bits": bits, "rerank": int_param(cls.kind, given, "rerank", 100, 0),
+                # Hamming candidates re-scored asymmetrically before the exact re-rank (0: off)
+                "shortlist": int_param(cls.kind, given, "shortlist", 1000, 0),
                 "seed": int_param(cls.kind, given, "seed", 0, 0), "codes": source,
                 "min_train": min_train,
                 "train_size": int_param(cls.kind, given, "train_size", 20_000, need)}
@@ -226,9 +240,25 @@ class BinaryIndex(VectorIndex):
         def fetch(rows: np.ndarray, kk: int, effort: int) -> np.ndarray:
             return self.index.search(qcodes[rows], kk, allowed)
 
-        if self.params["rerank"] == 0:
+        rerank = self.params["rerank"]
+        if rerank == 0:
             return self._hamming_order(queries, k, allowed, fetch)
-        return approximate_search(self.store, queries, k, allowed, self.params["rerank"], fetch)
+        shortlist = self.params["shortlist"]
+        if self.params["codes"] == "model" or shortlist <= max(k, rerank):
+            return approximate_search(self.store, queries, k, allowed, rerank, fetch)
+        qproj = self.query_projection(queries)
+
+        def narrow(cand: np.ndarray) -> np.ndarray:
+            return asymmetric_best(qproj, self.codes.view(), cand, max(k, rerank))
+
+        return approximate_search(self.store, queries, k, allowed, shortlist, fetch,
+                                  narrow=narrow)
+
+    def query_projection(self, queries: np.ndarray) -> np.ndarray:
+        """(B, bits) float32: the queries' projections less the thresholds, whose signs are
+        their codes; the asymmetric stage scores candidates' bits with these values."""
+        scores = np.asarray(queries, np.float32) @ self._projection()
+        return scores - self.thresholds if self.thresholds is not None else scores
 
     def _hamming_order(self, queries: np.ndarray, k: int, allowed: np.ndarray | None,
                        fetch) -> tuple[np.ndarray, np.ndarray]:
@@ -326,6 +356,10 @@ class BinaryIndex(VectorIndex):
 
     def info(self) -> dict[str, Any]:
         out = {**super().info(), "code_bytes": self.bits // 8}
+        out["stages"] = ("hamming -> exact" if self.params["codes"] == "model"
+                         or self.params["shortlist"] <= self.params["rerank"]
+                         else "hamming -> asymmetric -> exact") if self.params["rerank"] \
+            else "hamming"
         if self.learned:
             out["trained"] = self.trained
             if not self.trained:

@@ -70,7 +70,12 @@ class ShardedHamming:
         done = 0
         while done < len(codes):
             if not self.shards or self.shards[-1].ntotal >= self.shard_rows:
-                self.shards.append(faiss.IndexBinaryFlat(self.bits))
+                shard = faiss.IndexBinaryFlat(self.bits)
+                # Counting-sort selection instead of a heap: the same cost for k = 100 and for
+                # the binary index's 1000-code shortlist (a heap took 28 ms instead of 7 for
+                # k = 1000 over 1M real 512-bit codes, which cluster: many heap insertions).
+                shard.use_heap = False
+                self.shards.append(shard)
                 self.starts.append(self.ntotal)
             last = self.shards[-1]
             take = min(len(codes) - done, self.shard_rows - last.ntotal)
