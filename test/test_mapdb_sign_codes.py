@@ -296,3 +296,15 @@ def test_asymmetric_shortlist_keeps_the_exact_top1_more_often(data) -> None:
         assert np.all(np.diff(scores, axis=1) <= 1e-6)
     # Measured: 0.735 without the stage, 0.915 with it (32 bits, re-rank 10 of 4000).
     assert agreement[400] >= agreement[0] + 0.1, agreement
+
+
+def test_query_codes_from_the_shared_projection_equal_project(data) -> None:
+    """The asymmetric path codes the query from its projection less the thresholds; that must be
+    the code ``project`` gives (what the map's rows were coded with)."""
+    x, q = data
+    pm = PlaceMap.create(x.shape[1], FP, {"kind": "binary", "bits": 64, "codes": "pca"})
+    pm.add(x, keyframes(len(x)))
+    pm.search(q[:1], 1)  # trains
+    index = pm._index  # the BinaryIndex itself: its coding is what is checked
+    np.testing.assert_array_equal(np.packbits(index.query_projection(q) > 0, axis=1),
+                                  index.project(q))

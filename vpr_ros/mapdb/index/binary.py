@@ -235,18 +235,24 @@ class BinaryIndex(VectorIndex):
             if query_codes is not None:
                 self.query_codes_for(queries, query_codes)  # refuses them, as when trained
             return exact_search(self.store, queries, k, allowed)
-        qcodes = self.query_codes_for(queries, query_codes)
+        rerank, shortlist = self.params["rerank"], self.params["shortlist"]
+        asymmetric = rerank > 0 and self.params["codes"] != "model" and \
+            shortlist > max(k, rerank)
+        if asymmetric:  # one projection gives both the codes and the asymmetric scores
+            if query_codes is not None:
+                self.query_codes_for(queries, query_codes)  # refuses them, with the reason
+            qproj = self.query_projection(queries)
+            qcodes = np.packbits(qproj > 0, axis=1)  # == project(): a - t > 0 iff a > t
+        else:
+            qcodes = self.query_codes_for(queries, query_codes)
 
         def fetch(rows: np.ndarray, kk: int, effort: int) -> np.ndarray:
             return self.index.search(qcodes[rows], kk, allowed)
 
-        rerank = self.params["rerank"]
         if rerank == 0:
             return self._hamming_order(queries, k, allowed, fetch)
-        shortlist = self.params["shortlist"]
-        if self.params["codes"] == "model" or shortlist <= max(k, rerank):
+        if not asymmetric:
             return approximate_search(self.store, queries, k, allowed, rerank, fetch)
-        qproj = self.query_projection(queries)
 
         def narrow(cand: np.ndarray) -> np.ndarray:
             return asymmetric_best(qproj, self.codes.view(), cand, max(k, rerank))
