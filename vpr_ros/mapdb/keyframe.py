@@ -84,9 +84,13 @@ class _StringPool:
 
 
 def _tuple_or_none(row: np.ndarray) -> tuple[float, ...] | None:
-    if np.isnan(row).any():
+    """A stored pose vector as plain floats, None where it is missing (NaN). Plain-Python
+    checks: the node looks up its top-k keyframes every frame, and numpy's per-call overhead
+    on a 3- or 4-vector was most of that lookup's cost."""
+    values = row.tolist()
+    if any(v != v for v in values):  # NaN is the only value unequal to itself
         return None
-    return tuple(float(v) for v in row)
+    return tuple(values)
 
 
 def _check_vector(kf: Keyframe, name: str, value: object, size: int) -> np.ndarray:
