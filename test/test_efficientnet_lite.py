@@ -77,3 +77,51 @@ def test_foreign_checkpoint_is_refused() -> None:
     bb = EfficientNetLiteBackbone(variant="lite0")
     with pytest.raises(CheckpointError, match="unexpected key"):
         convert_lukemelas_state_dict({"features.0.weight": torch.zeros(1)}, bb.net)
+
+
+def test_earlier_stage_features_are_the_full_trunks_intermediate_output() -> None:
+    """``features: stage4`` (Lite0: 112 ch, stride 16) is the full network's blocks[4] output
+    with the packaged weights, and the later stages are gone (no weights, no compute)."""
+    full = EfficientNetLiteBackbone(variant="lite0")
+    full.load_packaged_weights()
+    cut = EfficientNetLiteBackbone(variant="lite0", features="stage4")
+    cut.load_packaged_weights()
+    full.eval()
+    cut.eval()
+    grabbed: dict[str, torch.Tensor] = {}
+    full.net.blocks[4].register_forward_hook(lambda m, i, o: grabbed.__setitem__("x", o))
+    x = torch.randn(2, 3, 112, 224)
+    with torch.no_grad():
+        full(x)
+        out = cut(x).features
+    assert (cut.out_channels, cut.stride) == (112, 16)
+    assert out.shape == (2, 112, 7, 14)
+    torch.testing.assert_close(out, grabbed["x"])
+    assert len(cut.net.blocks) == 5
+    assert sum(p.numel() for p in cut.parameters()) < sum(p.numel() for p in full.parameters()) / 4
+    assert not any(p.requires_grad for p in cut.parameters())
+
+
+@pytest.mark.parametrize("features, channels, stride", [("head", 1280, 32),
+                                                        ("last_stage", 320, 32),
+                                                        ("stage6", 320, 32), ("stage3", 80, 16),
+                                                        ("stage2", 40, 8)])
+def test_feature_stage_channels_and_stride(features: str, channels: int, stride: int) -> None:
+    bb = EfficientNetLiteBackbone(variant="lite0", features=features)
+    assert (bb.out_channels, bb.stride) == (channels, stride)
+    assert bb(torch.randn(1, 3, 64, 128)).features.shape == (1, channels, 64 // stride,
+                                                             128 // stride)
+
+
+def test_unknown_feature_stage_is_refused() -> None:
+    with pytest.raises(ValueError, match="stage4"):
+        EfficientNetLiteBackbone(variant="lite0", features="stage9")
+
+
+def test_training_the_last_kept_stage_of_a_cut_trunk() -> None:
+    bb = EfficientNetLiteBackbone(variant="lite0", features="stage4", trainable_stages=1)
+    assert all(p.requires_grad for p in bb.net.blocks[4].parameters())
+    assert not any(p.requires_grad for p in bb.net.blocks[3].parameters())
+    # the stem stays frozen, as for the full trunk: stages 0-4 are the 5 trainable units
+    with pytest.raises(ValueError, match=r"\[0, 5\]"):
+        EfficientNetLiteBackbone(variant="lite0", features="stage4", trainable_stages=6)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import re
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Optional, Sequence
 
 import timm
 import torch
@@ -49,11 +49,16 @@ def packaged_weights_path(variant: str) -> Path:
     return Path(getattr(mod, cls).get_model_file_path())
 
 
-def convert_lukemelas_state_dict(sd: Mapping[str, torch.Tensor],
-                                 timm_model: nn.Module) -> dict[str, torch.Tensor]:
-    """Rename an EfficientNet-PyTorch state dict to timm's names for the same architecture."""
-    block_slots = [f"blocks.{s}.{i}" for s, stage in enumerate(timm_model.blocks)
-                   for i in range(len(stage))]
+def convert_lukemelas_state_dict(sd: Mapping[str, torch.Tensor], timm_model: nn.Module,
+                                 stage_lengths: Optional[Sequence[int]] = None
+                                 ) -> dict[str, torch.Tensor]:
+    """Rename an EfficientNet-PyTorch state dict to timm's names for the same architecture.
+
+    ``stage_lengths`` (blocks per stage) defaults to ``timm_model``'s; pass the full
+    architecture's when ``timm_model`` has been cut after an earlier stage."""
+    lengths = list(stage_lengths) if stage_lengths is not None else [
+        len(stage) for stage in timm_model.blocks]
+    block_slots = [f"blocks.{s}.{i}" for s, n in enumerate(lengths) for i in range(n)]
     expanded = {int(m.group(1)) for k in sd if (m := re.match(r"_blocks\.(\d+)\._expand_conv", k))}
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
@@ -77,12 +82,16 @@ def convert_lukemelas_state_dict(sd: Mapping[str, torch.Tensor],
 
 @register_backbone("efficientnet_lite")
 class EfficientNetLiteBackbone(Backbone):
-    """EfficientNet-Lite{0,1,2} trunk; features after the 1x1 head conv (1280 ch, stride 32) or
-    after the last inverted-residual stage (``features: last_stage``, 320 ch).
+    """EfficientNet-Lite{0,1,2} trunk; features after the 1x1 head conv (1280 ch, stride 32),
+    after the last inverted-residual stage (``features: last_stage``, 320 ch, stride 32), or
+    after an earlier stage (``features: stageN``; for Lite0 ``stage4`` is 112 ch at stride 16,
+    four times the tokens of the stride-32 outputs at the same input size). The stages after
+    the chosen one are removed, so they cost nothing and hold no weights.
 
     Args:
         variant: ``lite0`` | ``lite1`` | ``lite2``.
-        features: ``head`` or ``last_stage``.
+        features: ``head``, ``last_stage`` or ``stage0`` ... ``stage6`` (timm's ``blocks[N]``;
+            ``stage6`` is ``last_stage``).
         trainable_stages: number of final stages (counting the head as one) that train; 0 keeps
             the whole backbone frozen, with BatchNorm statistics frozen too.
     """
@@ -95,17 +104,25 @@ class EfficientNetLiteBackbone(Backbone):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant {variant!r} is not one of {sorted(VARIANTS)}")
-        if features not in ("head", "last_stage"):
-            raise ValueError(f"features must be 'head' or 'last_stage', got {features!r}")
         self.variant = variant
         self.features_at = features
         self.net = timm.create_model(VARIANTS[variant][0], pretrained=False, num_classes=0)
-        if features == "last_stage":
+        self._stage_lengths = [len(stage) for stage in self.net.blocks]
+        n_stages = len(self._stage_lengths)
+        choices = ["head", "last_stage"] + [f"stage{i}" for i in range(n_stages)]
+        if features not in choices:
+            raise ValueError(f"features must be one of {choices}, got {features!r}")
+        self.stage_index = (n_stages - 1 if features in ("head", "last_stage")
+                           else int(features[len("stage"):]))
+        if features != "head":
+            self.net.blocks = self.net.blocks[:self.stage_index + 1]
             self.net.conv_head = nn.Identity()
             self.net.bn2 = nn.Identity()
-            self.out_channels = int(self.net.blocks[-1][-1].conv_pwl.out_channels)
+            self.out_channels = int(_stage_channels(self.net.blocks[-1]))
         else:
             self.out_channels = int(self.net.num_features)
+        # stem (stride 2) times every kept stage's first-block stride
+        self.stride = 2 * int(torch.tensor([_stage_stride(s) for s in self.net.blocks]).prod())
         n_units = len(self.net.blocks) + (1 if features == "head" else 0)
         if not 0 <= trainable_stages <= n_units:
             raise ValueError(f"trainable_stages must be in [0, {n_units}], got {trainable_stages}")
@@ -147,11 +164,11 @@ class EfficientNetLiteBackbone(Backbone):
         """Load the ImageNet weights from the variant's pip package."""
         path = packaged_weights_path(self.variant)
         sd = torch.load(path, map_location="cpu", weights_only=True)
-        converted = convert_lukemelas_state_dict(sd, self.net)
-        converted = {k: v for k, v in converted.items() if not k.startswith("classifier.")}
-        if self.features_at == "last_stage":
-            converted = {k: v for k, v in converted.items()
-                         if not k.startswith(("conv_head.", "bn2."))}
+        converted = convert_lukemelas_state_dict(sd, self.net, self._stage_lengths)
+        # keep what this (possibly cut) trunk has: no classifier, no head conv unless
+        # features == head, no stage after the chosen one
+        kept = set(self.net.state_dict())
+        converted = {k: v for k, v in converted.items() if k in kept}
         missing, unexpected = self.net.load_state_dict(converted, strict=False)
         missing = [k for k in missing if not k.endswith("num_batches_tracked")]
         if missing or unexpected:
@@ -159,3 +176,15 @@ class EfficientNetLiteBackbone(Backbone):
 
     def forward(self, images: torch.Tensor) -> BackboneOutput:
         return BackboneOutput(features=self.net.forward_features(images), cls_token=None)
+
+
+def _stage_channels(stage: nn.Module) -> int:
+    """Output channels of a timm EfficientNet stage (its last block's last 1x1 conv)."""
+    last = stage[-1]
+    conv = last.conv_pwl if hasattr(last, "conv_pwl") else last.conv_pw  # IR or DS block
+    return int(conv.out_channels)
+
+
+def _stage_stride(stage: nn.Module) -> int:
+    """Spatial stride of a timm EfficientNet stage (its first block's depthwise conv)."""
+    return int(stage[0].conv_dw.stride[0])
