@@ -25,15 +25,17 @@ Where codes come from (parameter ``codes``):
 - ``auto`` (default): ``model`` when the first ``add`` brings codes, else :data:`DEFAULT_CODES`.
 
 Three stages for projected codes (``simhash``, ``pca``, ``itq``): the Hamming scan proposes the
-``shortlist`` nearest codes (default 1000); those are re-scored *asymmetrically* -- the query's
-real-valued projection against each candidate's sign bits, ``sum_i (q.w_i - t_i) * (+-1)_i``,
-which keeps the query's magnitudes that its own code throws away -- and the best ``rerank`` of
-them get exact inner products. Why: on the 1M x 4096 real-descriptor benchmark the exact top-1
-was among the 100 nearest codes for 97% of queries but among the 100 best asymmetric scores of
-the 1000 nearest codes for 99.5%, for ~0.4 ms more (a 256-entry table per code byte, one gather
-per candidate byte); the scan itself costs the same for 100 or 1000 (faiss's counting-sort
-selection, see :mod:`vpr_ros.mapdb.index.hamming`). ``shortlist: 0`` (or <= ``rerank``) skips the
-stage. Model codes have no query projection, so their maps re-rank the Hamming order directly.
+``shortlist`` nearest codes (default 1000, at most 1% of the map); those are re-scored
+*asymmetrically* -- the query's real-valued projection against each candidate's sign bits,
+``sum_i (q.w_i - t_i) * (+-1)_i``, which keeps the query's magnitudes that its own code throws
+away -- and the best ``rerank`` of them get exact inner products. Why: on the 1M x 4096
+real-descriptor benchmark the exact top-1 was among the 100 nearest codes for 97% of queries but
+among the 100 best asymmetric scores of the 1000 nearest codes for 99.5%, for ~0.3 ms more (a
+256-entry table per code byte, one gather per candidate byte); the scan itself costs the same for
+100 or 1000 (faiss's counting-sort selection, see :mod:`vpr_ros.mapdb.index.hamming`).
+``shortlist: 0`` (or <= ``rerank``) skips the stage, and so do maps too small for it to matter
+(see :meth:`BinaryIndex.effective_shortlist`). Model codes have no query projection, so their
+maps re-rank the Hamming order directly.
 
 Projections (and thresholds) are saved with the map so that queries are coded the same way
 forever; load recomputes a sample of codes from the descriptors to catch a projection or codes
@@ -235,7 +237,7 @@ class BinaryIndex(VectorIndex):
             if query_codes is not None:
                 self.query_codes_for(queries, query_codes)  # refuses them, as when trained
             return exact_search(self.store, queries, k, allowed)
-        rerank, shortlist = self.params["rerank"], self.params["shortlist"]
+        rerank, shortlist = self.params["rerank"], self.effective_shortlist()
         asymmetric = rerank > 0 and self.params["codes"] != "model" and \
             shortlist > max(k, rerank)
         if asymmetric:  # one projection gives both the codes and the asymmetric scores
@@ -259,6 +261,16 @@ class BinaryIndex(VectorIndex):
 
         return approximate_search(self.store, queries, k, allowed, shortlist, fetch,
                                   narrow=narrow)
+
+    def effective_shortlist(self) -> int:
+        """The ``shortlist`` parameter, capped at 1% of the map.
+
+        Why a cap: the smaller the map, the more often the exact neighbour is already among the
+        nearest ``rerank`` codes (real descriptors: 0.99 of queries at 200k keyframes, 0.97 at
+        1M), while re-scoring 1000 candidates costs a fixed 0.3-0.6 ms per query (measured on a
+        10k map), a tenth of the node's whole per-frame budget. At 1% the stage starts above
+        10k keyframes (with ``rerank`` 100) and reaches the full 1000 at 100k."""
+        return min(self.params["shortlist"], len(self.store) // 100)
 
     def query_projection(self, queries: np.ndarray) -> np.ndarray:
         """(B, bits) float32: the queries' projections less the thresholds, whose signs are
@@ -363,7 +375,7 @@ class BinaryIndex(VectorIndex):
     def info(self) -> dict[str, Any]:
         out = {**super().info(), "code_bytes": self.bits // 8}
         out["stages"] = ("hamming -> exact" if self.params["codes"] == "model"
-                         or self.params["shortlist"] <= self.params["rerank"]
+                         or self.effective_shortlist() <= self.params["rerank"]
                          else "hamming -> asymmetric -> exact") if self.params["rerank"] \
             else "hamming"
         if self.learned:
