@@ -11,6 +11,7 @@ on real images.
 from __future__ import annotations
 
 import importlib
+import math
 import re
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -122,7 +123,8 @@ class EfficientNetLiteBackbone(Backbone):
         else:
             self.out_channels = int(self.net.num_features)
         # stem (stride 2) times every kept stage's first-block stride
-        self.stride = 2 * int(torch.tensor([_stage_stride(s) for s in self.net.blocks]).prod())
+        # (plain ints: models are also built on the meta device, where a tensor has no value)
+        self.stride = 2 * math.prod(int(_stage_stride(s)) for s in self.net.blocks)
         n_units = len(self.net.blocks) + (1 if features == "head" else 0)
         if not 0 <= trainable_stages <= n_units:
             raise ValueError(f"trainable_stages must be in [0, {n_units}], got {trainable_stages}")
