@@ -137,3 +137,16 @@ def test_area_bands_not_split_when_it_cannot_be_exact_or_cheap() -> None:
     assert area_bands(240, 320, 224, 224, 2) == []      # small frame: a thread hand-off costs more
     assert area_bands(480, 640, 224, 224, 1) == []      # one core
     assert area_bands(200, 1280, 224, 224, 2) == []     # grows vertically: INTER_AREA's linear mode
+
+
+def test_batch_with_banded_resize_and_normalisation_equals_one_opencv_call() -> None:
+    """preprocess_batch resizes and normalises camera frames band by band on several threads;
+    the result must equal one INTER_AREA call followed by the normalisation formula."""
+    prep = Preprocessing(size=(224, 224), mean=MEAN, std=STD, resize="stretch")
+    images = [_frame((480, 640), 11), _frame((1080, 1920), 12), _frame((481, 640), 13)]
+    got = preprocess_batch(images, prep)
+    for i, im in enumerate(images):
+        small = cv2.resize(im, (224, 224), interpolation=cv2.INTER_AREA).astype(np.float32)
+        ref = (small - np.asarray(MEAN, np.float32) * np.float32(255.0)) * (
+            np.float32(1.0) / (np.asarray(STD, np.float32) * np.float32(255.0)))
+        np.testing.assert_array_equal(got[i], ref.transpose(2, 0, 1))

@@ -12,7 +12,7 @@ import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import cv2
 import numpy as np
@@ -127,14 +127,19 @@ def _band_pool() -> ThreadPoolExecutor:
 
 
 def _banded_area_resize(img: np.ndarray, h: int, w: int,
-                        bands: list[tuple[int, int, int, int]]) -> np.ndarray:
+                        bands: list[tuple[int, int, int, int]],
+                        finish: Callable[[np.ndarray, int, int], None] | None = None
+                        ) -> np.ndarray:
     """``cv2.resize(img, (w, h), INTER_AREA)`` computed band by band, the first band on the
-    calling thread and the others on the pool, written into one output array."""
+    calling thread and the others on the pool, written into one output array; ``finish(rows,
+    top, bottom)``, if given, runs on each band's thread right after its rows are resized."""
     out = np.empty((h, w, img.shape[2]), dtype=img.dtype)
 
     def one(band: tuple[int, int, int, int]) -> None:
         s0, s1, d0, d1 = band
         cv2.resize(img[s0:s1], (w, d1 - d0), dst=out[d0:d1], interpolation=cv2.INTER_AREA)
+        if finish is not None:
+            finish(out[d0:d1], d0, d1)
 
     futures = [_band_pool().submit(one, b) for b in bands[1:]]
     one(bands[0])
@@ -157,10 +162,23 @@ def preprocess_batch(images: Union[np.ndarray, Sequence[np.ndarray]], prep: Prep
     lut = normalisation_table(prep.mean, prep.std)
     out = np.empty((len(images), 3, h, w), dtype=np.float32)
     for i, img in enumerate(images):
-        small = resize_image(check_image(img, i), prep)
-        for c in range(3):  # a table lookup writes the planar (CHW) layout directly
-            np.take(lut[c], small[:, :, c], out=out[i, c])
+        img = check_image(img, i)
+        bands = area_bands(img.shape[0], img.shape[1], h, w, _band_workers()) \
+            if prep.resize == "stretch" else []
+        if bands:  # each band thread normalises the rows it resized, too
+            target = out[i]
+            _banded_area_resize(img, h, w, bands, finish=lambda rows, d0, d1, target=target:
+                                _normalise_into(rows, lut, target[:, d0:d1]))
+        else:
+            _normalise_into(resize_image(img, prep), lut, out[i])
     return out
+
+
+def _normalise_into(rgb: np.ndarray, lut: np.ndarray, out: np.ndarray) -> None:
+    """(h, w, 3) uint8 -> ``out`` (3, h, w) float32 through the per-channel table: a lookup
+    writes the planar (CHW) layout directly."""
+    for c in range(3):
+        np.take(lut[c], rgb[:, :, c], out=out[c])
 
 
 @functools.lru_cache(maxsize=16)
