@@ -150,3 +150,17 @@ def test_batch_with_banded_resize_and_normalisation_equals_one_opencv_call() -> 
         ref = (small - np.asarray(MEAN, np.float32) * np.float32(255.0)) * (
             np.float32(1.0) / (np.asarray(STD, np.float32) * np.float32(255.0)))
         np.testing.assert_array_equal(got[i], ref.transpose(2, 0, 1))
+
+
+def test_band_threads_cpu_is_credited_to_the_calling_thread() -> None:
+    """The node's per-stage CPU figures use thread CPU time; work moved to the band threads must
+    be credited back to the caller, or the preprocess stage would look cheaper than it is."""
+    from vpr_ros.runtime.preprocess import (_banded_area_resize, area_bands,
+                                            offloaded_cpu_seconds)
+
+    img = _frame((1080, 1920), 21)
+    bands = area_bands(1080, 1920, 224, 224, 2)
+    before = offloaded_cpu_seconds()
+    for _ in range(5):
+        _banded_area_resize(img, 224, 224, bands)
+    assert offloaded_cpu_seconds() > before

@@ -20,6 +20,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from vpr_ros.runtime.preprocess import offloaded_cpu_seconds
+
 #: Per-frame stages, in pipeline order; each is timed separately.
 STAGES = ("conversion", "preprocess", "encode", "search", "decision", "publish")
 
@@ -46,12 +48,18 @@ class FrameTiming:
     total: float = 0.0
     transport: float = math.nan
     #: Thread CPU seconds of each stage on the encoder thread: what the work itself costs,
-    #: apart from time spent waiting for a core on a busy machine (helper threads of BLAS,
-    #: OpenCV or torch are not included).
+    #: apart from time spent waiting for a core on a busy machine (the preprocessing's own
+    #: resize-band threads are included; helper threads of BLAS, ONNX Runtime, faiss or torch
+    #: are not).
     cpu: dict[str, float] = field(default_factory=dict)
 
     def stage(self, name: str) -> float:
         return float(getattr(self, name))
+
+
+def _thread_cpu() -> float:
+    """This thread's CPU seconds plus what the preprocessing's band threads did for it."""
+    return time.thread_time() + offloaded_cpu_seconds()
 
 
 class Stopwatch:
@@ -59,10 +67,10 @@ class Stopwatch:
 
     def __init__(self, timing: FrameTiming) -> None:
         self.timing = timing
-        self._wall, self._cpu = time.perf_counter(), time.thread_time()
+        self._wall, self._cpu = time.perf_counter(), _thread_cpu()
 
     def lap(self, stage: str) -> None:
-        wall, cpu = time.perf_counter(), time.thread_time()
+        wall, cpu = time.perf_counter(), _thread_cpu()
         setattr(self.timing, stage, wall - self._wall)
         self.timing.cpu[stage] = cpu - self._cpu
         self._wall, self._cpu = wall, cpu
