@@ -82,7 +82,8 @@ def test_selavpr_map_stores_the_models_codes_and_search_uses_them(
         pm.check_outputs(ModelOutputs(code_bytes=32))
 
     assert _vpr("map", "info", str(out)) == 0
-    assert "binary (512-bit codes from the model, re-rank 100)" in capsys.readouterr().out
+    assert "binary (512-bit codes from the model's hash head; hamming -> exact, re-rank 100)" \
+        in capsys.readouterr().out
 
     # An explicit flat index still works with this model.
     flat = tmp_path / "flat"

@@ -319,3 +319,11 @@ def test_small_maps_skip_the_shortlist_stage(data) -> None:
     pm.add(x, keyframes(len(x)))
     assert pm.info()["index"]["stages"] == "hamming -> exact"
     assert pm._index.effective_shortlist() == 40
+
+
+def test_map_info_names_learned_codes_and_the_search_stages(saved_pca: Path, capsys) -> None:
+    from vpr_ros.cli import main
+
+    assert main(["map", "info", str(saved_pca)]) == 0
+    assert "binary (64-bit codes from a PCA of the map; hamming -> exact, re-rank 100)" \
+        in capsys.readouterr().out

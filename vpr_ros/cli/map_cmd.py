@@ -87,14 +87,22 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+#: How ``vpr map info`` names where a binary index's codes come from.
+_CODE_SOURCE_TEXT = {"model": "the model's hash head", "pca": "a PCA of the map",
+                     "itq": "a PCA of the map + ITQ rotation", "simhash": "a random projection"}
+
+
 def _format_info(info: dict[str, Any]) -> str:
     sessions = ", ".join(f"{name} ({n})" for name, n in info["sessions"].items()) or "none"
     index = info["index"]
     index_text = index.get("kind", "?") if isinstance(index, dict) else str(index)
     if isinstance(index, dict) and index.get("kind") == "binary":
-        index_text += (f" ({index.get('bits')}-bit codes from "
-                       f"{'the model' if index.get('codes') == 'model' else 'a random projection'}"
-                       f", re-rank {index.get('rerank')})")
+        source = _CODE_SOURCE_TEXT.get(index.get("codes"), str(index.get("codes")))
+        if index.get("trained") is False:
+            source += ", not trained yet: exact search"
+        index_text += (f" ({index.get('bits')}-bit codes from {source}; "
+                       f"{index.get('stages', 'hamming -> exact')}, re-rank "
+                       f"{index.get('rerank')})")
     local = info.get("local_features")
     local_text = "none" if not local else \
         (f"{' x '.join(str(v) for v in local['grid'])} {local['dtype']} per keyframe, "
