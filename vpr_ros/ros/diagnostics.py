@@ -20,8 +20,6 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from vpr_ros.runtime.preprocess import offloaded_cpu_seconds
-
 #: Per-frame stages, in pipeline order; each is timed separately.
 STAGES = ("conversion", "preprocess", "encode", "search", "decision", "publish")
 
@@ -48,18 +46,12 @@ class FrameTiming:
     total: float = 0.0
     transport: float = math.nan
     #: Thread CPU seconds of each stage on the encoder thread: what the work itself costs,
-    #: apart from time spent waiting for a core on a busy machine (the preprocessing's own
-    #: resize-band threads are included; helper threads of BLAS, ONNX Runtime, faiss or torch
-    #: are not).
+    #: apart from time spent waiting for a core on a busy machine (helper threads of BLAS,
+    #: OpenCV or torch are not included).
     cpu: dict[str, float] = field(default_factory=dict)
 
     def stage(self, name: str) -> float:
         return float(getattr(self, name))
-
-
-def _thread_cpu() -> float:
-    """This thread's CPU seconds plus what the preprocessing's band threads did for it."""
-    return time.thread_time() + offloaded_cpu_seconds()
 
 
 class Stopwatch:
@@ -67,10 +59,10 @@ class Stopwatch:
 
     def __init__(self, timing: FrameTiming) -> None:
         self.timing = timing
-        self._wall, self._cpu = time.perf_counter(), _thread_cpu()
+        self._wall, self._cpu = time.perf_counter(), time.thread_time()
 
     def lap(self, stage: str) -> None:
-        wall, cpu = time.perf_counter(), _thread_cpu()
+        wall, cpu = time.perf_counter(), time.thread_time()
         setattr(self.timing, stage, wall - self._wall)
         self.timing.cpu[stage] = cpu - self._cpu
         self._wall, self._cpu = wall, cpu

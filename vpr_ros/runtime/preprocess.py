@@ -8,17 +8,12 @@ same arithmetic), so "same inputs give the same descriptors" does not depend on 
 from __future__ import annotations
 
 import functools
-import math
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from typing import Sequence, Union
 
 import cv2
 import numpy as np
 
-from vpr_ros.cpu_cores import usable_cores
 from vpr_ros.errors import InputError
 
 
@@ -68,96 +63,7 @@ def _resize(img: np.ndarray, h: int, w: int) -> np.ndarray:
     if img.shape[:2] == (h, w):
         return img
     shrinking = img.shape[0] * img.shape[1] > h * w
-    if shrinking:
-        bands = area_bands(img.shape[0], img.shape[1], h, w, _band_workers())
-        if len(bands) > 1:
-            return _banded_area_resize(img, h, w, bands)
     return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
-
-
-#: Below this many source pixels a frame is resized in one call: handing a band to another
-#: thread costs tens of microseconds, more than a small resize saves.
-BAND_MIN_PIXELS = 150_000
-#: At most this many bands (threads) per frame.
-BAND_MAX = 4
-
-_BAND_POOL: ThreadPoolExecutor | None = None
-_BAND_LOCK = threading.Lock()
-
-
-def _band_workers() -> int:
-    return min(BAND_MAX, usable_cores())
-
-
-def area_bands(src_h: int, src_w: int, dst_h: int, dst_w: int, workers: int
-               ) -> list[tuple[int, int, int, int]]:
-    """Row bands ``(src_top, src_bottom, dst_top, dst_bottom)`` that resize independently to
-    exactly what one ``INTER_AREA`` call gives, or ``[]`` when the frame is not split.
-
-    Why this is exact: shrinking by ``src_h / dst_h`` maps every ``p_in = src_h / g`` source rows
-    onto ``p_out = dst_h / g`` output rows (``g = gcd(src_h, dst_h)``) with the same coverage
-    weights, period after period; a band that starts and ends on a period boundary therefore
-    has the same scale, the same weights and the same method (OpenCV picks its integer-factor
-    path by the same ratio) as the rows it replaces. ``test_backends_preprocess.py`` checks the
-    bands against one call bit for bit on many camera sizes.
-
-    Why split at all: OpenCV runs a non-integer ``INTER_AREA`` shrink of a camera frame to
-    network size on one thread (it parallelises by output size, and 224x224 is below its stripe
-    size), 1.8-2.2 ms for 640x480 -> 224x224 on the development machine, the largest cost of a
-    frame in the node after the network itself. Bands on separate threads (OpenCV releases the
-    GIL) divide that wall time by the cores available."""
-    if workers < 2 or src_h * src_w < BAND_MIN_PIXELS or src_h < dst_h or src_w < dst_w:
-        return []
-    periods = math.gcd(src_h, dst_h)
-    n = min(workers, periods)
-    if n < 2:
-        return []
-    p_in, p_out = src_h // periods, dst_h // periods
-    cuts = [periods * b // n for b in range(n + 1)]
-    return [(cuts[b] * p_in, cuts[b + 1] * p_in, cuts[b] * p_out, cuts[b + 1] * p_out)
-            for b in range(n)]
-
-
-def _band_pool() -> ThreadPoolExecutor:
-    global _BAND_POOL
-    with _BAND_LOCK:
-        if _BAND_POOL is None:
-            _BAND_POOL = ThreadPoolExecutor(max_workers=BAND_MAX - 1,
-                                            thread_name_prefix="resize-band")
-        return _BAND_POOL
-
-
-def _banded_area_resize(img: np.ndarray, h: int, w: int,
-                        bands: list[tuple[int, int, int, int]],
-                        finish: Callable[[np.ndarray, int, int], None] | None = None
-                        ) -> np.ndarray:
-    """``cv2.resize(img, (w, h), INTER_AREA)`` computed band by band, the first band on the
-    calling thread and the others on the pool, written into one output array; ``finish(rows,
-    top, bottom)``, if given, runs on each band's thread right after its rows are resized."""
-    out = np.empty((h, w, img.shape[2]), dtype=img.dtype)
-
-    def one(band: tuple[int, int, int, int]) -> float:
-        cpu = time.thread_time()
-        s0, s1, d0, d1 = band
-        cv2.resize(img[s0:s1], (w, d1 - d0), dst=out[d0:d1], interpolation=cv2.INTER_AREA)
-        if finish is not None:
-            finish(out[d0:d1], d0, d1)
-        return time.thread_time() - cpu
-
-    futures = [_band_pool().submit(one, b) for b in bands[1:]]
-    one(bands[0])
-    _OFFLOADED.cpu_s = offloaded_cpu_seconds() + sum(f.result() for f in futures)
-    return out
-
-
-_OFFLOADED = threading.local()
-
-
-def offloaded_cpu_seconds() -> float:
-    """CPU seconds that pool threads have spent on resize bands for the calling thread, so
-    far. Per-thread CPU accounting (the node's stage timings use ``time.thread_time``) adds
-    this, or work moved to the pool would vanish from the CPU figures."""
-    return getattr(_OFFLOADED, "cpu_s", 0.0)
 
 
 def preprocess_batch(images: Union[np.ndarray, Sequence[np.ndarray]], prep: Preprocessing
@@ -174,23 +80,10 @@ def preprocess_batch(images: Union[np.ndarray, Sequence[np.ndarray]], prep: Prep
     lut = normalisation_table(prep.mean, prep.std)
     out = np.empty((len(images), 3, h, w), dtype=np.float32)
     for i, img in enumerate(images):
-        img = check_image(img, i)
-        bands = area_bands(img.shape[0], img.shape[1], h, w, _band_workers()) \
-            if prep.resize == "stretch" else []
-        if bands:  # each band thread normalises the rows it resized, too
-            target = out[i]
-            _banded_area_resize(img, h, w, bands, finish=lambda rows, d0, d1, target=target:
-                                _normalise_into(rows, lut, target[:, d0:d1]))
-        else:
-            _normalise_into(resize_image(img, prep), lut, out[i])
+        small = resize_image(check_image(img, i), prep)
+        for c in range(3):  # a table lookup writes the planar (CHW) layout directly
+            np.take(lut[c], small[:, :, c], out=out[i, c])
     return out
-
-
-def _normalise_into(rgb: np.ndarray, lut: np.ndarray, out: np.ndarray) -> None:
-    """(h, w, 3) uint8 -> ``out`` (3, h, w) float32 through the per-channel table: a lookup
-    writes the planar (CHW) layout directly."""
-    for c in range(3):
-        np.take(lut[c], rgb[:, :, c], out=out[c])
 
 
 @functools.lru_cache(maxsize=16)
