@@ -1,7 +1,7 @@
 """How many CPU cores this process may use: one answer for every thread pool in the package.
 
-Why one helper: ONNX Runtime's intra-op team, the Hamming scan's shards and the preprocessing
-bands all size themselves to the cores the process can run on. On a robot the node is often
+Why one helper: ONNX Runtime's intra-op team and the Hamming scan's shards both size themselves
+to the cores the process can run on. On a robot the node is often
 pinned (``taskset``, a container's cpuset), and ``os.cpu_count()`` would then oversubscribe the
 few cores it has; the affinity mask says what is really there.
 """
