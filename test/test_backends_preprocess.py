@@ -124,3 +124,15 @@ def test_batch_equals_one_opencv_call_and_the_formula() -> None:
             np.float32(1.0) / (np.asarray(STD, np.float32) * np.float32(255.0)))
         np.testing.assert_array_equal(got[i], ref.transpose(2, 0, 1))
 
+
+
+def test_read_only_frames_at_network_size_are_normalised_bit_for_bit() -> None:
+    """Frames decoded from ROS messages are read-only views of the message buffer; one already
+    at the network size skips the resize and goes straight to the lookup."""
+    prep = Preprocessing(size=(224, 224), mean=MEAN, std=STD, resize="stretch")
+    frame = _frame((224, 224), 31)
+    view = np.frombuffer(frame.tobytes(), np.uint8).reshape(frame.shape)
+    assert not view.flags.writeable
+    ref = (frame.astype(np.float32) - np.asarray(MEAN, np.float32) * np.float32(255.0)) * (
+        np.float32(1.0) / (np.asarray(STD, np.float32) * np.float32(255.0)))
+    np.testing.assert_array_equal(preprocess_batch([view], prep)[0], ref.transpose(2, 0, 1))
