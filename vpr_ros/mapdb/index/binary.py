@@ -238,8 +238,7 @@ class BinaryIndex(VectorIndex):
                 self.query_codes_for(queries, query_codes)  # refuses them, as when trained
             return exact_search(self.store, queries, k, allowed)
         rerank, shortlist = self.params["rerank"], self.effective_shortlist()
-        asymmetric = rerank > 0 and self.params["codes"] != "model" and \
-            shortlist > max(k, rerank)
+        asymmetric = self.uses_asymmetric_stage(k)
         if asymmetric:  # one projection gives both the codes and the asymmetric scores
             if query_codes is not None:
                 self.query_codes_for(queries, query_codes)  # refuses them, with the reason
@@ -271,6 +270,13 @@ class BinaryIndex(VectorIndex):
         10k map), a tenth of the node's whole per-frame budget. At 1% the stage starts above
         10k keyframes (with ``rerank`` 100) and reaches the full 1000 at 100k."""
         return min(self.params["shortlist"], len(self.store) // 100)
+
+    def uses_asymmetric_stage(self, k: int = 0) -> bool:
+        """Whether a search for ``k`` results re-scores a Hamming shortlist asymmetrically: only
+        for codes from a projection (a hash head gives no real-valued query projection), with an
+        exact re-rank, and when the shortlist is longer than what is re-ranked."""
+        return (self.params["rerank"] > 0 and self.params["codes"] != "model"
+                and self.effective_shortlist() > max(k, self.params["rerank"]))
 
     def query_projection(self, queries: np.ndarray) -> np.ndarray:
         """(B, bits) float32: the queries' projections less the thresholds, whose signs are
@@ -374,10 +380,8 @@ class BinaryIndex(VectorIndex):
 
     def info(self) -> dict[str, Any]:
         out = {**super().info(), "code_bytes": self.bits // 8}
-        out["stages"] = ("hamming -> exact" if self.params["codes"] == "model"
-                         or self.effective_shortlist() <= self.params["rerank"]
-                         else "hamming -> asymmetric -> exact") if self.params["rerank"] \
-            else "hamming"
+        out["stages"] = ("hamming -> asymmetric -> exact" if self.uses_asymmetric_stage()
+                         else "hamming -> exact" if self.params["rerank"] else "hamming")
         if self.learned:
             out["trained"] = self.trained
             if not self.trained:
