@@ -13,6 +13,7 @@ from vpr_ros.errors import InputError
 from vpr_ros.localization.geometry import (
     Candidate,
     as_quaternion,
+    candidates_from_columns,
     candidates_from_results,
     rotation_angle_rad,
     same_place,
@@ -100,3 +101,50 @@ def test_same_place_uses_positions_then_same_session_stamps() -> None:
     assert not same_place(p, r, radius_m=0.0, stamp_window_ns=10**9)
     # One side posed, the other not: fall back to stamps.
     assert same_place(a, Candidate(6, 0.9, 5, session="s"), radius_m=0.0, stamp_window_ns=10)
+
+
+def test_candidates_from_columns_equal_the_per_keyframe_path_on_a_real_map() -> None:
+    """The node's column-wise candidates must be the very values the per-keyframe path gives
+    (positions, quaternions normalised with the same float operations, sessions, order)."""
+    from vpr_ros.mapdb import Keyframe, PlaceMap
+
+    rng = np.random.default_rng(4)
+    pm = PlaceMap.create(8, "fp", index="flat")
+    kfs = []
+    for i in range(40):
+        pos = None if i % 5 == 0 else tuple(rng.normal(0, 50, 3).tolist())
+        quat = None if i % 7 == 0 else tuple((rng.normal(0, 1, 4) * rng.uniform(0.5, 2)).tolist())
+        kfs.append(Keyframe("lap1" if i < 25 else "lap2", 10**9 * i, "map", pos, quat))
+    desc = rng.standard_normal((40, 8)).astype(np.float32)
+    pm.add(desc / np.linalg.norm(desc, axis=1, keepdims=True), kfs)
+    ids, scores = pm.search(desc[:6], 12)
+    for row in range(6):
+        fast = candidates_from_columns(ids[row], scores[row], pm.keyframe_table.pose_columns)
+        slow = candidates_from_results(ids[row], scores[row], pm.keyframe)
+        assert fast == slow and len(fast) == 12
+        assert [type(c.id) for c in fast] == [int] * 12
+    padded = np.array([3, -1, 7]), np.array([0.5, -np.inf, 0.7])
+    assert candidates_from_columns(*padded, pm.keyframe_table.pose_columns) == \
+        candidates_from_results(*padded, pm.keyframe)
+    assert candidates_from_columns([], [], pm.keyframe_table.pose_columns) == []
+    with pytest.raises(KeyError, match="not in this map"):
+        candidates_from_columns([40], [0.5], pm.keyframe_table.pose_columns)
+
+
+def test_candidates_from_columns_refuse_what_candidates_refuse() -> None:
+    def columns(position, orientation):
+        return lambda ids: (["s"] * len(ids), np.zeros(len(ids), np.int64),
+                            np.array([position] * len(ids), np.float64),
+                            np.array([orientation] * len(ids), np.float64))
+
+    nan3, nan4 = (math.nan,) * 3, (math.nan,) * 4
+    with pytest.raises(InputError, match="candidate 2 position has a non-finite"):
+        candidates_from_columns([2], [0.5], columns((1.0, math.nan, 0.0), nan4))
+    with pytest.raises(InputError, match="candidate 2 orientation is a zero quaternion"):
+        candidates_from_columns([2], [0.5], columns(nan3, (0.0, 0.0, 0.0, 0.0)))
+    with pytest.raises(InputError, match="candidate 2 has a non-finite score"):
+        candidates_from_columns([2], [math.nan], columns(nan3, nan4))
+    with pytest.raises(InputError, match="differ in length"):
+        candidates_from_columns([1, 2], [0.5], columns(nan3, nan4))
+    ok = candidates_from_columns([2], [0.5], columns(nan3, (0.0, 0.0, 0.0, 2.0)))[0]
+    assert ok.position is None and ok.orientation == (0.0, 0.0, 0.0, 1.0)

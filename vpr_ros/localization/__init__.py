@@ -6,7 +6,8 @@ decision can be replayed and tested on recorded sequences without ROS or a map o
 """
 
 from vpr_ros.localization.evaluation import LoopEvaluation, evaluate_loop_closure
-from vpr_ros.localization.geometry import Candidate, candidates_from_results, same_place
+from vpr_ros.localization.geometry import (Candidate, candidates_from_columns,
+                                           candidates_from_results, same_place)
 from vpr_ros.localization.loop_closure import (
     InsertDecision,
     LoopClosure,
@@ -31,6 +32,7 @@ __all__ = [
     "Relocalizer",
     "RelocalizerConfig",
     "SearchExclusion",
+    "candidates_from_columns",
     "candidates_from_results",
     "evaluate_loop_closure",
     "same_place",

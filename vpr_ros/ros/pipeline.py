@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 
 from vpr_ros.localization import (Candidate, LoopClosure, LoopClosureDetector, Relocalization,
-                                  Relocalizer, candidates_from_results)
+                                  Relocalizer, candidates_from_columns)
 from vpr_ros.mapdb import Exclusion, Keyframe, PlaceMap
 from vpr_ros.mapdb.local_rerank import search_reranked
 from vpr_ros.mapdb.model_outputs import ModelOutputs
@@ -178,7 +178,8 @@ class Pipeline:
             if self.detector is not None:
                 exclusion = Exclusion(**self.detector.search_exclusion(stamp_ns).as_kwargs())
             ids, scores = self.search(query, exclusion)
-            candidates = candidates_from_results(ids[0], scores[0], self.map.keyframe)
+            candidates = candidates_from_columns(ids[0], scores[0],
+                                                 self.map.keyframe_table.pose_columns)
             watch.lap("search")
             position = pose[0].position if pose is not None else None
             outcome = FrameOutcome(stamp_ns, candidates, query_position=position)
