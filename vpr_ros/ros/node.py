@@ -50,6 +50,7 @@ from vpr_ros.ros.params import (NodeConfig, NodeSettings, all_parameter_specs, d
 from vpr_ros.ros.pipeline import (LOCALIZATION, FrameOutcome, Pipeline, default_session_name,
                                   limit_blas_threads)
 from vpr_ros.ros.pose_buffer import PoseBuffer
+from vpr_ros.runtime import area_resize
 
 NODE_NAME = "vpr_node"
 #: Header stamps further than this from the receive wall time are not wall-clock stamps (a
@@ -189,6 +190,7 @@ class VprNode(LifecycleNode):
                 "output: no re-ranking (use the model directory or an export with the local "
                 "head)")
         if cfg.warmup:
+            area_resize.warm_up()  # the camera-frame shrink kernels: compiled or loaded now
             h, w = encoder.input_size
             blank = np.zeros((int(h), int(w), 3), dtype=np.uint8)
             pipeline.search(pipeline.encode(blank, FrameTiming(0)))

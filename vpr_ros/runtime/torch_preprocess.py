@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from vpr_ros.errors import InputError
-from vpr_ros.runtime.preprocess import Preprocessing, check_image
+from vpr_ros.runtime.preprocess import Preprocessing, check_image, resized_and_crop
 
 TorchImages = Union[np.ndarray, Sequence[np.ndarray], torch.Tensor, Sequence[torch.Tensor]]
 
@@ -101,13 +101,7 @@ class ResizePlan:
 def resize_plan(src_hw: tuple[int, int], prep: Preprocessing) -> ResizePlan:
     """Mirror :func:`vpr_ros.runtime.preprocess.resize_image`'s decisions for one size."""
     H, W = src_hw
-    h, w = prep.size
-    top = left = 0
-    rh, rw = h, w
-    if prep.resize == "center_crop":
-        scale = max(h / H, w / W)
-        rh, rw = max(h, round(H * scale)), max(w, round(W * scale))
-        top, left = (rh - h) // 2, (rw - w) // 2
+    (rh, rw), (top, left) = resized_and_crop(src_hw, prep)
     if (H, W) == (rh, rw):
         return ResizePlan("identity", (rh, rw), (top, left))
     if H * W > rh * rw:  # preprocess._resize picks INTER_AREA when shrinking

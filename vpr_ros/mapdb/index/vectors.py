@@ -9,12 +9,12 @@ parts, and a save writes them out as one ``.npy`` file.
 
 from __future__ import annotations
 
-import threading
 from typing import Any, Iterator
 
 import numpy as np
 
 from vpr_ros.mapdb.index.faiss_loader import load_faiss
+from vpr_ros.scratch_buffers import scratch
 
 STORAGE_DTYPES = ("float32", "float16")
 
@@ -34,23 +34,6 @@ def half_to_float(block: np.ndarray, out: np.ndarray) -> np.ndarray:
     src = np.ascontiguousarray(block, dtype=np.float16)
     sq.decode_c(faiss.swig_ptr(src.view(np.uint8)), faiss.swig_ptr(out), len(src))
     return out
-
-
-_SCRATCH = threading.local()
-
-
-def scratch(name: str, rows: int, dim: int, dtype: np.dtype) -> np.ndarray:
-    """A (rows, dim) buffer reused by this thread across calls.
-
-    Why: a re-rank converts ~100 rows x 4096 values per query; a fresh buffer of that size is
-    above malloc's mmap threshold, so every query paid ~400 page faults, which on the shared VM
-    took 1.5 ms (idle) to 15 ms (loaded) against 1 ms for the gather and conversion themselves."""
-    key = f"{name}_{np.dtype(dtype).str}"
-    buf = getattr(_SCRATCH, key, None)
-    if buf is None or buf.size < rows * dim:
-        buf = np.empty(max(rows * dim, 1), dtype=dtype)
-        setattr(_SCRATCH, key, buf)
-    return buf[: rows * dim].reshape(rows, dim)
 
 
 class GrowableArray:
@@ -160,7 +143,7 @@ class DescriptorStore:
         """float32 inner products of rows ``ids`` (each 0 <= id < N) with one float32 ``query``
         (D,): the exact re-rank of a query's candidates. Rows are gathered in id order (a
         memory-mapped file is read front to back) into per-thread scratch buffers and converted
-        there, so no row copies are allocated per call (see :func:`scratch`)."""
+        there, so no row copies are allocated per call (see :func:`vpr_ros.scratch_buffers.scratch`)."""
         ids = np.asarray(ids, dtype=np.int64)
         out = np.empty(len(ids), np.float32)
         if not len(ids):
@@ -177,9 +160,9 @@ class DescriptorStore:
             if hi <= lo:
                 continue
             m = hi - lo
-            raw = scratch("gather", m, self.dim, self.dtype)
+            raw = scratch("gather", (m, self.dim), self.dtype)
             np.take(seg, ordered[lo:hi] - start, axis=0, out=raw, mode="clip")
-            rows = half_to_float(raw, scratch("f32", m, self.dim, np.float32)) if half else raw
+            rows = half_to_float(raw, scratch("f32", (m, self.dim), np.float32)) if half else raw
             out[order[lo:hi]] = rows @ query
             lo = hi
         return out
