@@ -19,8 +19,11 @@ def test_node_bench_reports_a_stage_breakdown_and_no_queue(effnet_gem_model_dir:
 
     model = small_model_dir(effnet_gem_model_dir, tmp_path.parent)
     cfg = NodeBenchConfig(model=model, map_size=2000, rates=[4.0, 200.0], seconds=2.0,
-                          width=320, height=240, backend="torch", threads=1,
+                          min_frames=0, width=320, height=240, backend="torch", threads=1,
                           workdir=tmp_path / "work")
+    assert cfg.seconds_for(4.0) == 2.0
+    assert NodeBenchConfig(rates=[5.0], min_frames=150).seconds_for(5.0) == 30.0
+    assert NodeBenchConfig(rates=[5.0], min_frames=150).seconds_for(100.0) == 8.0
     result = run_node_bench(cfg)
     slow, flood = result["rates"]
     assert slow["sent"] >= 6 and slow["processed"] >= 0.5 * slow["sent"]
