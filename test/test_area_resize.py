@@ -98,4 +98,5 @@ def test_taps_are_the_coverage_weights(src: int, dst: int) -> None:
 
 def test_warm_up_compiles_both_kernels() -> None:
     area_resize.warm_up()
-    assert area_resize.combine_rows.signatures and area_resize.normalise_levels.signatures
+    combine_rows, normalise_levels = area_resize.kernels()
+    assert combine_rows.signatures and normalise_levels.signatures

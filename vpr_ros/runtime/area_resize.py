@@ -24,23 +24,19 @@ numba is optional: without it :data:`AVAILABLE` is False and preprocessing uses 
 from __future__ import annotations
 
 import functools
-import logging
+import importlib.util
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
 
 from vpr_ros.scratch_buffers import scratch
 
-log = logging.getLogger(__name__)
-
-try:
-    import numba
-except ImportError:  # pragma: no cover - exercised where numba is not installed
-    numba = None
-
-AVAILABLE = numba is not None
+#: Whether numba is installed. It is imported only when the first frame needs it: ``import
+#: numba`` costs about 0.3 s, which every ``vpr`` command would otherwise pay.
+AVAILABLE = importlib.util.find_spec("numba") is not None
 
 
 def area_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -93,8 +89,21 @@ def _plan(H: int, W: int, h: int, w: int) -> _Plan:
     return _Plan(area_taps(W, w), area_taps(H, h))
 
 
-if numba is not None:
-    @numba.njit(cache=True, nogil=True)
+@functools.lru_cache(maxsize=1)
+def kernels() -> tuple[Any, Any]:
+    """(combine_rows, normalise_levels), compiled by numba on first use, or loaded from its
+    on-disk cache (next to this module, else the user's cache directory); where no cache can
+    be written at all (a read-only install without a home), compiled in memory instead."""
+    try:
+        return _kernels(cache=True)
+    except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+        return _kernels(cache=False)
+
+
+def _kernels(cache: bool) -> tuple[Any, Any]:
+    import numba
+
+    @numba.njit(cache=cache, nogil=True)
     def combine_rows(src, starts, index, weight, out):  # pragma: no cover - compiled
         """out[i, :] = w0 * src[j0, :] + w1 * src[j1, :] + ... in float32, in tap order."""
         n = src.shape[1]
@@ -108,7 +117,7 @@ if numba is not None:
                 for t in range(n):
                     out[i, t] = out[i, t] + np.float32(src[row, t]) * wk
 
-    @numba.njit(cache=True, nogil=True)
+    @numba.njit(cache=cache, nogil=True)
     def normalise_levels(values, lut, top, left, out):  # pragma: no cover - compiled
         """Round (half to even) and saturate the interleaved RGB ``values`` (rows, cols * 3)
         to levels, look each up in ``lut`` (3, 256) and write the crop at (top, left) to
@@ -121,6 +130,8 @@ if numba is not None:
                     level = 0 if v < 0 else (255 if v > 255 else np.int64(v))
                     out[c, y, x] = lut[c, level]
 
+    return combine_rows, normalise_levels
+
 
 def shrink_normalised(img: np.ndarray, resized_hw: tuple[int, int], crop: tuple[int, int],
                       lut: np.ndarray, out: np.ndarray) -> None:
@@ -130,6 +141,7 @@ def shrink_normalised(img: np.ndarray, resized_hw: tuple[int, int], crop: tuple[
     H, W = img.shape[:2]
     rh, rw = resized_hw
     plan = _plan(H, W, rh, rw)
+    combine_rows, normalise_levels = kernels()
     transposed = cv2.transpose(np.ascontiguousarray(img))          # (W, H, 3): x pass on rows
     cols = scratch("area_cols", (rw, H * 3), np.float32)
     combine_rows(transposed.reshape(W, H * 3), *plan.x, cols)
