@@ -39,13 +39,14 @@ from vpr_ros.scratch_buffers import scratch
 AVAILABLE = importlib.util.find_spec("numba") is not None
 
 
-def area_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """OpenCV's coverage taps of a ``src -> dst`` shrink along one axis.
+def area_cells(src: int, dst: int) -> tuple[list[int], list[int], list[float]]:
+    """OpenCV's ``INTER_AREA`` coverage table of a ``src -> dst`` shrink along one axis, in
+    double precision: ``starts`` (dst + 1 offsets), source ``index`` and ``weight`` per tap.
 
-    Returns ``starts`` (dst + 1,), ``index`` and ``weight`` (float32): output ``i`` is
-    ``sum(weight[k] * in[index[k]] for k in starts[i]:starts[i+1])`` in that order. Output cell
-    ``i`` covers ``[i * s, i * s + s)`` with ``s = src / dst``; a partial first or last source
-    pixel counts only when more than 1e-3 of it is covered, as in OpenCV."""
+    Output cell ``i`` covers ``[i * s, i * s + s)`` with ``s = src / dst``; a partial first or
+    last source pixel counts only when more than 1e-3 of it is covered, as in OpenCV. Taps are
+    in the order OpenCV adds them. Shared by the CPU kernels (:func:`area_taps`) and the GPU
+    twin (``torch_preprocess.area_weights``)."""
     scale = src / dst
     starts, index, weight = [0], [], []
     for d in range(dst):
@@ -65,7 +66,13 @@ def area_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             index.append(last)
             weight.append(min(min(hi - last, 1.0), cell) / cell)
         starts.append(len(index))
-    # Weights are computed in double and rounded once to float, as OpenCV stores them.
+    return starts, index, weight
+
+
+def area_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`area_cells` as arrays, the weights rounded once to float32 as OpenCV stores
+    them: output ``i`` is ``sum(weight[k] * in[index[k]] for k in starts[i]:starts[i+1])``."""
+    starts, index, weight = area_cells(src, dst)
     return (np.asarray(starts, np.int64), np.asarray(index, np.int64),
             np.asarray(weight, np.float64).astype(np.float32))
 

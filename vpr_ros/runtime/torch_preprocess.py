@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from vpr_ros.errors import InputError
+from vpr_ros.runtime.area_resize import area_cells
 from vpr_ros.runtime.preprocess import Preprocessing, check_image, resized_and_crop
 
 TorchImages = Union[np.ndarray, Sequence[np.ndarray], torch.Tensor, Sequence[torch.Tensor]]
@@ -66,20 +67,10 @@ def linear_taps(src: int, dst: int, area_mode: bool = False
 
 def area_weights(src: int, dst: int) -> np.ndarray:
     """(dst, src) coverage weights of OpenCV's INTER_AREA when shrinking (src >= dst)."""
-    scale = src / dst
+    starts, index, weight = area_cells(src, dst)
     w = np.zeros((dst, src), dtype=np.float64)
     for d in range(dst):
-        fs1 = d * scale
-        fs2 = fs1 + scale
-        cell = min(scale, src - fs1)
-        s1, s2 = math.ceil(fs1), math.floor(fs2)
-        s2 = min(s2, src - 1)
-        s1 = min(s1, s2)
-        if s1 - fs1 > 1e-3:
-            w[d, s1 - 1] = (s1 - fs1) / cell
-        w[d, s1:s2] = 1.0 / cell
-        if fs2 - s2 > 1e-3:
-            w[d, s2] = min(min(fs2 - s2, 1.0), cell) / cell
+        w[d, index[starts[d]:starts[d + 1]]] = weight[starts[d]:starts[d + 1]]
     return w
 
 
