@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from vpr_ros.runtime import area_resize
-from vpr_ros.runtime.preprocess import Preprocessing, preprocess_batch
+from vpr_ros.runtime.preprocess import Preprocessing, normalisation_table, preprocess_batch
 from vpr_ros.runtime.torch_preprocess import area_weights
 
 pytestmark = pytest.mark.skipif(not area_resize.AVAILABLE,
@@ -46,17 +46,24 @@ def _opencv_path(images: list[np.ndarray], prep: Preprocessing,
 @pytest.mark.parametrize("src", CAMERA_SIZES, ids=lambda s: f"{s[1]}x{s[0]}")
 def test_fused_shrink_equals_the_opencv_path(src: tuple[int, int],
                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every fractional shrink, whether or not ``applies`` picks the kernel for its size."""
     rng = np.random.default_rng(src[0] * 7 + src[1])
     images = list(_images(*src, rng).values())
     checked = 0
     for size in NETWORK_SIZES:
-        if not area_resize.applies(src, size):
+        if src[0] <= size[0] or src[1] <= size[1] or src[0] % size[0] == 0 \
+                or src[1] % size[1] == 0:
             continue
         prep = Preprocessing(size=size, mean=MEAN, std=STD)
-        fast = preprocess_batch(images, prep)
+        lut = normalisation_table(MEAN, STD)
+        fast = np.empty((len(images), 3, *size), np.float32)
+        for i, img in enumerate(images):
+            area_resize.shrink_normalised(img, size, (0, 0), lut, fast[i])
         ref = _opencv_path(images, prep, monkeypatch)
         mismatched = np.count_nonzero(fast != ref)
         assert mismatched == 0, f"{src} -> {size}: {mismatched} values differ from OpenCV's"
+        if area_resize.applies(src, size):   # and preprocess_batch really takes it
+            np.testing.assert_array_equal(preprocess_batch(images, prep), ref)
         checked += 1
     assert checked >= 2
 
@@ -75,7 +82,8 @@ def test_centre_crop_and_strided_frames(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_which_resizes_take_the_fused_path() -> None:
     assert area_resize.applies((480, 640), (224, 224))
-    assert area_resize.applies((1080, 1920), (322, 322))
+    assert area_resize.applies((1080, 1920), (210, 280))
+    assert not area_resize.applies((1080, 1920), (322, 322))  # OpenCV's two threads win there
     assert not area_resize.applies((448, 448), (224, 224))    # whole factors: OpenCV's integer
     assert not area_resize.applies((376, 672), (224, 112))    # path, which rounds differently
     assert not area_resize.applies((200, 300), (224, 224))    # grows: INTER_LINEAR
@@ -105,3 +113,20 @@ def test_warm_up_compiles_both_kernels() -> None:
     area_resize.warm_up()
     combine_rows, normalise_levels = area_resize.kernels()
     assert combine_rows.signatures and normalise_levels.signatures
+
+
+def test_preprocess_batch_takes_the_kernel_only_where_it_applies(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, int]] = []
+    real = area_resize.shrink_normalised
+
+    def spy(img, resized_hw, crop, lut, out):  # type: ignore[no-untyped-def]
+        calls.append(resized_hw)
+        real(img, resized_hw, crop, lut, out)
+
+    monkeypatch.setattr(area_resize, "shrink_normalised", spy)
+    frame = np.zeros((480, 640, 3), np.uint8)
+    preprocess_batch([frame, frame], Preprocessing(size=(224, 224), mean=MEAN, std=STD))
+    preprocess_batch([frame], Preprocessing(size=(322, 322), mean=MEAN, std=STD))
+    preprocess_batch([frame[:448, :448]], Preprocessing(size=(224, 224), mean=MEAN, std=STD))
+    assert calls == [(224, 224), (224, 224)]
