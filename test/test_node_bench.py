@@ -37,7 +37,17 @@ def test_node_bench_reports_a_stage_breakdown_and_no_queue(effnet_gem_model_dir:
             assert math.isfinite(row["stages_ms"][stage]["p95"]), stage
         assert row["stages_ms"]["total"]["p50"] >= row["stages_ms"]["encode"]["p50"]
         assert row["stages_cpu_ms"]["overhead"]["p50"] > 0
+        assert math.isnan(row["cpu_steal_pct"]) or 0.0 <= row["cpu_steal_pct"] <= 100.0
     assert result["encoder"]["backend"].startswith("torch")
     assert result["encoder"]["input_size"] == [96, 96]
     table = format_table(result)
-    assert "overhead" in table and "queue growth" in table
+    assert "overhead" in table and "queue growth" in table and "steal %" in table
+
+
+def test_steal_percent_reads_the_steal_column() -> None:
+    from vpr_ros.bench.node_bench import cpu_times, steal_percent
+
+    assert steal_percent([0] * 8, [10, 0, 10, 70, 0, 0, 0, 10]) == 10.0
+    assert math.isnan(steal_percent(None, [1] * 8)) and math.isnan(steal_percent([1] * 8, [1] * 8))
+    now = cpu_times()
+    assert now is None or (len(now) == 8 and all(v >= 0 for v in now))

@@ -204,9 +204,36 @@ def _publisher(cfg: NodeBenchConfig, rate: float) -> subprocess.Popen:
                             env=env_with_ros_libs())
 
 
+def cpu_times() -> Optional[list[int]]:
+    """The machine's aggregate CPU tick counters (user, nice, system, idle, iowait, irq,
+    softirq, steal) from /proc/stat, or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            first = f.readline().split()
+    except OSError:
+        return None
+    if not first or first[0] != "cpu" or len(first) < 9:
+        return None
+    return [int(v) for v in first[1:9]]
+
+
+def steal_percent(before: Optional[list[int]], after: Optional[list[int]]) -> float:
+    """Share of CPU time the hypervisor gave to other guests between two :func:`cpu_times`.
+
+    Why it is reported: on a virtual machine the wall-clock tail of a few-millisecond stage
+    is mostly the vCPU being descheduled, which no code in the node can change; a p95 read
+    next to this figure says whether it measured the node or the host."""
+    if before is None or after is None:
+        return math.nan
+    delta = [a - b for a, b in zip(after, before)]
+    total = sum(delta)
+    return round(100.0 * delta[7] / total, 2) if total > 0 else math.nan
+
+
 def _measure_rate(harness: Any, cfg: NodeBenchConfig, rate: float) -> dict[str, Any]:
     stats = harness.stats
     stats.clear_timings()
+    ticks = cpu_times()
     before = (stats.received, stats.processed, stats.dropped, sum(stats.errors.values()))
     max_pending = [0]
     stop = threading.Event()
@@ -246,6 +273,7 @@ def _measure_rate(harness: Any, cfg: NodeBenchConfig, rate: float) -> dict[str, 
         "max_wait_over_processing": (max(t.wait for t in timings) / max(processing)
                                      if timings and max(processing) > 0 else math.nan),
         "latency_trend_ms": latency_trend_ms(timings),
+        "cpu_steal_pct": steal_percent(ticks, cpu_times()),
         "stages_ms": stages,
         "stages_cpu_ms": summarise_cpu(timings),
     }
@@ -314,7 +342,7 @@ def _f(value: float) -> str:
 def format_table(result: dict[str, Any]) -> str:
     """Markdown: one row per input rate, p50 / p95 per stage in ms."""
     head = ["rate Hz", "sent", "processed", "dropped", "max waiting", "wait/proc", *REPORTED,
-            "overhead CPU", "trend"]
+            "overhead CPU", "trend", "steal %"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rates"]:
         cells = [f"{r['rate_hz']:g} ({r['achieved_hz']:g})", str(r["sent"]), str(r["processed"]),
@@ -324,6 +352,7 @@ def format_table(result: dict[str, Any]) -> str:
         cpu = r["stages_cpu_ms"]["overhead"]
         cells.append(f"{_f(cpu['p50'])} / {_f(cpu['p95'])}")
         cells.append(_f(r["latency_trend_ms"]))
+        cells.append(_f(r.get("cpu_steal_pct", math.nan)))
         lines.append("| " + " | ".join(cells) + " |")
     t = result["target"]
     enc = result["encoder"]
