@@ -146,6 +146,21 @@ def test_channel_reorders_match_numpy_on_a_camera_sized_frame() -> None:
         codec.decode_image(480, 640, "mono8", 640, np.ascontiguousarray(bgra[:, :, 0])), grey)
 
 
+def test_rgb8_without_copy_is_a_read_only_view_of_packed_rows_only() -> None:
+    img = _gradient(6, 10)
+    data = array.array("B", img.tobytes())                  # what rclpy gives as Image.data
+    view = codec.decode_image(6, 10, "rgb8", 30, data, copy=False)
+    np.testing.assert_array_equal(view, img)
+    assert np.shares_memory(view, np.frombuffer(data, np.uint8)) and not view.flags.writeable
+    padded = np.zeros((6, 37), np.uint8)
+    padded[:, :30] = img.reshape(6, 30)
+    out = codec.decode_image(6, 10, "rgb8", 37, padded.reshape(-1), copy=False)
+    np.testing.assert_array_equal(out, img)
+    assert not np.shares_memory(out, padded)                  # padded rows: a packed copy
+    bgr = codec.decode_image(6, 10, "bgr8", 30, data, copy=False)
+    assert not np.shares_memory(bgr, np.frombuffer(data, np.uint8))
+
+
 @pytest.mark.parametrize("kind", ["bytes", "bytearray", "memoryview", "array", "ndarray"])
 def test_any_buffer_type_is_accepted(kind: str) -> None:
     img = _gradient(4, 6)

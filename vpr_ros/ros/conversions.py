@@ -69,8 +69,9 @@ def _check_dims(height: int, width: int, max_pixels: int, what: str) -> None:
                          "really is that large); skipped")
 
 
-def image_msg_to_rgb(msg: Any, max_pixels: int) -> np.ndarray:
-    """``sensor_msgs/Image`` -> (H, W, 3) uint8 RGB, or :class:`FrameError`."""
+def image_msg_to_rgb(msg: Any, max_pixels: int, copy: bool = True) -> np.ndarray:
+    """``sensor_msgs/Image`` -> (H, W, 3) uint8 RGB, or :class:`FrameError`; ``copy=False``
+    lets a packed ``rgb8`` frame be a read-only view of ``msg.data``."""
     what = f"image ({msg.encoding or 'no encoding'})"
     if msg.encoding not in SUPPORTED_ENCODINGS:
         raise FrameError(UNSUPPORTED_ENCODING, f"unsupported image encoding "
@@ -79,7 +80,7 @@ def image_msg_to_rgb(msg: Any, max_pixels: int) -> np.ndarray:
     _check_dims(int(msg.height), int(msg.width), max_pixels, what)
     try:
         return decode_image(msg.height, msg.width, msg.encoding, msg.step, msg.data,
-                            msg.is_bigendian, max_pixels=max_pixels)
+                            msg.is_bigendian, max_pixels=max_pixels, copy=copy)
     except InputError as exc:
         raise FrameError(CORRUPT_IMAGE, str(exc)) from exc
 
@@ -135,10 +136,11 @@ def check_frame(msg: Any, compressed: bool, max_pixels: int) -> None:
                          "message); skipped")
 
 
-def frame_to_rgb(msg: Any, compressed: bool, max_pixels: int) -> np.ndarray:
+def frame_to_rgb(msg: Any, compressed: bool, max_pixels: int, copy: bool = True
+                 ) -> np.ndarray:
     """Either camera message type -> RGB (the node knows which one it subscribed to)."""
     return compressed_msg_to_rgb(msg, max_pixels) if compressed else \
-        image_msg_to_rgb(msg, max_pixels)
+        image_msg_to_rgb(msg, max_pixels, copy=copy)
 
 
 @dataclass(frozen=True)

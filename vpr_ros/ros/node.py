@@ -399,7 +399,10 @@ class VprNode(LifecycleNode):
             pipeline.time_jump()
             if self._poses is not None:
                 self._poses.clear()
-        rgb = conv.frame_to_rgb(item.msg, cfg.image_transport == "compressed", cfg.max_pixels)
+        # No copy of a raw rgb8 frame: item.msg outlives every use of it, and nothing writes
+        # into a camera frame.
+        rgb = conv.frame_to_rgb(item.msg, cfg.image_transport == "compressed", cfg.max_pixels,
+                                copy=False)
         watch.lap("conversion")
         try:
             query = pipeline.encode(rgb, timing)

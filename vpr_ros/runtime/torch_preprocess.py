@@ -185,8 +185,10 @@ class TorchPreprocessor:
                     raise InputError(f"image {i}: empty image {tuple(img.shape)}")
                 out.append(img.to(self.device, non_blocking=True))
             else:
-                out.append(torch.from_numpy(np.ascontiguousarray(check_image(img, i)))
-                           .to(self.device, non_blocking=True))
+                arr = np.ascontiguousarray(check_image(img, i))
+                if not arr.flags.writeable:  # a view of a message (torch wants writable)
+                    arr = arr.copy()
+                out.append(torch.from_numpy(arr).to(self.device, non_blocking=True))
         return out
 
     def __call__(self, images: TorchImages) -> torch.Tensor:
