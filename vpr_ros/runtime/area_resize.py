@@ -15,7 +15,7 @@ over contiguous rows, which LLVM vectorises; no fused multiply-add is allowed (n
 without fastmath), as OpenCV's baseline build has none. The weights come from
 :func:`area_taps`, which reproduces OpenCV's table, its 1e-3 tolerance for partial cells
 included. ``test/test_area_resize.py`` checks equality with OpenCV on camera and odd sizes,
-on noise, black/white and constant frames. Whole-factor shrinks keep OpenCV's own integer
+on noise, smooth, periodic and black/white frames. Whole-factor shrinks keep OpenCV's own integer
 path (it rounds differently and is already fast).
 
 numba is optional: without it :data:`AVAILABLE` is False and preprocessing uses OpenCV.
@@ -177,5 +177,6 @@ def warm_up() -> None:
     if not AVAILABLE:
         return
     lut = np.zeros((3, 256), np.float32)
+    lut.setflags(write=False)  # as normalisation_table's: numba types read-only arrays apart
     img = np.zeros((9, 11, 3), np.uint8)
     shrink_normalised(img, (4, 5), (0, 0), lut, np.empty((3, 4, 5), np.float32))
