@@ -125,15 +125,6 @@ class Candidate:
         return c
 
 
-def _optional(vec: Optional[Sequence[float]]) -> Optional[tuple[float, ...]]:
-    """``None`` for a missing pose part, whether given as ``None`` or as all-NaN (columnar stores
-    fill missing poses with NaN); a partly NaN vector is left for validation to refuse."""
-    if vec is None:
-        return None
-    values = tuple(float(v) for v in vec)
-    return None if all(math.isnan(v) for v in values) else values
-
-
 class KeyframeLike(Protocol):
     """The keyframe metadata a candidate needs (``vpr_ros.mapdb.Keyframe`` satisfies it)."""
 
@@ -148,28 +139,38 @@ def candidates_from_results(
     scores: Sequence[float] | np.ndarray,
     keyframe_of: Callable[[int], KeyframeLike],
 ) -> list[Candidate]:
-    """Turn one query's ranked ``(ids, scores)`` into candidates, best first.
+    """Turn one query's ranked ``(ids, scores)`` into candidates, best first, looking each
+    keyframe up with ``keyframe_of`` (for callers without a columnar table; the node uses
+    :func:`candidates_from_columns` directly).
 
-    Map searches pad short result lists with id ``-1``; those entries are dropped here so no
-    decision ever looks up a keyframe that does not exist.
+    Map searches pad short result lists with id ``-1``; those entries are dropped before any
+    lookup, so no decision ever looks up a keyframe that does not exist. A pose part given as
+    ``None`` or all-NaN (columnar stores fill missing poses with NaN) is missing.
     """
-    id_arr, score_arr = _result_row(ids, scores)
-    out: list[Candidate] = []
-    for kf_id, score in zip(id_arr.tolist(), score_arr.tolist()):
-        if int(kf_id) < 0:
+    def columns(valid: np.ndarray) -> PoseColumns:
+        kfs = [(i, keyframe_of(i)) for i in valid.tolist()]
+        return ([kf.session for _, kf in kfs], np.array([kf.stamp_ns for _, kf in kfs], np.int64),
+                _pose_column(kfs, "position", 3), _pose_column(kfs, "orientation", 4))
+
+    return candidates_from_columns(ids, scores, columns)
+
+
+def _pose_column(kfs: list[tuple[int, KeyframeLike]], what: str, size: int) -> np.ndarray:
+    """(n, size) float64 of each keyframe's ``what``, NaN rows where it is None."""
+    out = np.full((len(kfs), size), np.nan)
+    for row, (kf_id, kf) in enumerate(kfs):
+        vec = getattr(kf, what)
+        if vec is None:
             continue
-        kf = keyframe_of(int(kf_id))
-        out.append(
-            Candidate(
-                id=int(kf_id),
-                score=score,
-                stamp_ns=kf.stamp_ns,
-                position=_optional(kf.position),  # type: ignore[arg-type]
-                orientation=_optional(kf.orientation),  # type: ignore[arg-type]
-                session=kf.session,
-            )
-        )
-    out.sort(key=lambda c: c.score, reverse=True)
+        try:
+            values = [float(v) for v in vec]
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"candidate {kf_id} {what} must be {size} numbers, got "
+                             f"{vec!r}") from exc
+        if len(values) != size:
+            raise InputError(f"candidate {kf_id} {what} must have {size} components, got "
+                             f"{len(values)}: {vec!r}")
+        out[row] = values
     return out
 
 
