@@ -95,7 +95,8 @@ def preprocess_batch(images: Union[np.ndarray, Sequence[np.ndarray]], prep: Prep
             # The same values as below, 1.2 ms sooner per VGA frame (area_resize says how).
             area_resize.shrink_normalised(img, resized, crop, lut, out[i])
             continue
-        small = resize_image(img, prep)
+        top, left = crop
+        small = _resize(img, *resized)[top:top + h, left:left + w]
         # Split into contiguous planes, then one table lookup per plane written straight into
         # the planar (CHW) output: OpenCV's vectorised LUT, 0.35 vs 0.69 ms for 224x224 at
         # camera pace (numpy's strided take per channel), the same float32 values.
