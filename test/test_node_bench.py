@@ -38,10 +38,28 @@ def test_node_bench_reports_a_stage_breakdown_and_no_queue(effnet_gem_model_dir:
         assert row["stages_ms"]["total"]["p50"] >= row["stages_ms"]["encode"]["p50"]
         assert row["stages_cpu_ms"]["overhead"]["p50"] > 0
         assert math.isnan(row["cpu_steal_pct"]) or 0.0 <= row["cpu_steal_pct"] <= 100.0
+        # Taking a 320x240 frame costs the executor thread something, and far less than a
+        # frame period at 200 Hz.
+        assert 0.0 < row["executor_cpu_ms_per_received"] < 5.0
     assert result["encoder"]["backend"].startswith("torch")
     assert result["encoder"]["input_size"] == [96, 96]
     table = format_table(result)
     assert "overhead" in table and "queue growth" in table and "steal %" in table
+    assert "executor CPU / received" in table
+
+
+def test_thread_cpu_counts_this_threads_work() -> None:
+    import threading
+
+    from vpr_ros.bench.node_bench import thread_cpu_s
+
+    me = threading.get_native_id()
+    before = thread_cpu_s(me)
+    if math.isnan(before):
+        pytest.skip("no /proc/self/task/<tid>/schedstat on this system")
+    sum(i * i for i in range(300_000))
+    assert thread_cpu_s(me) - before > 1e-3
+    assert math.isnan(thread_cpu_s(None)) and math.isnan(thread_cpu_s(2 ** 30))
 
 
 def test_steal_percent_reads_the_steal_column() -> None:

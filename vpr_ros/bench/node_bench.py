@@ -230,10 +230,27 @@ def steal_percent(before: Optional[list[int]], after: Optional[list[int]]) -> fl
     return round(100.0 * delta[7] / total, 2) if total > 0 else math.nan
 
 
+def thread_cpu_s(native_id: Optional[int]) -> float:
+    """CPU seconds a thread of this process has run (Linux schedstat, ns resolution), NaN
+    where that is not available.
+
+    Why: the executor thread takes and deserializes every camera message, including those the
+    mailbox then drops; its CPU per received frame is the cost of the input rate itself, which
+    the per-frame stages (encoder thread) do not show."""
+    if native_id is None:
+        return math.nan
+    try:
+        with open(f"/proc/self/task/{native_id}/schedstat") as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return math.nan
+
+
 def _measure_rate(harness: Any, cfg: NodeBenchConfig, rate: float) -> dict[str, Any]:
     stats = harness.stats
     stats.clear_timings()
     ticks = cpu_times()
+    executor_cpu = thread_cpu_s(harness.executor_thread_id)
     before = (stats.received, stats.processed, stats.dropped, sum(stats.errors.values()))
     max_pending = [0]
     stop = threading.Event()
@@ -264,9 +281,11 @@ def _measure_rate(harness: Any, cfg: NodeBenchConfig, rate: float) -> dict[str, 
     timings = stats.timings()
     stages = summarise(timings)
     processing = [t.total - t.wait for t in timings]
+    received = stats.received - before[0]
+    executor_cpu = thread_cpu_s(harness.executor_thread_id) - executor_cpu
     return {
         "rate_hz": rate, "achieved_hz": round(sent["achieved_hz"], 2), "sent": sent["sent"],
-        "received": stats.received - before[0], "processed": stats.processed - before[1],
+        "received": received, "processed": stats.processed - before[1],
         "dropped": stats.dropped - before[2],
         "errors": sum(stats.errors.values()) - before[3],
         "max_pending": max_pending[0],
@@ -274,6 +293,8 @@ def _measure_rate(harness: Any, cfg: NodeBenchConfig, rate: float) -> dict[str, 
                                      if timings and max(processing) > 0 else math.nan),
         "latency_trend_ms": latency_trend_ms(timings),
         "cpu_steal_pct": steal_percent(ticks, cpu_times()),
+        "executor_cpu_ms_per_received": (round(1e3 * executor_cpu / received, 3)
+                                         if received else math.nan),
         "stages_ms": stages,
         "stages_cpu_ms": summarise_cpu(timings),
     }
@@ -342,7 +363,7 @@ def _f(value: float) -> str:
 def format_table(result: dict[str, Any]) -> str:
     """Markdown: one row per input rate, p50 / p95 per stage in ms."""
     head = ["rate Hz", "sent", "processed", "dropped", "max waiting", "wait/proc", *REPORTED,
-            "overhead CPU", "trend", "steal %"]
+            "overhead CPU", "executor CPU / received", "trend", "steal %"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rates"]:
         cells = [f"{r['rate_hz']:g} ({r['achieved_hz']:g})", str(r["sent"]), str(r["processed"]),
@@ -351,6 +372,7 @@ def format_table(result: dict[str, Any]) -> str:
                   for s in REPORTED]
         cpu = r["stages_cpu_ms"]["overhead"]
         cells.append(f"{_f(cpu['p50'])} / {_f(cpu['p95'])}")
+        cells.append(_f(r.get("executor_cpu_ms_per_received", math.nan)))
         cells.append(_f(r["latency_trend_ms"]))
         cells.append(_f(r.get("cpu_steal_pct", math.nan)))
         lines.append("| " + " | ".join(cells) + " |")

@@ -54,6 +54,11 @@ class NodeHarness:
         self._spinner.start()
 
     @property
+    def executor_thread_id(self) -> Optional[int]:
+        """The kernel's id of the thread that spins the executor (it runs every callback)."""
+        return self._spinner.native_id
+
+    @property
     def stats(self) -> Any:
         return self.node.stats
 
