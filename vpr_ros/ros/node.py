@@ -42,6 +42,7 @@ from vpr_ros.errors import ConfigError, MapError, VPRError
 from vpr_ros.mapdb.model_outputs import ModelOutputs, index_spec_for
 from vpr_ros.ros import conversions as conv
 from vpr_ros.ros import messages
+from vpr_ros.ros.camera_cdr import CameraMessageReader
 from vpr_ros.ros.diagnostics import (FrameTiming, LogThrottle, NodeIdentity, NodeStats, RateMeter,
                                      Stopwatch, diagnostic_array)
 from vpr_ros.ros.mailbox import Mailbox
@@ -93,6 +94,7 @@ class VprNode(LifecycleNode):
         self._worker: Optional[threading.Thread] = None
         self._stop = threading.Event()
         self._input_subs: list[Any] = []
+        self._camera_reader: Optional[CameraMessageReader] = None
         self._pubs: dict[str, Any] = {}
         self._closure_segments: list[tuple[tuple[float, ...], tuple[float, ...]]] = []
         self._keyframes_timer: Any = None
@@ -241,7 +243,10 @@ class VprNode(LifecycleNode):
         self._worker = threading.Thread(target=self._worker_loop, name="vpr_encoder",
                                         daemon=True)
         self._worker.start()
-        self._input_subs = [self.create_subscription(image_type, "image", self._on_image, qos)]
+        # Serialized camera messages: see vpr_ros/ros/camera_cdr.py for why.
+        self._camera_reader = CameraMessageReader(cfg.image_transport == "compressed")
+        self._input_subs = [self.create_subscription(image_type, "image", self._on_image, qos,
+                                                     raw=True)]
         if cfg.pose_type == "odometry":
             self._input_subs.append(self.create_subscription(
                 Odometry, "odometry", lambda m: self._on_pose(m, conv.odometry_to_pose), qos))
@@ -322,14 +327,23 @@ class VprNode(LifecycleNode):
 
     # -------------------------------------------------------------------------------- inputs
 
-    def _on_image(self, msg: Any) -> None:
-        """Executor thread: stamp and header checks, then into the mailbox. Nothing slow (no
-        pixel work) happens here."""
+    def _on_image(self, raw: bytes) -> None:
+        """Executor thread: read the serialized message (pixels stay a view of ``raw``), stamp
+        and header checks, then into the mailbox. Nothing slow (no pixel work) happens here."""
         received, received_wall = time.perf_counter(), time.time_ns()
         self.stats.count("received")
-        settings = self._settings
-        if settings is None:
+        settings, reader = self._settings, self._camera_reader
+        if settings is None or reader is None:
             return
+        fallbacks = reader.fallbacks
+        try:
+            msg = reader.read(raw)
+        except conv.FrameError as exc:
+            self._frame_error(exc.kind, str(exc))
+            return
+        if fallbacks == 0 and reader.fallbacks == 1:  # said once per activation
+            self.get_logger().info("camera messages are not plain CDR; reading them with "
+                                   "rclpy's deserializer (slower, same result)")
         stamp = conv.stamp_to_ns(msg.header.stamp)
         kind = conv.classify_stamp(stamp, self._last_stamp_ns,
                                    int(settings.node.time_jump_s * conv.NS_PER_S))
