@@ -319,3 +319,29 @@ def test_faiss_is_loaded_with_sleeping_openmp_threads() -> None:
                          env={k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"},
                          check=True).stdout.split()
     assert out == ["PASSIVE", "None"]
+
+
+@pytest.mark.parametrize("kind", KINDS[1:], ids=lambda k: k if isinstance(k, str) else k["kind"])
+def test_single_query_searches_run_faiss_on_one_thread(clustered, kind, monkeypatch) -> None:
+    """A one-query search must not wake faiss's OpenMP team (the node's encoder thread blocked
+    on it); a large batch keeps the team, and the caller's setting is restored either way.
+    (The float32 flat index scans with numpy, not faiss.)"""
+    from vpr_ros.mapdb.index.faiss_loader import load_faiss
+
+    faiss = load_faiss()
+    db, q = clustered
+    pm = PlaceMap.create(db.shape[1], FP, kind)
+    pm.add(db, keyframes_for(len(db)))
+    real_set, settings = faiss.omp_set_num_threads, []
+
+    def spy(n: int) -> None:
+        settings.append(n)
+        real_set(n)
+
+    monkeypatch.setattr(faiss, "omp_set_num_threads", spy)
+    before = faiss.omp_get_max_threads()
+    pm.search(q[:1], 5)
+    assert settings and settings[0] == 1 and faiss.omp_get_max_threads() == before
+    settings.clear()
+    pm.search(q[:64], 5)
+    assert 1 not in settings

@@ -52,7 +52,7 @@ import numpy as np
 
 from vpr_ros.errors import ConfigError, InputError, MapError
 from vpr_ros.mapdb.index.base import (PAD_SCORE, VectorIndex, approximate_search, exact_search,
-                                      filtered_candidates)
+                                      faiss_threads, filtered_candidates)
 from vpr_ros.mapdb.index.sign_codes import asymmetric_best
 from vpr_ros.mapdb.index.hamming import ShardedHamming
 from vpr_ros.mapdb.index.params import check_keys, int_param
@@ -248,7 +248,8 @@ class BinaryIndex(VectorIndex):
             qcodes = self.query_codes_for(queries, query_codes)
 
         def fetch(rows: np.ndarray, kk: int, effort: int) -> np.ndarray:
-            return self.index.search(qcodes[rows], kk, allowed)
+            with faiss_threads(len(rows)):
+                return self.index.search(qcodes[rows], kk, allowed)
 
         if rerank == 0:
             return self._hamming_order(queries, k, allowed, fetch)

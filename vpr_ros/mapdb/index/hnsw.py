@@ -14,7 +14,8 @@ import numpy as np
 
 from vpr_ros.errors import MapError
 from vpr_ros.mapdb.index.faiss_loader import load_faiss
-from vpr_ros.mapdb.index.base import VectorIndex, allowed_selector, approximate_search
+from vpr_ros.mapdb.index.base import (VectorIndex, allowed_selector, approximate_search,
+                                      faiss_threads)
 from vpr_ros.mapdb.index.params import check_keys, int_param
 
 PARAMS = ("M", "ef_construction", "ef_search", "candidates")
@@ -68,7 +69,8 @@ class HNSWIndex(VectorIndex):
             params.efSearch = max(ef * effort, kk)
             if sel is not None:
                 params.sel = sel
-            return self.index.search(queries[rows], kk, params=params)[1]
+            with faiss_threads(len(rows)):
+                return self.index.search(queries[rows], kk, params=params)[1]
 
         return approximate_search(self.store, queries, k, allowed, self.params["candidates"],
                                   fetch)

@@ -23,7 +23,7 @@ import numpy as np
 from vpr_ros.errors import ConfigError, MapError
 from vpr_ros.mapdb.index.faiss_loader import load_faiss
 from vpr_ros.mapdb.index.base import (VectorIndex, allowed_selector, approximate_search,
-                                      exact_search)
+                                      exact_search, faiss_threads)
 from vpr_ros.mapdb.index.params import check_keys, int_param
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,8 @@ class IVFPQIndex(VectorIndex):
             params.nprobe = min(nlist, nprobe * effort)
             if sel is not None:
                 params.sel = sel
-            return self.index.search(queries[rows], kk, params=params)[1]
+            with faiss_threads(len(rows)):
+                return self.index.search(queries[rows], kk, params=params)[1]
 
         return approximate_search(self.store, queries, k, allowed, self.params["candidates"],
                                   fetch)
