@@ -4,6 +4,7 @@ hosted node, and the report holds every stage's latency, the drops and the queue
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -41,11 +42,67 @@ def test_node_bench_reports_a_stage_breakdown_and_no_queue(effnet_gem_model_dir:
         # Taking a 320x240 frame costs the executor thread something, and far less than a
         # frame period at 200 Hz.
         assert 0.0 < row["executor_cpu_ms_per_received"] < 5.0
+        att = row["overhead_attribution"]
+        if att:  # Linux: per-stage scheduler figures for every processed frame
+            assert att["frames"] == row["processed"] and 0 <= att["blocked_frames_pct"] <= 100
+            assert att["overhead_unpaused_ms"]["p50"] <= row["stages_ms"]["overhead"]["p50"]
+            assert att["paused_ms"]["p50"] >= 0 and att["run_queue_ms"]["p50"] >= 0
     assert result["encoder"]["backend"].startswith("torch")
     assert result["encoder"]["input_size"] == [96, 96]
     table = format_table(result)
     assert "overhead" in table and "queue growth" in table and "steal %" in table
     assert "executor CPU / received" in table
+
+
+def _timing(wall: dict, cpu: dict, sched: dict):
+    from vpr_ros.ros.diagnostics import FrameTiming
+
+    t = FrameTiming(0, **wall)
+    t.cpu.update(cpu)
+    t.sched.update(sched)
+    return t
+
+
+def test_overhead_attribution_takes_off_only_unexplained_time_of_unblocked_frames() -> None:
+    from vpr_ros.bench.node_bench import overhead_attribution
+
+    ms = 1e-3
+    stages = ("conversion", "preprocess", "search", "decision", "publish")
+    # Frame 1: 10 ms wall, 4 ms CPU, 1 ms in the run queue, never blocked -> 5 ms paused.
+    one = _timing({s: 2 * ms for s in stages}, {s: 0.8 * ms for s in stages},
+                  {s: (0.2 * ms, 0) for s in stages})
+    # Frame 2: same times but it blocked once (a lock): nothing is taken off.
+    two = _timing({s: 2 * ms for s in stages}, {s: 0.8 * ms for s in stages},
+                  {**{s: (0.2 * ms, 0) for s in stages}, "search": (0.2 * ms, 1)})
+    # A frame timed without the probe is left out.
+    three = _timing({s: 1 * ms for s in stages}, {s: 1 * ms for s in stages}, {})
+    att = overhead_attribution([one, two, three])
+    assert att["frames"] == 2 and att["blocked_frames_pct"] == 50.0
+    assert att["paused_ms"]["max"] == pytest.approx(5.0)
+    assert att["overhead_unpaused_ms"]["max"] == pytest.approx(10.0)
+    assert att["overhead_unpaused_ms"]["p50"] == pytest.approx(7.5)  # 5 and 10
+    assert att["run_queue_ms"]["p50"] == pytest.approx(1.0)
+    assert overhead_attribution([three]) == {}
+
+
+def test_stopwatch_records_scheduler_figures_only_when_asked() -> None:
+    from vpr_ros.ros.diagnostics import FrameTiming, Stopwatch, sched_sample
+
+    if sched_sample() is None:
+        pytest.skip("no /proc/thread-self/schedstat on this system")
+    plain = FrameTiming(0)
+    Stopwatch(plain).lap("conversion")
+    assert plain.sched == {}
+    probed = FrameTiming(0)
+    Stopwatch.probe_scheduler = True
+    try:
+        watch = Stopwatch(probed)
+        time.sleep(0.01)  # a sleep is a voluntary switch
+        watch.lap("search")
+    finally:
+        Stopwatch.probe_scheduler = False
+    queue, switches = probed.sched["search"]
+    assert queue >= 0.0 and switches >= 1 and probed.search >= 0.01
 
 
 def test_thread_cpu_counts_this_threads_work() -> None:

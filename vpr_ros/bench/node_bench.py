@@ -16,7 +16,7 @@ and ``transport`` (camera publish -> node callback). ``overhead`` is everything 
 conversion + preprocess + search + decision + publish.
 
 "No queue growth" is checked two ways: frames waiting for the encoder never exceed one
-(sampled every 5 ms), and no frame waits longer than 1.5x the longest processing of a frame
+(sampled every 100 ms), and no frame waits longer than 1.5x the longest processing of a frame
 (a queue of q frames would make it wait q times that). The latency trend (median of the last
 third of each run minus the first third) is reported too, for the eye: on a shared machine it
 moves with the load.
@@ -47,6 +47,11 @@ STAGES = ("conversion", "preprocess", "encode", "search", "decision", "publish")
 REPORTED = (*STAGES, "overhead", "wait", "total", "transport")
 TOPIC = "/vpr_bench/image"
 OVERHEAD_TARGET_MS = 5.0
+#: How often the mailbox depth is sampled. Not faster: the sampler is a Python thread of the
+#: node's process, and every wake-up takes the interpreter lock; at 5 ms it made the encoder
+#: thread block (wait for the lock) in 6-15% of frames' preprocessing. A growing queue stays
+#: grown, so 10 samples a second see it as well.
+PENDING_SAMPLE_S = 0.1
 
 
 @dataclass
@@ -99,6 +104,41 @@ def _stage_values(timings: list[Any], name: str, cpu: bool = False) -> np.ndarra
         vals = [one(t, name) for t in timings]
     arr = np.asarray(vals, dtype=np.float64) * 1e3
     return arr[np.isfinite(arr)]
+
+
+OVERHEAD_STAGES = tuple(s for s in STAGES if s != "encode")
+
+
+def overhead_attribution(timings: list[Any]) -> dict[str, Any]:
+    """Where the wall time of the overhead stages went beyond their CPU time, per frame.
+
+    Needs ``FrameTiming.sched`` (the benchmark turns :attr:`Stopwatch.probe_scheduler` on).
+    Per frame, over the overhead stages: wall W, thread CPU C, run-queue delay R (runnable,
+    waiting for a core of this machine) and voluntary switches V (blocked on a lock, the
+    interpreter lock or I/O). In a frame with V = 0 the rest, W - C - R, is time the thread
+    was on a CPU that did not run it: the hypervisor running other guests (steal) or
+    interrupt handling, neither of which the node controls. ``overhead_unpaused_ms`` is W
+    minus that rest (nothing is taken off a frame that blocked: there the rest may be the
+    node's own lock waits). Returned as p50/p95/max in ms, with the share of frames that
+    blocked."""
+    rows = []
+    for t in timings:
+        if not all(s in t.sched and s in t.cpu for s in OVERHEAD_STAGES):
+            continue
+        wall = sum(t.stage(s) for s in OVERHEAD_STAGES)
+        cpu = sum(t.cpu[s] for s in OVERHEAD_STAGES)
+        queue = sum(t.sched[s][0] for s in OVERHEAD_STAGES)
+        blocked = sum(t.sched[s][1] for s in OVERHEAD_STAGES) > 0
+        paused = 0.0 if blocked else max(0.0, wall - cpu - queue)
+        rows.append((wall, queue, paused, blocked))
+    if not rows:
+        return {}
+    arr = np.asarray(rows, dtype=np.float64)
+    return {"frames": len(rows),
+            "run_queue_ms": _percentiles(arr[:, 1] * 1e3),
+            "paused_ms": _percentiles(arr[:, 2] * 1e3),
+            "overhead_unpaused_ms": _percentiles((arr[:, 0] - arr[:, 2]) * 1e3),
+            "blocked_frames_pct": round(100.0 * float(arr[:, 3].mean()), 1)}
 
 
 def _percentiles(arr: np.ndarray) -> dict[str, float]:
@@ -255,10 +295,10 @@ def _measure_rate(harness: Any, cfg: NodeBenchConfig, rate: float) -> dict[str, 
     max_pending = [0]
     stop = threading.Event()
 
-    def sample() -> None:  # the mailbox depth, every 5 ms
+    def sample() -> None:  # the mailbox depth, every PENDING_SAMPLE_S
         while not stop.is_set():
             max_pending[0] = max(max_pending[0], harness.node.pending_frames)
-            time.sleep(0.005)
+            time.sleep(PENDING_SAMPLE_S)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -297,12 +337,14 @@ def _measure_rate(harness: Any, cfg: NodeBenchConfig, rate: float) -> dict[str, 
                                          if received else math.nan),
         "stages_ms": stages,
         "stages_cpu_ms": summarise_cpu(timings),
+        "overhead_attribution": overhead_attribution(timings),
     }
 
 
 def run_node_bench(cfg: NodeBenchConfig,
                    progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
     """Prepare model and map, host the node, play the camera at each rate; plain figures."""
+    from vpr_ros.ros.diagnostics import Stopwatch
     from vpr_ros.ros.node_harness import NodeHarness
 
     say = progress or (lambda msg: None)
@@ -333,10 +375,12 @@ def run_node_bench(cfg: NodeBenchConfig,
             identity = {"backend": encoder.backend, "input_size": list(encoder.input_size),
                         "dim": encoder.dim, "fingerprint": encoder.fingerprint}
             rows = []
+            Stopwatch.probe_scheduler = True  # per-stage run-queue delay and blocking
             for rate in cfg.rates:
                 say(f"{rate:g} Hz for {cfg.seconds_for(rate):g} s")
                 rows.append(_measure_rate(harness, cfg, rate))
         finally:
+            Stopwatch.probe_scheduler = False
             harness.close()
     finally:
         if tmp is not None:
@@ -363,7 +407,8 @@ def _f(value: float) -> str:
 def format_table(result: dict[str, Any]) -> str:
     """Markdown: one row per input rate, p50 / p95 per stage in ms."""
     head = ["rate Hz", "sent", "processed", "dropped", "max waiting", "wait/proc", *REPORTED,
-            "overhead CPU", "executor CPU / received", "trend", "steal %"]
+            "overhead CPU", "overhead w/o paused vCPU", "run queue", "blocked %",
+            "executor CPU / received", "trend", "steal %"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rates"]:
         cells = [f"{r['rate_hz']:g} ({r['achieved_hz']:g})", str(r["sent"]), str(r["processed"]),
@@ -372,6 +417,11 @@ def format_table(result: dict[str, Any]) -> str:
                   for s in REPORTED]
         cpu = r["stages_cpu_ms"]["overhead"]
         cells.append(f"{_f(cpu['p50'])} / {_f(cpu['p95'])}")
+        att = r.get("overhead_attribution") or {}
+        for key in ("overhead_unpaused_ms", "run_queue_ms"):
+            pct = att.get(key, {})
+            cells.append(f"{_f(pct.get('p50', math.nan))} / {_f(pct.get('p95', math.nan))}")
+        cells.append(_f(att.get("blocked_frames_pct", math.nan)))
         cells.append(_f(r.get("executor_cpu_ms_per_received", math.nan)))
         cells.append(_f(r["latency_trend_ms"]))
         cells.append(_f(r.get("cpu_steal_pct", math.nan)))

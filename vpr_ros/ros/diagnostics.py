@@ -12,6 +12,7 @@ callback, the encoder thread and the diagnostics timer all write or read it);
 from __future__ import annotations
 
 import math
+import resource
 import threading
 import time
 from collections import Counter, deque
@@ -49,22 +50,53 @@ class FrameTiming:
     #: apart from time spent waiting for a core on a busy machine (helper threads of BLAS,
     #: OpenCV or torch are not included).
     cpu: dict[str, float] = field(default_factory=dict)
+    #: Per stage, when :attr:`Stopwatch.probe_scheduler` is on (the benchmark): seconds the
+    #: thread was runnable but waiting for a core, and how often it blocked (voluntary
+    #: context switches: a lock, the interpreter lock, I/O). See :func:`sched_sample`.
+    sched: dict[str, tuple[float, int]] = field(default_factory=dict)
 
     def stage(self, name: str) -> float:
         return float(getattr(self, name))
 
 
+def sched_sample() -> Optional[tuple[float, int]]:
+    """(seconds this thread has waited runnable for a core, voluntary context switches) so
+    far, or None where Linux does not say (no /proc/thread-self/schedstat).
+
+    Why: a stage whose wall time exceeds its CPU time either waited for a core (run-queue
+    delay, other threads or processes of this machine), blocked (a voluntary switch), or ran
+    on a virtual CPU the hypervisor had paused; the last shows in neither counter, so it is
+    what remains when the first two are taken off."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            run_delay_ns = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return run_delay_ns / 1e9, resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+
+
 class Stopwatch:
     """Times consecutive stages of one frame, wall clock and thread CPU, into a FrameTiming."""
 
+    #: Also record run-queue delay and voluntary switches per stage (``FrameTiming.sched``):
+    #: two small /proc reads per stage, so only the benchmark turns it on.
+    probe_scheduler = False
+
     def __init__(self, timing: FrameTiming) -> None:
         self.timing = timing
+        self._sched = sched_sample() if Stopwatch.probe_scheduler else None
         self._wall, self._cpu = time.perf_counter(), time.thread_time()
 
     def lap(self, stage: str) -> None:
         wall, cpu = time.perf_counter(), time.thread_time()
         setattr(self.timing, stage, wall - self._wall)
         self.timing.cpu[stage] = cpu - self._cpu
+        if self._sched is not None:
+            now = sched_sample()
+            if now is not None:
+                self.timing.sched[stage] = (now[0] - self._sched[0], now[1] - self._sched[1])
+            self._sched = now
+            wall, cpu = time.perf_counter(), time.thread_time()  # the probe is not a stage
         self._wall, self._cpu = wall, cpu
 
 
