@@ -30,6 +30,9 @@ def test_node_bench_reports_a_stage_breakdown_and_no_queue(effnet_gem_model_dir:
     assert slow["sent"] >= 6 and slow["processed"] >= 0.5 * slow["sent"]
     # 200 frames/s is far above what the encoder sustains: frames are dropped, never queued.
     assert flood["dropped"] > 0 and flood["processed"] < flood["received"]
+    # The executor thread takes a 320x240 frame in well under the 5 ms between frames at
+    # 200 Hz (at 4 Hz its timers are spread over a few frames, so no bound there).
+    assert flood["executor_cpu_ms_per_received"] < 5.0
     for row in result["rates"]:
         assert row["max_pending"] <= 1 and row["errors"] == 0
         assert row["processed"] + row["dropped"] == row["received"]
@@ -39,9 +42,7 @@ def test_node_bench_reports_a_stage_breakdown_and_no_queue(effnet_gem_model_dir:
         assert row["stages_ms"]["total"]["p50"] >= row["stages_ms"]["encode"]["p50"]
         assert row["stages_cpu_ms"]["overhead"]["p50"] > 0
         assert math.isnan(row["cpu_steal_pct"]) or 0.0 <= row["cpu_steal_pct"] <= 100.0
-        # Taking a 320x240 frame costs the executor thread something, and far less than a
-        # frame period at 200 Hz.
-        assert 0.0 < row["executor_cpu_ms_per_received"] < 5.0
+        assert row["executor_cpu_ms_per_received"] > 0.0
         att = row["overhead_attribution"]
         if att:  # Linux: per-stage scheduler figures for every processed frame
             assert att["frames"] == row["processed"] and 0 <= att["blocked_frames_pct"] <= 100
