@@ -159,8 +159,9 @@ class RunningNode:
         return stop_process(self.proc)
 
 
-def _node(config: str, log: Path) -> Iterator[RunningNode]:
-    node = RunningNode(["--ros-args", "--params-file", str(REPO / "config" / config),
+def _node(config: str, log: Path, executor: str = "single_threaded") -> Iterator[RunningNode]:
+    node = RunningNode(["--executor", executor,
+                        "--ros-args", "--params-file", str(REPO / "config" / config),
                         "-r", "image:=/camera/image_raw", "-r", "odometry:=/odom"], log)
     try:
         yield node
@@ -179,8 +180,10 @@ def localization_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runn
 
 @pytest.fixture(scope="class")
 def loop_closure_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
-    """One process for both storages: started with config/vpr_loop_closure.yaml."""
-    yield from _node("vpr_loop_closure.yaml", tmp_path_factory.mktemp("logs") / "loop.log")
+    """One process for both storages: started with config/vpr_loop_closure.yaml, spun by
+    rclpy's EventsExecutor (``vpr_node --executor events``; localization uses the default)."""
+    yield from _node("vpr_loop_closure.yaml", tmp_path_factory.mktemp("logs") / "loop.log",
+                     executor="events")
 
 
 def _stamp_ns(header: Any) -> int:

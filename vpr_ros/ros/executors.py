@@ -1,0 +1,48 @@
+"""Which rclpy executor spins ``vpr_node``, and how to spin it.
+
+Why a choice: the executor thread takes every camera message, dropped ones included, and with
+rclpy's ``SingleThreadedExecutor`` (the default) that costs 1.5-2.1 ms of Python per 640x480
+frame (``vpr bench node``, column "executor CPU / received": the wait set is rebuilt in Python
+twice per message). rclpy's ``EventsExecutor`` does the waiting and dispatching in C++:
+0.65-1.0 ms per frame in the same benchmark, so a fast camera leaves more of the CPU to the
+encoder. It is marked experimental in rclpy (Kilted), hence opt-in (``vpr_node --executor
+events``), and one of its quirks is worked around here: its ``spin()`` delivered no messages
+when called from a thread other than the one that imported rclpy (tested), while
+``spin_once`` in a loop does, from any thread, so both kinds are spun that way.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+SINGLE_THREADED = "single_threaded"
+EVENTS = "events"
+EXECUTORS = (SINGLE_THREADED, EVENTS)
+#: How long one ``spin_once`` may wait: the loop re-checks the context this often, so a
+#: shutdown is noticed within it.
+SPIN_ONCE_TIMEOUT_S = 0.1
+
+
+def make_executor(kind: str, context: Optional[Any] = None) -> Any:
+    """A new executor of ``kind`` (one of :data:`EXECUTORS`) for ``context``."""
+    if kind == SINGLE_THREADED:
+        from rclpy.executors import SingleThreadedExecutor
+
+        return SingleThreadedExecutor(context=context)
+    if kind == EVENTS:
+        from rclpy.experimental import EventsExecutor
+
+        return EventsExecutor(context=context)
+    raise ValueError(f"unknown executor {kind!r}; choose one of {', '.join(EXECUTORS)}")
+
+
+def spin_until_shutdown(executor: Any, context: Any) -> None:
+    """Spin ``executor`` until ``context`` shuts down (Ctrl-C, ``rclpy.shutdown``) or the
+    executor is shut down; callable from any thread."""
+    from rclpy.executors import ExternalShutdownException, ShutdownException
+
+    try:
+        while context.ok():
+            executor.spin_once(timeout_sec=SPIN_ONCE_TIMEOUT_S)
+    except (ShutdownException, ExternalShutdownException):
+        pass
