@@ -45,10 +45,14 @@ def generate_launch_description() -> LaunchDescription:
             description="node parameters (ROS params file)"),
         DeclareLaunchArgument("autostart", default_value="true",
                               description="configure and activate the node on launch"),
+        DeclareLaunchArgument("executor", default_value="single_threaded",
+                              choices=["single_threaded", "events"],
+                              description="rclpy executor spinning the node (events: rclpy's "
+                              "experimental C++ EventsExecutor, about half the CPU per frame)"),
     ]
     node = LifecycleNode(
         package="vpr_ros", executable="vpr_node", name="vpr_node", namespace="",
-        output="screen",
+        output="screen", arguments=["--executor", LaunchConfiguration("executor")],
         parameters=[LaunchConfiguration("params_file"),
                     {"model": LaunchConfiguration("model"), "map": LaunchConfiguration("map"),
                      "image_transport": LaunchConfiguration("image_transport")}],

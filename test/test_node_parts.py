@@ -376,7 +376,8 @@ def test_launch_files_parse_and_wire_existing_configs(name, config) -> None:
     assert config in strings and (REPO / "config" / config).is_file()
     declared = {n.args[0].value for n in ast.walk(tree) if isinstance(n, ast.Call)
                 and getattr(n.func, "id", getattr(n.func, "attr", "")) == "DeclareLaunchArgument"}
-    assert {"model", "map", "camera_topic", "image_transport"} <= declared
+    assert {"model", "map", "camera_topic", "image_transport", "executor"} <= declared
+    assert "--executor" in strings  # passed on to vpr_node's command line
     assert {"vpr_node", "vpr_ros", "LifecycleNode"} <= strings | _names(tree)
     assert "image" in strings  # the camera topic is wired by a remap of the node's 'image'
 
