@@ -366,7 +366,7 @@ class InProcessNode:
     in a separate rclpy context (its own DDS participant, so traffic really crosses DDS)."""
 
     def __init__(self, overrides: dict[str, Any], remaps: dict[str, str],
-                 executor: str = "single_threaded") -> None:
+                 executor: str = "events") -> None:
         import threading
 
         import rclpy

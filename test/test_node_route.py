@@ -159,7 +159,7 @@ class RunningNode:
         return stop_process(self.proc)
 
 
-def _node(config: str, log: Path, executor: str = "single_threaded") -> Iterator[RunningNode]:
+def _node(config: str, log: Path, executor: str = "events") -> Iterator[RunningNode]:
     node = RunningNode(["--executor", executor,
                         "--ros-args", "--params-file", str(REPO / "config" / config),
                         "-r", "image:=/camera/image_raw", "-r", "odometry:=/odom"], log)
@@ -181,9 +181,10 @@ def localization_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runn
 @pytest.fixture(scope="class")
 def loop_closure_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
     """One process for both storages: started with config/vpr_loop_closure.yaml, spun by
-    rclpy's EventsExecutor (``vpr_node --executor events``; localization uses the default)."""
+    rclpy's classic executor (``vpr_node --executor single_threaded``; localization runs the
+    default, the EventsExecutor)."""
     yield from _node("vpr_loop_closure.yaml", tmp_path_factory.mktemp("logs") / "loop.log",
-                     executor="events")
+                     executor="single_threaded")
 
 
 def _stamp_ns(header: Any) -> int:

@@ -71,8 +71,8 @@ class NodeBenchConfig:
     qos: str = "reliable"
     backend: str = "auto"
     threads: int = 0
-    #: rclpy executor spinning the node: single_threaded (vpr_node's default) or events
-    executor: str = "single_threaded"
+    #: rclpy executor spinning the node: events (vpr_node's default) or single_threaded
+    executor: str = "events"
     top_k: int = 5
     index: str = "flat"
     workdir: Optional[Path] = None
@@ -487,9 +487,9 @@ def register(sub: Any) -> None:
     p.add_argument("--backend", default="auto",
                    help="encoder backend: auto, torch, onnxruntime, tensorrt (default auto)")
     p.add_argument("--threads", type=int, default=0, help="encoder threads (0: default)")
-    p.add_argument("--executor", choices=["single_threaded", "events"],
-                   default="single_threaded", help="rclpy executor spinning the node, as "
-                   "vpr_node --executor (default single_threaded)")
+    p.add_argument("--executor", choices=["events", "single_threaded"],
+                   default="events", help="rclpy executor spinning the node, as vpr_node "
+                   "--executor (default events)")
     p.add_argument("--workdir", type=Path, help="keep model and map here (default: temp)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run_cli)

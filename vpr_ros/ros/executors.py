@@ -4,11 +4,15 @@ Why a choice: the executor thread takes every camera message, dropped ones inclu
 rclpy's ``SingleThreadedExecutor`` (the default) that costs 1.5-2.1 ms of Python per 640x480
 frame (``vpr bench node``, column "executor CPU / received": the wait set is rebuilt in Python
 twice per message). rclpy's ``EventsExecutor`` does the waiting and dispatching in C++:
-0.65-1.0 ms per frame in the same benchmark, so a fast camera leaves more of the CPU to the
-encoder. It is marked experimental in rclpy (Kilted), hence opt-in (``vpr_node --executor
-events``), and one of its quirks is worked around here: its ``spin()`` delivered no messages
-when called from a thread other than the one that imported rclpy (tested), while
-``spin_once`` in a loop does, from any thread, so both kinds are spun that way.
+0.65-1.0 ms per frame in the same benchmark, and the encoder thread blocked on the interpreter
+lock in 1-3 % of frames at 5-30 Hz instead of 5-17 %; with it the node's p95 of everything
+but encode is 4.0-5.7 ms at 5-100 Hz instead of 4.4-8.6 (docs/bench_node.md). It is the
+default. rclpy marks it experimental, so the classic executor stays one argument away
+(``vpr_node --executor single_threaded``, ``executor:=single_threaded`` in the launch files);
+the lifecycle tests run under both, the route tests one each. One quirk is worked around
+here: its ``spin()`` delivered no messages when called from a thread other than the main one
+(tested), while ``spin_once`` in a loop does, from any thread, so both kinds are spun that
+way.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from typing import Any, Optional
 SINGLE_THREADED = "single_threaded"
 EVENTS = "events"
 EXECUTORS = (SINGLE_THREADED, EVENTS)
+#: What vpr_node, its launch files and the benchmark use unless told otherwise.
+DEFAULT_EXECUTOR = EVENTS
 #: How long one ``spin_once`` may wait: the loop re-checks the context this often, so a
 #: shutdown is noticed within it.
 SPIN_ONCE_TIMEOUT_S = 0.1

@@ -27,7 +27,7 @@ class NodeHarness:
     """A configured and active :class:`~vpr_ros.ros.node.VprNode` spinning in this process."""
 
     def __init__(self, parameters: Mapping[str, Any], remaps: Mapping[str, str],
-                 executor: str = "single_threaded") -> None:
+                 executor: str = "events") -> None:
         import rclpy
         from rclpy.lifecycle import TransitionCallbackReturn
         from rclpy.parameter import Parameter

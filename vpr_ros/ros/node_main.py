@@ -9,9 +9,9 @@ The node starts *unconfigured*, as lifecycle nodes do; a lifecycle manager (the 
 Nav2's lifecycle manager, ``ros2 lifecycle set``) drives it. With ``-p autostart:=true`` it
 configures and activates itself, for machines without any of those.
 
-``--executor events`` (before ``--ros-args``) spins it with rclpy's C++ ``EventsExecutor``
-instead of the ``SingleThreadedExecutor``: about half the executor CPU per camera frame; see
-:mod:`vpr_ros.ros.executors`.
+``--executor single_threaded|events`` (before ``--ros-args``) picks the rclpy executor; the
+default, ``events``, is rclpy's C++ ``EventsExecutor``: about half the executor CPU per camera
+frame of the ``SingleThreadedExecutor``; see :mod:`vpr_ros.ros.executors`.
 """
 
 from __future__ import annotations
@@ -31,16 +31,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rclpy.lifecycle import TransitionCallbackReturn
     from rclpy.utilities import remove_ros_args
 
-    from vpr_ros.ros.executors import EXECUTORS, SINGLE_THREADED, make_executor, \
+    from vpr_ros.ros.executors import DEFAULT_EXECUTOR, EXECUTORS, make_executor, \
         spin_until_shutdown
     from vpr_ros.ros.node import VprNode
 
     args = list(argv) if argv is not None else list(sys.argv)
     parser = argparse.ArgumentParser(prog="vpr_node", description="VPR relocalization and "
                                      "loop-closure node (ROS arguments after --ros-args)")
-    parser.add_argument("--executor", choices=EXECUTORS, default=SINGLE_THREADED,
-                        help="rclpy executor that spins the node (default single_threaded; "
-                        "events: rclpy's experimental C++ EventsExecutor, less CPU per frame)")
+    parser.add_argument("--executor", choices=EXECUTORS, default=DEFAULT_EXECUTOR,
+                        help=f"rclpy executor that spins the node (default {DEFAULT_EXECUTOR}: "
+                        "rclpy's C++ EventsExecutor, experimental in rclpy; single_threaded: "
+                        "the classic Python one, about twice the CPU per camera frame)")
     options = parser.parse_args(remove_ros_args(args)[1:])
     rclpy.init(args=args)
     context = rclpy.get_default_context()
