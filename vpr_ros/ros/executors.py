@@ -1,18 +1,20 @@
 """Which rclpy executor spins ``vpr_node``, and how to spin it.
 
-Why a choice: the executor thread takes every camera message, dropped ones included, and with
-rclpy's ``SingleThreadedExecutor`` (the default) that costs 1.5-2.1 ms of Python per 640x480
-frame (``vpr bench node``, column "executor CPU / received": the wait set is rebuilt in Python
-twice per message). rclpy's ``EventsExecutor`` does the waiting and dispatching in C++:
-0.65-1.0 ms per frame in the same benchmark, and the encoder thread blocked on the interpreter
-lock in 1-3 % of frames at 5-30 Hz instead of 5-17 %; with it the node's p95 of everything
-but encode is 4.0-5.7 ms at 5-100 Hz instead of 4.4-8.6 (docs/bench_node.md). It is the
-default. rclpy marks it experimental, so the classic executor stays one argument away
-(``vpr_node --executor single_threaded``, ``executor:=single_threaded`` in the launch files);
-the lifecycle tests run under both, the route tests one each. One quirk is worked around
-here: its ``spin()`` delivered no messages when called from a thread other than the main one
-(tested), while ``spin_once`` in a loop does, from any thread, so both kinds are spun that
-way.
+Why a choice: the executor thread takes every camera message, dropped ones included. With
+rclpy's ``SingleThreadedExecutor`` that costs 1.7-2.5 ms of Python per 640x480 frame at
+15-100 Hz, 4.3-4.7 ms at 5 Hz with the timers (``vpr bench node``, column "executor CPU /
+received"; the wait set is rebuilt in Python twice per message), and the encoder thread, which
+shares the interpreter lock with it, blocked in 5-17 % of frames at 5-30 Hz. rclpy's
+``EventsExecutor`` waits and dispatches in C++: 0.7-1.2 ms per frame (1.8 ms at 5 Hz), the
+encoder thread blocked in 0-5 % of frames, and the node's p95 of everything but encode was
+4.0-5.7 ms at 5-100 Hz instead of 4.4-8.6 ms in interleaved runs (docs/bench_node.md).
+
+It is the default. rclpy marks it experimental, so the classic executor stays one argument
+away (``vpr_node --executor single_threaded``, ``executor:=single_threaded`` in the launch
+files); the lifecycle tests run under both, the route tests one each. One quirk is worked
+around here: its ``spin()`` delivered no messages when called from a thread other than the
+main one (tested), while ``spin_once`` in a loop does, from any thread, so both kinds are spun
+that way.
 """
 
 from __future__ import annotations
