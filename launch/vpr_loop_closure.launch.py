@@ -45,15 +45,10 @@ def generate_launch_description() -> LaunchDescription:
             description="node parameters (ROS params file)"),
         DeclareLaunchArgument("autostart", default_value="true",
                               description="configure and activate the node on launch"),
-        DeclareLaunchArgument("executor", default_value="events",
-                              choices=["events", "single_threaded"],
-                              description="rclpy executor spinning the node: events (rclpy's "
-                              "C++ EventsExecutor, experimental in rclpy) or single_threaded "
-                              "(the classic one, about twice the CPU per camera frame)"),
     ]
     node = LifecycleNode(
         package="vpr_ros", executable="vpr_node", name="vpr_node", namespace="",
-        output="screen", arguments=["--executor", LaunchConfiguration("executor")],
+        output="screen",
         parameters=[LaunchConfiguration("params_file"),
                     {"model": LaunchConfiguration("model"), "map": LaunchConfiguration("map"),
                      "image_transport": LaunchConfiguration("image_transport")}],

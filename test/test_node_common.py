@@ -365,15 +365,14 @@ class InProcessNode:
     """A VprNode spun by its own executor thread in the test process, plus a :class:`RosProbe`
     in a separate rclpy context (its own DDS participant, so traffic really crosses DDS)."""
 
-    def __init__(self, overrides: dict[str, Any], remaps: dict[str, str],
-                 executor: str = "events") -> None:
+    def __init__(self, overrides: dict[str, Any], remaps: dict[str, str]) -> None:
         import threading
 
         import rclpy
         from diagnostic_msgs.msg import DiagnosticArray
+        from rclpy.executors import SingleThreadedExecutor
         from rclpy.parameter import Parameter
 
-        from vpr_ros.ros.executors import make_executor, spin_until_shutdown
         from vpr_ros.ros.node import VprNode
 
         self.context = rclpy.Context()
@@ -382,10 +381,9 @@ class InProcessNode:
         self.node = VprNode(context=self.context, cli_args=args,
                             parameter_overrides=[Parameter(k, value=v)
                                                  for k, v in overrides.items()])
-        self.executor = make_executor(executor, self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
-        self._spinner = threading.Thread(target=spin_until_shutdown,
-                                         args=(self.executor, self.context), daemon=True)
+        self._spinner = threading.Thread(target=self.executor.spin, daemon=True)
         self._spinner.start()
         self.probe = RosProbe()
         self.probe.record("/diagnostics", DiagnosticArray)
@@ -402,9 +400,8 @@ class InProcessNode:
         self.probe.close()
         self.node.shutdown_worker()
         self.executor.shutdown()
-        rclpy.try_shutdown(context=self.context)
-        self._spinner.join(timeout=5.0)
         self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
         self._spinner.join(5)
 
 

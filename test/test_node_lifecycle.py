@@ -32,12 +32,10 @@ def lap1_map(model96: Path, route, tmp_path_factory: pytest.TempPathFactory) -> 
     return build_lap_map(model96, route, 0, tmp_path_factory.mktemp("maps") / "lap1")
 
 
-@pytest.fixture(scope="module", params=["single_threaded", "events"])
-def running(model96: Path, request) -> Iterator[tuple[object, RosProbe]]:
-    """The node under test in this process (own executor thread, each executor vpr_node can
-    be spun by) and a probe node."""
-    harness = InProcessNode({"threads": 1, "diagnostics_period_s": 0.2}, {"image": TOPIC},
-                            executor=request.param)
+@pytest.fixture(scope="module")
+def running(model96: Path) -> Iterator[tuple[object, RosProbe]]:
+    """The node under test in this process (own executor thread) and a probe node."""
+    harness = InProcessNode({"threads": 1, "diagnostics_period_s": 0.2}, {"image": TOPIC})
     try:
         yield harness.node, harness.probe
     finally:

@@ -376,8 +376,7 @@ def test_launch_files_parse_and_wire_existing_configs(name, config) -> None:
     assert config in strings and (REPO / "config" / config).is_file()
     declared = {n.args[0].value for n in ast.walk(tree) if isinstance(n, ast.Call)
                 and getattr(n.func, "id", getattr(n.func, "attr", "")) == "DeclareLaunchArgument"}
-    assert {"model", "map", "camera_topic", "image_transport", "executor"} <= declared
-    assert "--executor" in strings  # passed on to vpr_node's command line
+    assert {"model", "map", "camera_topic", "image_transport"} <= declared
     assert {"vpr_node", "vpr_ros", "LifecycleNode"} <= strings | _names(tree)
     assert "image" in strings  # the camera topic is wired by a remap of the node's 'image'
 
@@ -420,20 +419,3 @@ def test_encode_is_timed_in_stages_on_the_host_path_and_whole_otherwise() -> Non
     assert not host_preprocessing(Device())
     encode_one(Device(), rgb, timing)
     assert math.isnan(timing.preprocess) and timing.encode >= 0
-
-
-def test_vpr_node_refuses_an_unknown_executor_and_lists_the_choices(tmp_path: Path) -> None:
-    from test_node_common import start_node
-
-    proc = start_node(["--executor", "multi", "--ros-args", "-p", "autostart:=false"],
-                      tmp_path / "node.log")
-    assert proc.wait(60) == 2
-    out = (tmp_path / "node.log").read_text()
-    assert "--executor" in out and "single_threaded" in out and "events" in out
-
-
-def test_make_executor_names_the_choices_for_an_unknown_kind() -> None:
-    from vpr_ros.ros.executors import make_executor
-
-    with pytest.raises(ValueError, match="single_threaded, events"):
-        make_executor("multi")

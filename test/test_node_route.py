@@ -159,9 +159,8 @@ class RunningNode:
         return stop_process(self.proc)
 
 
-def _node(config: str, log: Path, executor: str = "events") -> Iterator[RunningNode]:
-    node = RunningNode(["--executor", executor,
-                        "--ros-args", "--params-file", str(REPO / "config" / config),
+def _node(config: str, log: Path) -> Iterator[RunningNode]:
+    node = RunningNode(["--ros-args", "--params-file", str(REPO / "config" / config),
                         "-r", "image:=/camera/image_raw", "-r", "odometry:=/odom"], log)
     try:
         yield node
@@ -180,11 +179,8 @@ def localization_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runn
 
 @pytest.fixture(scope="class")
 def loop_closure_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
-    """One process for both storages: started with config/vpr_loop_closure.yaml, spun by
-    rclpy's classic executor (``vpr_node --executor single_threaded``; localization runs the
-    default, the EventsExecutor)."""
-    yield from _node("vpr_loop_closure.yaml", tmp_path_factory.mktemp("logs") / "loop.log",
-                     executor="single_threaded")
+    """One process for both storages: started with config/vpr_loop_closure.yaml."""
+    yield from _node("vpr_loop_closure.yaml", tmp_path_factory.mktemp("logs") / "loop.log")
 
 
 def _stamp_ns(header: Any) -> int:

@@ -71,8 +71,6 @@ class NodeBenchConfig:
     qos: str = "reliable"
     backend: str = "auto"
     threads: int = 0
-    #: rclpy executor spinning the node: events (vpr_node's default) or single_threaded
-    executor: str = "events"
     top_k: int = 5
     index: str = "flat"
     workdir: Optional[Path] = None
@@ -370,7 +368,7 @@ def run_node_bench(cfg: NodeBenchConfig,
                   "relocalization.one_shot": False, "diagnostics_window": 1_000_000,
                   "log_throttle_s": 60.0}
         t0 = time.perf_counter()
-        harness = NodeHarness(params, {"image": TOPIC}, executor=cfg.executor)
+        harness = NodeHarness(params, {"image": TOPIC})
         configure_s = time.perf_counter() - t0
         try:
             encoder = harness.node.pipeline.encoder
@@ -487,9 +485,6 @@ def register(sub: Any) -> None:
     p.add_argument("--backend", default="auto",
                    help="encoder backend: auto, torch, onnxruntime, tensorrt (default auto)")
     p.add_argument("--threads", type=int, default=0, help="encoder threads (0: default)")
-    p.add_argument("--executor", choices=["events", "single_threaded"],
-                   default="events", help="rclpy executor spinning the node, as vpr_node "
-                   "--executor (default events)")
     p.add_argument("--workdir", type=Path, help="keep model and map here (default: temp)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run_cli)
@@ -504,8 +499,7 @@ def run_cli(args: Any) -> int:
                           index=args.index, rates=args.rates, seconds=args.seconds,
                           min_frames=args.min_frames,
                           width=width, height=height, compressed=args.compressed, qos=args.qos,
-                          backend=args.backend, threads=args.threads,
-                          executor=args.executor, workdir=args.workdir)
+                          backend=args.backend, threads=args.threads, workdir=args.workdir)
 
     def progress(msg: str) -> None:
         print(f"[bench node] {msg}", file=sys.stderr, flush=True)

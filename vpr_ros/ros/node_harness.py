@@ -26,13 +26,12 @@ from vpr_ros.errors import ConfigError
 class NodeHarness:
     """A configured and active :class:`~vpr_ros.ros.node.VprNode` spinning in this process."""
 
-    def __init__(self, parameters: Mapping[str, Any], remaps: Mapping[str, str],
-                 executor: str = "events") -> None:
+    def __init__(self, parameters: Mapping[str, Any], remaps: Mapping[str, str]) -> None:
         import rclpy
+        from rclpy.executors import SingleThreadedExecutor
         from rclpy.lifecycle import TransitionCallbackReturn
         from rclpy.parameter import Parameter
 
-        from vpr_ros.ros.executors import make_executor, spin_until_shutdown
         from vpr_ros.ros.node import VprNode
 
         self._rclpy = rclpy
@@ -48,11 +47,10 @@ class NodeHarness:
             self.close()
             raise ConfigError(f"vpr_node did not configure: {problem}")
         self.node.trigger_activate()
-        self.executor = make_executor(executor, self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
-        self._spinner = threading.Thread(target=spin_until_shutdown,
-                                         args=(self.executor, self.context),
-                                         name="vpr_node_executor", daemon=True)
+        self._spinner = threading.Thread(target=self.executor.spin, name="vpr_node_executor",
+                                         daemon=True)
         self._spinner.start()
 
     @property
@@ -74,12 +72,8 @@ class NodeHarness:
         self.node.shutdown_worker()
         if getattr(self, "executor", None) is not None:
             self.executor.shutdown()
-        # The spinning loop ends with the context; the node goes after the loop has stopped
-        # touching it.
-        self._rclpy.try_shutdown(context=self.context)
-        if getattr(self, "_spinner", None) is not None:
-            self._spinner.join(timeout=5.0)
         self.node.destroy_node()
+        self._rclpy.try_shutdown(context=self.context)
 
 
 def synthetic_frames(count: int, width: int, height: int, seed: int = 0) -> list[np.ndarray]:

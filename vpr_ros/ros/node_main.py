@@ -8,15 +8,10 @@ Usage (ROS arguments as for any node)::
 The node starts *unconfigured*, as lifecycle nodes do; a lifecycle manager (the launch files,
 Nav2's lifecycle manager, ``ros2 lifecycle set``) drives it. With ``-p autostart:=true`` it
 configures and activates itself, for machines without any of those.
-
-``--executor single_threaded|events`` (before ``--ros-args``) picks the rclpy executor; the
-default, ``events``, is rclpy's C++ ``EventsExecutor``: about half the executor CPU per camera
-frame of the ``SingleThreadedExecutor``; see :mod:`vpr_ros.ros.executors`.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Sequence
 
@@ -27,26 +22,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ensure_ros_libs()
     import rclpy
-    from rclpy.executors import ExternalShutdownException
+    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
     from rclpy.lifecycle import TransitionCallbackReturn
-    from rclpy.utilities import remove_ros_args
 
-    from vpr_ros.ros.executors import DEFAULT_EXECUTOR, EXECUTORS, make_executor, \
-        spin_until_shutdown
     from vpr_ros.ros.node import VprNode
 
-    args = list(argv) if argv is not None else list(sys.argv)
-    parser = argparse.ArgumentParser(prog="vpr_node", description="VPR relocalization and "
-                                     "loop-closure node (ROS arguments after --ros-args)")
-    parser.add_argument("--executor", choices=EXECUTORS, default=DEFAULT_EXECUTOR,
-                        help=f"rclpy executor that spins the node (default {DEFAULT_EXECUTOR}: "
-                        "rclpy's C++ EventsExecutor, experimental in rclpy; single_threaded: "
-                        "the classic Python one, about twice the CPU per camera frame)")
-    options = parser.parse_args(remove_ros_args(args)[1:])
-    rclpy.init(args=args)
-    context = rclpy.get_default_context()
+    rclpy.init(args=list(argv) if argv is not None else sys.argv)
     node = VprNode()
-    executor = make_executor(options.executor, context)
+    executor = SingleThreadedExecutor()
     executor.add_node(node)
     try:
         if node.get_parameter("autostart").value:
@@ -55,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                         "unconfigured")
             elif node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
                 node.get_logger().error("autostart: activate failed; staying inactive")
-        spin_until_shutdown(executor, context)
+        executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
