@@ -44,6 +44,8 @@ from vpr_ros.errors import ConfigError
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_CONFIG = REPO / "config" / "models" / "gem_effnetlite0.yaml"
 STAGES = ("conversion", "preprocess", "encode", "search", "decision", "publish")
+#: ``overhead``: every stage but inference.
+OVERHEAD_STAGES = tuple(s for s in STAGES if s != "encode")
 REPORTED = (*STAGES, "overhead", "wait", "total", "transport")
 TOPIC = "/vpr_bench/image"
 OVERHEAD_TARGET_MS = 5.0
@@ -98,15 +100,12 @@ def _stage_values(timings: list[Any], name: str, cpu: bool = False) -> np.ndarra
         return t.cpu.get(stage, math.nan) if cpu else t.stage(stage)
 
     if name == "overhead":
-        vals = [sum(0.0 if math.isnan(one(t, s)) else one(t, s)
-                    for s in STAGES if s != "encode") for t in timings]
+        vals = [sum(0.0 if math.isnan(one(t, s)) else one(t, s) for s in OVERHEAD_STAGES)
+                for t in timings]
     else:
         vals = [one(t, name) for t in timings]
     arr = np.asarray(vals, dtype=np.float64) * 1e3
     return arr[np.isfinite(arr)]
-
-
-OVERHEAD_STAGES = tuple(s for s in STAGES if s != "encode")
 
 
 def overhead_attribution(timings: list[Any]) -> dict[str, Any]:

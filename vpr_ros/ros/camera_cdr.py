@@ -31,8 +31,10 @@ class CameraMessageReader:
     names (``header.stamp``, ``height``, ``encoding``, ``data``...), ``data`` a numpy view."""
 
     def __init__(self, compressed: bool) -> None:
+        from rosbags.serde import SerdeError
         from sensor_msgs.msg import CompressedImage, Image
 
+        self._unreadable = (SerdeError, ValueError)
         self.typename = COMPRESSED_IMAGE if compressed else IMAGE
         self._msg_type = CompressedImage if compressed else Image
         self._typestore = default_typestore()
@@ -41,12 +43,10 @@ class CameraMessageReader:
 
     def read(self, raw: bytes) -> Any:
         """The message in ``raw``, or :class:`FrameError` (``corrupt_image``) saying why not."""
-        from rosbags.serde import SerdeError
-
         if bytes(raw[:2]) in PLAIN_CDR:
             try:
                 return self._typestore.deserialize_cdr(raw, self.typename)
-            except (SerdeError, ValueError) as exc:
+            except self._unreadable as exc:
                 raise FrameError(CORRUPT_IMAGE, f"a {self.typename} message of {len(raw)} "
                                  f"bytes could not be read ({exc}); skipped") from exc
         return self._fallback(raw)
