@@ -276,13 +276,10 @@ def thread_cpu_s(native_id: Optional[int]) -> float:
     Why: the executor thread takes and deserializes every camera message, including those the
     mailbox then drops; its CPU per received frame is the cost of the input rate itself, which
     the per-frame stages (encoder thread) do not show."""
-    if native_id is None:
-        return math.nan
-    try:
-        with open(f"/proc/self/task/{native_id}/schedstat") as f:
-            return int(f.read().split()[0]) / 1e9
-    except (OSError, ValueError, IndexError):
-        return math.nan
+    from vpr_ros.ros.diagnostics import schedstat
+
+    times = schedstat(native_id) if native_id is not None else None
+    return times[0] / 1e9 if times is not None else math.nan
 
 
 def _measure_rate(harness: Any, cfg: NodeBenchConfig, rate: float) -> dict[str, Any]:

@@ -67,12 +67,23 @@ def sched_sample() -> Optional[tuple[float, int]]:
     delay, other threads or processes of this machine), blocked (a voluntary switch), or ran
     on a virtual CPU the hypervisor had paused; the last shows in neither counter, so it is
     what remains when the first two are taken off."""
+    times = schedstat()
+    if times is None:
+        return None
+    return times[1] / 1e9, resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+
+
+def schedstat(native_id: Optional[int] = None) -> Optional[tuple[int, int]]:
+    """(ns on a CPU, ns runnable but waiting for one) of a thread of this process (the calling
+    one by default), from Linux's schedstat; None where it is not available."""
+    path = "/proc/thread-self/schedstat" if native_id is None else \
+        f"/proc/self/task/{native_id}/schedstat"
     try:
-        with open("/proc/thread-self/schedstat") as f:
-            run_delay_ns = int(f.read().split()[1])
+        with open(path) as f:
+            fields = f.read().split()
+        return int(fields[0]), int(fields[1])
     except (OSError, ValueError, IndexError):
         return None
-    return run_delay_ns / 1e9, resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
 
 
 class Stopwatch:
