@@ -69,6 +69,56 @@ def test_pos_embed_resize_follows_official_recipe() -> None:
     assert interpolate_pos_embed(pos, (37, 37)) is pos
 
 
+def upstream_register_interpolation(pos: torch.Tensor, h0: int, w0: int) -> torch.Tensor:
+    """The register releases' resize written out independently: facebookresearch/dinov2 builds
+    ``dinov2_*_reg`` with ``interpolate_antialias=True, interpolate_offset=0.0``, i.e. bicubic
+    to the output size itself, antialiased."""
+    m = int(math.sqrt(pos.shape[1] - 1))
+    patch = pos[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2)
+    patch = F.interpolate(patch, size=(h0, w0), mode="bicubic", antialias=True)
+    return torch.cat([pos[:, :1], patch.permute(0, 2, 3, 1).reshape(1, -1, pos.shape[-1])], 1)
+
+
+@pytest.mark.parametrize("grid", [(23, 23), (16, 16), (16, 23), (54, 54)])
+def test_register_models_resize_their_pos_embed_as_upstream(grid) -> None:
+    """Register checkpoints get the antialiased, offset-free resize; the others keep the plain
+    releases' (0.1 offset, no antialias). The two really differ at these sizes, so a backbone
+    that used the wrong one for either kind fails here."""
+    torch.manual_seed(0)
+    plain = DinoV2Backbone(arch="vits14", registers=0)
+    reg = DinoV2Backbone(arch="vits14", registers=4)
+    with torch.no_grad():
+        reg.pos_embed.copy_(plain.pos_embed)
+        pos = plain.pos_embed.detach()
+        expected_reg = upstream_register_interpolation(pos, *grid)
+        expected_plain = (official_interpolation(pos, *grid) if grid[0] == grid[1] else
+                          interpolate_pos_embed(pos, grid))
+        torch.testing.assert_close(reg._pos_for(grid), expected_reg, rtol=0, atol=1e-6)
+        torch.testing.assert_close(plain._pos_for(grid), expected_plain, rtol=0, atol=1e-6)
+        assert (expected_reg - expected_plain).abs().max() > 1e-2
+        # the precomputed (export) embedding is the same resize
+        reg.fix_input_size((grid[0] * 14, grid[1] * 14))
+        torch.testing.assert_close(reg._pos_for(grid), expected_reg, rtol=0, atol=1e-6)
+        # at the pre-training grid both use the stored embedding as it is (upstream too)
+        assert reg._resized_pos((37, 37)) is reg.pos_embed
+
+
+def test_register_model_forward_uses_the_register_resize() -> None:
+    """The tokens the blocks see: patch embedding + the upstream register resize, registers
+    inserted after the class token without positional embedding."""
+    torch.manual_seed(1)
+    bb = DinoV2Backbone(arch="vits14", registers=4).eval()
+    x = torch.randn(1, 3, 322, 322)
+    with torch.no_grad():
+        tokens, grid = bb.prepare_tokens(x)
+        patches = bb.patch_embed(x).flatten(2).transpose(1, 2)
+        pos = upstream_register_interpolation(bb.pos_embed, 23, 23)
+        expected = torch.cat([bb.cls_token + pos[:, :1], bb.register_tokens,
+                              patches + pos[:, 1:]], dim=1)
+    assert grid == (23, 23)
+    torch.testing.assert_close(tokens, expected, rtol=0, atol=1e-6)
+
+
 def test_fixed_size_mode_equals_dynamic(vits: DinoV2Backbone) -> None:
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():

@@ -3,9 +3,11 @@
 The transformer blocks, patch embedding and final norm are timm modules (their parameter names
 match facebookresearch/dinov2 checkpoints one to one, see ``models/checkpoints.py``). The token
 preparation is ours so that it follows the official DINOv2 recipe exactly: the positional
-embedding is stored at the pre-training grid (37x37 for 518 px) and resized bicubically with the
-official 0.1 offset and no antialiasing; registers are inserted after the class token and carry no
-positional embedding. Training may use any multiple of 14; ``fix_input_size`` precomputes the
+embedding is stored at the pre-training grid (37x37 for 518 px) and resized bicubically; the
+released models without registers resize with a scale factor of ``(n + 0.1) / 37`` and no
+antialiasing, the ``*_reg4`` releases (facebookresearch/dinov2's ``dinov2_*_reg`` hub entries)
+with antialiasing and the output size itself (offset 0.0), so each checkpoint is run as it was
+trained; registers are inserted after the class token and carry no positional embedding. Training may use any multiple of 14; ``fix_input_size`` precomputes the
 resized positional embedding so an exported graph holds it as a constant (no resize op).
 """
 
@@ -32,11 +34,20 @@ ARCHS: dict[str, dict[str, int | str]] = {
 }
 
 
-def interpolate_pos_embed(pos_embed: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+#: (antialias, offset) of DINOv2's positional-embedding resize: the plain releases and the
+#: register (``*_reg4``) releases are built with different settings upstream.
+PLAIN_INTERPOLATION = (False, 0.1)
+REGISTER_INTERPOLATION = (True, 0.0)
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, grid_hw: tuple[int, int],
+                          antialias: bool = False, offset: float = 0.1) -> torch.Tensor:
     """Resize an official ``(1, 1 + M*M, C)`` positional embedding to ``grid_hw`` patches.
 
-    Same arithmetic as DINOv2's own ``interpolate_pos_encoding`` (bicubic, scale factor
-    ``(n + 0.1) / M``, no antialias), with height and width kept in their own axes.
+    Same arithmetic as DINOv2's own ``interpolate_pos_encoding``: bicubic, with a scale factor of
+    ``(n + offset) / M`` when ``offset`` is non-zero and with the output size itself when it is
+    0.0, antialiased or not; height and width are kept in their own axes. The defaults are the
+    plain releases' settings, :data:`REGISTER_INTERPOLATION` the register releases'.
     """
     cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
     m = int(math.isqrt(patch_pos.shape[1]))
@@ -45,8 +56,11 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, grid_hw: tuple[int, int]) -> 
         return pos_embed
     dim = patch_pos.shape[-1]
     grid = patch_pos.float().reshape(1, m, m, dim).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, scale_factor=((h + 0.1) / m, (w + 0.1) / m), mode="bicubic",
-                         antialias=False)
+    if offset:
+        grid = F.interpolate(grid, scale_factor=((h + offset) / m, (w + offset) / m),
+                             mode="bicubic", antialias=antialias)
+    else:
+        grid = F.interpolate(grid, size=(h, w), mode="bicubic", antialias=antialias)
     if grid.shape[-2:] != (h, w):  # guards against float rounding of the scale factor
         raise RuntimeError(f"positional embedding resized to {tuple(grid.shape[-2:])}, "
                            f"expected {(h, w)}")
@@ -60,7 +74,9 @@ class DinoV2Backbone(Backbone):
 
     Args:
         arch: one of ``vits14``, ``vitb14``, ``vitl14``, ``vitg14``.
-        registers: number of register tokens (0, or 4 for the ``*_reg4`` releases).
+        registers: number of register tokens (0, or 4 for the ``*_reg4`` releases). It also
+            selects the positional-embedding resize the release was built with
+            (:data:`PLAIN_INTERPOLATION` or :data:`REGISTER_INTERPOLATION`).
         trainable_blocks: how many of the last blocks receive gradients; the rest is frozen
             (and run without autograd to save memory). The QAA/SALAD recipes use 2.
         final_norm: apply the backbone's last LayerNorm to the tokens (the released QAA
@@ -85,6 +101,7 @@ class DinoV2Backbone(Backbone):
                              f"{trainable_blocks}")
         self.arch = arch
         self.num_registers = registers
+        self.pos_interpolation = REGISTER_INTERPOLATION if registers else PLAIN_INTERPOLATION
         self.final_norm = final_norm
         self.out_channels = dim = int(spec["dim"])
         vit = timm.create_model(str(spec["timm"]), pretrained=False, num_classes=0,
@@ -133,7 +150,7 @@ class DinoV2Backbone(Backbone):
         self.check_input_size(size)
         grid = (size[0] // PATCH, size[1] // PATCH)
         with torch.no_grad():
-            self._fixed_pos = interpolate_pos_embed(self.pos_embed, grid).detach().clone()
+            self._fixed_pos = self._resized_pos(grid).detach().clone()
         self._fixed_grid = grid
 
     def release_fixed_size(self) -> None:
@@ -149,7 +166,11 @@ class DinoV2Backbone(Backbone):
                                  f"{grid[0] * PATCH}x{grid[1] * PATCH}. Resize images to the "
                                  "model's input size first.")
             return self._fixed_pos
-        return interpolate_pos_embed(self.pos_embed, grid)
+        return self._resized_pos(grid)
+
+    def _resized_pos(self, grid: tuple[int, int]) -> torch.Tensor:
+        antialias, offset = self.pos_interpolation
+        return interpolate_pos_embed(self.pos_embed, grid, antialias=antialias, offset=offset)
 
     # -- forward ---------------------------------------------------------------------------
     def prepare_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
