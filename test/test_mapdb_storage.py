@@ -81,7 +81,7 @@ def test_on_disk_format_is_open_and_documented(tmp_path: Path) -> None:
     pm = build(kind="binary", dtype="float16")
     pm.save(tmp_path / "m")
     manifest = json.loads((tmp_path / "m" / MANIFEST).read_text())
-    assert manifest["format"] == "vpr_ros.map" and manifest["format_version"] == 1
+    assert manifest["format"] == "vpr_ros.map" and manifest["format_version"] == 2
     assert manifest["fingerprint"] == FP and manifest["dim"] == D and manifest["count"] == 600
     assert manifest["storage_dtype"] == "float16" and manifest["index"]["kind"] == "binary"
     assert manifest["sessions"] == {"run1": 600} and manifest["has_poses"] is True
@@ -210,7 +210,7 @@ def test_missing_manifest_and_missing_map(tmp_path: Path, saved: Path) -> None:
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda m: m.update(format_version=2), "newer vpr_ros"),
+    (lambda m: m.update(format_version=3), "newer vpr_ros"),
     (lambda m: m.update(format_version=0), "not a released format"),
     (lambda m: m.update(format="something.else"), "not a vpr_ros map"),
     (lambda m: m.update(dim=64), r"expected float32 \(600, 64\)"),

@@ -107,11 +107,17 @@ def _format_info(info: dict[str, Any]) -> str:
     local_text = "none" if not local else \
         (f"{' x '.join(str(v) for v in local['grid'])} {local['dtype']} per keyframe, "
          f"{local['bytes'] / 1e6:.2f} MB (mutual-NN re-ranking)")
+    cameras = info.get("cameras") or []
+    camera_text = "; ".join(
+        f"{c['session']}:{c['name']} {c['width']}x{c['height']} f={c['k'][0]:.1f} "
+        f"{c['distortion_model']}{'' if c.get('mount') else ' (no mount)'}" for c in cameras
+    ) or "none (uncalibrated)"
     lines = [
         f"map          {info['path']}",
         f"keyframes    {info['count']} in {len(info['sessions'])} session(s): {sessions}",
         f"descriptors  {info['dim']}-D {info['storage_dtype']}, index {index_text}",
         f"local feats  {local_text}",
+        f"cameras      {camera_text}",
         f"model        fingerprint {info['fingerprint']}",
         f"poses        {'yes' if info['has_poses'] else 'no (stamps only)'}; "
         f"GNSS {'yes' if info['has_gnss'] else 'no'}",

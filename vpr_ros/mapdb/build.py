@@ -253,7 +253,7 @@ def build_map(bag: str | Path, image_topic: str,
                          position=pose.position if pose is not None else None,
                          orientation=pose.orientation if pose is not None else None,
                          gnss=pose.gnss if pose is not None else None,
-                         source_bag=source_bag, source_topic=image_topic)
+                         source_bag=source_bag, source_topic=image_topic, camera=image_topic)
                 for f, pose in pending]
             place_map.add(np.asarray(outs["global"], dtype=np.float32), keyframes,
                           binary_codes=outs.get("binary") if place_map.model_codes else None,

@@ -24,7 +24,9 @@ class Keyframe:
     """One map image: where and when it was taken, and where it came from.
 
     ``id`` is assigned by :meth:`PlaceMap.add` (0..N-1, stable across save and load); the value a
-    caller passes in is ignored.
+    caller passes in is ignored. ``camera`` names the camera that took the image (its topic by
+    default); with ``session`` it keys the map's calibration of that camera
+    (:meth:`PlaceMap.camera_of`). Empty: unknown camera (maps built before cameras were kept).
     """
 
     session: str
@@ -35,6 +37,7 @@ class Keyframe:
     gnss: tuple[float, float, float] | None = None
     source_bag: str = ""
     source_topic: str = ""
+    camera: str = ""
     id: int = -1
 
     @property
@@ -110,7 +113,7 @@ def _check_vector(kf: Keyframe, name: str, value: object, size: int) -> np.ndarr
 class KeyframeTable:
     """All keyframes of a map as columns; row i is the keyframe with id i."""
 
-    TEXT_FIELDS = ("session", "frame_id", "source_bag", "source_topic")
+    TEXT_FIELDS = ("session", "frame_id", "source_bag", "source_topic", "camera")
 
     def __init__(self) -> None:
         self._pools = {f: _StringPool() for f in self.TEXT_FIELDS}
@@ -203,7 +206,8 @@ class KeyframeTable:
             position=_tuple_or_none(self._position.view()[i]),  # type: ignore[arg-type]
             orientation=_tuple_or_none(self._orientation.view()[i]),  # type: ignore[arg-type]
             gnss=_tuple_or_none(self._gnss.view()[i]),  # type: ignore[arg-type]
-            source_bag=text["source_bag"], source_topic=text["source_topic"], id=i)
+            source_bag=text["source_bag"], source_topic=text["source_topic"],
+            camera=text["camera"], id=i)
 
     def pose_columns(self, ids: np.ndarray
                      ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:

@@ -17,6 +17,7 @@ import numpy as np
 from vpr_ros import __version__
 from vpr_ros.errors import ConfigError, InputError, MapError, MapMismatchError
 from vpr_ros.mapdb import storage
+from vpr_ros.mapdb.camera import CameraModel
 from vpr_ros.mapdb.index import make_index, parse_spec
 from vpr_ros.mapdb.index.base import PAD_SCORE, VectorIndex, exact_search, sort_results
 from vpr_ros.mapdb.index.binary import BinaryIndex
@@ -56,6 +57,7 @@ class PlaceMap:
         self._index: VectorIndex = make_index(index, self._store)
         self._local: LocalFeatureStore | None = \
             LocalFeatureStore(local_grid) if local_grid is not None else None
+        self._cameras: dict[tuple[str, str], CameraModel] = {}
         self.created = storage.now_iso()
         self.updated = self.created
         self.path: Path | None = None
@@ -146,6 +148,41 @@ class PlaceMap:
                 raise MapMismatchError(
                     f"the map{where} stores local features of grid {self._local.grid} but the "
                     f"model gives {tuple(outputs.local_grid)}: " + _mismatch_advice())
+
+    # -- cameras ----------------------------------------------------------------------------------
+
+    def add_camera(self, session: str, camera: CameraModel) -> None:
+        """Record the calibration of ``camera`` (its ``name``) in ``session``; keyframes of that
+        session whose ``camera`` is that name are read with it. Recording the same calibration
+        again is a no-op; a different one for the same (session, camera) is refused: the pixels
+        already stored were taken with the first one."""
+        if not isinstance(camera, CameraModel):
+            raise InputError(f"camera is a {type(camera).__name__}, expected a CameraModel")
+        if not isinstance(session, str) or not session:
+            raise InputError(f"camera session {session!r} must be a non-empty session name")
+        key = (session, camera.name)
+        old = self._cameras.get(key)
+        if old is not None and old != camera:
+            raise MapMismatchError(
+                f"camera {camera.name!r} of session {session!r} is already calibrated "
+                f"differently in this map ({old.width}x{old.height}, K {list(old.k)}, "
+                f"{old.distortion_model}) than now ({camera.width}x{camera.height}, K "
+                f"{list(camera.k)}, {camera.distortion_model}); a recalibrated camera is a new "
+                "session: use another --session")
+        self._cameras[key] = camera
+
+    def camera(self, session: str, name: str) -> CameraModel | None:
+        """The calibration of camera ``name`` in ``session``, None when the map has none."""
+        return self._cameras.get((session, name))
+
+    def camera_of(self, id: int) -> CameraModel | None:
+        """The calibration of the camera that took keyframe ``id`` (None: uncalibrated)."""
+        kf = self._table.get(id)
+        return self._cameras.get((kf.session, kf.camera))
+
+    def cameras(self) -> dict[tuple[str, str], CameraModel]:
+        """Every calibration: (session, camera name) -> model."""
+        return dict(self._cameras)
 
     @property
     def keyframe_table(self) -> KeyframeTable:
@@ -311,7 +348,8 @@ class PlaceMap:
             writer.stage("descriptors")
             writer.add_keyframes(self._table, {
                 "fingerprint": self._fingerprint, "dim": str(self._dim),
-                "format": storage.FORMAT, "format_version": str(storage.FORMAT_VERSION)})
+                "format": storage.FORMAT, "format_version": str(storage.FORMAT_VERSION)},
+                self._cameras)
             writer.stage("keyframes")
             for role, artifact in self._index.artifacts().items():
                 if isinstance(artifact, np.ndarray):
@@ -370,10 +408,11 @@ class PlaceMap:
         except ConfigError as exc:
             raise MapError(f"{mpath}: index entry is invalid ({exc})") from exc
         base = storage.load_npy(files["descriptors"], dtype, (count, dim), mmap=mmap)
-        table = storage.read_keyframes_sqlite(files["keyframes"], count)
+        table, cameras = storage.read_map_database(files["keyframes"], count)
         pm = cls(dim, manifest["fingerprint"], {"kind": kind, **params}, dtype)
         pm._store = DescriptorStore(dim, dtype, base)
         pm._table = table
+        pm._cameras = cameras
         pm._index = make_index({"kind": kind, **params}, pm._store)
         pm._index.restore({r: p for r, p in files.items()
                            if r not in ("descriptors", "keyframes", LOCAL_ROLE)})
@@ -434,6 +473,13 @@ class PlaceMap:
                 f"other{f' ({other.path})' if other.path else ''} "
                 f"{other.local_grid or 'none'}; rebuild one so both keep the same local "
                 "features (or neither: --no-local-features)")
+        for key, camera in other._cameras.items():
+            mine = self._cameras.get(key)
+            if mine is not None and mine != camera:
+                raise MapMismatchError(
+                    f"cannot merge: camera {key[1]!r} of session {key[0]!r} is calibrated "
+                    f"differently in the two maps (K {list(mine.k)} vs {list(camera.k)}); give "
+                    "one of them another session name (vpr map build --session)")
         start = len(self)
         ids = self._table.extend_from(other._table)
         for first, block in other._store.chunks(_MERGE_BLOCK):
@@ -441,6 +487,8 @@ class PlaceMap:
             self._store.append(stored)
             self._index.add(start + first, stored.astype(np.float32, copy=False),
                             None if codes is None else codes[first: first + len(block)])
+        for (session, _), camera in other._cameras.items():
+            self.add_camera(session, camera)  # same calibration again: no-op; another: refused
         if self._local is not None and other._local is not None:
             self._local.extend_from(other._local)
         self.updated = storage.now_iso()
@@ -461,6 +509,8 @@ class PlaceMap:
             "format_version": storage.FORMAT_VERSION,
             "local_features": None if self._local is None else
             {"grid": list(self._local.grid), "dtype": LOCAL_DTYPE, "bytes": self._local.nbytes},
+            "cameras": [{"session": sess, **cam.to_dict()}
+                        for (sess, _), cam in sorted(self._cameras.items())],
         }
         if self.path is not None and (self.path / storage.MANIFEST).exists():
             try:

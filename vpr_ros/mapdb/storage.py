@@ -41,12 +41,16 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from vpr_ros.errors import MapError
+from vpr_ros.errors import MapError, VPRError
+from vpr_ros.mapdb.camera import CameraModel
 from vpr_ros.mapdb.index.faiss_loader import load_faiss
 from vpr_ros.mapdb.keyframe import KeyframeTable
 
 FORMAT = "vpr_ros.map"
-FORMAT_VERSION = 1
+#: 2: keyframes name their camera; the keyframe database holds a ``cameras`` table (intrinsics,
+#: distortion and mount per session and camera); optional keypoint files (local features with
+#: 3-D points) for geometric verification. Version 1 maps still load (no cameras, no keypoints).
+FORMAT_VERSION = 2
 MANIFEST = "map.json"
 LOCK = ".lock"
 #: Test hook: the name of a save stage at which the saving process announces itself on stderr
@@ -153,12 +157,20 @@ CREATE TABLE keyframes (
     qx REAL, qy REAL, qz REAL, qw REAL,
     lat REAL, lon REAL, alt REAL,
     source_bag TEXT NOT NULL,
-    source_topic TEXT NOT NULL
+    source_topic TEXT NOT NULL,
+    camera TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE cameras (
+    session TEXT NOT NULL,
+    camera TEXT NOT NULL,
+    model TEXT NOT NULL,
+    PRIMARY KEY (session, camera)
+);
 """
-_COLUMNS = ("id, session, stamp_ns, frame_id, px, py, pz, qx, qy, qz, qw, lat, lon, alt, "
-            "source_bag, source_topic")
+_COLUMNS_V1 = ("id, session, stamp_ns, frame_id, px, py, pz, qx, qy, qz, qw, lat, lon, alt, "
+               "source_bag, source_topic")
+_COLUMNS = _COLUMNS_V1 + ", camera"
 
 
 def _nullable(a: np.ndarray) -> list[list[float | None]]:
@@ -167,10 +179,12 @@ def _nullable(a: np.ndarray) -> list[list[float | None]]:
     return out.tolist()
 
 
-def write_keyframes_sqlite(path: Path, table: KeyframeTable,
-                           meta: Mapping[str, str]) -> dict[str, Any]:
-    """One row per keyframe (NULL where a pose or fix is unknown), plus a small key/value table
-    (fingerprint, dim, format) for people who open only the database."""
+def write_keyframes_sqlite(path: Path, table: KeyframeTable, meta: Mapping[str, str],
+                           cameras: Mapping[tuple[str, str], CameraModel] | None = None
+                           ) -> dict[str, Any]:
+    """One row per keyframe (NULL where a pose or fix is unknown), one row per (session,
+    camera) calibration (the model as JSON: readable with sqlite3 alone), plus a small key/value
+    table (fingerprint, dim, format) for people who open only the database."""
     if path.exists():
         path.unlink()
     con = sqlite3.connect(path)
@@ -188,11 +202,15 @@ def write_keyframes_sqlite(path: Path, table: KeyframeTable,
             gnss = _nullable(table.gnss[s:e])
             stamps = table.stamps[s:e].tolist()
             con.executemany(
-                f"INSERT INTO keyframes ({_COLUMNS}) VALUES ({', '.join('?' * 16)})",
+                f"INSERT INTO keyframes ({_COLUMNS}) VALUES ({', '.join('?' * 17)})",
                 ((i, text["session"][i], stamps[i - s], text["frame_id"][i], *pos[i - s],
-                  *ori[i - s], *gnss[i - s], text["source_bag"][i], text["source_topic"][i])
+                  *ori[i - s], *gnss[i - s], text["source_bag"][i], text["source_topic"][i],
+                  text["camera"][i])
                  for i in range(s, e)))
         con.execute("CREATE INDEX keyframes_session_stamp ON keyframes (session, stamp_ns)")
+        con.executemany("INSERT INTO cameras (session, camera, model) VALUES (?, ?, ?)",
+                        sorted((sess, cam, model.to_json())
+                               for (sess, cam), model in (cameras or {}).items()))
         con.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", sorted(meta.items()))
         con.commit()
     finally:
@@ -205,16 +223,46 @@ def write_keyframes_sqlite(path: Path, table: KeyframeTable,
 def read_keyframes_sqlite(path: Path, count: int) -> KeyframeTable:
     """The keyframe table of a map file; MapError naming the file when it is not a readable
     keyframe database or does not hold exactly ids 0..count-1."""
+    return read_map_database(path, count)[0]
+
+
+def read_map_database(path: Path, count: int
+                      ) -> tuple[KeyframeTable, dict[tuple[str, str], CameraModel]]:
+    """The keyframe table and the camera calibrations of a map's database (a version-1 map
+    has neither a camera column nor a cameras table: every keyframe's camera is then "" and
+    there are no calibrations); MapError naming the file on anything malformed."""
     uri = f"file:{path}?mode=ro&immutable=1"
     try:
         con = sqlite3.connect(uri, uri=True)
         try:
-            rows = con.execute(f"SELECT {_COLUMNS} FROM keyframes ORDER BY id").fetchall()
+            names = {r[1] for r in con.execute("PRAGMA table_info(keyframes)")}
+            columns = _COLUMNS if "camera" in names else _COLUMNS_V1
+            rows = con.execute(f"SELECT {columns} FROM keyframes ORDER BY id").fetchall()
+            tables = {r[0] for r in con.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            camera_rows = con.execute("SELECT session, camera, model FROM cameras").fetchall() \
+                if "cameras" in tables else []
         finally:
             con.close()
     except sqlite3.DatabaseError as exc:
         raise MapError(f"{path}: not a readable keyframe database ({exc}); the file is corrupt: "
                        "restore it from a backup or rebuild the map") from exc
+    cameras: dict[tuple[str, str], CameraModel] = {}
+    for session, name, text in camera_rows:
+        try:
+            model = CameraModel.from_dict(json.loads(text))
+        except (ValueError, TypeError, VPRError) as exc:
+            raise MapError(f"{path}: the calibration of camera {name!r} in session {session!r} "
+                           f"is invalid ({exc}); the database was edited or is corrupt: rebuild "
+                           "the map") from exc
+        if model.name != name:
+            raise MapError(f"{path}: camera row {name!r} holds the calibration of "
+                           f"{model.name!r}; the database is corrupt: rebuild the map")
+        cameras[(str(session), str(name))] = model
+    return _table_from_rows(path, rows, count), cameras
+
+
+def _table_from_rows(path: Path, rows: list[Any], count: int) -> KeyframeTable:
     if len(rows) != count:
         raise MapError(f"{path}: holds {len(rows)} keyframes, the manifest says {count}; the "
                        "database and the manifest disagree: rebuild the map")
@@ -235,7 +283,8 @@ def read_keyframes_sqlite(path: Path, count: int) -> KeyframeTable:
             "session": list(cols[1]), "stamp_ns": np.asarray(cols[2], np.int64),
             "frame_id": list(cols[3]), "position": floats(range(4, 7)),
             "orientation": floats(range(7, 11)), "gnss": floats(range(11, 14)),
-            "source_bag": list(cols[14]), "source_topic": list(cols[15])})
+            "source_bag": list(cols[14]), "source_topic": list(cols[15]),
+            "camera": list(cols[16]) if len(cols) > 16 else [""] * count})
     except (TypeError, ValueError) as exc:
         raise MapError(f"{path}: keyframe rows have values of the wrong type ({exc}); the "
                        "database was edited or is corrupt: rebuild the map") from exc
@@ -303,9 +352,10 @@ class MapWriter:
     def add_faiss(self, role: str, index: Any) -> None:
         self.files[role] = write_faiss(self.path(role, "faiss"), index)
 
-    def add_keyframes(self, table: KeyframeTable, meta: Mapping[str, str]) -> None:
+    def add_keyframes(self, table: KeyframeTable, meta: Mapping[str, str],
+                      cameras: Mapping[tuple[str, str], CameraModel] | None = None) -> None:
         self.files["keyframes"] = write_keyframes_sqlite(self.path("keyframes", "sqlite"),
-                                                          table, meta)
+                                                          table, meta, cameras)
 
     def stage(self, name: str) -> None:
         _pause_point(name)
