@@ -254,6 +254,27 @@ def test_extra_outputs_become_named_graph_outputs(tiny_model_dir: Path,
     np.testing.assert_allclose(got["local"], ref["local"], atol=1e-4)
 
 
+def test_export_parity_refuses_a_file_that_does_not_reproduce_its_model(
+        tiny_model_dir: Path) -> None:
+    """The exporter's own parity run (plain ONNX Runtime against PyTorch, nothing from the
+    runtime package) accepts the file it wrote and refuses it for a model whose weights
+    changed since."""
+    from vpr_ros.export.parity import verify_onnx_export
+    from vpr_ros.models.model_dir import load_model_dir
+
+    out = tiny_model_dir.parent / "tiny_parity.onnx"
+    export_onnx(tiny_model_dir, out, verify=False)
+    model, _ = load_model_dir(tiny_model_dir)
+    model.fix_input_size()
+    report = verify_onnx_export(model.eval(), out)
+    assert report.min_cosine >= 0.9999 and report.images == 2
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    with pytest.raises(ExportError, match="cosine with PyTorch|differs between"):
+        verify_onnx_export(model, out)
+
+
 def test_other_size_gets_its_own_fingerprint(tiny_model_dir: Path) -> None:
     from vpr_ros.models.model_dir import read_model_meta
 

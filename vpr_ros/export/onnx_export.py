@@ -15,7 +15,7 @@ What the graph must be, and why:
 * **an op set TensorRT's ONNX parser accepts**: opset 17 (native ``LayerNormalization``), only
   ops in :data:`TENSORRT_OPS`, default domain only. Shape plumbing that depends on constants
   only (e.g. ``Mod``, which older TensorRT parsers lack) is folded here.
-* **self-describing**: :class:`~vpr_ros.runtime.onnx_encoder.ArtifactMeta` in
+* **self-describing**: :class:`~vpr_ros.export.artifact.ArtifactMeta` in
   ``metadata_props``.
 
 Exporter choice: the TorchScript exporter (``torch.onnx.export(..., dynamo=False)``). In torch
@@ -44,8 +44,9 @@ from torch import nn
 
 from vpr_ros import __version__
 from vpr_ros.errors import ExportError
-from vpr_ros.runtime.onnx_encoder import (GLOBAL_OUTPUT, INPUT_NAME, ArtifactMeta,
-                                         drop_dead_nodes)
+from vpr_ros.export.artifact import (GLOBAL_OUTPUT, INPUT_NAME, ArtifactMeta,
+                                     descriptor_fingerprint)
+from vpr_ros.export.onnx_graph import drop_dead_nodes
 
 log = logging.getLogger(__name__)
 
@@ -300,8 +301,6 @@ def export_model_onnx(model: nn.Module, out: Union[str, Path], *, model_fingerpr
     with PyTorch (:func:`vpr_ros.export.parity.verify_onnx_export`).
     """
     import onnx
-
-    from vpr_ros.runtime.backend_select import descriptor_fingerprint
 
     if not OPSET_RANGE[0] <= opset <= OPSET_RANGE[1]:
         raise ExportError(f"--opset {opset} is outside {OPSET_RANGE[0]}..{OPSET_RANGE[1]}; "

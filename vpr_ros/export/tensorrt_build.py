@@ -1,7 +1,7 @@
 """``vpr export tensorrt``: an fp16 TensorRT engine (+ its sidecar) from a model or ONNX file.
 
 The engine is built on the machine that will run it (TensorRT engines are tied to the TensorRT
-version and GPU architecture; see :mod:`vpr_ros.runtime.tensorrt_encoder`). The build:
+version and GPU architecture; see :mod:`vpr_ros.export.engine_sidecar`). The build:
 
 * parses the checked ONNX graph of :mod:`vpr_ros.export.onnx_export` (a model directory is
   exported first, to a temporary file);
@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Optional, Union
 
 from vpr_ros.errors import ExportError
-from vpr_ros.runtime.onnx_encoder import read_onnx_metadata
-from vpr_ros.runtime.tensorrt_encoder import (EngineSidecar, file_sha256, gpu_identity,
-                                              write_sidecar)
+from vpr_ros.export.artifact import read_onnx_metadata
+from vpr_ros.export.engine_sidecar import (EngineSidecar, file_sha256, gpu_identity,
+                                           write_sidecar)
 
 log = logging.getLogger(__name__)
 

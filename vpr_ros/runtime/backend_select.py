@@ -11,7 +11,6 @@ one cannot start (an onnxruntime build that lists a GPU provider whose libraries
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from vpr_ros.errors import BackendError, MapMismatchError
+from vpr_ros.export.artifact import descriptor_fingerprint  # noqa: F401 (callers import it here)
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +48,6 @@ def check_expected_fingerprint(actual: str, expected: Optional[str], artifact: s
             "(the map was built with another model, or at another input size). Use the "
             "model/export the map was built with, or rebuild the map with this model "
             "(`vpr map build ... --model ...`)")
-
-
-def descriptor_fingerprint(model_fingerprint: str, size: tuple[int, int],
-                           configured_size: tuple[int, int]) -> str:
-    """The fingerprint of a model's descriptors at ``size``: the model's own at its configured
-    size (so a map built with the PyTorch backend accepts the export), a derived one otherwise
-    (descriptors of one model at two input sizes are not comparable)."""
-    if tuple(size) == tuple(configured_size):
-        return model_fingerprint
-    tag = f"{model_fingerprint}@{size[0]}x{size[1]}"
-    return hashlib.sha256(tag.encode()).hexdigest()[:24]
 
 
 def artifact_kind(path: Union[str, Path]) -> str:

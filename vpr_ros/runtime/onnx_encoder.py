@@ -1,10 +1,8 @@
-"""ONNX Runtime backend, and the metadata every exported artifact carries.
+"""ONNX Runtime backend.
 
-An exported file is only useful if it can say which model it came from: a map built with one
-model must never be searched with descriptors of another, and a backend must preprocess images
-exactly as the model was trained. So ``vpr export onnx`` writes an :class:`ArtifactMeta` into the
-file's ``metadata_props`` (the TensorRT sidecar copies it), and :class:`OnnxEncoder` reads it back,
-checks the graph against it and refuses a file whose fingerprint is not the one expected.
+:class:`OnnxEncoder` reads the :class:`~vpr_ros.export.artifact.ArtifactMeta` that ``vpr export
+onnx`` wrote into the file, checks the graph against it and refuses a file whose fingerprint is
+not the one expected.
 
 CPU session options (:func:`cpu_session_options`; before/after figures in
 ``docs/bench_encoder.md``): every graph optimisation (ONNX Runtime fuses the bias+GELU of the
@@ -19,124 +17,27 @@ tried and measured no faster on CPU: 86% of the time is in the projection/MLP GE
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from vpr_ros.cpu_cores import usable_cores
 from vpr_ros.errors import BackendError, InputError
+# The artifact format is the exporter's; these names stay importable from here for callers.
+from vpr_ros.export.artifact import (GLOBAL_OUTPUT, INPUT_NAME, META_FORMAT,  # noqa: F401
+                                     ArtifactMeta, read_onnx_metadata)
+from vpr_ros.export.onnx_graph import drop_dead_nodes
 from vpr_ros.runtime.encoder import Encoder, check_outputs
 from vpr_ros.runtime.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
 
-#: ``metadata_props`` format tag; bump when the keys change meaning.
-META_FORMAT = "vpr_ros.artifact/1"
-INPUT_NAME = "images"
-GLOBAL_OUTPUT = "global"
 
-
-@dataclass(frozen=True)
-class ArtifactMeta:
-    """What an exported model says about itself (ONNX ``metadata_props``, TensorRT sidecar).
-
-    ``fingerprint`` identifies the *descriptor space*: it is the model directory's fingerprint
-    when the artifact runs at the model's configured input size, and a derived one otherwise
-    (descriptors of one model at two sizes must not share a map). ``model_fingerprint`` is
-    always the model directory's.
-    """
-
-    fingerprint: str
-    model_fingerprint: str
-    model_name: str
-    descriptor_dim: int
-    input_size: tuple[int, int]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    resize: str
-    outputs: tuple[str, ...] = (GLOBAL_OUTPUT,)
-    input_name: str = INPUT_NAME
-    opset: int = 17
-    vpr_ros_version: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def preprocessing(self) -> Preprocessing:
-        return Preprocessing(size=self.input_size, mean=self.mean, std=self.std,
-                             resize=self.resize)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"format": META_FORMAT, "fingerprint": self.fingerprint,
-                "model_fingerprint": self.model_fingerprint, "model_name": self.model_name,
-                "descriptor_dim": self.descriptor_dim, "input_size": list(self.input_size),
-                "mean": list(self.mean), "std": list(self.std), "resize": self.resize,
-                "output_names": list(self.outputs), "input_name": self.input_name,
-                "opset": self.opset, "vpr_ros_version": self.vpr_ros_version,
-                "extra": dict(self.extra)}
-
-    def to_props(self) -> dict[str, str]:
-        """Flat string pairs for ONNX ``metadata_props`` (values JSON-encoded)."""
-        return {k: json.dumps(v) for k, v in self.to_dict().items()}
-
-    @classmethod
-    def from_dict(cls, doc: Mapping[str, Any], source: str) -> "ArtifactMeta":
-        if doc.get("format") != META_FORMAT:
-            raise BackendError(f"{source}: no vpr_ros metadata (format {doc.get('format')!r}, "
-                               f"expected {META_FORMAT!r}); this file was not written by "
-                               "`vpr export`, or by an incompatible version. Re-export it "
-                               "from the model directory with `vpr export onnx MODEL -o FILE`")
-        try:
-            size = tuple(int(v) for v in doc["input_size"])
-            meta = cls(fingerprint=str(doc["fingerprint"]),
-                       model_fingerprint=str(doc["model_fingerprint"]),
-                       model_name=str(doc.get("model_name", "")),
-                       descriptor_dim=int(doc["descriptor_dim"]),
-                       input_size=(size[0], size[1]),
-                       mean=tuple(float(v) for v in doc["mean"]),  # type: ignore[arg-type]
-                       std=tuple(float(v) for v in doc["std"]),  # type: ignore[arg-type]
-                       resize=str(doc["resize"]),
-                       outputs=tuple(str(v) for v in doc["output_names"]),
-                       input_name=str(doc.get("input_name", INPUT_NAME)),
-                       opset=int(doc.get("opset", 0)),
-                       vpr_ros_version=str(doc.get("vpr_ros_version", "")),
-                       extra=dict(doc.get("extra") or {}))
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise BackendError(f"{source}: vpr_ros metadata is incomplete or corrupt ({exc!r}); "
-                               "re-export the file with `vpr export onnx`") from exc
-        if len(meta.mean) != 3 or len(meta.std) != 3 or not meta.outputs \
-                or meta.outputs[0] != GLOBAL_OUTPUT:
-            raise BackendError(f"{source}: vpr_ros metadata has malformed mean/std/outputs; "
-                               "re-export the file with `vpr export onnx`")
-        return meta
-
-    @classmethod
-    def from_props(cls, props: Mapping[str, str], source: str) -> "ArtifactMeta":
-        doc: dict[str, Any] = {}
-        for k, v in props.items():
-            try:
-                doc[k] = json.loads(v)
-            except (json.JSONDecodeError, TypeError):
-                doc[k] = v
-        return cls.from_dict(doc, source)
-
-
-def read_onnx_metadata(path: str | Path) -> ArtifactMeta:
-    """The :class:`ArtifactMeta` of an exported ``.onnx`` file (weights are not loaded)."""
-    import onnx
-
-    p = Path(path)
-    if not p.is_file():
-        raise BackendError(f"{p}: no such ONNX file; export one with `vpr export onnx MODEL -o "
-                           f"{p}`")
-    try:
-        model = onnx.load(str(p), load_external_data=False)
-    except Exception as exc:  # protobuf raises its own DecodeError family
-        raise BackendError(f"{p}: not a readable ONNX file ({exc}); re-export it") from exc
-    return ArtifactMeta.from_props({e.key: e.value for e in model.metadata_props}, str(p))
+def artifact_preprocessing(meta: ArtifactMeta) -> Preprocessing:
+    """The preprocessing an exported artifact records (size, mean/std, resize policy)."""
+    return Preprocessing(size=meta.input_size, mean=meta.mean, std=meta.std, resize=meta.resize)
 
 
 def cpu_session_options(threads: Optional[int] = None, optimization: str = "all",
@@ -166,22 +67,6 @@ def cpu_session_options(threads: Optional[int] = None, optimization: str = "all"
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     so.log_severity_level = 3  # warnings about unused initializers etc. are noise here
     return so
-
-
-def drop_dead_nodes(graph) -> None:
-    """Remove the nodes and initializers of an ONNX graph that no output depends on (left
-    behind by constant folding at export and by attention fusion at load)."""
-    live = {o.name for o in graph.output}
-    keep = []
-    for node in reversed(list(graph.node)):
-        if any(o in live for o in node.output):
-            keep.append(node)
-            live.update(i for i in node.input if i)
-    del graph.node[:]
-    graph.node.extend(reversed(keep))
-    inits = [t for t in graph.initializer if t.name in live]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
 
 
 def _single_consumer(consumers: dict, name: str, op: str):
@@ -404,7 +289,7 @@ class OnnxEncoder(Encoder):
         self.provider = provider
         self.backend = f"onnxruntime-{provider}" + ("" if tuned else "-untuned") + (
             "-spin" if spin and tuned else "")
-        self._prep = self.meta.preprocessing
+        self._prep = artifact_preprocessing(self.meta)
 
     def _check_graph(self) -> None:
         """The graph's inputs/outputs must be what the metadata promises."""
