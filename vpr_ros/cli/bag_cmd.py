@@ -15,9 +15,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     play = bsub.add_parser(
         "play", help="publish a bag's messages with their recorded timing",
-        description="Publish the messages of a rosbag2 bag (sqlite3 or MCAP) through rclpy, "
-        "timed by their recorded bag timestamps divided by --rate. Ctrl-C stops.")
-    play.add_argument("bag", help="rosbag2 directory (or a single .mcap / .db3 file)")
+        description="Publish the messages of a rosbag2 bag (sqlite3 or MCAP) or a ROS 1 bag "
+        "through rclpy, timed by their recorded bag timestamps divided by --rate (ROS 1 "
+        "messages are converted to their ROS 2 types). Ctrl-C stops.")
+    play.add_argument("bag", help="rosbag2 directory, a single .mcap / .db3 file, or a ROS 1 "
+                      ".bag file")
     play.add_argument("--rate", type=float, default=1.0,
                       help="playback speed factor (2 = twice as fast; default 1)")
     play.add_argument("--topics", nargs="+", metavar="TOPIC",
@@ -34,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     play.set_defaults(func=_play)
 
     info = bsub.add_parser("info", help="storage, topics, types and message counts of a bag")
-    info.add_argument("bag", help="rosbag2 directory (or a single .mcap / .db3 file)")
+    info.add_argument("bag", help="rosbag2 directory, a single .mcap / .db3 file, or a ROS 1 "
+                      ".bag file")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=_info)
 
@@ -67,8 +70,10 @@ def _play(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt  # reported by the CLI as "interrupted", exit status 130
     total = sum(stats.published.values())
     per_topic = ", ".join(f"{t}: {n}" for t, n in sorted(stats.published.items()))
+    corrupt = sum(stats.corrupt.values())
     print(f"published {total} messages in {stats.wall_s:.1f} s ({per_topic or 'none'})"
-          + (f"; skipped {', '.join(stats.skipped_topics)}" if stats.skipped_topics else ""))
+          + (f"; skipped {', '.join(stats.skipped_topics)}" if stats.skipped_topics else "")
+          + (f"; {corrupt} undecodable message(s) not published" if corrupt else ""))
     return 0
 
 
@@ -78,7 +83,9 @@ def _info(args: argparse.Namespace) -> int:
     with BagReader(args.bag) as reader:
         data = {"bag": str(args.bag), "storage": reader.storage,
                 "damaged": reader.stats.damaged,
-                "topics": {t: {"type": m, "messages": reader.message_counts.get(t, -1)}
+                "topics": {t: {"type": m, "messages": reader.message_counts.get(t, -1),
+                               **({"unreadable": reader.unreadable[t]}
+                                  if t in reader.unreadable else {})}
                            for t, m in sorted(reader.topics.items())}}
     if args.json:
         print(json.dumps(data, indent=2))
@@ -88,5 +95,6 @@ def _info(args: argparse.Namespace) -> int:
     width = max((len(t) for t in data["topics"]), default=0)
     for topic, entry in data["topics"].items():
         count = entry["messages"] if entry["messages"] >= 0 else "?"
-        print(f"  {topic:<{width}}  {entry['type']}  ({count} messages)")
+        print(f"  {topic:<{width}}  {entry['type']}  ({count} messages)"
+              + (f"  UNREADABLE: {entry['unreadable']}" if "unreadable" in entry else ""))
     return 0

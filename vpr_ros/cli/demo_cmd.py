@@ -16,15 +16,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "./vpr_demo_out)")
     p.add_argument("--model", help="model directory (default: pretrained EfficientNet-Lite0 + "
                    "GeM made on the fly)")
-    p.add_argument("--bag", help="your own rosbag2 recording instead of the built-in scenario")
+    p.add_argument("--bag", help="your own recording (rosbag2 directory, .mcap/.db3 file or ROS 1 "
+                   ".bag) instead of the built-in scenario")
     p.add_argument("--map-bag", help="with --bag: build the map from this bag (default: --bag)")
     p.add_argument("--image-topic", default="/camera/image_raw", help="with --bag: image topic")
     p.add_argument("--pose-topic", default=None, help="with --bag: odometry/pose topic (ground "
                    "truth for the report, keyframe poses for the map)")
     p.add_argument("--compressed", action="store_true", help="images as CompressedImage "
                    "(built-in scenario: record JPEG; your bag: the topic is compressed)")
-    p.add_argument("--storage", choices=["sqlite3", "mcap"], default="sqlite3",
-                   help="rosbag2 storage of the built-in recordings")
+    p.add_argument("--storage", choices=["sqlite3", "mcap", "rosbag1"], default="sqlite3",
+                   help="storage of the built-in recordings (rosbag1: ROS 1 .bag files)")
     p.add_argument("--rate", type=float, default=2.0, help="bag playback speed (default 2)")
     p.add_argument("--backend", default="auto", help="node encoder backend (default auto)")
     p.add_argument("--radius", type=float, default=5.0,

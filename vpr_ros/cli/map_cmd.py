@@ -17,11 +17,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     msub.required = True
 
     build = msub.add_parser(
-        "build", help="a map from a rosbag (sqlite3 or MCAP): keyframes + descriptors",
-        description="Read a rosbag2 bag, interpolate poses at image stamps, select keyframes "
+        "build", help="a map from a rosbag (sqlite3, MCAP or ROS 1 .bag): keyframes + "
+        "descriptors",
+        description="Read a rosbag2 or ROS 1 bag, interpolate poses at image stamps, select keyframes "
         "by distance/rotation/time, encode them in batches and save the map atomically. "
         "Without --pose-topic the map is stamps-only.")
-    build.add_argument("bag", help="rosbag2 directory (or a single .mcap / .db3 file)")
+    build.add_argument("bag", help="rosbag2 directory, a single .mcap / .db3 file, or a ROS 1 "
+                       ".bag file (read directly, no conversion step)")
     build.add_argument("--image-topic", required=True,
                        help="sensor_msgs/Image or CompressedImage topic")
     build.add_argument("--pose-topic", help="nav_msgs/Odometry, geometry_msgs/PoseStamped, "

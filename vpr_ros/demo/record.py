@@ -1,4 +1,4 @@
-"""Record the demo scenario as real rosbag2 bags, the way a robot's recorder would.
+"""Record the demo scenario as real bags (rosbag2, or ROS 1), the way a robot's recorder would.
 
 Three bags are written: ``lap1`` (mapping run), ``lap2`` (the revisit the node relocalises in)
 and ``full`` (both laps back to back, for loop closure within one run), plus
@@ -45,12 +45,15 @@ def record_scenario(out_dir: str | Path, cfg: ScenarioConfig = ScenarioConfig(),
     frames = list(drive(cfg))
     lap1 = [f for f in frames if f.lap == 1]
     lap2 = [f for f in frames if f.lap == 2]
-    paths = {name: out / f"{name}_bag" for name in ("lap1", "lap2", "full")}
+    suffix = ".bag" if storage == "rosbag1" else "_bag"  # ROS 1: one file; rosbag2: a folder
+    paths = {name: out / f"{name}{suffix}" for name in ("lap1", "lap2", "full")}
     for name, subset in (("lap1", lap1), ("lap2", lap2), ("full", frames)):
-        if paths[name].exists():
+        if paths[name].is_dir():
             import shutil
 
             shutil.rmtree(paths[name])
+        elif paths[name].exists():
+            paths[name].unlink()
         _write(paths[name], subset, storage, compressed)
     gt = out / "ground_truth.csv"
     with open(gt, "w", newline="") as f:

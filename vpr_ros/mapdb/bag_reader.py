@@ -1,4 +1,8 @@
-"""Read camera images and pose streams out of rosbag2 bags (sqlite3 or MCAP, detected).
+"""Read camera images and pose streams out of rosbag2 bags (sqlite3 or MCAP) and ROS 1 bags.
+
+The storage is detected; a ROS 1 ``.bag`` (or a directory of split ``.bag`` files) is read by
+:mod:`vpr_ros.mapdb.rosbag1`, which hands its messages on converted to ROS 2 CDR, so the rest
+of this module (and ``vpr bag play``) sees one kind of message whatever the bag.
 
 Bags come from robots, and robots lose power: a recording killed mid-write has no
 ``metadata.yaml``, an MCAP file without its footer, or an SQLite file shorter than its header
@@ -29,6 +33,7 @@ from vpr_ros.errors import BagError, InputError
 from vpr_ros.mapdb.bag_writer import (IMAGE, IMAGE_TYPES, NAVSAT_FIX, POSE_STAMPED, POSE_TYPES,
                                       default_typestore)
 from vpr_ros.mapdb.poses import PoseTrack, navsat_track
+from vpr_ros.mapdb.rosbag1 import Ros1Bag, Ros1Types, is_ros1_bag, ros1_files
 from vpr_ros.runtime.image_codec import DEFAULT_MAX_PIXELS, decode_compressed, decode_image
 
 log = logging.getLogger(__name__)
@@ -45,6 +50,9 @@ class RawMessage:
     msgtype: str
     log_time_ns: int
     data: bytes | memoryview
+    #: Why ``data`` is not CDR of ``msgtype`` (a ROS 1 message that could not be converted:
+    #: corrupt bytes); empty for every ordinary message. Decoding such a message raises.
+    error: str = ""
 
 
 @dataclass(frozen=True)
@@ -77,7 +85,11 @@ def _stamp_ns(header: Any, fallback_ns: int) -> int:
 class BagReader:
     """An opened bag: ``topics``, raw ``messages()``, decoded ``images()`` and ``poses()``.
 
-    ``path`` is a rosbag2 directory, or a single ``.mcap`` / ``.db3`` file.
+    ``path`` is a rosbag2 directory, a single ``.mcap`` / ``.db3`` file, a ROS 1 ``.bag`` file
+    or a directory of split ``.bag`` files. ``storage`` names what was found: ``sqlite3``,
+    ``mcap`` or ``rosbag1``. ``unreadable`` maps a topic whose messages cannot be decoded (a
+    ROS 1 connection with an unusable message definition) to the reason; its messages are
+    never delivered, and asking for it by name is a :class:`BagError`.
     """
 
     def __init__(self, path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -85,15 +97,19 @@ class BagReader:
         self.path = Path(path)
         if not self.path.exists():
             raise BagError(f"bag {self.path} does not exist; expected a rosbag2 directory "
-                           "(with metadata.yaml and .db3/.mcap files) or a .mcap/.db3 file")
+                           "(with metadata.yaml and .db3/.mcap files), a .mcap/.db3 file or a "
+                           "ROS 1 .bag file")
         self.max_pixels = max_pixels
         self.stats = ReadStats()
         self._default_typestore = typestore or default_typestore()
         self._any: Any | None = None
         self._salvage: _Salvage | None = None
+        self._ros1: Ros1Bag | None = None
+        self._ros1_types: Ros1Types | None = None
         self.storage = "unknown"
         self.topics: dict[str, str] = {}
         self.message_counts: dict[str, int] = {}
+        self.unreadable: dict[str, str] = {}
         self._open()
 
     # -- opening --------------------------------------------------------------------------------
@@ -101,6 +117,9 @@ class BagReader:
     def _open(self) -> None:
         from rosbags.highlevel import AnyReader
 
+        if is_ros1_bag(self.path):
+            self._open_ros1()
+            return
         try:
             reader = AnyReader([self.path], default_typestore=self._default_typestore)
             reader.open()
@@ -113,6 +132,29 @@ class BagReader:
             self.topics.setdefault(conn.topic, conn.msgtype)
             self.message_counts[conn.topic] = self.message_counts.get(conn.topic, 0) + \
                 int(conn.msgcount)
+
+    def _open_ros1(self) -> None:
+        bag = Ros1Bag(ros1_files(self.path), self.warn)
+        self.storage = "rosbag1"
+        self.stats.damaged = bag.damaged
+        if not bag.connections:
+            bag.close()
+            raise BagError(f"ROS 1 bag {self.path} is damaged and no topic could be recovered "
+                           "from it; the recording is unusable (re-record it, or repair it with "
+                           "'rosbag reindex' where ROS 1 is installed)")
+        self._ros1 = bag
+        self._ros1_types = Ros1Types(bag.connections, self._default_typestore, self.warn)
+        for conn in bag.connections:
+            self.topics.setdefault(conn.topic, conn.msgtype)
+            known = self.message_counts.get(conn.topic, 0)
+            self.message_counts[conn.topic] = -1 if conn.count < 0 or known < 0 else \
+                known + conn.count
+            reason = self._ros1_types.unreadable.get(conn.msgtype)
+            if reason is not None and conn.topic not in self.unreadable:
+                self.unreadable[conn.topic] = reason
+                self.warn(f"topic {conn.topic} ({conn.msgtype}) of ROS 1 bag {self.path} cannot "
+                          f"be decoded: {reason}; its messages are skipped, every other topic "
+                          "is read")
 
     def _detect_storage(self) -> str:
         files = _storage_files(self.path)
@@ -150,6 +192,9 @@ class BagReader:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def close(self) -> None:
+        if self._ros1 is not None:
+            self._ros1.close()
+            self._ros1 = None
         if self._any is not None:
             try:
                 self._any.close()
@@ -177,6 +222,10 @@ class BagReader:
             raise BagError(f"topic {topic} is not in bag {self.path}; available topics: "
                            f"{self.describe_topics()}")
         msgtype = self.topics[topic]
+        if topic in self.unreadable:
+            raise BagError(f"topic {topic} ({msgtype}) in bag {self.path} cannot be decoded: "
+                           f"{self.unreadable[topic]}. Re-record it with the message package "
+                           "installed, or pick another topic")
         if msgtype not in allowed:
             raise BagError(f"topic {topic} in bag {self.path} has type {msgtype}; expected one "
                            f"of {', '.join(allowed)} (pick another topic)")
@@ -191,6 +240,9 @@ class BagReader:
         skips what was already delivered, so a damaged region costs only its own messages.
         """
         wanted = set(self.topics if topics is None else topics)
+        if self._ros1 is not None:
+            yield from self._ros1_messages(wanted)
+            return
         if self._salvage is not None:
             yield from self._salvage.messages(wanted, Counter())
             return
@@ -225,8 +277,30 @@ class BagReader:
             salvage.scan_topics()
             yield from salvage.messages(wanted, delivered)
 
+    def _ros1_messages(self, wanted: set[str]) -> Iterator[RawMessage]:
+        """ROS 1 messages converted to ROS 2 CDR; one that cannot be converted (corrupt) is
+        still delivered, with ``error`` set, so frame counts and indexes stay true."""
+        assert self._ros1 is not None and self._ros1_types is not None
+        for topic in sorted(wanted & set(self.unreadable)):
+            self.warn(f"skipping topic {topic}: {self.unreadable[topic]}")
+        types = self._ros1_types
+        for m in self._ros1.messages(wanted - set(self.unreadable)):
+            try:
+                data: bytes | memoryview = types.to_cdr(m.msgtype, m.data)
+                error = ""
+            except Exception as exc:  # corrupt bytes surface as many exception types
+                data, error = m.data, (f"undecodable ROS 1 message ({type(exc).__name__}: "
+                                       f"{exc})")
+            yield RawMessage(m.topic, m.msgtype, m.log_time_ns, data, error)
+        self.stats.damaged = self.stats.damaged or self._ros1.damaged
+
     def deserialize(self, message: RawMessage) -> Any:
         """The message as a rosbags dataclass (raises on corrupt bytes)."""
+        if message.error:
+            raise BagError(message.error)
+        if self._ros1_types is not None:
+            return self._ros1_types.store_for(message.msgtype).deserialize_cdr(
+                bytes(message.data), message.msgtype)
         store = self._any.typestore if self._any is not None else self._default_typestore
         if message.msgtype not in store.types:
             store = self._default_typestore

@@ -1,9 +1,11 @@
-"""Write rosbag2 bags (sqlite3 or MCAP) of camera images and poses with rosbags' Writer.
+"""Write rosbag2 bags (sqlite3 or MCAP) and ROS 1 bags of camera images and poses (rosbags).
 
 ``ros2 bag`` is not available as a wheel, yet tests, the demo and benchmarks need real bags:
-images of a route plus odometry / poses / GNSS, in both storage formats a robot may record.
-Messages are built from the typestore's own classes and serialised to CDR, so the files are
-what ``ros2 bag record`` writes and any rosbag2 reader (ours, rosbags, ROS itself) opens them.
+images of a route plus odometry / poses / GNSS, in every storage format a robot may have
+recorded. Messages are built from the typestore's own classes and serialised to CDR (rosbag2)
+or the ROS 1 wire format with ROS 1 (Noetic) definitions and a ``seq`` in every header, so the
+files are what ``ros2 bag record`` / ``rosbag record`` write and any reader (ours, rosbags, ROS
+itself) opens them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import numpy as np
 from vpr_ros.errors import BagError, InputError
 from vpr_ros.runtime.image_codec import encode_compressed, encode_image
 
-Storage = Literal["sqlite3", "mcap"]
+Storage = Literal["sqlite3", "mcap", "rosbag1"]
+STORAGES = ("sqlite3", "mcap", "rosbag1")
 
 IMAGE = "sensor_msgs/msg/Image"
 COMPRESSED_IMAGE = "sensor_msgs/msg/CompressedImage"
@@ -43,13 +46,21 @@ def default_typestore() -> Any:
     return get_typestore(Stores.ROS2_KILTED)
 
 
+def ros1_typestore() -> Any:
+    """The rosbags typestore of ROS 1 Noetic (the definitions ROS 1 bags are written with)."""
+    from rosbags.typesys import Stores, get_typestore
+
+    return get_typestore(Stores.ROS1_NOETIC)
+
+
 def resolve_msgtype(name: str) -> str:
     """Full ``pkg/msg/Type`` name for an alias or a full name."""
     return TYPE_ALIASES.get(name, name)
 
 
 class BagWriter:
-    """Context manager writing one rosbag2 bag directory.
+    """Context manager writing one bag: a rosbag2 directory, or with ``storage="rosbag1"`` a
+    single ROS 1 ``.bag`` file.
 
     ``add_image_topic`` / ``add_pose_topic`` declare topics; ``write_image``, ``write_pose``,
     ``write_navsat`` add messages. Each message's bag (receive) time defaults to its header
@@ -58,25 +69,38 @@ class BagWriter:
 
     def __init__(self, path: str | Path, storage: Storage = "sqlite3",
                  typestore: Any | None = None, compress_chunks: bool = False) -> None:
-        """``compress_chunks`` (MCAP only) zstd-compresses the chunks, as ``ros2 bag record``
-        does with its compressed MCAP presets."""
+        """``compress_chunks`` zstd-compresses MCAP chunks, as ``ros2 bag record`` does with
+        its compressed MCAP presets, and LZ4-compresses ROS 1 chunks (``rosbag record
+        --lz4``); sqlite3 stores messages uncompressed."""
         from rosbags.rosbag2 import CompressionFormat, CompressionMode, StoragePlugin, Writer
 
         self.path = Path(path)
-        if storage not in ("sqlite3", "mcap"):
-            raise BagError(f"unknown bag storage {storage!r}; expected 'sqlite3' or 'mcap'")
+        if storage not in STORAGES:
+            raise BagError(f"unknown bag storage {storage!r}; expected one of "
+                           f"{', '.join(STORAGES)}")
         if self.path.exists():
-            raise BagError(f"bag {self.path} already exists; rosbag2 bags are never overwritten"
+            raise BagError(f"bag {self.path} already exists; bags are never overwritten"
                            " (choose a new path or delete the old bag)")
+        if storage == "rosbag1" and self.path.suffix != ".bag":
+            raise BagError(f"a ROS 1 bag is one file named *.bag; got {self.path} (add .bag)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.storage = storage
-        self.typestore = typestore or default_typestore()
-        plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
-        self._writer = Writer(self.path, version=9, storage_plugin=plugin)
-        if compress_chunks:
-            if storage != "mcap":
-                raise BagError("compress_chunks applies to MCAP bags only (sqlite3 stores "
-                               "messages uncompressed); pass storage='mcap'")
+        self.ros1 = storage == "rosbag1"
+        self.typestore = typestore or (ros1_typestore() if self.ros1 else default_typestore())
+        self._seq: dict[str, int] = {}
+        if self.ros1:
+            from rosbags.rosbag1 import Writer as Writer1
+
+            self._writer = Writer1(self.path)
+            if compress_chunks:
+                self._writer.set_compression(Writer1.CompressionFormat.LZ4)
+        else:
+            plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
+            self._writer = Writer(self.path, version=9, storage_plugin=plugin)
+        if compress_chunks and storage == "sqlite3":
+            raise BagError("compress_chunks applies to MCAP and ROS 1 bags (sqlite3 stores "
+                           "messages uncompressed); pass storage='mcap' or 'rosbag1'")
+        if compress_chunks and storage == "mcap":
             self._writer.set_compression(CompressionMode.STORAGE, CompressionFormat.ZSTD)
         self._connections: dict[str, Any] = {}
         self._topic_types: dict[str, str] = {}
@@ -99,7 +123,8 @@ class BagWriter:
         self._open = True
 
     def close(self) -> None:
-        """Finish the bag (writes metadata.yaml); safe to call twice."""
+        """Finish the bag (rosbag2: writes metadata.yaml; ROS 1: the index); safe to call
+        twice."""
         if self._open:
             self._open = False
             self._writer.close()
@@ -113,7 +138,7 @@ class BagWriter:
             raise BagError(f"topic {topic} was already added to {self.path}")
         if msgtype not in self.typestore.types:
             raise BagError(f"message type {msgtype!r} is unknown to the typestore; expected a "
-                           "standard ROS 2 message type such as sensor_msgs/msg/Image")
+                           "standard ROS message type such as sensor_msgs/msg/Image")
         self._connections[topic] = self._writer.add_connection(topic, msgtype,
                                                                typestore=self.typestore)
         self._topic_types[topic] = msgtype
@@ -139,12 +164,15 @@ class BagWriter:
 
     # -- messages -------------------------------------------------------------------------------
 
-    def _header(self, stamp_ns: int, frame_id: str) -> Any:
+    def _header(self, stamp_ns: int, frame_id: str, topic: str = "") -> Any:
         types = self.typestore.types
         sec, nanosec = divmod(int(stamp_ns), 1_000_000_000)
-        return types["std_msgs/msg/Header"](
-            stamp=types["builtin_interfaces/msg/Time"](sec=sec, nanosec=nanosec),
-            frame_id=frame_id)
+        stamp = types["builtin_interfaces/msg/Time"](sec=sec, nanosec=nanosec)
+        if any(name == "seq" for name, _ in self.typestore.fielddefs["std_msgs/msg/Header"][1]):
+            # A ROS 1 header counts its messages per topic.
+            seq = self._seq[topic] = self._seq.get(topic, -1) + 1
+            return types["std_msgs/msg/Header"](seq=seq, stamp=stamp, frame_id=frame_id)
+        return types["std_msgs/msg/Header"](stamp=stamp, frame_id=frame_id)
 
     def _connection(self, topic: str, allowed: Sequence[str]) -> tuple[Any, str]:
         if topic not in self._connections:
@@ -157,9 +185,10 @@ class BagWriter:
         return self._connections[topic], msgtype
 
     def write_message(self, topic: str, msg: Any, log_time_ns: int) -> None:
-        """Serialise a typestore message object and write it."""
+        """Serialise a typestore message object (CDR, or ROS 1 for a ROS 1 bag) and write it."""
         conn = self._connections[topic]
-        data = self.typestore.serialize_cdr(msg, self._topic_types[topic])
+        serialize = self.typestore.serialize_ros1 if self.ros1 else self.typestore.serialize_cdr
+        data = serialize(msg, self._topic_types[topic])
         self._writer.write(conn, int(log_time_ns), data)
 
     def write_raw(self, topic: str, log_time_ns: int, data: bytes) -> None:
@@ -173,7 +202,7 @@ class BagWriter:
         """Encode an (H, W, 3) uint8 RGB frame as the topic's message type and write it."""
         _, msgtype = self._connection(topic, IMAGE_TYPES)
         opts = self._image_options[topic]
-        header = self._header(stamp_ns, self._frame_ids[topic][0])
+        header = self._header(stamp_ns, self._frame_ids[topic][0], topic)
         types = self.typestore.types
         if msgtype == IMAGE:
             raw = encode_image(rgb, opts["encoding"])
@@ -200,7 +229,7 @@ class BagWriter:
         pose = types["geometry_msgs/msg/Pose"](
             position=types["geometry_msgs/msg/Point"](*(float(v) for v in position)),
             orientation=types["geometry_msgs/msg/Quaternion"](*(float(v) for v in orientation)))
-        header = self._header(stamp_ns, frame_id)
+        header = self._header(stamp_ns, frame_id, topic)
         cov = types["geometry_msgs/msg/PoseWithCovariance"](pose=pose,
                                                             covariance=np.zeros(36, np.float64))
         if msgtype == ODOMETRY:
@@ -223,7 +252,7 @@ class BagWriter:
         self._connection(topic, (NAVSAT_FIX,))
         types = self.typestore.types
         msg = types[NAVSAT_FIX](
-            header=self._header(stamp_ns, self._frame_ids[topic][0]),
+            header=self._header(stamp_ns, self._frame_ids[topic][0], topic),
             status=types["sensor_msgs/msg/NavSatStatus"](status=int(status), service=1),
             latitude=float(latitude), longitude=float(longitude), altitude=float(altitude),
             position_covariance=np.zeros(9, np.float64), position_covariance_type=0)

@@ -5,7 +5,10 @@ runs. Messages are published as the serialised CDR bytes stored in the bag (rclp
 publish), so nothing is decoded and re-encoded on the way: subscribers get exactly what was
 recorded. Timing follows the bag (receive) timestamps, scaled by ``rate``; a slow publisher
 never accumulates delay silently, it just catches up without sleeping. Damaged bags play what
-the reader salvages (see :mod:`vpr_ros.mapdb.bag_reader`).
+the reader salvages (see :mod:`vpr_ros.mapdb.bag_reader`). ROS 1 bags play too: the reader
+hands their messages on converted to ROS 2 CDR, so what is published is the ROS 2 message;
+a ROS 1 message that cannot be converted (corrupt) is skipped and counted, and a topic whose
+definition the bag does not carry usably is not played (said at the start).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class PlayStats:
 
     published: dict[str, int] = field(default_factory=dict)
     skipped_topics: dict[str, str] = field(default_factory=dict)
+    corrupt: dict[str, int] = field(default_factory=dict)  # not published: undecodable
     loops: int = 0
     wall_s: float = 0.0
 
@@ -125,6 +129,10 @@ def play_bag(bag: str | Path, options: PlayOptions | None = None,
                            f"topics: {reader.describe_topics()}")
         classes: dict[str, Any] = {}
         for topic in topics:
+            if topic in reader.unreadable:
+                stats.skipped_topics[topic] = reader.unreadable[topic]
+                log.warning("skipping %s: %s", topic, reader.unreadable[topic])
+                continue
             try:
                 classes[topic] = message_class(reader.topics[topic])
             except BagError as exc:
@@ -207,6 +215,12 @@ def _play_once(reader: BagReader, topics: list[str], publishers: dict[str, Any],
             return
         if stop.is_set():
             return
+        if message.error:
+            count = stats.corrupt[message.topic] = stats.corrupt.get(message.topic, 0) + 1
+            if count <= 5:
+                log.warning("%s: not publishing the message at bag time %d ns: %s",
+                            message.topic, message.log_time_ns, message.error)
+            continue
         publishers[message.topic].publish(bytes(message.data))
         stats.published[message.topic] = stats.published.get(message.topic, 0) + 1
         if on_publish is not None:
