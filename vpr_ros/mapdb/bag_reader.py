@@ -124,7 +124,12 @@ class BagReader:
             reader = AnyReader([self.path], default_typestore=self._default_typestore)
             reader.open()
         except Exception as exc:  # rosbags raises several unrelated types for broken bags
-            self._open_salvage(f"rosbags cannot open it ({type(exc).__name__}: {exc})")
+            reason = f"rosbags cannot open it ({type(exc).__name__}: {exc})"
+            lenient = self._check_mcap_profiles()
+            if lenient:
+                self._open_salvage(reason, damaged=False, note=lenient)
+            else:
+                self._open_salvage(reason)
             return
         self._any = reader
         self.storage = self._detect_storage()
@@ -161,15 +166,45 @@ class BagReader:
         kinds = {"mcap" if f.suffix == ".mcap" else "sqlite3" for f in files}
         return kinds.pop() if len(kinds) == 1 else "unknown"
 
-    def _open_salvage(self, reason: str) -> None:
+    def _check_mcap_profiles(self) -> str:
+        """Refuse an MCAP that is not ROS 2 (another profile, or an intact file whose channels
+        are not CDR) with a :class:`NotRos2BagError` naming what it is: such a file is not
+        damaged, and salvaging it would only fail message by message. Returns a note when an
+        intact MCAP merely leaves the profile empty but carries ROS 2 CDR channels (read as
+        ROS 2, not damaged); empty when the normal damage path applies."""
+        notes = []
+        for f in _storage_files(self.path):
+            if f.suffix != ".mcap":
+                continue
+            ident = mcap_identity(f)
+            if ident is None:
+                continue  # no readable header: damage, salvage decides
+            foreign = ident.profile not in ("ros2", "")
+            if not foreign and ident.intact and ident.foreign_encodings():
+                foreign = True
+            if foreign:
+                raise NotRos2BagError(f"bag {self.path} is not a ROS 2 MCAP: "
+                                      f"{ident.describe(f)}. vpr reads ROS 2 bags (MCAP profile "
+                                      "'ros2' with CDR messages, or sqlite3) and ROS 1 .bag "
+                                      "files; record the data through ROS 2 or convert it")
+            if ident.profile == "" and ident.intact:
+                notes.append(f"{f.name} leaves the MCAP profile empty but its channels are ROS 2"
+                             " CDR; reading it as ROS 2")
+        return "; ".join(notes) if notes and len(notes) == len(
+            [f for f in _storage_files(self.path) if f.suffix == ".mcap"]) else ""
+
+    def _open_salvage(self, reason: str, damaged: bool = True, note: str = "") -> None:
         files = _storage_files(self.path)
         if not files:
             raise BagError(f"bag {self.path} cannot be read: {reason}; and no .db3 or .mcap "
                            "storage file was found to salvage (is this a rosbag2 bag?)")
-        self.warn(f"bag {self.path} is damaged or incomplete: {reason}. Salvaging its storage "
-                   f"files directly ({', '.join(f.name for f in files)}); messages in the "
-                   "damaged part are lost")
-        self.stats.damaged = True
+        if damaged:
+            self.warn(f"bag {self.path} is damaged or incomplete: {reason}. Salvaging its "
+                      f"storage files directly ({', '.join(f.name for f in files)}); messages "
+                      "in the damaged part are lost")
+        else:
+            self.warn(note)
+        self.stats.damaged = damaged
         salvage = _Salvage(files, self.warn)
         salvage.scan_topics()
         if not salvage.topics:
@@ -396,6 +431,81 @@ class BagReader:
         return PoseTrack.from_samples(stamps, positions, quats, None, frame_id)
 
 
+class NotRos2BagError(BagError):
+    """An intact bag file that is not a ROS 2 recording (e.g. an MCAP of another profile)."""
+
+
+@dataclass
+class McapIdentity:
+    """What an MCAP file says it is: its header's profile and library, the message encodings
+    of its channels and the encodings of its schemas, and whether it ends with a footer."""
+
+    profile: str
+    library: str
+    intact: bool
+    message_encodings: dict[str, str] = field(default_factory=dict)   # topic -> encoding
+    schema_encodings: set[str] = field(default_factory=set)
+
+    def foreign_encodings(self) -> set[str]:
+        """Message encodings other than CDR and schema encodings other than ROS 2's."""
+        return ({e for e in self.message_encodings.values() if e != "cdr"}
+                | {e for e in self.schema_encodings if e not in ("ros2msg", "ros2idl", "")})
+
+    def describe(self, path: Path) -> str:
+        topics = sorted(self.message_encodings.items())
+        shown = ", ".join(f"{t} [{e}]" for t, e in topics[:4]) + \
+            (f" and {len(topics) - 4} more" if len(topics) > 4 else "")
+        return (f"{path.name} has profile {self.profile!r}"
+                + (f" (written by {self.library!r})" if self.library else "")
+                + (f", message encodings {', '.join(sorted(set(self.message_encodings.values())))}"
+                   if topics else "")
+                + (f", schema encodings {', '.join(sorted(self.schema_encodings))}"
+                   if self.schema_encodings else "")
+                + (f"; channels {shown}" if topics else "")
+                + ("" if self.intact else "; the file is also cut off"))
+
+
+def mcap_identity(path: Path) -> McapIdentity | None:
+    """Profile, library, channel encodings and footer of an MCAP file (None: no readable
+    header). Channels come from the summary section when there is one, else from walking the
+    data section."""
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if head != _MCAP_MAGIC:
+            return None
+        try:
+            buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:
+            return None
+    with buf:
+        end = len(buf)
+        try:
+            if buf[8] != 0x01:
+                return None
+            (length,) = struct.unpack_from("<Q", buf, 9)
+            cur = _Cursor(bytes(buf[17:17 + length]))
+            profile, library = cur.string(), cur.string()
+        except (IndexError, struct.error):
+            return None
+        # The file ends with the Footer record (opcode, length 20, 20 bytes) and the magic.
+        footer = end - 37
+        intact = footer >= 17 + length and buf[end - 8:end] == _MCAP_MAGIC and \
+            buf[footer:footer + 9] == b"\x02\x14" + b"\x00" * 7
+        walker = _McapWalker(path, {}, lambda _m: None, messages=False)
+        start, stop = 17 + length, end
+        if intact:
+            (summary,) = struct.unpack_from("<Q", buf, footer + 9)
+            if 17 + length <= summary < footer:
+                start, stop = summary, footer
+        for _ in walker.walk(buf, start, stop, False):
+            pass
+    encodings = {topic: walker.channel_encodings[cid]
+                 for cid, (topic, _t) in walker.channels.items()
+                 if cid in walker.channel_encodings}
+    return McapIdentity(profile, library, intact, encodings,
+                        set(walker.schema_encodings.values()))
+
+
 def _storage_files(path: Path) -> list[Path]:
     """The storage files of a bag: listed in metadata.yaml when readable, else found by suffix."""
     if path.is_file():
@@ -594,7 +704,9 @@ class _McapWalker:
                  messages: bool) -> None:
         self.path, self.topics, self.warn, self.messages = path, topics, warn, messages
         self.schemas: dict[int, str] = {}
+        self.schema_encodings: dict[int, str] = {}
         self.channels: dict[int, tuple[str, str]] = {}
+        self.channel_encodings: dict[int, str] = {}
 
     def walk(self, buf: Any, pos: int, end: int, nested: bool) -> Iterator[RawMessage]:
         where = "chunk" if nested else "file"
@@ -681,9 +793,11 @@ class _McapWalker:
         if op == 0x03:  # Schema
             schema_id = cur.u16()
             self.schemas[schema_id] = cur.string()
+            self.schema_encodings[schema_id] = cur.string()
         elif op == 0x04:  # Channel
             channel_id, schema_id = cur.u16(), cur.u16()
             topic = cur.string()
+            self.channel_encodings[channel_id] = cur.string()
             msgtype = self.schemas.get(schema_id, "")
             self.channels[channel_id] = (topic, msgtype)
             if msgtype:
