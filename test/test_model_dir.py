@@ -78,7 +78,7 @@ def test_bad_configs_name_the_problem(mutate, message) -> None:
 
 def test_corrupt_model_json(tiny_dir: Path) -> None:
     (tiny_dir / "model.json").write_text('{"format": "vpr_ros.model", "version": 1, "backb')
-    with pytest.raises(ConfigError, match="corrupt JSON"):
+    with pytest.raises(ConfigError, match="not valid JSON"):
         read_model_meta(tiny_dir)
     (tiny_dir / "model.json").write_text(json.dumps({"format": "something.else"}))
     with pytest.raises(ConfigError, match="not a vpr_ros model"):

@@ -26,6 +26,7 @@ import numpy as np
 from vpr_ros.datasets.images import list_images
 from vpr_ros.datasets.utm_folder import parse_utm_name
 from vpr_ros.errors import InputError
+from vpr_ros.plain_data import parse_yaml
 from vpr_ros.localization.evaluation import LoopEvaluation, evaluate_loop_closure
 from vpr_ros.localization.loop_closure import LoopClosureConfig, SearchExclusion
 
@@ -125,8 +126,6 @@ def evaluate_sequence(descriptors: np.ndarray, seq: LoopSequence, fingerprint: s
 def loop_config(path: Optional[str | Path], params: list[str]) -> LoopClosureConfig:
     """LoopClosureConfig from a YAML (the file itself or its ``loop_closure`` section) and
     ``key=value`` overrides; unknown keys are refused by the config itself."""
-    import yaml
-
     from vpr_ros.models.config import load_yaml
 
     values: dict[str, Any] = {}
@@ -137,5 +136,5 @@ def loop_config(path: Optional[str | Path], params: list[str]) -> LoopClosureCon
         if "=" not in item:
             raise InputError(f"--param {item!r}: expected NAME=VALUE (e.g. min_score=0.7)")
         key, raw = item.split("=", 1)
-        values[key] = yaml.safe_load(raw)
+        values[key] = parse_yaml(raw, f"--param {key}", InputError)
     return LoopClosureConfig.from_mapping(values)

@@ -99,7 +99,7 @@ class ArtifactMeta:
         for k, v in props.items():
             try:
                 doc[k] = json.loads(v)
-            except (json.JSONDecodeError, TypeError):
+            except (ValueError, TypeError, RecursionError):  # a plain string value
                 doc[k] = v
         return cls.from_dict(doc, source)
 

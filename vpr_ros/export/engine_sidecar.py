@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 from vpr_ros.errors import BackendError
 from vpr_ros.export.artifact import ArtifactMeta
+from vpr_ros.plain_data import read_json
 
 SIDECAR_FORMAT = "vpr_ros.tensorrt/1"
 
@@ -88,10 +89,7 @@ def read_sidecar(engine: str | Path) -> EngineSidecar:
         raise BackendError(f"{engine}: its sidecar {side.name} is missing, so the engine's "
                            "model, preprocessing and build machine are unknown; keep the two "
                            "files together or rebuild with `vpr export tensorrt`")
-    try:
-        doc = json.loads(side.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BackendError(f"{side}: corrupt JSON ({exc}); rebuild the engine") from exc
+    doc = read_json(side, BackendError, "rebuild the engine")
     return EngineSidecar.from_dict(doc, str(side))
 
 

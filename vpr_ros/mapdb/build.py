@@ -24,6 +24,7 @@ from vpr_ros.mapdb.keyframe_selection import KeyframePolicy, KeyframeSelector
 from vpr_ros.mapdb.model_outputs import (INDEX_CHOICES, ModelOutputs, extra_output_names,
                                          index_spec_for)
 from vpr_ros.mapdb.poses import Pose, PoseTrack, interpolate
+from vpr_ros.plain_data import read_yaml
 from vpr_ros.runtime.image_codec import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
@@ -119,16 +120,11 @@ def load_build_config(path: str | Path | None = None) -> BuildConfig:
     ``config/map_build.yaml``)."""
     if path is None:
         return BuildConfig()
-    import yaml
-
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"map build config {p} does not exist; pass an existing YAML file "
                           "(see config/map_build.yaml)")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p} is not valid YAML: {exc}") from exc
+    data = read_yaml(p, ConfigError, "see config/map_build.yaml") or {}
     return build_config_from_mapping(data, str(p))
 
 

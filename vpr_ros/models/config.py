@@ -9,14 +9,13 @@ typo in a YAML file is reported as the key that is wrong rather than as a torch 
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
 
 from vpr_ros.errors import ConfigError
+from vpr_ros.plain_data import parse_json, parse_yaml, read_text
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -146,12 +145,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: no such file")
-    try:
-        text = p.read_text(encoding="utf-8")
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {exc}. "
-                          "Fix the file or regenerate it.") from exc
+    text = read_text(p, ConfigError)
+    data = parse_json(text, str(p)) if p.suffix == ".json" else parse_yaml(text, str(p))
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
     return data

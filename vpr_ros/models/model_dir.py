@@ -22,6 +22,7 @@ from vpr_ros import __version__
 from vpr_ros.errors import CheckpointError, ConfigError
 from vpr_ros.models.config import ModelConfig, load_yaml, model_config_from_dict
 from vpr_ros.models.vpr_model import VPRModel, build_model
+from vpr_ros.plain_data import read_json
 
 FORMAT = "vpr_ros.model"
 FORMAT_VERSION = 1
@@ -96,11 +97,8 @@ def read_model_meta(model_dir: str | Path) -> ModelMeta:
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (d / name).is_file():
             raise ConfigError(f"{d}: {name} is missing; this is not a complete model directory")
-    try:
-        doc = json.loads((d / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{d / CONFIG_FILE}: corrupt JSON ({exc}); restore the file or "
-                          "re-create the model directory") from exc
+    doc = read_json(d / CONFIG_FILE, ConfigError,
+                    "restore the file or re-create the model directory")
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ConfigError(f"{d / CONFIG_FILE}: not a vpr_ros model description "
                           f"(format {doc.get('format') if isinstance(doc, dict) else None!r})")

@@ -9,7 +9,6 @@ different function than the published model.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from vpr_ros.errors import CheckpointError, ConfigError
 from vpr_ros.models.checkpoints import dinov2_to_ours, load_exact, read_state_dict
 from vpr_ros.models.config import ComponentConfig, InputConfig, ModelConfig
 from vpr_ros.models.vpr_model import VPRModel, build_model
+from vpr_ros.plain_data import read_json
 
 # Fields of the release's config that its forward pass never reads (training-time knobs of the
 # authors' framework). They are accepted so that real release files import, and listed in the
@@ -111,10 +111,7 @@ def import_qaa_release(src: str | Path, input_size: int = 322) -> VPRModel:
         if not p.is_file():
             raise CheckpointError(f"{d}: {p.name} is missing; a QAA release folder holds "
                                   "config.json and model.safetensors")
-    try:
-        doc = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{cfg_path}: corrupt JSON ({exc})") from exc
+    doc = read_json(cfg_path, ConfigError, "use the release's own config.json")
     config = qaa_release_config(doc, str(cfg_path), input_size)
     model = build_model(config)
     load_exact(model, release_state_to_ours(read_state_dict(weights)), str(weights))

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import yaml
 
 from vpr_ros.errors import ConfigError
 from vpr_ros.models.config import load_yaml
+from vpr_ros.plain_data import parse_yaml
 
 DATASET_KINDS = ("gsv_cities", "msls", "utm_folder", "aligned", "nordland")
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -320,7 +320,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str], source: str)
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE (e.g. trainer.max_steps=100)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw)
+        value = parse_yaml(raw, f"--set {key}")
         node: Any = out
         parts = key.split(".")
         for i, part in enumerate(parts):
