@@ -19,7 +19,7 @@ from vpr_ros.mapdb.keyframe_selection import KeyframePolicy
 from vpr_ros.mapdb.local_store import ROLE as LOCAL_ROLE
 from vpr_ros.mapdb.model_outputs import ModelOutputs
 from vpr_ros.mapdb.place_map import PlaceMap
-from vpr_ros.mapdb.storage import MANIFEST
+from vpr_ros.mapdb.storage import MANIFEST, seal_manifest
 from vpr_ros.runtime.encoder import load_encoder
 
 TOPIC = "/camera/image_raw"
@@ -211,7 +211,7 @@ def test_truncated_or_corrupt_local_features_are_clear_errors(
     np.save(path, np.zeros((count, 9, 9, 8), np.float16))
     manifest = json.loads((wrong / MANIFEST).read_text())
     manifest["files"][LOCAL_ROLE]["bytes"] = path.stat().st_size
-    (wrong / MANIFEST).write_text(json.dumps(manifest))
+    (wrong / MANIFEST).write_text(json.dumps(seal_manifest(manifest)))
     with pytest.raises(MapError, match=r"expected float16 \(\d+, 9, 9, 16\)"):
         PlaceMap.load(wrong, verify=False)
 
@@ -219,6 +219,6 @@ def test_truncated_or_corrupt_local_features_are_clear_errors(
     missing = _copy(cqvpr_maps["m1"], tmp_path / "missing")
     manifest = json.loads((missing / MANIFEST).read_text())
     del manifest["files"][LOCAL_ROLE]
-    (missing / MANIFEST).write_text(json.dumps(manifest))
+    (missing / MANIFEST).write_text(json.dumps(seal_manifest(manifest)))
     with pytest.raises(MapError, match="lists no local_features file"):
         PlaceMap.load(missing)

@@ -15,7 +15,7 @@ from vpr_ros.bench.search_bench import normalize
 from vpr_ros.errors import ConfigError, MapError
 from vpr_ros.mapdb import Exclusion, Keyframe, PlaceMap
 from vpr_ros.mapdb.index.sign_codes import asymmetric_best, learn_sign_projection
-from vpr_ros.mapdb.storage import MANIFEST
+from vpr_ros.mapdb.storage import MANIFEST, MANIFEST_CHECKSUM, seal_manifest
 
 FP = "fingerprint-sign-codes"
 
@@ -181,6 +181,7 @@ def test_legacy_projection_maps_load_as_simhash(tmp_path: Path, data) -> None:
     manifest["index"]["codes"] = "projection"  # how maps were written before learned codes
     for key in ("min_train", "train_size"):
         manifest["index"].pop(key)
+    manifest.pop(MANIFEST_CHECKSUM)  # nor did they carry a checksum
     path.write_text(json.dumps(manifest))
     loaded = PlaceMap.load(tmp_path / "m")
     assert loaded.info()["index"]["codes"] == "simhash"
@@ -230,10 +231,10 @@ def test_truncated_or_missing_projection_gives_a_clear_error(saved_pca: Path) ->
         PlaceMap.load(saved_pca, verify=False)
     manifest = json.loads((saved_pca / MANIFEST).read_text())
     manifest["files"].pop("binary_thresholds")
-    (saved_pca / MANIFEST).write_text(json.dumps(manifest))
+    (saved_pca / MANIFEST).write_text(json.dumps(seal_manifest(manifest)))
     f.unlink()
     manifest["files"].pop("binary_projection")
-    (saved_pca / MANIFEST).write_text(json.dumps(manifest))
+    (saved_pca / MANIFEST).write_text(json.dumps(seal_manifest(manifest)))
     with pytest.raises(MapError, match="without the learned projection"):
         PlaceMap.load(saved_pca, verify=False)
 

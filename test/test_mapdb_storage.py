@@ -20,7 +20,7 @@ import pytest
 from vpr_ros.bench.search_bench import clustered_descriptors, noisy_queries
 from vpr_ros.errors import MapError, MapMismatchError
 from vpr_ros.mapdb import Exclusion, Keyframe, PlaceMap
-from vpr_ros.mapdb.storage import MANIFEST, PAUSE_ENV, PAUSE_MARK
+from vpr_ros.mapdb.storage import MANIFEST, PAUSE_ENV, PAUSE_MARK, seal_manifest
 
 FP = "fingerprint-of-model-a"
 D = 32
@@ -223,6 +223,11 @@ def test_manifest_damage(saved: Path, edit, message: str) -> None:
     m = manifest_of(saved)
     edit(m)
     (saved / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(MapError, match="does not match its manifest_sha256"):
+        PlaceMap.load(saved)
+    # The same edit with a matching checksum (as a buggy writer would leave it): the field
+    # checks behind the checksum still refuse it.
+    (saved / MANIFEST).write_text(json.dumps(seal_manifest(m)))
     with pytest.raises(MapError, match=message):
         PlaceMap.load(saved)
 

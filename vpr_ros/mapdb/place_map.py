@@ -29,6 +29,9 @@ from vpr_ros.mapdb.model_outputs import ModelOutputs
 #: How far a descriptor's L2 norm may be from 1 (descriptors must be L2-normalised so that the
 #: inner product is the cosine similarity every threshold in this project assumes).
 NORM_TOLERANCE = 1e-2
+#: Loads started over when a writer commits a new generation during one (each restart means a
+#: complete save happened meanwhile, so this bounds a reader racing a writer saving in a loop).
+_LOAD_ATTEMPTS = 8
 _MERGE_BLOCK = 65536
 
 
@@ -368,19 +371,19 @@ class PlaceMap:
         given), dim, counts, file sizes and (``verify``) sha256 of every file. ``mmap`` maps the
         descriptors instead of reading them into memory."""
         directory = Path(path)
-        for attempt in range(3):
+        for attempt in range(_LOAD_ATTEMPTS):
             manifest = storage.read_manifest(directory)
             try:
                 return cls._load(directory, manifest, expected_fingerprint, mmap, verify)
-            except FileNotFoundError as exc:
-                # A writer may have committed a new generation and removed the files this
-                # manifest named: read the manifest again.
-                try:
-                    newer = storage.read_manifest(directory)["generation"]
-                except MapError:
-                    newer = manifest["generation"]
-                if newer != manifest["generation"] and attempt < 2:
+            except (FileNotFoundError, MapError) as exc:
+                # Whatever failed, if a writer committed a new generation meanwhile it may have
+                # removed (or be removing) the files this manifest named: a missing file, an
+                # unreadable index or database are then no damage. Read the new one.
+                if attempt + 1 < _LOAD_ATTEMPTS and \
+                        storage.generation_changed(directory, manifest["generation"]):
                     continue
+                if isinstance(exc, MapError):
+                    raise
                 raise MapError(f"{exc.filename or exc}: missing; the map at {directory} is "
                                "incomplete (a file was deleted): restore it or rebuild the "
                                "map") from exc
@@ -414,8 +417,8 @@ class PlaceMap:
         pm._table = table
         pm._cameras = cameras
         pm._index = make_index({"kind": kind, **params}, pm._store)
-        pm._index.restore({r: p for r, p in files.items()
-                           if r not in ("descriptors", "keyframes", LOCAL_ROLE)})
+        pm._index.restore(files.subset(without=("descriptors", "keyframes", LOCAL_ROLE),
+                                       kind=kind))
         pm._local = cls._load_local(mpath, manifest, files, count, mmap)
         pm.created = str(manifest.get("created", pm.created))
         pm.updated = str(manifest.get("updated", pm.updated))

@@ -21,7 +21,14 @@ have just been replaced.
 
 Loading checks the format version, dim, counts, sizes and (by default) sha256 of every file, so a
 truncated, corrupt or swapped file is reported as a :class:`MapError` naming the file, never as
-wrong search results.
+wrong search results. ``map.json`` carries a sha256 of its own content (``manifest_sha256``),
+because some of its fields change results without touching any data file (a binary index's
+``rerank``, HNSW's ``ef_search``, ...): an edited or damaged manifest is refused, not obeyed.
+
+Readers take no lock (a map may sit on read-only storage, and a long save must not stall a
+node's configure). Instead a load that fails in any way is retried when ``map.json`` names a
+newer generation than the one it started with (:func:`generation_changed`): the failure was a
+writer removing the files of the generation being read, and the new one is complete.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import datetime as _dt
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -45,6 +53,7 @@ from vpr_ros.errors import MapError, VPRError
 from vpr_ros.mapdb.camera import CameraModel
 from vpr_ros.mapdb.index.faiss_loader import load_faiss
 from vpr_ros.mapdb.keyframe import KeyframeTable
+from vpr_ros.plain_data import read_json
 
 FORMAT = "vpr_ros.map"
 #: 2: keyframes name their camera; the keyframe database holds a ``cameras`` table (intrinsics,
@@ -57,9 +66,13 @@ LOCK = ".lock"
 #: and stops (so a test can SIGKILL it there). Stages: descriptors, keyframes, artifacts,
 #: manifest (new manifest written, not yet renamed), committed (renamed, old files not yet removed).
 PAUSE_ENV = "VPR_ROS_MAP_SAVE_PAUSE"
+#: The manifest's own checksum field (see :func:`manifest_digest`).
+MANIFEST_CHECKSUM = "manifest_sha256"
 PAUSE_MARK = "VPR_ROS_MAP_SAVE_PAUSED"
 _GENERATION_FILE = re.compile(r"^[a-z_]+\.g(\d{6,})\.(npy|sqlite|faiss)$")
 _HASH_CHUNK = 8 << 20
+
+log = logging.getLogger(__name__)
 
 
 def now_iso() -> str:
@@ -324,10 +337,24 @@ def _next_generation(directory: Path) -> int:
         if m:
             gen = max(gen, int(m.group(1)))
     try:
-        gen = max(gen, int(json.loads((directory / MANIFEST).read_text()).get("generation", 0)))
-    except (OSError, ValueError, AttributeError, TypeError):
+        gen = max(gen, int(read_json(directory / MANIFEST, MapError).get("generation", 0)))
+    except (MapError, ValueError, AttributeError, TypeError):
         pass
     return gen + 1
+
+
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """sha256 of a manifest's content without its own checksum: canonical JSON (sorted keys,
+    no whitespace), so the way the file is indented does not matter, every value does."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_CHECKSUM}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def seal_manifest(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest with its checksum (what :class:`MapWriter` writes)."""
+    return {**manifest, MANIFEST_CHECKSUM: manifest_digest(manifest)}
 
 
 def file_name(role: str, generation: int, suffix: str) -> str:
@@ -361,7 +388,8 @@ class MapWriter:
         _pause_point(name)
 
     def commit(self, manifest: dict[str, Any]) -> None:
-        manifest = {**manifest, "generation": self.generation, "files": self.files}
+        manifest = seal_manifest({**manifest, "generation": self.generation,
+                                  "files": self.files})
         tmp = self.directory / (MANIFEST + ".tmp")
         with open(tmp, "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
@@ -394,11 +422,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     if not path.exists():
         raise MapError(f"{directory} is not a map: {MANIFEST} is missing (a save that never "
                        "completed leaves no manifest; build the map again)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise MapError(f"{path}: not valid JSON ({exc}); the manifest is corrupt: restore it or "
-                       "rebuild the map") from exc
+    manifest = read_json(path, MapError, "the manifest is corrupt: restore it or rebuild the "
+                         "map")
+    _check_digest(path, manifest)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise MapError(f"{path}: not a vpr_ros map manifest (format "
                        f"{manifest.get('format') if isinstance(manifest, dict) else None!r}, "
@@ -424,11 +450,68 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
+_unsealed_warned: set[str] = set()
+
+
+def _check_digest(path: Path, manifest: Any) -> None:
+    if not isinstance(manifest, dict):
+        return
+    if MANIFEST_CHECKSUM not in manifest:
+        if str(path) not in _unsealed_warned:
+            _unsealed_warned.add(str(path))
+            log.warning("%s has no %s: edits to it cannot be detected; save the map again "
+                        "(e.g. `vpr map merge MAP MAP2 -o NEW`, or load and save it) to add one",
+                        path, MANIFEST_CHECKSUM)
+        return
+    digest = manifest[MANIFEST_CHECKSUM]
+    try:
+        actual = manifest_digest(manifest)
+    except (TypeError, ValueError):  # NaN/Inf or non-JSON values cannot have been sealed
+        actual = None
+    if digest != actual:
+        raise MapError(f"{path}: content does not match its {MANIFEST_CHECKSUM}; the manifest "
+                       "was edited or is corrupt (an edited search parameter would silently "
+                       "change results): restore it from a backup or rebuild the map")
+
+
+def generation_changed(directory: Path, generation: Any) -> bool:
+    """Whether ``map.json`` now names another generation than ``generation`` (a writer
+    committed since it was read)."""
+    try:
+        newer = read_json(directory / MANIFEST, MapError)
+    except MapError:
+        return False
+    return isinstance(newer, dict) and newer.get("generation") != generation
+
+
+class ManifestFiles(dict):
+    """role -> path of the files a manifest lists; asking for a role it does not list is a
+    MapError naming the manifest (an index kind edited into a manifest, or a file entry
+    removed from it, must not surface as a KeyError)."""
+
+    def __init__(self, manifest_path: Path, entries: Mapping[str, Path], kind: str = "") -> None:
+        super().__init__(entries)
+        self.manifest_path = manifest_path
+        self.kind = kind
+
+    def __missing__(self, role: str) -> Path:
+        needs = f"the {self.kind!r} index needs" if self.kind else "the map needs"
+        raise MapError(f"{self.manifest_path}: {needs} a {role!r} file, which the manifest does "
+                       "not list; the manifest was edited or the map is incomplete: restore it "
+                       "or rebuild the map")
+
+    def subset(self, roles: Sequence[str] | None = None, *, without: Sequence[str] = (),
+               kind: str = "") -> "ManifestFiles":
+        keep = {r: p for r, p in self.items()
+                if (roles is None or r in roles) and r not in without}
+        return ManifestFiles(self.manifest_path, keep, kind or self.kind)
+
+
 def check_files(directory: Path, manifest: Mapping[str, Any],
-                checksums: bool) -> dict[str, Path]:
+                checksums: bool) -> ManifestFiles:
     """Paths of the manifest's files after checking that each exists with the recorded size
     (and sha256 when ``checksums``); MapError naming the first file that does not."""
-    out = {}
+    out = ManifestFiles(directory / MANIFEST, {})
     for role, rec in manifest["files"].items():
         if not isinstance(rec, dict) or not isinstance(rec.get("name"), str) \
                 or "/" in rec["name"] or not isinstance(rec.get("bytes"), int):
