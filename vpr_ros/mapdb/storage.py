@@ -264,7 +264,7 @@ def read_map_database(path: Path, count: int
     for session, name, text in camera_rows:
         try:
             model = CameraModel.from_dict(json.loads(text))
-        except (ValueError, TypeError, VPRError) as exc:
+        except (ValueError, TypeError, RecursionError, VPRError) as exc:
             raise MapError(f"{path}: the calibration of camera {name!r} in session {session!r} "
                            f"is invalid ({exc}); the database was edited or is corrupt: rebuild "
                            "the map") from exc
