@@ -276,7 +276,8 @@ def test_status_reports_rates_latencies_errors_and_state() -> None:
     snap = stats.snapshot()
     assert snap.window == 3 and snap.processed == 5
     ident = NodeIdentity(lifecycle_state="active", mode="localization", backend="torch-cpu",
-                         fingerprint="abc", map_size=10)
+                         fingerprint="abc", map_size=10,
+                         map_search="cpu (GPU search off after an error: out of memory)")
     level, message, values = status_fields(snap, ident, 10.0, 5.0)
     kv = dict(values)
     assert level == 0 and "5.0 of 10.0" in message
@@ -285,6 +286,7 @@ def test_status_reports_rates_latencies_errors_and_state() -> None:
     for key in ("input_rate_hz", "processed_rate_hz", "latency_total_p95_ms", "map_size",
                 "backend", "model_fingerprint", "lifecycle_state", "errors_total"):
         assert key in kv
+    assert kv["map_search"] == "cpu (GPU search off after an error: out of memory)"
     assert status_fields(snap, NodeIdentity(lifecycle_state="inactive"), 0, 0)[0] == 1
     assert status_fields(snap, NodeIdentity(problem="configure failed: x"), 0, 0)[0] == 2
 

@@ -21,6 +21,7 @@ from vpr_ros.mapdb.camera import CameraModel
 from vpr_ros.mapdb.index import make_index, parse_spec
 from vpr_ros.mapdb.index.base import PAD_SCORE, VectorIndex, exact_search, sort_results
 from vpr_ros.mapdb.index.binary import BinaryIndex
+from vpr_ros.mapdb.index.gpu import GPU_KINDS, FaissGpu, GpuBackend, GpuMirror, gpu_support
 from vpr_ros.mapdb.index.vectors import STORAGE_DTYPES, DescriptorStore
 from vpr_ros.mapdb.keyframe import Exclusion, Keyframe, KeyframeTable
 from vpr_ros.mapdb.local_store import LOCAL_DTYPE, ROLE as LOCAL_ROLE, LocalFeatureStore
@@ -64,6 +65,7 @@ class PlaceMap:
         self.created = storage.now_iso()
         self.updated = self.created
         self.path: Path | None = None
+        self._gpu_note = "cpu"
 
     @classmethod
     def create(cls, dim: int, fingerprint: str, index: str | Mapping[str, Any] = "flat",
@@ -317,6 +319,49 @@ class PlaceMap:
             return (np.full((len(q), int(k)), -1, np.int64),
                     np.full((len(q), int(k)), PAD_SCORE, np.float32))
         return exact_search(self._store, q, int(k), None if excluded is None else ~excluded)
+
+    # -- GPU search ------------------------------------------------------------------------------
+
+    def use_gpu(self, min_keyframes: int, device: int = 0,
+                backend: GpuBackend | None = None) -> str:
+        """Search a flat or binary index on a GPU once the map holds ``min_keyframes`` (0: never),
+        where a GPU build of faiss sees one; returns :attr:`search_device`.
+
+        Results stay those of the CPU search (see :mod:`vpr_ros.mapdb.index.gpu`); any GPU error
+        (GPU memory short when the map is copied, a failed search) releases the GPU copy and the
+        map is searched on the CPU from then on, with the reason in :attr:`search_device`.
+        ``backend`` replaces faiss's GPU indexes (tests)."""
+        if isinstance(min_keyframes, bool) or not isinstance(min_keyframes, (int, np.integer)) \
+                or min_keyframes < 0:
+            raise ConfigError(f"GPU threshold {min_keyframes!r} must be an integer >= 0 "
+                              "(0: never search on the GPU)")
+        if self._index.gpu is not None:
+            self._index.gpu.release()
+            self._index.gpu = None
+        if min_keyframes == 0:
+            self._gpu_note = "cpu (GPU search off)"
+        elif self.index_kind not in GPU_KINDS:
+            self._gpu_note = (f"cpu (index {self.index_kind} is searched on the CPU; GPU search "
+                              f"covers {' and '.join(GPU_KINDS)})")
+        else:
+            if backend is None:
+                count, why = gpu_support()
+                if count == 0:
+                    self._gpu_note = f"cpu ({why})"
+                    return self.search_device
+                if not 0 <= int(device) < count:
+                    raise ConfigError(f"GPU device {device} for the map search: faiss sees "
+                                      f"{count} GPU(s), numbered 0..{count - 1}")
+                backend = FaissGpu(int(device))
+            width = self._dim if self.index_kind == "flat" else self._index.params["bits"]
+            self._index.gpu = GpuMirror(self.index_kind, width, int(min_keyframes), backend)
+        return self.search_device
+
+    @property
+    def search_device(self) -> str:
+        """Where searches run and why, in one line (``/diagnostics`` shows it)."""
+        mirror = self._index.gpu
+        return mirror.note(len(self)) if mirror is not None else self._gpu_note
 
     # -- persistence -----------------------------------------------------------------------------
 

@@ -247,6 +247,7 @@ class NodeIdentity:
     fingerprint: str = ""
     map_path: str = ""
     map_size: int = 0
+    map_search: str = ""  # where map searches run (cpu / cuda:N) and why
     session: str = ""
     problem: str = ""  # the last configure failure, shown as an ERROR status
 
@@ -262,6 +263,7 @@ def status_fields(snap: StatsSnapshot, ident: NodeIdentity, input_hz: float,
         ("lifecycle_state", ident.lifecycle_state), ("mode", ident.mode),
         ("backend", ident.backend), ("model_fingerprint", ident.fingerprint),
         ("map_path", ident.map_path), ("map_size", str(ident.map_size)),
+        ("map_search", ident.map_search),
         ("session", ident.session),
         ("input_rate_hz", _fmt(input_hz)), ("processed_rate_hz", _fmt(processed_hz)),
         ("frames_received", str(snap.received)), ("frames_processed", str(snap.processed)),

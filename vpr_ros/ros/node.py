@@ -149,14 +149,15 @@ class VprNode(LifecycleNode):
         self.identity = NodeIdentity(
             lifecycle_state="inactive", mode=cfg.mode, backend=enc.backend,
             fingerprint=enc.fingerprint, map_path=cfg.map, map_size=len(pmap),
+            map_search=pmap.search_device,
             session=pipeline.session if cfg.mode != LOCALIZATION else "")
         self.get_logger().info(
             f"configured: mode {cfg.mode}, encoder {enc.backend} (fingerprint "
             f"{enc.fingerprint}, {enc.dim}-D, input {enc.input_size}), map "
             f"{cfg.map or '(new live map)'} with {len(pmap)} keyframes (index {pmap.index_kind}"
             f"{' over the model hash codes' if pmap.model_codes else ''}; local re-rank of the "
-            f"top {pipeline.rerank_top_n if pipeline.rerank_top_n else 'none'}); "
-            f"{self._blas_note}")
+            f"top {pipeline.rerank_top_n if pipeline.rerank_top_n else 'none'}; search on "
+            f"{pmap.search_device}); {self._blas_note}")
         return TransitionCallbackReturn.SUCCESS
 
     def _configure_failed(self, reason: str) -> TransitionCallbackReturn:
@@ -180,6 +181,7 @@ class VprNode(LifecycleNode):
         encoder = load_encoder(cfg.model, backend=cfg.backend, device=cfg.device, **options)
         outputs = ModelOutputs.probe(encoder)
         place_map = self._open_map(cfg, encoder, outputs)
+        place_map.use_gpu(cfg.map_gpu_min_keyframes, cfg.map_gpu_device)
         session = cfg.session or default_session_name()
         if cfg.mode != LOCALIZATION and session in place_map.sessions():
             raise MapError(f"session '{session}' already exists in the map {cfg.map}; set the "
@@ -437,6 +439,7 @@ class VprNode(LifecycleNode):
         watch.lap("publish")
         timing.total = time.perf_counter() - item.received
         self.identity.map_size = pipeline.map_size()
+        self.identity.map_search = pipeline.map.search_device
         self.stats.frame(timing)
 
     def _publish(self, outcome: FrameOutcome, cfg: NodeConfig) -> None:

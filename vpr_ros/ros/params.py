@@ -69,6 +69,12 @@ class NodeConfig:
         "auto", "index of a new live map (loop_closure without a map file): auto (binary over "
         "the model's hash codes for a model with a hash head, else flat), flat, hnsw, ivfpq or "
         "binary")
+    map_gpu_min_keyframes: int = param(
+        20_000, "search a flat or binary map on a GPU once it holds this many keyframes, where a "
+        "GPU build of faiss sees one (results stay those of the CPU search; a GPU error, e.g. "
+        "GPU memory short, falls back to the CPU, reason in /diagnostics map_search); 0: never",
+        0, INT_MAX)
+    map_gpu_device: int = param(0, "GPU (faiss device number) of the map search", 0, 64)
     session: str = param(
         "", "session name of the live run's keyframes (loop_closure); empty: live-<UTC time>")
     image_transport: str = param(

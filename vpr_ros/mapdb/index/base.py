@@ -46,6 +46,9 @@ class VectorIndex(abc.ABC):
     """Search structure over a :class:`DescriptorStore`; ids are row numbers of the store."""
 
     kind: ClassVar[str]
+    #: The GPU copy searched instead of the CPU structure (flat and binary kinds only; see
+    #: :mod:`vpr_ros.mapdb.index.gpu`), attached by ``PlaceMap.use_gpu``.
+    gpu: Any = None
 
     def __init__(self, store: DescriptorStore, params: Mapping[str, Any]) -> None:
         self.store = store

@@ -54,6 +54,7 @@ from vpr_ros.errors import ConfigError, InputError, MapError
 from vpr_ros.mapdb.index.base import (PAD_SCORE, VectorIndex, approximate_search, exact_search,
                                       faiss_threads, filtered_candidates)
 from vpr_ros.mapdb.index.sign_codes import asymmetric_best
+from vpr_ros.mapdb.index.gpu import BINARY_MARGIN, COPY_ROWS, GpuFailed, canonical_hamming
 from vpr_ros.mapdb.index.hamming import ShardedHamming
 from vpr_ros.mapdb.index.params import check_keys, int_param
 from vpr_ros.mapdb.index.sign_codes import ROTATIONS, learn_sign_projection
@@ -174,6 +175,8 @@ class BinaryIndex(VectorIndex):
         self.projection, self.thresholds = w, t
         self.codes = GrowableArray(np.uint8, self.bits // 8)
         self.index.reset()
+        if self.gpu is not None:
+            self.gpu.reset()
         for _, block in self.store.chunks(65536):
             packed = self.project(np.asarray(block, dtype=np.float32))
             self.codes.extend(packed)
@@ -247,9 +250,13 @@ class BinaryIndex(VectorIndex):
         else:
             qcodes = self.query_codes_for(queries, query_codes)
 
-        def fetch(rows: np.ndarray, kk: int, effort: int) -> np.ndarray:
+        def cpu_fetch(rows: np.ndarray, kk: int, effort: int) -> np.ndarray:
             with faiss_threads(len(rows)):
                 return self.index.search(qcodes[rows], kk, allowed)
+
+        fetch = cpu_fetch
+        if self.gpu is not None and self.gpu.ready(len(self.codes), self._gpu_rows):
+            fetch = self._gpu_fetch(qcodes, allowed, cpu_fetch)
 
         if rerank == 0:
             return self._hamming_order(queries, k, allowed, fetch)
@@ -261,6 +268,44 @@ class BinaryIndex(VectorIndex):
 
         return approximate_search(self.store, queries, k, allowed, shortlist, fetch,
                                   narrow=narrow)
+
+    def _gpu_rows(self, start: int):
+        codes = self.codes.view()
+        for s in range(start, len(codes), COPY_ROWS):
+            yield np.ascontiguousarray(codes[s: s + COPY_ROWS])
+
+    def _gpu_fetch(self, qcodes: np.ndarray, allowed: np.ndarray | None, cpu_fetch):
+        """A ``fetch`` that lists Hamming candidates on the GPU in the CPU scan's order
+        (distance, then id), asking for more while ties at the cut are not seen whole or too
+        few allowed candidates came back (GPU indexes ignore selectors); rows it cannot settle
+        within the GPU's selection limit, and any GPU failure, go to ``cpu_fetch``."""
+        n = len(self.codes)
+        excluded = 0 if allowed is None else n - int(allowed.sum())
+        mirror = self.gpu
+
+        def fetch(rows: np.ndarray, kk: int, effort: int) -> np.ndarray:
+            limit = mirror.max_k
+            m = min(n, limit, kk + excluded + BINARY_MARGIN)
+            if m < min(n, kk + BINARY_MARGIN):
+                return cpu_fetch(rows, kk, effort)
+            out = np.full((len(rows), kk), -1, np.int64)
+            todo = np.arange(len(rows))
+            try:
+                while len(todo):
+                    dist, cand = mirror.search(qcodes[rows[todo]], m)
+                    ids, sure = canonical_hamming(dist, cand, kk, n, allowed)
+                    out[todo[sure]] = ids[sure]
+                    todo = todo[~sure]
+                    if m >= min(n, limit):
+                        break
+                    m = min(n, limit, 2 * m)
+            except GpuFailed:
+                pass
+            if len(todo):
+                out[todo] = cpu_fetch(rows[todo], kk, effort)
+            return out
+
+        return fetch
 
     def effective_shortlist(self) -> int:
         """The ``shortlist`` parameter, capped at 1% of the map.
@@ -345,6 +390,8 @@ class BinaryIndex(VectorIndex):
         self.codes = GrowableArray(np.uint8, self.bits // 8)
         self.codes.extend(codes)
         self.index.reset()
+        if self.gpu is not None:
+            self.gpu.reset()
         if n:
             self.index.add(codes)
 

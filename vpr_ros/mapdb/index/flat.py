@@ -20,7 +20,8 @@ import numpy as np
 from vpr_ros.errors import ConfigError
 from vpr_ros.mapdb.index.faiss_loader import load_faiss
 from vpr_ros.mapdb.index.base import (PAD_SCORE, VectorIndex, allowed_selector, exact_search,
-                                      faiss_threads, sort_results)
+                                      faiss_threads, rerank, sort_results)
+from vpr_ros.mapdb.index.gpu import COPY_ROWS, FLAT_MARGIN, GPU_SCORE_SLACK, GpuFailed
 
 # Below this many queries a per-query scan of the fp16 codes beats block conversion + BLAS.
 FP16_SCAN_MAX_QUERIES = 8
@@ -79,6 +80,10 @@ class FlatIndex(VectorIndex):
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None,
                query_codes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        if self.gpu is not None and self.gpu.ready(len(self.store), self._gpu_rows):
+            found = self._gpu_search(queries, k, allowed)
+            if found is not None:
+                return found
         if self.store.dtype == np.float16 and queries.shape[0] < FP16_SCAN_MAX_QUERIES \
                 and len(self.store):
             return self._fp16_scan(queries, k, allowed)
@@ -117,3 +122,56 @@ class FlatIndex(VectorIndex):
             i = np.concatenate([r[1] for r in results], axis=1)
         d = np.where(i >= 0, d, PAD_SCORE).astype(np.float32)
         return sort_results(d, i.astype(np.int64), k)
+
+    def _gpu_rows(self, start: int):
+        return self.store.float_blocks(start, COPY_ROWS)
+
+    def _gpu_search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None
+                    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Candidates from the GPU, exact scores from the store: the CPU scan's result.
+
+        A query's list is trusted when its ``k``-th allowed candidate scores more than
+        ``2 * GPU_SCORE_SLACK`` above the last one listed: no unlisted row (GPU score at most
+        the last, exact score within the slack of it) can then enter the exact top ``k``, not
+        even by a tie. Otherwise, and when too few allowed candidates came back (GPU indexes
+        ignore selectors, so exclusions are filtered here), the list asked for grows up to the
+        GPU's selection limit; rows still unsettled, and any GPU failure, go to the CPU scan."""
+        n = len(self.store)
+        n_allowed = n if allowed is None else int(allowed.sum())
+        limit = self.gpu.max_k
+        m = min(n, limit, k + FLAT_MARGIN + (n - n_allowed))
+        if m < min(n, k + FLAT_MARGIN):
+            return None
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        chosen: list[np.ndarray] = [np.empty(0, np.int64)] * len(q)
+        todo = np.arange(len(q))
+        try:
+            while len(todo):
+                dist, cand = self.gpu.search(q[todo], m)
+                still = []
+                for j, r in enumerate(todo):
+                    valid = (cand[j] >= 0) & (cand[j] < n)
+                    c, d = cand[j][valid], dist[j][valid]
+                    last = d[-1] if len(d) else np.inf
+                    if allowed is not None:
+                        keep = allowed[c]
+                        c, d = c[keep], d[keep]
+                    if m >= n:
+                        chosen[r] = c
+                    elif len(c) >= k and d[k - 1] - last > 2 * GPU_SCORE_SLACK:
+                        chosen[r] = c[d >= d[k - 1] - 2 * GPU_SCORE_SLACK]
+                    else:
+                        still.append(r)
+                todo = np.asarray(still, dtype=np.int64)
+                if m >= min(n, limit):
+                    break
+                m = min(n, limit, 4 * m)
+        except GpuFailed:
+            return None
+        rows = np.full((len(q), max(k, max(len(c) for c in chosen))), -1, np.int64)
+        for r, c in enumerate(chosen):
+            rows[r, : len(c)] = c
+        ids, scores = rerank(self.store, queries, rows, k)
+        if len(todo):  # too many near-equal or excluded rows for the GPU's limit
+            ids[todo], scores[todo] = exact_search(self.store, queries[todo], k, allowed)
+        return ids, scores

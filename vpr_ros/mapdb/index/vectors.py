@@ -129,6 +129,15 @@ class DescriptorStore:
             for s in range(0, len(seg), rows):
                 yield start + s, seg[s: s + rows]
 
+    def float_blocks(self, start: int, rows: int) -> Iterator[np.ndarray]:
+        """float32 blocks of at most ``rows`` rows covering ids ``start`` .. N-1 (what a GPU
+        copy of the map lacks)."""
+        for first, block in self.chunks(rows):
+            end = first + len(block)
+            if end <= start:
+                continue
+            yield np.ascontiguousarray(block[max(0, start - first):], dtype=np.float32)
+
     def array(self) -> np.ndarray:
         """All rows as one array: the mapped file itself when nothing was added since loading,
         otherwise a copy."""
