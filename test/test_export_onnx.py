@@ -141,6 +141,7 @@ def test_effnet_qaa_graph(effnet_qaa_onnx: Path, effnet_qaa_model_dir: Path) -> 
     assert props["descriptor_dim"] == 1024 and props["input_size"] == [224, 224]
     assert props["mean"] == [0.485, 0.456, 0.406] and props["std"] == [0.229, 0.224, 0.225]
     assert props["resize"] == "stretch" and props["output_names"] == ["global"]
+    assert props["interpolation"] == "opencv"
     assert props["vpr_ros_version"] and props["opset"] == 17
     for batch in (1, 3):  # dynamic batch axis
         (glob,) = _run(effnet_qaa_onnx, batch)

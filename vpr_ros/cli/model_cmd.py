@@ -71,7 +71,7 @@ def _info(args: argparse.Namespace) -> int:
     print(f"aggregator   {ag['name']} {ag['params']}: {ag['parameters']['total'] / 1e6:.3f}M "
           "params")
     print(f"input        {summary['input']['size'][0]}x{summary['input']['size'][1]} "
-          f"({summary['input']['resize']})")
+          f"({summary['input']['resize']}, {summary['input']['interpolation']} resize)")
     print(f"descriptor   {summary['descriptor_dim']}-D float32 "
           f"({summary['descriptor_bytes_fp32']} bytes)")
     if "gflops" in summary:

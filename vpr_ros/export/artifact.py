@@ -43,6 +43,7 @@ class ArtifactMeta:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     resize: str
+    interpolation: str = "opencv"
     outputs: tuple[str, ...] = (GLOBAL_OUTPUT,)
     input_name: str = INPUT_NAME
     opset: int = 17
@@ -54,7 +55,7 @@ class ArtifactMeta:
                 "model_fingerprint": self.model_fingerprint, "model_name": self.model_name,
                 "descriptor_dim": self.descriptor_dim, "input_size": list(self.input_size),
                 "mean": list(self.mean), "std": list(self.std), "resize": self.resize,
-                "output_names": list(self.outputs), "input_name": self.input_name,
+                "interpolation": self.interpolation, "output_names": list(self.outputs), "input_name": self.input_name,
                 "opset": self.opset, "vpr_ros_version": self.vpr_ros_version,
                 "extra": dict(self.extra)}
 
@@ -79,6 +80,8 @@ class ArtifactMeta:
                        mean=tuple(float(v) for v in doc["mean"]),  # type: ignore[arg-type]
                        std=tuple(float(v) for v in doc["std"]),  # type: ignore[arg-type]
                        resize=str(doc["resize"]),
+                       # files exported before the field existed were all OpenCV-resized
+                       interpolation=str(doc.get("interpolation", "opencv")),
                        outputs=tuple(str(v) for v in doc["output_names"]),
                        input_name=str(doc.get("input_name", INPUT_NAME)),
                        opset=int(doc.get("opset", 0)),
@@ -91,6 +94,13 @@ class ArtifactMeta:
                 or meta.outputs[0] != GLOBAL_OUTPUT:
             raise BackendError(f"{source}: vpr_ros metadata has malformed mean/std/outputs; "
                                "re-export the file with `vpr export onnx`")
+        from vpr_ros.models.config import INTERPOLATIONS, RESIZE_POLICIES
+
+        if meta.resize not in RESIZE_POLICIES or meta.interpolation not in INTERPOLATIONS:
+            raise BackendError(f"{source}: resize {meta.resize!r} / interpolation "
+                               f"{meta.interpolation!r} is not one this vpr_ros implements "
+                               f"({list(RESIZE_POLICIES)} / {list(INTERPOLATIONS)}); use the "
+                               "vpr_ros that exported the file, or re-export it")
         return meta
 
     @classmethod

@@ -338,7 +338,8 @@ def export_model_onnx(model: nn.Module, out: Union[str, Path], *, model_fingerpr
         fingerprint=descriptor_fingerprint(model_fingerprint, hw, cfg.input.size),
         model_fingerprint=model_fingerprint, model_name=cfg.name,
         descriptor_dim=int(model.descriptor_dim), input_size=hw, mean=tuple(cfg.input.mean),
-        std=tuple(cfg.input.std), resize=cfg.input.resize, outputs=names, opset=opset,
+        std=tuple(cfg.input.std), resize=cfg.input.resize,
+        interpolation=cfg.input.interpolation, outputs=names, opset=opset,
         vpr_ros_version=__version__,
         extra={"exporter": f"torch.onnx TorchScript (torch {torch.__version__})",
                "source": source})

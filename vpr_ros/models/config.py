@@ -2,7 +2,7 @@
 
 A config is what ``model.json`` stores and what ``config/models/*.yaml`` holds: a backbone and an
 aggregator (each a registered name plus keyword parameters) and the input contract (size,
-normalisation, resize policy). It is validated here, before any torch module is built, so that a
+normalisation, resize geometry and interpolation). It is validated here, before any torch module is built, so that a
 typo in a YAML file is reported as the key that is wrong rather than as a torch traceback.
 """
 
@@ -20,6 +20,13 @@ from vpr_ros.plain_data import parse_json, parse_yaml, read_text
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_POLICIES = ("stretch", "center_crop")
+#: How a frame is resized to the input size (``vpr_ros.runtime.preprocess`` implements each):
+#: ``opencv``: uint8 with OpenCV, ``INTER_AREA`` shrinking and ``INTER_LINEAR`` enlarging (the
+#: default, and what a model.json without the field means); ``bilinear_antialias`` and
+#: ``bicubic_antialias``: RGB scaled to [0, 1] floats, then torch's antialiased resize, neither
+#: rounded nor clamped (torchvision's ``Resize(antialias=True)`` on a float tensor: the official
+#: evaluation transforms of QAA / VPR-methods-evaluation and of BoQ respectively).
+INTERPOLATIONS = ("opencv", "bilinear_antialias", "bicubic_antialias")
 
 
 @dataclass(frozen=True)
@@ -35,16 +42,18 @@ class ComponentConfig:
 
 @dataclass(frozen=True)
 class InputConfig:
-    """What the encoder expects: RGB images resized to ``size`` (H, W), then normalised."""
+    """What the encoder expects: RGB images resized to ``size`` (H, W) with ``interpolation``
+    (``resize``: stretched, or scaled to cover and centre-cropped), then normalised."""
 
     size: tuple[int, int] = (322, 322)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     resize: str = "stretch"
+    interpolation: str = "opencv"
 
     def to_dict(self) -> dict[str, Any]:
         return {"size": list(self.size), "mean": list(self.mean), "std": list(self.std),
-                "resize": self.resize}
+                "resize": self.resize, "interpolation": self.interpolation}
 
 
 @dataclass(frozen=True)
@@ -63,13 +72,13 @@ class ModelConfig:
     def with_input_size(self, size: tuple[int, int]) -> "ModelConfig":
         """The same model at another input size (e.g. 224 for training, 322 for test)."""
         inp = InputConfig(size=tuple(size), mean=self.input.mean, std=self.input.std,
-                          resize=self.input.resize)
+                          resize=self.input.resize, interpolation=self.input.interpolation)
         return ModelConfig(self.backbone, self.aggregator, inp, self.name)
 
 
 _TOP_KEYS = {"name", "backbone", "aggregator", "input", "weights", "description"}
 _COMPONENT_KEYS = {"name", "params"}
-_INPUT_KEYS = {"size", "mean", "std", "resize"}
+_INPUT_KEYS = {"size", "mean", "std", "resize", "interpolation"}
 
 
 def _check_keys(where: str, data: Mapping[str, Any], allowed: set[str]) -> None:
@@ -117,12 +126,18 @@ def _input(data: Any) -> InputConfig:
     resize = data.get("resize", "stretch")
     if resize not in RESIZE_POLICIES:
         raise ConfigError(f"input.resize: {resize!r} is not one of {list(RESIZE_POLICIES)}")
+    # Absent in model.json files written before the field existed: they were all made with
+    # OpenCV's resize, so that is what they keep (their maps stay valid).
+    interpolation = data.get("interpolation", "opencv")
+    if interpolation not in INTERPOLATIONS:
+        raise ConfigError(f"input.interpolation: {interpolation!r} is not one of "
+                          f"{list(INTERPOLATIONS)}")
     std = _triple("input.std", data.get("std", IMAGENET_STD))
     if min(std) <= 0:
         raise ConfigError(f"input.std: every value must be > 0, got {list(std)}")
     return InputConfig(size=(int(size[0]), int(size[1])),
                        mean=_triple("input.mean", data.get("mean", IMAGENET_MEAN)),
-                       std=std, resize=resize)
+                       std=std, resize=resize, interpolation=interpolation)
 
 
 def model_config_from_dict(data: Any, source: str = "config") -> ModelConfig:

@@ -13,7 +13,9 @@ row dim, DINOv2 size); the rest is fixed by the release's code and stated here: 
 projection // 64, the last 2 DINOv2 blocks trained, and **no final DINOv2 LayerNorm** (the
 release's ``DinoV2.forward`` runs the blocks and drops the class token without ``dino.norm``;
 its ``norm`` tensors stay in the file and are loaded but unused, ``final_norm: false``). The
-release evaluates at 322 x 322 (ImageNet normalisation). ``mask_token`` is dropped (masked
+release evaluates at 322 x 322 (ImageNet normalisation) with the transform its README
+prescribes, antialiased bicubic on the float tensor, recorded as ``interpolation:
+bicubic_antialias``. ``mask_token`` is dropped (masked
 pre-training only). The ResNet-50 release is refused: there is no ResNet backbone here.
 
 The file is read with ``torch.load(weights_only=True)``: no code in it is ever run.
@@ -84,7 +86,9 @@ def boq_release_config(sd: Mapping[str, torch.Tensor], source: str,
                                          "row_dim": int(fc.shape[0]),
                                          "proj_kernel": int(proj.shape[-1])})
     dim = int(proj.shape[0]) * int(fc.shape[0])
-    return ModelConfig(backbone, aggregator, InputConfig(size=(input_size, input_size)),
+    # The README's evaluation transform: ToTensor, Resize(bicubic, antialias=True), Normalize.
+    inp = InputConfig(size=(input_size, input_size), interpolation="bicubic_antialias")
+    return ModelConfig(backbone, aggregator, inp,
                        name=f"boq_{found['arch']}_{dim}")
 
 

@@ -5,6 +5,13 @@ agg_config}}`` (the Hugging Face mixin's layout; a bare inner dict is accepted t
 is either honoured or explicitly known to be unused by the released forward pass; an unknown
 field is refused, because silently ignoring a field is how an import ends up computing a
 different function than the published model.
+
+The imported model records the release's evaluation resize, ``interpolation:
+bilinear_antialias`` (see :mod:`vpr_ros.runtime.float_resize`): VPR-methods-evaluation, which
+runs the released models, resizes the normalised float tensor with torchvision's antialiased
+bilinear ``Resize``. (The QAA repository's own ``QAA_demo.py`` applies the same filter to the
+uint8 image, i.e. rounds its result to whole grey levels; the float transform is the one the
+published evaluation code uses.)
 """
 
 from __future__ import annotations
@@ -85,7 +92,10 @@ def qaa_release_config(doc: dict[str, Any], source: str, input_size: int = 322) 
         "query_norm": bool(acfg.get("self_attn_out_norm", True)),
         "score_norm": bool(acfg.get("out_norm", False))})
     dim = aggregator.params["num_clusters"] * aggregator.params["cluster_dim"]
-    return ModelConfig(backbone, aggregator, InputConfig(size=(input_size, input_size)),
+    # The release's evaluation transform (VPR-methods-evaluation, which runs the released QAA
+    # models: ToTensor, Normalize, Resize([322, 322], antialias=True) -> bilinear on floats).
+    inp = InputConfig(size=(input_size, input_size), interpolation="bilinear_antialias")
+    return ModelConfig(backbone, aggregator, inp,
                        name=f"qaa_{arch}_{dim + aggregator.params['token_dim']}")
 
 

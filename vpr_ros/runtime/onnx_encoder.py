@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 def artifact_preprocessing(meta: ArtifactMeta) -> Preprocessing:
     """The preprocessing an exported artifact records (size, mean/std, resize policy)."""
-    return Preprocessing(size=meta.input_size, mean=meta.mean, std=meta.std, resize=meta.resize)
+    return Preprocessing(size=meta.input_size, mean=meta.mean, std=meta.std, resize=meta.resize,
+                         interpolation=meta.interpolation)
 
 
 def cpu_session_options(threads: Optional[int] = None, optimization: str = "all",

@@ -1,8 +1,13 @@
 """Image preprocessing shared by every backend: resize policy + normalisation.
 
-The policy is recorded in the model (``input`` section of model.json) and in every exported
-artifact, and all backends call this one implementation (or, on CUDA, its torch twin with the
-same arithmetic), so "same inputs give the same descriptors" does not depend on the backend.
+The policy (size, geometry, interpolation, mean/std) is recorded in the model (``input`` section
+of model.json) and in every exported artifact, and all backends call this one implementation
+(or, on CUDA, its torch twin with the same arithmetic), so "same inputs give the same
+descriptors" does not depend on the backend. Two families of interpolation:
+
+* ``opencv`` (the project's own models): uint8 resize with OpenCV, then a normalisation table;
+* ``bilinear_antialias`` / ``bicubic_antialias`` (imports of official releases): the releases'
+  own evaluation transform on float tensors, :mod:`vpr_ros.runtime.float_resize`.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Sequence, Union
 import cv2
 import numpy as np
 
-from vpr_ros.errors import InputError
+from vpr_ros.errors import BackendError, InputError
 from vpr_ros.runtime import area_resize
 
 
@@ -24,15 +29,16 @@ class Preprocessing:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     resize: str = "stretch"                # "stretch" | "center_crop"
+    interpolation: str = "opencv"          # vpr_ros.models.config.INTERPOLATIONS
 
     @classmethod
     def from_input_config(cls, inp) -> "Preprocessing":
         return cls(size=tuple(inp.size), mean=tuple(inp.mean), std=tuple(inp.std),
-                   resize=inp.resize)
+                   resize=inp.resize, interpolation=inp.interpolation)
 
     def to_dict(self) -> dict:
         return {"size": list(self.size), "mean": list(self.mean), "std": list(self.std),
-                "resize": self.resize}
+                "resize": self.resize, "interpolation": self.interpolation}
 
 
 def check_image(img: np.ndarray, index: int = 0) -> np.ndarray:
@@ -62,6 +68,8 @@ def resized_and_crop(src_hw: tuple[int, int], prep: Preprocessing
 
 
 def resize_image(img: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """``img`` resized and cropped to ``prep.size`` as uint8 by OpenCV (the ``opencv``
+    interpolation; the float ones are :mod:`vpr_ros.runtime.float_resize`)."""
     h, w = prep.size
     (rh, rw), (top, left) = resized_and_crop(img.shape[:2], prep)
     img = _resize(img, rh, rw)
@@ -85,6 +93,13 @@ def preprocess_batch(images: Union[np.ndarray, Sequence[np.ndarray]], prep: Prep
                          f"array of shape {images.shape}")
     if len(images) == 0:
         raise InputError("empty batch: nothing to encode")
+    if prep.interpolation != "opencv":
+        from vpr_ros.runtime import float_resize
+
+        if not float_resize.applies(prep):
+            raise BackendError(f"unknown interpolation {prep.interpolation!r}; this vpr_ros "
+                               "knows opencv, " + ", ".join(sorted(float_resize.MODES)))
+        return float_resize.preprocess_numpy(images, prep)
     h, w = prep.size
     lut = normalisation_table(prep.mean, prep.std)
     out = np.empty((len(images), 3, h, w), dtype=np.float32)

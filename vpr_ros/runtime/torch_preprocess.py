@@ -14,6 +14,10 @@ then normalised with the same float32 operations as the numpy path. The result m
 bit for bit except for at most one grey level on a fraction of a percent of pixels (OpenCV's
 scalar tails and border rows round differently from its vector body);
 ``test/test_backends_preprocess.py`` bounds that on real and synthetic frames of many sizes.
+
+Models that record a release's float interpolation (``bilinear_antialias``,
+``bicubic_antialias``) are resized by :mod:`vpr_ros.runtime.float_resize`, the very function the
+CPU path runs, here on the encoder's device.
 """
 
 from __future__ import annotations
@@ -193,6 +197,10 @@ class TorchPreprocessor:
 
     def __call__(self, images: TorchImages) -> torch.Tensor:
         frames = self._as_list(images)
+        if self.prep.interpolation != "opencv":
+            from vpr_ros.runtime import float_resize
+
+            return float_resize.preprocess_frames(frames, self.prep)
         h, w = self.prep.size
         out = torch.empty((len(frames), h, w, 3), dtype=torch.float32, device=self.device)
         groups: dict[tuple[int, int], list[int]] = {}

@@ -1,8 +1,8 @@
 """From a recipe's ``data.train`` entries to torch datasets and place-balanced loaders.
 
-Images are prepared the way the runtime prepares them (``runtime.preprocess.resize_image``: the
-same resize policy and interpolation), then RandAugmented, then normalised with the model's
-mean/std, so a model sees at training time what the node will feed it (only the size differs
+Images are prepared the way the runtime prepares them (``runtime.preprocess.resize_image``, or
+``runtime.float_resize`` for a model that records a release's float interpolation: the same
+resize policy and interpolation), then RandAugmented, then normalised with the model's mean/std, so a model sees at training time what the node will feed it (only the size differs
 when the recipe trains smaller than it tests, as DINOv2 recipes do: 224 train, 322 test).
 """
 
@@ -81,16 +81,29 @@ class ImageTransform:
     def __init__(self, inp: InputConfig, size: tuple[int, int],
                  augment: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
         self.prep = Preprocessing(size=tuple(size), mean=tuple(inp.mean), std=tuple(inp.std),
-                                  resize=inp.resize)
+                                  resize=inp.resize, interpolation=inp.interpolation)
         self.augment = augment
         self.mean = torch.tensor(inp.mean, dtype=torch.float32).view(3, 1, 1) * 255.0
         self.inv_std = 1.0 / (torch.tensor(inp.std, dtype=torch.float32).view(3, 1, 1) * 255.0)
 
     def __call__(self, rgb: np.ndarray, augment: bool = True) -> torch.Tensor:
+        if self.prep.interpolation != "opencv":
+            return self._float(rgb, augment)
         img = torch.from_numpy(np.ascontiguousarray(resize_image(rgb, self.prep))).permute(2, 0, 1)
         if augment and self.augment is not None:
             img = self.augment(img)
         return (img.float() - self.mean) * self.inv_std
+
+    def _float(self, rgb: np.ndarray, augment: bool) -> torch.Tensor:
+        """The release transform: resized as float in [0, 1] (runtime.float_resize),
+        RandAugmented as a float image (torchvision v2 takes [0, 1] floats), normalised."""
+        from vpr_ros.runtime import float_resize
+
+        frame = torch.from_numpy(np.ascontiguousarray(rgb))
+        img = float_resize.resize_unit(frame[None], self.prep)
+        if augment and self.augment is not None:
+            img = self.augment(img[0])[None]
+        return float_resize.normalise(img.clone(), self.prep)[0]
 
 
 class PlaceImageDataset(Dataset):
