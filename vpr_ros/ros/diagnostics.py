@@ -250,6 +250,7 @@ class NodeIdentity:
     map_search: str = ""  # where map searches run (cpu / cuda:N) and why
     session: str = ""
     problem: str = ""  # the last configure failure, shown as an ERROR status
+    bond: str = "off"  # the bond with nav2_lifecycle_manager (vpr_ros.ros.nav2_bond states)
 
 
 def _fmt(value: float) -> str:
@@ -264,7 +265,7 @@ def status_fields(snap: StatsSnapshot, ident: NodeIdentity, input_hz: float,
         ("backend", ident.backend), ("model_fingerprint", ident.fingerprint),
         ("map_path", ident.map_path), ("map_size", str(ident.map_size)),
         ("map_search", ident.map_search),
-        ("session", ident.session),
+        ("session", ident.session), ("bond", ident.bond),
         ("input_rate_hz", _fmt(input_hz)), ("processed_rate_hz", _fmt(processed_hz)),
         ("frames_received", str(snap.received)), ("frames_processed", str(snap.processed)),
         ("frames_dropped", str(snap.dropped)), ("errors_total", str(snap.errors_total)),
@@ -285,6 +286,9 @@ def status_fields(snap: StatsSnapshot, ident: NodeIdentity, input_hz: float,
     values += [(f"errors.{kind}", str(n)) for kind, n in sorted(snap.errors.items())]
     if ident.problem:
         return 2, ident.problem, values
+    if ident.bond == "broken":
+        return 2, (f"{ident.lifecycle_state}; the bond with the lifecycle manager broke (no "
+                   "heartbeat): the manager stopped or cannot be reached"), values
     if ident.lifecycle_state != "active":
         return 1, f"{ident.lifecycle_state}: not processing frames", values
     if input_hz == 0.0:

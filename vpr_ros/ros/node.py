@@ -46,6 +46,7 @@ from vpr_ros.ros.camera_cdr import CameraMessageReader
 from vpr_ros.ros.diagnostics import (FrameTiming, LogThrottle, NodeIdentity, NodeStats, RateMeter,
                                      Stopwatch, diagnostic_array)
 from vpr_ros.ros.mailbox import Mailbox
+from vpr_ros.ros.nav2_bond import ManagerBond
 from vpr_ros.ros.params import (NodeConfig, NodeSettings, all_parameter_specs, descriptor_for,
                                 settings_from_values)
 from vpr_ros.ros.pipeline import (LOCALIZATION, FrameOutcome, Pipeline, default_session_name,
@@ -100,6 +101,7 @@ class VprNode(LifecycleNode):
         self._keyframes_timer: Any = None
         self._in_rate, self._out_rate = RateMeter(), RateMeter()
         self._blas_note = ""
+        self._bond = ManagerBond(self, self._bond_log)
 
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._diag_timer = self.create_timer(
@@ -258,10 +260,15 @@ class VprNode(LifecycleNode):
         self.identity.lifecycle_state = "active"
         self.get_logger().info(f"active: subscribed to {self._input_subs[0].topic_name} "
                                f"({image_type.__name__}, {cfg.qos_reliability})")
+        # Last: nav2_lifecycle_manager waits for the bond right after this transition.
+        self._bond.start(cfg.bond_topic, cfg.bond_heartbeat_period_s,
+                         cfg.bond_heartbeat_timeout_s)
+        self.identity.bond = self._bond.state
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Unsubscribe and stop the encoder thread; model and map stay loaded."""
+        self._stop_bond()
         self._drop_subscriptions()
         self._stop_worker()
         self.identity.lifecycle_state = "inactive"
@@ -269,10 +276,12 @@ class VprNode(LifecycleNode):
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Release model, map, publishers: back to unconfigured."""
+        self._stop_bond()
         self._release()
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_bond()
         self._drop_subscriptions()
         self._stop_worker()
         self._release()
@@ -281,10 +290,20 @@ class VprNode(LifecycleNode):
 
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.get_logger().error("error in a lifecycle transition; releasing everything")
+        self._stop_bond()
         self._drop_subscriptions()
         self._stop_worker()
         self._release()
         return TransitionCallbackReturn.SUCCESS
+
+    def _stop_bond(self) -> None:
+        self._bond.stop()
+        self.identity.bond = self._bond.state
+
+    def _bond_log(self, level: str, message: str) -> None:
+        """The bond's reports: logged, and its state shown in /diagnostics."""
+        self.identity.bond = self._bond.state
+        getattr(self.get_logger(), level)(message)
 
     def _drop_subscriptions(self) -> None:
         for sub in self._input_subs:

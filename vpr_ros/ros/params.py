@@ -118,6 +118,17 @@ class NodeConfig:
         2000, "keyframe points drawn in ~/markers (evenly subsampled above this)", 0, INT_MAX)
     markers_keyframes_period_s: float = param(
         5.0, "how often the keyframe points marker is refreshed (s)", 0.1, 3600.0)
+    bond_heartbeat_period_s: float = param(
+        0.1, "heartbeat period of the bond with nav2_lifecycle_manager, formed at activate "
+        "where ROS's bondpy is installed (Nav2's servers use 0.1 s); 0: no bond (then set "
+        "the manager's bond_timeout to 0.0)", 0.0, 10.0)
+    bond_heartbeat_timeout_s: float = param(
+        4.0, "the bond counts as broken after this long without the manager's heartbeat "
+        "(Nav2's servers use 4 s); vpr_node then reports an error and keeps running (s)",
+        0.1, 600.0)
+    bond_topic: str = param(
+        "bond", "topic of the bond with nav2_lifecycle_manager (Nav2: 'bond'; the bond id "
+        "is the node's name)")
 
     def __post_init__(self) -> None:
         validate(self)
