@@ -36,8 +36,8 @@ def test_node_bench_reports_a_stage_breakdown_and_no_queue(effnet_gem_model_dir:
     for row in result["rates"]:
         assert row["max_pending"] <= 1 and row["errors"] == 0
         assert row["processed"] + row["dropped"] == row["received"]
-        for stage in ("conversion", "preprocess", "encode", "search", "decision", "publish",
-                      "overhead", "wait", "total", "transport"):
+        for stage in ("conversion", "preprocess", "encode", "search", "sequence", "decision",
+                      "publish", "overhead", "wait", "total", "transport"):
             assert math.isfinite(row["stages_ms"][stage]["p95"]), stage
         assert row["stages_ms"]["total"]["p50"] >= row["stages_ms"]["encode"]["p50"]
         assert row["stages_cpu_ms"]["overhead"]["p50"] > 0
@@ -65,16 +65,17 @@ def _timing(wall: dict, cpu: dict, sched: dict):
 
 
 def test_overhead_attribution_takes_off_only_unexplained_time_of_unblocked_frames() -> None:
-    from vpr_ros.bench.node_bench import overhead_attribution
+    from vpr_ros.bench.node_bench import OVERHEAD_STAGES, overhead_attribution
 
     ms = 1e-3
-    stages = ("conversion", "preprocess", "search", "decision", "publish")
+    stages = OVERHEAD_STAGES
+    k = len(stages)
     # Frame 1: 10 ms wall, 4 ms CPU, 1 ms in the run queue, never blocked -> 5 ms paused.
-    one = _timing({s: 2 * ms for s in stages}, {s: 0.8 * ms for s in stages},
-                  {s: (0.2 * ms, 0) for s in stages})
+    one = _timing({s: 10 * ms / k for s in stages}, {s: 4 * ms / k for s in stages},
+                  {s: (1 * ms / k, 0) for s in stages})
     # Frame 2: same times but it blocked once (a lock): nothing is taken off.
-    two = _timing({s: 2 * ms for s in stages}, {s: 0.8 * ms for s in stages},
-                  {**{s: (0.2 * ms, 0) for s in stages}, "search": (0.2 * ms, 1)})
+    two = _timing({s: 10 * ms / k for s in stages}, {s: 4 * ms / k for s in stages},
+                  {**{s: (1 * ms / k, 0) for s in stages}, "search": (1 * ms / k, 1)})
     # A frame timed without the probe is left out.
     three = _timing({s: 1 * ms for s in stages}, {s: 1 * ms for s in stages}, {})
     att = overhead_attribution([one, two, three])

@@ -10,10 +10,12 @@ mode, and a separate camera process publishing 640x480 ``sensor_msgs/Image`` (or
 
 Per processed frame the node records, in seconds: ``conversion`` (message -> RGB),
 ``preprocess`` (resize + normalise), ``encode`` (inference), ``search`` (map search + candidate
-lookup), ``decision`` (relocalizer), ``publish`` (building and publishing the outputs),
+lookup), ``sequence`` (sequence matching over the last frames, see
+:mod:`vpr_ros.localization.sequence`), ``decision`` (relocalizer), ``publish`` (building and
+publishing the outputs),
 ``wait`` (receive -> the encoder thread picks the frame up), ``total`` (receive -> published)
 and ``transport`` (camera publish -> node callback). ``overhead`` is everything but encode:
-conversion + preprocess + search + decision + publish.
+conversion + preprocess + search + sequence + decision + publish.
 
 "No queue growth" is checked two ways: frames waiting for the encoder never exceed one
 (sampled every 100 ms), and no frame waits longer than 1.5x the longest processing of a frame
@@ -43,7 +45,7 @@ from vpr_ros.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_CONFIG = REPO / "config" / "models" / "gem_effnetlite0.yaml"
-STAGES = ("conversion", "preprocess", "encode", "search", "decision", "publish")
+STAGES = ("conversion", "preprocess", "encode", "search", "sequence", "decision", "publish")
 #: ``overhead``: every stage but inference.
 OVERHEAD_STAGES = tuple(s for s in STAGES if s != "encode")
 REPORTED = (*STAGES, "overhead", "wait", "total", "transport")
@@ -457,8 +459,8 @@ def register(sub: Any) -> None:
         "node", help="per-frame latency breakdown of vpr_node through DDS at several rates",
         description="Host vpr_node (localization mode) with a small model and a map of "
         "synthetic keyframes, publish camera frames to it from another process at each rate, "
-        "and report p50/p95 per stage (conversion, preprocess, encode, search, decision, "
-        "publish), waiting, end-to-end and transport latency, drops and queue growth.")
+        "and report p50/p95 per stage (conversion, preprocess, encode, search, sequence, "
+        "decision, publish), waiting, end-to-end and transport latency, drops and queue growth.")
     p.add_argument("--model", type=Path, help="model directory (default: a new "
                    "GeM + EfficientNet-Lite0 from config/models/gem_effnetlite0.yaml)")
     p.add_argument("--input-size", type=int, help="square input size of the default model "

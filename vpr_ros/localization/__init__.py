@@ -8,6 +8,8 @@ decision can be replayed and tested on recorded sequences without ROS or a map o
 from vpr_ros.localization.evaluation import LoopEvaluation, evaluate_loop_closure
 from vpr_ros.localization.geometry import (Candidate, candidates_from_columns,
                                            candidates_from_results, same_place)
+from vpr_ros.localization.hypotheses import (Hypothesis, Verifier, build_hypotheses,
+                                             evidence_margin)
 from vpr_ros.localization.loop_closure import (
     InsertDecision,
     LoopClosure,
@@ -18,9 +20,20 @@ from vpr_ros.localization.loop_closure import (
 )
 from vpr_ros.localization.params import ParamSpec
 from vpr_ros.localization.relocalizer import Relocalization, Relocalizer, RelocalizerConfig
+from vpr_ros.localization.sequence import (KeyframeTrack, SequenceConfig, SequenceMatch,
+                                           SequenceMatcher, SequenceResult)
 
 __all__ = [
     "Candidate",
+    "Hypothesis",
+    "KeyframeTrack",
+    "SequenceConfig",
+    "SequenceMatch",
+    "SequenceMatcher",
+    "SequenceResult",
+    "Verifier",
+    "build_hypotheses",
+    "evidence_margin",
     "InsertDecision",
     "LoopClosure",
     "LoopClosureConfig",

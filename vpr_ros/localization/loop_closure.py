@@ -1,21 +1,33 @@
 """Loop-closure detection: which map matches of a live run are real revisits.
 
 A place-recognition search always returns *something*; most of it must be thrown away before a
-SLAM back end sees it, because one wrong loop edge can fold a whole map. The detector applies,
-in this order, the three filters loop-closure systems converge on (ORB-SLAM3, Kimera-VIO):
+SLAM back end sees it, because one wrong loop edge can fold a whole map. The detector takes the
+frame's hypotheses (:mod:`~vpr_ros.localization.hypotheses`: the search shortlist, or with
+sequence matching the places that best explain the last L frames) and applies, in this order,
+the filters loop-closure systems converge on (ORB-SLAM3, Kimera-VIO), then the optional
+verification stage:
 
 1. *Exclusion of the recent past*: the keyframes just behind the robot always look alike, so
    those inside ``exclusion_window_s`` of the query (in the live session) or among the last
    ``exclusion_recent_keyframes`` inserted are never candidates. The detector hands the map
    the same rule (:meth:`LoopClosureDetector.search_exclusion`) so they do not waste the top-k,
    and filters the results itself too, so a map that ignores the exclusion still cannot leak one.
-2. *A similarity threshold* (``min_score``, cosine similarity of L2-normalised descriptors).
-3. *Temporal consistency*: a candidate is accepted only when at least ``consistency_k`` of the
+2. *Thresholds*: ``min_score`` (cosine similarity of L2-normalised descriptors) and, with
+   sequence matching, ``min_sequence_score`` (the path's normalised evidence).
+3. *Relative score*: ``min_margin``, the lead of a hypothesis over the best one at another place
+   (:func:`~vpr_ros.localization.hypotheses.evidence_margin`); a frame that looks equally like
+   two places says nothing about either.
+4. *Odometry distance gate* (``max_odometry_distance_m``, where the query has odometry): a
+   keyframe of the live session farther from the query's odometry position than drift can
+   explain is not the same place.
+5. *Temporal consistency*: a candidate is accepted only when at least ``consistency_k`` of the
    last ``consistency_n`` queries (this one included) had a surviving candidate in the same map
    neighbourhood (:func:`~vpr_ros.localization.geometry.same_place`). A single look-alike frame
    rarely repeats over consecutive queries; a true revisit does.
+6. *Verification* (a :data:`~vpr_ros.localization.hypotheses.Verifier`, when given): called on
+   the consistent survivors best first; the first it confirms is the closure.
 
-At most one closure comes out per query: the best-scoring consistent candidate.
+At most one closure comes out per query: the best consistent (and verified) hypothesis.
 
 The detector also decides which frames become keyframes of the growing map
 (:meth:`LoopClosureDetector.should_insert`), because that choice and the count-based exclusion
@@ -44,6 +56,7 @@ from vpr_ros.localization.geometry import (
     same_place,
     seconds_to_ns,
 )
+from vpr_ros.localization.hypotheses import Hypothesis, Verifier, as_hypothesis, evidence_margin
 from vpr_ros.localization.params import ParamSpec, from_mapping, param, parameter_specs, require, validate
 
 
@@ -77,6 +90,17 @@ class LoopClosureConfig:
         -1.0, 1.0)
     novelty_window_keyframes: int = param(
         5, "without odometry: how many recent keyframes novelty compares against", 1)
+    min_sequence_score: float = param(
+        2.0, "with sequence matching (sequence.length > 1): evidence a loop candidate needs, the "
+        "mean over the last frames of their similarity to the aligned keyframes in standard "
+        "deviations above each frame's similarity to the map at large", -100.0, 100.0)
+    min_margin: float = param(
+        0.0, "relative score: a candidate's evidence must exceed the best candidate at another "
+        "place by this much (standard deviations; cosine for callers without normalisation); 0: "
+        "off", 0.0, 100.0)
+    max_odometry_distance_m: float = param(
+        0.0, "odometry distance gate: live-session keyframes farther than this from the query's "
+        "odometry position are never loops (bounds odometry drift); 0: off", 0.0)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -130,6 +154,10 @@ class LoopClosure:
     match_session: Optional[str] = None
     match_position: Optional[Position] = None
     match_orientation: Optional[Quaternion] = None
+    sequence_score: float = math.nan
+    margin: float = math.nan
+    sequence_steps: int = 0
+    verification: Any = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +187,10 @@ class LoopClosureStats:
     closures: int = 0
     candidates_excluded: int = 0
     candidates_below_threshold: int = 0
+    candidates_below_sequence: int = 0
+    candidates_low_margin: int = 0
+    candidates_beyond_odometry: int = 0
+    candidates_unverified: int = 0
     inconsistent_queries: int = 0
     time_jumps: int = 0
     keyframes_inserted: int = 0
@@ -198,10 +230,14 @@ class LoopClosureDetector:
 
     ``session`` names the live run in the map; the time exclusion window applies to it only
     (``None``: to every session, the safe choice when sessions are not tracked).
+    ``sequence_length`` > 1 says the hypotheses carry sequence evidence, which then must pass
+    ``min_sequence_score`` (a hypothesis without it, e.g. a path too short, is not a loop).
     """
 
-    def __init__(self, config: Optional[LoopClosureConfig] = None, session: Optional[str] = None):
+    def __init__(self, config: Optional[LoopClosureConfig] = None, session: Optional[str] = None,
+                 sequence_length: int = 1):
         self.config = config if config is not None else LoopClosureConfig()
+        self.sequence_length = int(sequence_length)
         self.stats = LoopClosureStats()
         self._session = session
         self._window_ns = seconds_to_ns(self.config.exclusion_window_s)
@@ -248,53 +284,105 @@ class LoopClosureDetector:
         return in_live_session and abs(candidate.stamp_ns - int(query_stamp_ns)) <= self._window_ns
 
     # ------------------------------------------------------------------------------ decisions
-    def process(self, query_stamp_ns: int, candidates: Sequence[Candidate]) -> Optional[LoopClosure]:
-        """Feed one query's search results; return the accepted closure, if any.
+    def process(self, query_stamp_ns: int, candidates: Sequence[Candidate | Hypothesis], *,
+                query_position: Optional[Sequence[float]] = None,
+                verifier: Optional[Verifier] = None) -> Optional[LoopClosure]:
+        """Feed one query's hypotheses (or plain candidates); return the accepted closure, if any.
 
         Every query must be fed, including those with no candidates: they count as
         non-supporting members of the consistency window. A query stamp earlier than the last
         one (a bag restarted, sim time reset) clears the consistency history, since agreement
         across a time jump means nothing; it is counted in ``stats.time_jumps``.
+        ``query_position``: the query's odometry position (the distance gate); ``verifier``:
+        the optional verification stage (see :data:`~vpr_ros.localization.hypotheses.Verifier`).
         """
-        cfg = self.config
         stamp = int(query_stamp_ns)
         self.stats.queries += 1
         if self._last_query_ns is not None and stamp < self._last_query_ns:
             self._history.clear()
             self.stats.time_jumps += 1
         self._last_query_ns = stamp
-
-        surviving: list[Candidate] = []
-        for cand in candidates:
-            if self.is_excluded(cand, stamp):
-                self.stats.candidates_excluded += 1
-            elif cand.score < cfg.min_score:
-                self.stats.candidates_below_threshold += 1
-            else:
-                surviving.append(cand)
-        surviving.sort(key=lambda c: c.score, reverse=True)
-
-        accepted: Optional[LoopClosure] = None
-        for cand in surviving:
-            support = 1 + sum(
-                1 for past in self._history
-                if any(same_place(cand, other, cfg.consistency_radius_m, self._stamp_window_ns)
-                       for other in past)
-            )
-            if support >= cfg.consistency_k:
-                accepted = LoopClosure(
-                    query_stamp_ns=stamp, match_id=cand.id, match_stamp_ns=cand.stamp_ns,
-                    score=cand.score, consistent_count=support, match_session=cand.session,
-                    match_position=cand.position, match_orientation=cand.orientation,
-                )
-                break
+        allowed = [h for h in map(as_hypothesis, candidates) if not self._excluded(h, stamp)]
+        surviving = self.gate(allowed, query_position)
+        consistent = self.consistent(surviving)
         if self._history.maxlen:
-            self._history.append(surviving)
+            self._history.append([h.candidate for h in surviving])
+        accepted = self.decide(stamp, consistent, allowed, verifier)
         if accepted is not None:
             self.stats.closures += 1
         elif surviving:
             self.stats.inconsistent_queries += 1
         return accepted
+
+    # The stages of process(), in order; each is small and separately testable.
+
+    def _excluded(self, h: Hypothesis, stamp: int) -> bool:
+        if self.is_excluded(h.candidate, stamp):
+            self.stats.candidates_excluded += 1
+            return True
+        return False
+
+    def gate(self, hypotheses: list[Hypothesis],
+             query_position: Optional[Sequence[float]] = None) -> list[Hypothesis]:
+        """Thresholds, relative score and odometry gate; survivors best first."""
+        cfg = self.config
+        query_pos = None if query_position is None else as_position(query_position)
+        out: list[Hypothesis] = []
+        for h in hypotheses:
+            if h.score < cfg.min_score:
+                self.stats.candidates_below_threshold += 1
+            elif self.sequence_length > 1 and (h.sequence is None
+                                               or h.sequence.score < cfg.min_sequence_score):
+                self.stats.candidates_below_sequence += 1
+            elif (cfg.max_odometry_distance_m > 0 and query_pos is not None
+                  and h.position is not None and h.session is not None
+                  and h.session == self._session
+                  and distance(query_pos, h.position) > cfg.max_odometry_distance_m):
+                self.stats.candidates_beyond_odometry += 1
+            elif cfg.min_margin > 0 and self._margin(h, hypotheses) < cfg.min_margin:
+                self.stats.candidates_low_margin += 1
+            else:
+                out.append(h)
+        out.sort(key=lambda h: h.evidence, reverse=True)
+        return out
+
+    def _margin(self, h: Hypothesis, pool: Sequence[Hypothesis]) -> float:
+        return evidence_margin(h, pool, self.config.consistency_radius_m, self._stamp_window_ns)
+
+    def consistent(self, surviving: list[Hypothesis]) -> list[tuple[Hypothesis, int]]:
+        """Survivors that enough of the last queries agree with, with their support count."""
+        cfg = self.config
+        out = []
+        for h in surviving:
+            support = 1 + sum(
+                1 for past in self._history
+                if any(same_place(h.candidate, other, cfg.consistency_radius_m,
+                                  self._stamp_window_ns) for other in past)
+            )
+            if support >= cfg.consistency_k:
+                out.append((h, support))
+        return out
+
+    def decide(self, stamp: int, consistent: list[tuple[Hypothesis, int]],
+               pool: Sequence[Hypothesis], verifier: Optional[Verifier] = None
+               ) -> Optional[LoopClosure]:
+        """The first consistent hypothesis the verifier confirms (without one: the first)."""
+        for h, support in consistent:
+            evidence = None
+            if verifier is not None:
+                evidence = verifier(h)
+                if evidence is None:
+                    self.stats.candidates_unverified += 1
+                    continue
+            cand = h.candidate
+            return LoopClosure(
+                query_stamp_ns=stamp, match_id=cand.id, match_stamp_ns=cand.stamp_ns,
+                score=cand.score, consistent_count=support, match_session=cand.session,
+                match_position=cand.position, match_orientation=cand.orientation,
+                sequence_score=h.sequence_score, margin=self._margin(h, pool),
+                sequence_steps=h.sequence.steps if h.sequence is not None else 0,
+                verification=evidence)
+        return None
 
     # ------------------------------------------------------------------------------ keyframes
     def should_insert(

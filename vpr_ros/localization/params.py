@@ -106,3 +106,37 @@ def require(condition: bool, message: str) -> None:
     """Raise :class:`ConfigError` with ``message`` unless ``condition`` holds (cross-field rules)."""
     if not condition:
         raise ConfigError(message)
+
+
+def _yaml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace('"', '\\"') + '"'
+    if isinstance(value, float):
+        return repr(value)  # always a float literal (ROS refuses 1 for a double parameter)
+    return str(value)
+
+
+def render_section(name: str, specs: list[ParamSpec], values: Optional[Mapping[str, Any]] = None,
+                   indent: int = 6, width: int = 92) -> list[str]:
+    """YAML lines of one parameter section (``name:`` then each tunable with its description
+    as a comment and its range trailing), the layout of ``config/*.yaml``: so files the tools
+    write (calibration) read like the shipped ones."""
+    import textwrap
+
+    pad = " " * indent
+    lines = [" " * (indent - 2) + f"{name}:"]
+    for spec in specs:
+        value = spec.default if values is None or spec.name not in values else values[spec.name]
+        if spec.type is float:
+            value = float(value)
+        for text in textwrap.wrap(spec.description, width - indent - 2):
+            lines.append(f"{pad}# {text}")
+        line = f"{pad}{spec.name}: {_yaml_value(value)}"
+        if spec.type in (int, float) and (spec.low is not None or spec.high is not None):
+            low = "-inf" if spec.low is None else spec.low
+            high = "inf" if spec.high is None else spec.high
+            line += f"  # [{low}, {high}]"
+        lines.append(line)
+    return lines

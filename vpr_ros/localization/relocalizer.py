@@ -5,6 +5,12 @@ rarely recovers; a late one costs a few frames. So the relocalizer waits until
 ``min_consistent`` *consecutive* queries put their top match in the same place, then reports
 the pose of the best of those matches with a covariance that says how sure it is. Any query
 whose top match is elsewhere (or that has no match above ``min_score``) restarts the count.
+
+A query's vote is its best hypothesis (:mod:`~vpr_ros.localization.hypotheses`; with sequence
+matching, the place that best explains the last L frames) that passes the gates: the cosine
+floor ``min_score``, with sequence matching ``min_sequence_score``, the relative score
+``min_margin`` (its lead over the best hypothesis at another place), and, when a verifier is
+given, verification (tried best first; the first confirmed is the vote).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from vpr_ros.localization.geometry import (
     same_place,
     seconds_to_ns,
 )
+from vpr_ros.localization.hypotheses import Hypothesis, Verifier, as_hypothesis, evidence_margin
 from vpr_ros.localization.params import ParamSpec, from_mapping, param, parameter_specs, require, validate
 
 IDENTITY: Quaternion = (0.0, 0.0, 0.0, 1.0)
@@ -55,6 +62,14 @@ class RelocalizerConfig:
     one_shot: bool = param(
         True, "after an acceptance stay silent until reset() (true: feed initialpose once); "
         "false: report on every further agreeing query")
+    min_sequence_score: float = param(
+        2.0, "with sequence matching (sequence.length > 1): evidence a vote needs, the mean over "
+        "the last frames of their similarity to the aligned keyframes in standard deviations "
+        "above each frame's similarity to the map at large", -100.0, 100.0)
+    min_margin: float = param(
+        0.0, "relative score: a vote's evidence must exceed the best hypothesis at another place "
+        "by this much (standard deviations; cosine for callers without normalisation); 0: off",
+        0.0, 100.0)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -99,6 +114,9 @@ class Relocalization:
     has_orientation: bool
     covariance: Optional[tuple[float, ...]]
     supporting_ids: tuple[int, ...]
+    sequence_score: float = math.nan
+    evidence_margin: float = math.nan
+    verification: Any = None
 
     @property
     def has_pose(self) -> bool:
@@ -112,6 +130,9 @@ class _Vote:
     stamp_ns: int
     top: Candidate
     margin: float
+    hypothesis: Optional[Hypothesis] = None
+    evidence_margin: float = math.nan
+    verification: Any = None
 
 
 def score_margin(top: Candidate, candidates: Sequence[Candidate], radius_m: float,
@@ -152,8 +173,11 @@ class Relocalizer:
     one sigma: a single keyframe match says nothing about which axis is better known.
     """
 
-    def __init__(self, config: Optional[RelocalizerConfig] = None):
+    def __init__(self, config: Optional[RelocalizerConfig] = None, sequence_length: int = 1):
         self.config = config if config is not None else RelocalizerConfig()
+        self.sequence_length = int(sequence_length)
+        self.rejected: dict[str, int] = {"below_score": 0, "below_sequence": 0, "low_margin": 0,
+                                         "unverified": 0}
         self._stamp_window_ns = seconds_to_ns(self.config.agreement_stamp_window_s)
         self._streak: deque[_Vote] = deque(maxlen=self.config.min_consistent)
         self._count = 0
@@ -179,36 +203,64 @@ class Relocalizer:
         return all(same_place(cand, vote.top, self.config.agreement_radius_m, self._stamp_window_ns)
                    for vote in self._streak)
 
-    def update(self, stamp_ns: int, candidates: Sequence[Candidate]) -> Optional[Relocalization]:
-        """Feed one query's ranked candidates; return a relocalization once the streak is long
-        enough (once per reset when ``one_shot``), else ``None``.
+    def update(self, stamp_ns: int, candidates: Sequence[Candidate | Hypothesis], *,
+               verifier: Optional[Verifier] = None) -> Optional[Relocalization]:
+        """Feed one query's ranked hypotheses (or plain candidates); return a relocalization
+        once the streak is long enough (once per reset when ``one_shot``), else ``None``.
 
-        The query's top match (highest score) is its vote. It must agree (see
-        :func:`~vpr_ros.localization.geometry.same_place`) with every vote kept in the streak
-        (the last ``min_consistent``), else the streak restarts from this vote.
+        The query's vote is its best hypothesis passing the gates (see the module docstring).
+        It must agree (see :func:`~vpr_ros.localization.geometry.same_place`) with every vote
+        kept in the streak (the last ``min_consistent``), else the streak restarts from it; a
+        query without a vote breaks the streak.
         """
         cfg = self.config
         if self._accepted and cfg.one_shot:
             return None
-        if not candidates:
+        hyps = [as_hypothesis(c) for c in candidates]
+        vote = self.vote(hyps, verifier)
+        if vote is None:
             self._streak.clear()
             self._count = 0
             return None
-        top = max(candidates, key=lambda c: c.score)
-        if top.score < cfg.min_score:
+        h, ev_margin, evidence = vote
+        margin = score_margin(h.candidate, [o.candidate for o in hyps], cfg.agreement_radius_m,
+                              self._stamp_window_ns)
+        if not self._agrees(h.candidate):
             self._streak.clear()
             self._count = 0
-            return None
-        margin = score_margin(top, candidates, cfg.agreement_radius_m, self._stamp_window_ns)
-        if not self._agrees(top):
-            self._streak.clear()
-            self._count = 0
-        self._streak.append(_Vote(int(stamp_ns), top, margin))
+        self._streak.append(_Vote(int(stamp_ns), h.candidate, margin, h, ev_margin, evidence))
         self._count += 1
         if self._count < cfg.min_consistent:
             return None
         self._accepted = True
         return self._build(int(stamp_ns))
+
+    def vote(self, hyps: list[Hypothesis], verifier: Optional[Verifier] = None
+             ) -> Optional[tuple[Hypothesis, float, Any]]:
+        """The query's vote: the best hypothesis through the gates and the verifier, with its
+        evidence margin and the verifier's evidence; None when none passes."""
+        cfg = self.config
+        ranked = sorted(hyps, key=lambda h: h.evidence, reverse=True)
+        for h in ranked:
+            if h.score < cfg.min_score:
+                self.rejected["below_score"] += 1
+                continue
+            if self.sequence_length > 1 and (h.sequence is None
+                                             or h.sequence.score < cfg.min_sequence_score):
+                self.rejected["below_sequence"] += 1
+                continue
+            ev_margin = evidence_margin(h, ranked, cfg.agreement_radius_m, self._stamp_window_ns)
+            if cfg.min_margin > 0 and ev_margin < cfg.min_margin:
+                self.rejected["low_margin"] += 1
+                continue
+            evidence = None
+            if verifier is not None:
+                evidence = verifier(h)
+                if evidence is None:
+                    self.rejected["unverified"] += 1
+                    continue
+            return h, ev_margin, evidence
+        return None
 
     def _build(self, stamp_ns: int) -> Relocalization:
         cfg = self.config
@@ -221,7 +273,8 @@ class Relocalizer:
             return Relocalization(
                 stamp_ns=stamp_ns, keyframe_id=top.id, score=top.score,
                 consistent_count=self._count, margin=chosen.margin, spread_m=None, position=None,
-                orientation=None, has_orientation=False, covariance=None, supporting_ids=ids)
+                orientation=None, has_orientation=False, covariance=None, supporting_ids=ids,
+                **self._evidence(chosen))
 
         shrink = 1.0 + chosen.margin / cfg.margin_scale
         spread_m = math.sqrt(sum(distance(v.top.position, top.position) ** 2  # type: ignore[arg-type]
@@ -243,4 +296,11 @@ class Relocalizer:
         return Relocalization(
             stamp_ns=stamp_ns, keyframe_id=top.id, score=top.score, consistent_count=self._count,
             margin=chosen.margin, spread_m=spread_m, position=top.position, orientation=orientation,
-            has_orientation=top.orientation is not None, covariance=covariance, supporting_ids=ids)
+            has_orientation=top.orientation is not None, covariance=covariance, supporting_ids=ids,
+            **self._evidence(chosen))
+
+    @staticmethod
+    def _evidence(vote: _Vote) -> dict[str, Any]:
+        h = vote.hypothesis
+        return {"sequence_score": h.sequence_score if h is not None else math.nan,
+                "evidence_margin": vote.evidence_margin, "verification": vote.verification}

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 #: Per-frame stages, in pipeline order; each is timed separately.
-STAGES = ("conversion", "preprocess", "encode", "search", "decision", "publish")
+STAGES = ("conversion", "preprocess", "encode", "search", "sequence", "decision", "publish")
 
 
 @dataclass
@@ -42,6 +42,7 @@ class FrameTiming:
     preprocess: float = 0.0
     encode: float = 0.0
     search: float = 0.0
+    sequence: float = 0.0
     decision: float = 0.0
     publish: float = 0.0
     total: float = 0.0
@@ -258,8 +259,10 @@ def _fmt(value: float) -> str:
 
 
 def status_fields(snap: StatsSnapshot, ident: NodeIdentity, input_hz: float,
-                  processed_hz: float) -> tuple[int, str, list[tuple[str, str]]]:
-    """(level, message, key/values) of one status: level 0 OK, 1 WARN, 2 ERROR."""
+                  processed_hz: float, extra: Optional[list[tuple[str, str]]] = None
+                  ) -> tuple[int, str, list[tuple[str, str]]]:
+    """(level, message, key/values) of one status: level 0 OK, 1 WARN, 2 ERROR. ``extra``:
+    further key/values (the decision stages' counters) appended as they are."""
     values: list[tuple[str, str]] = [
         ("lifecycle_state", ident.lifecycle_state), ("mode", ident.mode),
         ("backend", ident.backend), ("model_fingerprint", ident.fingerprint),
@@ -280,10 +283,11 @@ def status_fields(snap: StatsSnapshot, ident: NodeIdentity, input_hz: float,
                ("latency_encode_p95_ms", _fmt(p["encode"][1])),
                ("latency_total_p50_ms", _fmt(p["total"][0])),
                ("latency_total_p95_ms", _fmt(p["total"][1]))]
-    for name in ("wait", "conversion", "preprocess", "search", "decision", "publish"):
+    for name in ("wait", "conversion", "preprocess", "search", "sequence", "decision", "publish"):
         values += [(f"latency_{name}_p50_ms", _fmt(p[name][0])),
                    (f"latency_{name}_p95_ms", _fmt(p[name][1]))]
     values += [(f"errors.{kind}", str(n)) for kind, n in sorted(snap.errors.items())]
+    values += list(extra or [])
     if ident.problem:
         return 2, ident.problem, values
     if ident.bond == "broken":
@@ -297,11 +301,12 @@ def status_fields(snap: StatsSnapshot, ident: NodeIdentity, input_hz: float,
 
 
 def diagnostic_array(node_name: str, stamp: Any, snap: StatsSnapshot, ident: NodeIdentity,
-                     input_hz: float, processed_hz: float) -> Any:
+                     input_hz: float, processed_hz: float,
+                     extra: Optional[list[tuple[str, str]]] = None) -> Any:
     """A ``diagnostic_msgs/DiagnosticArray`` with the node's one status."""
     from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 
-    level, message, values = status_fields(snap, ident, input_hz, processed_hz)
+    level, message, values = status_fields(snap, ident, input_hz, processed_hz, extra)
     status = DiagnosticStatus(
         level=bytes([level]), name=f"{node_name}: visual place recognition", message=message,
         hardware_id=ident.fingerprint or "none",

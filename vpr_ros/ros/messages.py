@@ -33,11 +33,13 @@ NAN = float("nan")
 
 #: Every field of a ``~/loop_closure`` message, in order. Stamps are seconds (float64 keeps
 #: ~0.2 us at today's epoch); ids are exact in float64 up to 2**53; unknown values are NaN
-#: (match pose of a keyframe without one) or -1 (query not inserted as a keyframe).
+#: (match pose of a keyframe without one; sequence score in single-frame matching) or -1
+#: (query not inserted as a keyframe). New fields are only ever appended.
 LOOP_CLOSURE_FIELDS: tuple[str, ...] = (
     "query_stamp_s", "match_stamp_s", "score", "match_keyframe_id", "consistent_count",
     "query_keyframe_id", "match_x", "match_y", "match_z",
     "match_qx", "match_qy", "match_qz", "match_qw",
+    "sequence_score", "margin", "sequence_steps",
 )
 
 #: One ``~/candidates`` point. x, y, z first and float32 so RViz draws them; stamp float64.
@@ -91,7 +93,8 @@ def loop_closure_msg(closure: LoopClosure, query_keyframe_id: Optional[int]) -> 
     quat = closure.match_orientation or (NAN, NAN, NAN, NAN)
     values = [closure.query_stamp_ns / NS_PER_S, closure.match_stamp_ns / NS_PER_S,
               float(closure.score), float(closure.match_id), float(closure.consistent_count),
-              float(-1 if query_keyframe_id is None else query_keyframe_id), *pos, *quat]
+              float(-1 if query_keyframe_id is None else query_keyframe_id), *pos, *quat,
+              float(closure.sequence_score), float(closure.margin), float(closure.sequence_steps)]
     return Float64MultiArray(layout=loop_closure_layout(), data=[float(v) for v in values])
 
 

@@ -50,7 +50,7 @@ from vpr_ros.ros.nav2_bond import ManagerBond
 from vpr_ros.ros.params import (NodeConfig, NodeSettings, all_parameter_specs, descriptor_for,
                                 settings_from_values)
 from vpr_ros.ros.pipeline import (LOCALIZATION, FrameOutcome, Pipeline, default_session_name,
-                                  limit_blas_threads)
+                                  describe_sequence, limit_blas_threads)
 from vpr_ros.ros.pose_buffer import PoseBuffer
 from vpr_ros.runtime import area_resize
 
@@ -159,7 +159,9 @@ class VprNode(LifecycleNode):
             f"{cfg.map or '(new live map)'} with {len(pmap)} keyframes (index {pmap.index_kind}"
             f"{' over the model hash codes' if pmap.model_codes else ''}; local re-rank of the "
             f"top {pipeline.rerank_top_n if pipeline.rerank_top_n else 'none'}; search on "
-            f"{pmap.search_device}); {self._blas_note}")
+            f"{pmap.search_device}); {self._blas_note}; {describe_sequence(settings)}")
+        for note in pipeline.notes:
+            self.get_logger().warning(f"sequence matching: {note}")
         return TransitionCallbackReturn.SUCCESS
 
     def _configure_failed(self, reason: str) -> TransitionCallbackReturn:
@@ -537,8 +539,11 @@ class VprNode(LifecycleNode):
         snap = self.stats.snapshot()
         input_hz = self._in_rate.update(snap.monotonic_s, snap.received)
         processed_hz = self._out_rate.update(snap.monotonic_s, snap.processed)
+        pipeline = self.pipeline
+        extra = pipeline.counters() if pipeline is not None else []
         self._diag_pub.publish(diagnostic_array(self.get_name(), self.get_clock().now().to_msg(),
-                                                snap, self.identity, input_hz, processed_hz))
+                                                snap, self.identity, input_hz, processed_hz,
+                                                extra))
 
     # ------------------------------------------------------------------------------- services
 

@@ -5,8 +5,9 @@ as the decision configs, so one declaration gives validation (ConfigError naming
 its range), the ROS parameter declaration (``ParameterDescriptor`` with a
 ``FloatingPointRange`` / ``IntegerRange`` and a description) and the defaults written to
 ``config/*.yaml``. The decision layers' tunables are not restated here: they come from
-``LoopClosureConfig.parameter_specs()`` and ``RelocalizerConfig.parameter_specs()`` under the
-prefixes ``loop_closure.`` and ``relocalization.``.
+``LoopClosureConfig.parameter_specs()``, ``RelocalizerConfig.parameter_specs()`` and
+``SequenceConfig.parameter_specs()`` under the prefixes ``loop_closure.``, ``relocalization.``
+and ``sequence.`` (sequence matching serves both modes).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from vpr_ros.localization import LoopClosureConfig, ParamSpec, RelocalizerConfig
+from vpr_ros.localization import LoopClosureConfig, ParamSpec, RelocalizerConfig, SequenceConfig
 from vpr_ros.localization.params import from_mapping, param, parameter_specs, require, validate
 
 MODES = ("localization", "loop_closure")
@@ -33,6 +34,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 LOOP_PREFIX = "loop_closure."
 RELOC_PREFIX = "relocalization."
 RERANK_PREFIX = "rerank."
+SEQUENCE_PREFIX = "sequence."
 
 INT_MAX = 2 ** 31 - 1
 
@@ -170,11 +172,11 @@ class RerankConfig:
 
 
 def all_parameter_specs() -> list[ParamSpec]:
-    """Node, relocalization, loop-closure and re-rank tunables with their full (prefixed)
-    names."""
+    """Node, relocalization, loop-closure, sequence and re-rank tunables with their full
+    (prefixed) names."""
     out = list(NodeConfig.parameter_specs())
     for prefix, cls in ((RELOC_PREFIX, RelocalizerConfig), (LOOP_PREFIX, LoopClosureConfig),
-                        (RERANK_PREFIX, RerankConfig)):
+                        (SEQUENCE_PREFIX, SequenceConfig), (RERANK_PREFIX, RerankConfig)):
         out.extend(ParamSpec(name=prefix + s.name, default=s.default, type=s.type, low=s.low,
                              high=s.high, description=s.description)
                    for s in cls.parameter_specs())
@@ -183,12 +185,13 @@ def all_parameter_specs() -> list[ParamSpec]:
 
 @dataclass(frozen=True)
 class NodeSettings:
-    """All four configs, read from the node's parameters at configure."""
+    """All five configs, read from the node's parameters at configure."""
 
     node: NodeConfig
     relocalizer: RelocalizerConfig
     loop_closure: LoopClosureConfig
     rerank: RerankConfig = RerankConfig()
+    sequence: SequenceConfig = SequenceConfig()
 
 
 def settings_from_values(values: Mapping[str, Any]) -> NodeSettings:
@@ -197,17 +200,21 @@ def settings_from_values(values: Mapping[str, Any]) -> NodeSettings:
     reloc: dict[str, Any] = {}
     loop: dict[str, Any] = {}
     rerank: dict[str, Any] = {}
+    sequence: dict[str, Any] = {}
     for name, value in values.items():
         if name.startswith(RELOC_PREFIX):
             reloc[name[len(RELOC_PREFIX):]] = value
         elif name.startswith(RERANK_PREFIX):
             rerank[name[len(RERANK_PREFIX):]] = value
+        elif name.startswith(SEQUENCE_PREFIX):
+            sequence[name[len(SEQUENCE_PREFIX):]] = value
         elif name.startswith(LOOP_PREFIX):
             loop[name[len(LOOP_PREFIX):]] = value
         else:
             node[name] = value
     return NodeSettings(NodeConfig.from_mapping(node), RelocalizerConfig.from_mapping(reloc),
-                        LoopClosureConfig.from_mapping(loop), RerankConfig.from_mapping(rerank))
+                        LoopClosureConfig.from_mapping(loop), RerankConfig.from_mapping(rerank),
+                        SequenceConfig.from_mapping(sequence))
 
 
 def descriptor_for(spec: ParamSpec) -> Any:

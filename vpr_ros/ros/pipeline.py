@@ -1,4 +1,5 @@
-"""The per-frame work of the node, without ROS: encode -> search -> decide -> grow the map.
+"""The per-frame work of the node, without ROS: encode -> search -> sequence -> decide -> grow
+the map.
 
 Kept apart from the rclpy node so the order of operations (which the decision state machines
 depend on: exclusion before search, every query fed, insertion after the decision) is one piece
@@ -11,14 +12,17 @@ or the state machines.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Optional
 
 import numpy as np
 
-from vpr_ros.localization import (Candidate, LoopClosure, LoopClosureDetector, Relocalization,
-                                  Relocalizer, candidates_from_columns)
+from vpr_ros.errors import ConfigError
+from vpr_ros.localization import (Candidate, Hypothesis, KeyframeTrack, LoopClosure,
+                                  LoopClosureDetector, Relocalization, Relocalizer,
+                                  SearchExclusion, SequenceMatcher, Verifier, build_hypotheses,
+                                  candidates_from_columns)
 from vpr_ros.mapdb import Exclusion, Keyframe, PlaceMap
 from vpr_ros.mapdb.local_rerank import search_reranked
 from vpr_ros.mapdb.model_outputs import ModelOutputs
@@ -117,6 +121,7 @@ class FrameOutcome:
 
     stamp_ns: int
     candidates: list[Candidate]
+    hypotheses: list[Hypothesis] = field(default_factory=list)
     relocalization: Optional[Relocalization] = None
     closure: Optional[LoopClosure] = None
     inserted_id: Optional[int] = None
@@ -125,7 +130,11 @@ class FrameOutcome:
 
 
 class Pipeline:
-    """Encoder + map + the decision state machine of the node's mode."""
+    """Encoder + map + sequence matcher + the decision state machine of the node's mode.
+
+    ``verifier``: the optional verification stage handed to the detector / relocalizer (see
+    :data:`~vpr_ros.localization.hypotheses.Verifier`); None: accept without it.
+    """
 
     def __init__(self, encoder: Encoder, place_map: PlaceMap, settings: NodeSettings,
                  session: str, outputs: Optional[ModelOutputs] = None) -> None:
@@ -149,10 +158,28 @@ class Pipeline:
         self.lock = threading.RLock()
         self.relocalizer: Optional[Relocalizer] = None
         self.detector: Optional[LoopClosureDetector] = None
+        self.verifier: Optional[Verifier] = None
+        seq = settings.sequence
         if self.mode == LOCALIZATION:
-            self.relocalizer = Relocalizer(settings.relocalizer)
+            self.relocalizer = Relocalizer(settings.relocalizer, sequence_length=seq.length)
         else:
-            self.detector = LoopClosureDetector(settings.loop_closure, session=session)
+            self.detector = LoopClosureDetector(settings.loop_closure, session=session,
+                                                sequence_length=seq.length)
+        self.track = KeyframeTrack()
+        self._sync_track()
+        self.matcher = SequenceMatcher(seq, self.track, self._descriptors_of)
+        self.notes = check_sequence_fit(self.track, settings, self.mode)
+
+    def _descriptors_of(self, ids: np.ndarray) -> np.ndarray:
+        return self.map.descriptors()[ids]
+
+    def _sync_track(self) -> None:
+        """Append the keyframes the map gained since the last frame (the live session's)."""
+        n, start = len(self.map), len(self.track)
+        if n > start:
+            sessions, stamps, positions, _ = self.map.keyframe_table.pose_columns(
+                np.arange(start, n))
+            self.track.extend(sessions, stamps, positions)
 
     # -- per frame --------------------------------------------------------------------------
 
@@ -174,17 +201,28 @@ class Pipeline:
         frame as a keyframe of the live session."""
         with self.lock:
             watch = Stopwatch(timing)
+            rule: Optional[SearchExclusion] = None
             exclusion = None
             if self.detector is not None:
-                exclusion = Exclusion(**self.detector.search_exclusion(stamp_ns).as_kwargs())
+                rule = self.detector.search_exclusion(stamp_ns)
+                exclusion = Exclusion(**rule.as_kwargs())
             ids, scores = self.search(query, exclusion)
-            candidates = candidates_from_columns(ids[0], scores[0],
-                                                 self.map.keyframe_table.pose_columns)
+            table = self.map.keyframe_table
+            candidates = candidates_from_columns(ids[0], scores[0], table.pose_columns)
             watch.lap("search")
             position = pose[0].position if pose is not None else None
-            outcome = FrameOutcome(stamp_ns, candidates, query_position=position)
+            self._sync_track()
+            result = self.matcher.update(stamp_ns, query.descriptor, ids[0], position=position,
+                                         exclusion=rule)
+            hypotheses = build_hypotheses(
+                candidates, result,
+                lambda h_ids, cos: candidates_from_columns(h_ids, cos, table.pose_columns),
+                self.matcher.config.enabled)
+            watch.lap("sequence")
+            outcome = FrameOutcome(stamp_ns, candidates, hypotheses, query_position=position)
             if self.relocalizer is not None:
-                outcome.relocalization = self.relocalizer.update(stamp_ns, candidates)
+                outcome.relocalization = self.relocalizer.update(stamp_ns, hypotheses,
+                                                                 verifier=self.verifier)
             else:
                 self._loop_closure(outcome, query, pose, image_frame_id)
             watch.lap("decision")
@@ -195,8 +233,9 @@ class Pipeline:
         assert self.detector is not None
         descriptor = query.descriptor
         stamp = outcome.stamp_ns
-        outcome.closure = self.detector.process(stamp, outcome.candidates)
         position = pose[0].position if pose is not None else None
+        outcome.closure = self.detector.process(stamp, outcome.hypotheses,
+                                                query_position=position, verifier=self.verifier)
         orientation = pose[0].orientation if pose is not None else None
         decision = self.detector.should_insert(stamp, position, orientation, descriptor)
         if decision.insert:
@@ -208,6 +247,7 @@ class Pipeline:
                 descriptor, [kf], binary_codes=query.codes if self.map.model_codes else None,
                 local_features=query.local if self.map.local_grid is not None else None)[0])
             self.detector.mark_inserted(new_id, stamp, position, orientation, descriptor)
+            self._sync_track()
             outcome.inserted_id = new_id
         if outcome.closure is not None:
             outcome.closure_query_position = position
@@ -231,6 +271,7 @@ class Pipeline:
                 self.detector.reset(session=session)
             if self.relocalizer is not None:
                 self.relocalizer.reset()
+            self.matcher.reset()
 
     def time_jump(self) -> None:
         """The clock restarted: a relocalization streak across the jump means nothing. The
@@ -239,6 +280,7 @@ class Pipeline:
         with self.lock:
             if self.relocalizer is not None:
                 self.relocalizer.reset()
+            self.matcher.reset()
 
     def save(self, path: str) -> int:
         """Atomic save of the map (the live session included); returns the keyframe count."""
@@ -248,3 +290,71 @@ class Pipeline:
 
     def map_size(self) -> int:
         return len(self.map)
+
+    def counters(self) -> list[tuple[str, str]]:
+        """The decision stages' counters as diagnostics key/values (cumulative)."""
+        with self.lock:
+            st = self.matcher.stats
+            values = [("sequence_length", str(self.matcher.config.length)),
+                      ("sequence_frames", str(st.frames)),
+                      ("sequence_resets", str(st.resets)),
+                      ("sequence_odometry_fallbacks", str(st.odometry_fallbacks)),
+                      ("sequence_short_frames", str(st.short_frames)),
+                      ("sequence_reordered_keyframes", str(self.track.reordered)),
+                      ("sequence_sessions_without_positions",
+                       str(self.track.sessions_without_positions())),
+                      ("sequence_sessions_without_stamps",
+                       str(self.track.sessions_without_stamps))]
+            if self.detector is not None:
+                ds = self.detector.stats
+                values += [(f"loop_closure.{k}", str(v)) for k, v in vars(ds).items()]
+            if self.relocalizer is not None:
+                values += [(f"relocalization.rejected_{k}", str(v))
+                           for k, v in self.relocalizer.rejected.items()]
+            return values
+
+
+def describe_sequence(settings: NodeSettings) -> str:
+    """One log phrase saying how decisions use sequence evidence."""
+    seq = settings.sequence
+    if not seq.enabled:
+        return "single-frame decisions (sequence.length 1)"
+    how = "travelled distance where odometry and keyframe positions exist, else time" \
+        if seq.use_odometry else "time"
+    return (f"sequence matching over {seq.length} frames (aligned by {how}; speeds "
+            f"{seq.speed_min:g}-{seq.speed_max:g}{', both directions' if seq.reverse else ''})")
+
+
+def check_sequence_fit(track: KeyframeTrack, settings: NodeSettings, mode: str) -> list[str]:
+    """Configure-time checks of sequence matching against the map; returns notes for the log.
+
+    Localization in a prebuilt map whose every session is shorter than ``sequence.min_steps``
+    could never gather enough evidence: refused with the fix named. Odometry asked for but
+    sessions without positions, and sessions without usable stamps, are documented fallbacks
+    (time alignment; keyframe order as the time axis), said here and counted in diagnostics.
+    """
+    seq = settings.sequence
+    notes: list[str] = []
+    if not seq.enabled:
+        return notes
+    sizes = track.session_sizes()
+    if mode == LOCALIZATION and sizes and max(sizes.values()) < seq.effective_min_steps:
+        raise ConfigError(
+            f"sequence.min_steps = {seq.effective_min_steps} but the longest session of the map "
+            f"has {max(sizes.values())} keyframes, so no path could ever gather enough "
+            "evidence; lower sequence.min_steps (and sequence.length), or set "
+            "sequence.length: 1 for single-frame matching")
+    short = [name for name, n in sizes.items() if n < seq.length]
+    if short:
+        notes.append(f"{len(short)} of {len(sizes)} map sessions have fewer keyframes than "
+                     f"sequence.length = {seq.length}: their paths are shorter (missing steps "
+                     "count as no evidence)")
+    unposed = track.sessions_without_positions()
+    if seq.use_odometry and settings.node.pose_type != "none" and unposed:
+        notes.append(f"{unposed} map session(s) have no keyframe positions: sequences there are "
+                     "aligned by time over the speed range, not by travelled distance")
+    if track.sessions_without_stamps:
+        notes.append(f"{track.sessions_without_stamps} map session(s) have no distinct "
+                     "keyframe stamps: their keyframe order is used as the time axis (1 s per "
+                     "keyframe)")
+    return notes
