@@ -9,7 +9,10 @@ For training, the query and database images of a city are pooled and grouped int
 ``cell_m`` UTM grid (the official loader counts database images within 10 m of a query as
 positives, hence the 10 m default). Places are keyed by (city, row, col), so two cities never
 share a place, and cells are ordered city by city, row-major, so splits are contiguous blocks.
-For evaluation, a ``query/`` or ``database/`` folder is read as positioned images.
+For evaluation, a ``query/`` or ``database/`` folder is read as positioned images, and
+:func:`val_folders` names the (database, query) folders of the validation cities, Copenhagen
+and San Francisco, which validation uses together (each city's queries against both cities'
+pooled database, positives from the query's own city).
 """
 
 from __future__ import annotations
@@ -108,3 +111,21 @@ def read_msls(root: str | Path, cities: Iterable[str] | str | None = None, cell_
     return PlaceSet(name=name, source=base, paths=tuple(paths), labels=labels,
                     place_order=ordered_places(keys, labels),
                     positions=np.concatenate(positions) if positions else None)
+
+
+def val_folders(root: str | Path, cities: Iterable[str] = VAL_CITIES) -> list[tuple[Path, Path]]:
+    """(database, query) folders of ``cities`` (default: MSLS-val's cph and sf), or InputError
+    naming what is missing (a validation that silently drops a city measures something else)."""
+    base = _city_root(Path(root))
+    out, missing = [], []
+    for city in cities:
+        db, q = base / city / "database", base / city / "query"
+        if is_msls_folder(db) and is_msls_folder(q):
+            out.append((db, q))
+        else:
+            missing.append(city)
+    if missing:
+        raise InputError(f"{base}: MSLS city folder(s) {missing} lack database/ or query/ with "
+                         "postprocessed.csv; download the MSLS train_val part (both validation "
+                         "cities) or name the cities present")
+    return out

@@ -161,12 +161,38 @@ class DatasetConfig:
                               doc="weight of this dataset's loss in the sum")
 
 
+RECALL_METRICS = ("R@1", "R@5", "R@10")
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """Stop training once validation recall has not improved for ``patience`` validations."""
+
+    patience: int = spec(3, kind="int", low=1,
+                         doc="validations in a row without improvement before training stops")
+    metric: str | None = spec(None, kind="str", choices=RECALL_METRICS,
+                              doc="recall watched (default: data.val.metric)")
+    min_delta: float = spec(0.0, kind="float", low=0.0,
+                            doc="an improvement must exceed this (recall as a fraction)")
+
+
 @dataclass(frozen=True)
 class ValConfig:
-    """Retrieval validation during training (Recall@K at the test size)."""
+    """Retrieval validation during training (Recall@K at the test size), which also selects
+    the best model (``<output>/model_best``) and can stop training early.
 
-    database: str = spec(kind="str", doc="database folder (or nordland:<season>)")
-    queries: str = spec(kind="str", doc="query folder (or nordland:<season>)")
+    One or several parts, each a database folder and a query folder: ``database`` and
+    ``queries`` (lists pair up in order), or ``msls`` (an MSLS root: one part per city of
+    ``cities``, by default both validation cities). Every part's queries search the pooled
+    database of all parts; a query's positives come from its own part only."""
+
+    database: tuple[str, ...] = spec((), kind="strs",
+                                     doc="database folder(s) (or nordland:<season>)")
+    queries: tuple[str, ...] = spec((), kind="strs", doc="query folder(s), one per database")
+    msls: str | None = spec(None, kind="str",
+                            doc="MSLS root: validate on its cities' query/ and database/")
+    cities: tuple[str, ...] = spec(("cph", "sf"), kind="strs",
+                                   doc="msls: cities (default: MSLS-val's two)")
     name: str = spec("val", kind="str")
     subset: tuple[float, float] | None = spec(None, kind="range",
                                               doc="aligned folders: block of images to use")
@@ -174,6 +200,21 @@ class ValConfig:
     tolerance: int | None = spec(None, kind="int", low=0,
                                  doc="aligned sets: +-N index tolerance")
     every_n_steps: int = spec(0, kind="int", low=0, doc="0: only at the end of training")
+    every_n_epochs: int = spec(0, kind="int", low=0, doc="also validate every N epochs (0: no)")
+    metric: str = spec("R@1", kind="str", choices=RECALL_METRICS,
+                       doc="recall that selects the best model")
+    keep_best: bool = spec(True, kind="bool",
+                           doc="write the best model so far to <output>/model_best")
+    early_stopping: EarlyStoppingConfig | None = spec(None, kind="section",
+                                                      section=EarlyStoppingConfig)
+
+    def parts(self) -> list[tuple[str, str]]:
+        """(database, queries) folder pairs."""
+        if self.msls is not None:
+            from vpr_ros.datasets.msls import val_folders
+
+            return [(str(d), str(q)) for d, q in val_folders(self.msls, self.cities)]
+        return list(zip(self.database, self.queries))
 
 
 @dataclass(frozen=True)
@@ -199,10 +240,19 @@ class AugmentConfig:
     randaugment: RandAugmentConfig | None = spec(None, kind="section", section=RandAugmentConfig)
 
 
+LOSSES = ("multi_similarity", "triplet")
+MINERS = ("multi_similarity", "triplet_margin")
+TRIPLET_TYPES = ("all", "hard", "semihard", "easy")
+
+
 @dataclass(frozen=True)
 class MinerConfig:
-    name: str = spec("multi_similarity", kind="str", choices=("multi_similarity",))
+    name: str = spec("multi_similarity", kind="str", choices=MINERS)
     epsilon: float = spec(0.1, kind="float", low=0.0, doc="MS miner margin")
+    margin: float = spec(0.1, kind="float", low=0.0,
+                         doc="triplet_margin: keep triplets violating this margin")
+    type_of_triplets: str = spec("all", kind="str", choices=TRIPLET_TYPES,
+                                 doc="triplet_margin: which violating triplets to keep")
 
 
 @dataclass(frozen=True)
@@ -214,10 +264,12 @@ class ExtraLossConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    name: str = spec("multi_similarity", kind="str", choices=("multi_similarity",))
+    name: str = spec("multi_similarity", kind="str", choices=LOSSES,
+                     doc="multi_similarity, or triplet (hinge on Euclidean distances)")
     alpha: float = spec(1.0, kind="float", low=0.0, doc="MS positive scale")
     beta: float = spec(50.0, kind="float", low=0.0, doc="MS negative scale")
     base: float = spec(0.0, kind="float", doc="MS similarity offset (lambda)")
+    margin: float = spec(0.1, kind="float", low=0.0, doc="triplet: margin m")
     miner: MinerConfig | None = spec(MinerConfig(), kind="section", section=MinerConfig)
     extra: tuple[ExtraLossConfig, ...] = spec((), kind="sections", section=ExtraLossConfig)
     aggregator_extra_weight: float = spec(1.0, kind="float", low=0.0,
@@ -371,6 +423,8 @@ def train_config_from_dict(data: Any, source: str | Path) -> TrainConfig:
         raise ConfigError(f"{where}: data.train names must be unique, got {names}")
     for i, d in enumerate(data_cfg.train):
         _check_dataset(d, f"{where}: data.train[{i}]")
+    if data_cfg.val is not None:
+        _check_val(data_cfg.val, f"{where}: data.val")
     out = data.get("output") or f"runs/{data.get('name') or src.stem}"
     if not isinstance(out, str):
         raise ConfigError(f"{where}: output must be a folder path string")
@@ -422,6 +476,19 @@ def _check_dataset(d: DatasetConfig, where: str) -> None:
     if given:
         raise ConfigError(f"{where} ({d.name}): key(s) {given} do not apply to kind "
                           f"{d.kind!r}; remove them")
+
+
+def _check_val(v: ValConfig, where: str) -> None:
+    if v.msls is not None and (v.database or v.queries):
+        raise ConfigError(f"{where}: give either msls (an MSLS root) or database + queries, "
+                          "not both")
+    if v.msls is None:
+        if not v.database or len(v.database) != len(v.queries):
+            raise ConfigError(f"{where}: database and queries must name the same number of "
+                              f"folders (one per part), got {len(v.database)} and "
+                              f"{len(v.queries)}")
+    elif not v.cities:
+        raise ConfigError(f"{where}: cities is empty; name the MSLS cities to validate on")
 
 
 def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:

@@ -85,12 +85,12 @@ class VPRTrainingModule(L.LightningModule):
         for name, out, y in zip(names, outs, labels):
             loss, stats = self.criterion(out, y)
             total = total + self.weights[name] * loss
-            self.log(f"loss/{name}", stats["ms"], on_step=True, batch_size=len(y))
+            self.log(f"loss/{name}", stats["base"], on_step=True, batch_size=len(y))
             if "mined_fraction" in stats:
                 self.log(f"mined_fraction/{name}", stats["mined_fraction"], on_step=True,
                          batch_size=len(y))
             for key, value in stats.items():
-                if key not in ("ms", "mined_fraction"):
+                if key not in ("base", "ms", "triplet", "mined_fraction"):
                     self.log(f"{key}/{name}", value, on_step=True, batch_size=len(y))
         self.log("loss", total, prog_bar=True, on_step=True, batch_size=sum(sizes))
         self.loss_history.append(float(total.detach()))

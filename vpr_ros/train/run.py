@@ -10,6 +10,7 @@ under ``torchrun``/SLURM for several nodes).
 Output folder layout::
 
     <output>/model/               the trained model directory (loadable by every tool)
+    <output>/model_best/          with validation: the model of the best validation recall
     <output>/checkpoints/         Lightning checkpoints (last.ckpt: resume with --resume auto)
     <output>/tensorboard/         TensorBoard event files
     <output>/cache/               cached backbone features (frozen backbones only)
@@ -55,6 +56,7 @@ class TrainResult:
     wall_s: float
     timings: dict[str, float] = field(default_factory=dict)
     validation: Optional[dict[str, Any]] = None
+    best_model_dir: Optional[Path] = None  # <output>/model_best when validation selected one
     global_rank: int = 0  # under DDP every process returns; only rank 0 wrote the outputs
 
 
@@ -259,7 +261,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, output: Optional[Path]
     if cfg.data.val is not None:
         validation = RetrievalValidation(cfg.data.val, cfg, cached, test_size,
                                          cache_dir=Path(cfg.feature_cache.dir or out / "cache"),
-                                         progress=tc.progress_bar)
+                                         progress=tc.progress_bar, output=out)
         callbacks.insert(0, validation)
     trainer = L.Trainer(
         accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes,
@@ -302,6 +304,8 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, output: Optional[Path]
                          steps=int(trainer.global_step), losses=list(module.loss_history),
                          wall_s=timings["total_s"], timings=timings,
                          validation=validation.results if validation else None,
+                         best_model_dir=(out / "model_best" if validation is not None
+                                         and validation.best is not None else None),
                          global_rank=int(trainer.global_rank))
     if trainer.is_global_zero:
         write_summary(result, cfg)
@@ -328,6 +332,7 @@ def write_summary(result: TrainResult, cfg: TrainConfig) -> None:
     head = float(losses[: max(1, len(losses) // 10)].mean()) if len(losses) else None
     tail = float(losses[-max(1, len(losses) // 10):].mean()) if len(losses) else None
     doc = {"config": str(cfg.source), "name": cfg.name, "model_dir": str(result.model_dir),
+           "best_model_dir": str(result.best_model_dir) if result.best_model_dir else None,
            "fingerprint": result.fingerprint, "steps": result.steps,
            "loss_first_10pct": head, "loss_last_10pct": tail, "losses": result.losses,
            "timings_s": result.timings, "validation": result.validation}
