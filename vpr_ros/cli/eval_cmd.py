@@ -30,7 +30,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "nordland:summer names the shared data).")
     r.add_argument("--model", required=True, help="model directory")
     r.add_argument("--database", required=True, help="database folder")
-    r.add_argument("--queries", required=True, help="query folder")
+    r.add_argument("--queries", help="query folder (--protocol msls-val: an optional list of "
+                   "query keys, .txt or .npy, e.g. the 740-query split)")
+    r.add_argument("--protocol", choices=["msls-val", "nordland-2760", "nordland"],
+                   help="a published evaluation protocol: msls-val (--database = MSLS root; "
+                        "cph + sf, 25 m and 40 deg heading), nordland-2760 (VPR-Bench split: "
+                        "query i = database frame 10*i, +-1 frame), nordland (whole aligned "
+                        "traversals, +-10 frames); docs/eval_protocols.md")
+    r.add_argument("--ground-truth", metavar="FILE",
+                   help="positives from a file: VPR-Bench ground_truth_new.npy (rows "
+                        "[query_index, [database indices]]) or one list of database indices "
+                        "per query; indices into the folders' images in name order")
     gt = r.add_mutually_exclusive_group()
     gt.add_argument("--threshold-m", type=float,
                     help="positioned images: a result within this many metres is correct "
@@ -112,7 +122,8 @@ def _recall(args: argparse.Namespace) -> int:
                       subset=args.subset, plot_dir=args.plot_dir, batch_size=args.batch_size,
                       device=args.device, backend=args.backend,
                       progress=not args.no_progress, rerank=args.rerank,
-                      local_rerank=args.local_rerank, local_rerank_top=args.local_rerank_top)
+                      local_rerank=args.local_rerank, local_rerank_top=args.local_rerank_top,
+                      protocol=args.protocol, ground_truth=args.ground_truth)
     figures = "  ".join(f"{k} {100 * v:.2f}" for k, v in res["recall"].items())
     text = (f"{figures}   ({res['num_queries']} queries, {res['num_database']} database images, "
             f"{res['ground_truth']}, {describe_search(res['search'])})")

@@ -11,6 +11,7 @@ the user passes folders and the ground truth follows from the format:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,4 +61,14 @@ def read_image_set(spec: str | Path) -> ImageSet:
     if paths[0].name.startswith("@"):
         pos = np.array([parse_utm_name(p) for p in paths], dtype=np.float64)
         return ImageSet(folder, "utm", tuple(paths), pos)
-    return ImageSet(folder, "aligned", tuple(paths), None)
+    return ImageSet(folder, "aligned", tuple(sorted(paths, key=natural_key)), None)
+
+
+def natural_key(path: Path) -> tuple:
+    """Sort key reading digit runs as numbers: ``2.jpg`` before ``10.jpg``.
+
+    Why: index-aligned folders and ground-truth files number their images (VPR-Bench writes
+    ``0.jpg``, ``1.jpg``, ...); a plain string sort would put ``10.jpg`` second and pair every
+    image with the wrong place. Zero-padded names keep the order a string sort gives."""
+    return tuple(int(part) if part.isdigit() else part
+                 for part in re.split(r"(\d+)", path.name))

@@ -53,13 +53,26 @@ def _read_csv(path: Path, needed: tuple[str, ...]) -> list[dict[str, str]]:
 def read_msls_folder(folder: str | Path, exclude_panos: bool = True
                      ) -> tuple[list[Path], np.ndarray]:
     """Images of one ``query/`` or ``database/`` folder and their (N, 2) UTM positions."""
+    paths, pos, _ = read_msls_folder_headings(folder, exclude_panos)
+    return paths, pos
+
+
+def read_msls_folder_headings(folder: str | Path, exclude_panos: bool = True
+                              ) -> tuple[list[Path], np.ndarray, np.ndarray | None]:
+    """:func:`read_msls_folder` plus each image's compass heading in degrees (``raw.csv``
+    column ``ca``, the camera's absolute orientation), or None when ``raw.csv`` has no such
+    column; the heading rule of the MSLS evaluation needs it."""
     d = Path(folder)
     rows = _read_csv(d / "postprocessed.csv", ("key", "easting", "northing"))
     panos: set[str] = set()
-    if exclude_panos and (d / "raw.csv").is_file():
+    compass: dict[str, str] | None = None
+    if (d / "raw.csv").is_file():
         raw = _read_csv(d / "raw.csv", ("key", "pano"))
-        panos = {r["key"] for r in raw if r["pano"].strip().lower() in ("true", "1")}
-    paths, pos = [], []
+        if exclude_panos:
+            panos = {r["key"] for r in raw if r["pano"].strip().lower() in ("true", "1")}
+        if raw and "ca" in raw[0]:
+            compass = {r["key"]: r["ca"] for r in raw}
+    paths, pos, headings = [], [], []
     for i, r in enumerate(rows):
         if r["key"] in panos:
             continue
@@ -68,9 +81,17 @@ def read_msls_folder(folder: str | Path, exclude_panos: bool = True
         except ValueError:
             raise InputError(f"{d / 'postprocessed.csv'}:{i + 2}: easting/northing "
                              f"{r['easting']!r}/{r['northing']!r} are not numbers") from None
+        if compass is not None:
+            try:
+                headings.append(float(compass[r["key"]]))
+            except (KeyError, ValueError):
+                raise InputError(f"{d / 'raw.csv'}: no numeric compass angle 'ca' for key "
+                                 f"{r['key']!r}; the file does not match postprocessed.csv"
+                                 ) from None
         paths.append(d / "images" / f"{r['key']}.jpg")
         pos.append((e, n))
-    return paths, np.array(pos, dtype=np.float64).reshape(-1, 2)
+    heading_array = np.array(headings, dtype=np.float64) if compass is not None else None
+    return paths, np.array(pos, dtype=np.float64).reshape(-1, 2), heading_array
 
 
 def _city_root(root: Path) -> Path:

@@ -73,25 +73,84 @@ def eval_image_sets(database: str, queries: str, subset: Optional[str] = None
     return db, q
 
 
+def eval_ground_truth(database: str, queries: Optional[str], *,
+                      threshold_m: Optional[float] = None, tolerance: Optional[int] = None,
+                      subset: Optional[str] = None, protocol: Optional[str] = None,
+                      ground_truth: Optional[str] = None) -> tuple[Any, Any, list, str]:
+    """(database ImageSet, query ImageSet, positives per query, label) of an evaluation: a
+    named protocol (:mod:`vpr_ros.eval.protocols`), a ground-truth file, or the folders' own
+    rule (positions within ``threshold_m``, or an index ``tolerance``)."""
+    from vpr_ros.eval import protocols as P
+
+    if threshold_m is not None and tolerance is not None:
+        raise InputError("give either --threshold-m (positioned images) or --tolerance "
+                         "(index-aligned folders), not both")
+    if protocol is not None and protocol not in P.PROTOCOLS:
+        raise InputError(f"unknown protocol {protocol!r}; choose one of {', '.join(P.PROTOCOLS)}")
+    if protocol is not None and ground_truth is not None:
+        raise InputError("give either --protocol or --ground-truth: both define which database "
+                         "images are correct")
+    if protocol == "msls-val":
+        if tolerance is not None or subset:
+            raise InputError("--protocol msls-val takes the MSLS root as --database and "
+                             "optionally a query list as --queries; --tolerance and --subset "
+                             "do not apply")
+        pr = P.msls_val(database, queries,
+                        P.MSLS_THRESHOLD_M if threshold_m is None else threshold_m)
+        return pr.db, pr.q, pr.positives, pr.label
+    if queries is None:
+        raise InputError("--queries is required (only --protocol msls-val reads the queries "
+                         "from the MSLS root)")
+    db, q = eval_image_sets(database, queries, subset)
+    if protocol in ("nordland-2760", "nordland") or ground_truth is not None:
+        if db.kind != "aligned" or q.kind != "aligned":
+            what = f"--protocol {protocol}" if protocol else "--ground-truth"
+            raise InputError(f"{what} indexes the images of plain (index-aligned) folders in "
+                             f"name order; {db.source} / {q.source} are positioned (UTM or "
+                             "MSLS) folders")
+        if threshold_m is not None:
+            raise InputError("--threshold-m applies to positioned folders, not to "
+                             f"{'--protocol ' + protocol if protocol else '--ground-truth'}")
+    if protocol == "nordland-2760":
+        if subset or tolerance is not None:
+            raise InputError("--protocol nordland-2760 fixes the queries and the tolerance; "
+                             "--subset and --tolerance do not apply")
+        pr = P.nordland_2760(db, q)
+        return pr.db, pr.q, pr.positives, pr.label
+    if protocol == "nordland":
+        tol = P.NORDLAND_TOLERANCE if tolerance is None else tolerance
+        positives, label = ground_truth_for(db, q, None, tol)
+        return db, q, positives, f"Nordland ({label})"
+    if ground_truth is not None:
+        if subset or tolerance is not None:
+            raise InputError("--ground-truth lists the positives of every query; --subset and "
+                             "--tolerance do not apply")
+        positives = P.read_ground_truth(ground_truth, len(db), len(q))
+        return db, q, positives, f"ground-truth file {Path(ground_truth).name}"
+    positives, label = ground_truth_for(db, q, threshold_m, tolerance)
+    return db, q, positives, label
+
+
 #: ``encode_fn(paths, desc) -> EncodedSet``: how :func:`encode_eval` encodes one image set.
 EncodeFn = Callable[[Sequence[Path], str], EncodedSet]
 
 
-def encode_eval(model: str | Path, database: str, queries: str, *,
+def encode_eval(model: str | Path, database: str, queries: Optional[str], *,
                 threshold_m: Optional[float] = None, tolerance: Optional[int] = None,
                 subset: Optional[str] = None, extras: Sequence[str] = (), batch_size: int = 32,
                 device: str = "cpu", backend: str = "torch", progress: bool = True,
-                encoder: Any = None, encode_fn: Optional[EncodeFn] = None) -> EncodedEval:
+                encoder: Any = None, encode_fn: Optional[EncodeFn] = None,
+                protocol: Optional[str] = None,
+                ground_truth: Optional[str] = None) -> EncodedEval:
     """Read both image sets, ground truth, and encode them with the outputs ``extras``.
 
     ``encode_fn`` replaces full encoding (``vpr eval zoo`` passes one that runs the model's
-    head on cached backbone features); everything else is the same as ``vpr eval recall``."""
-    if threshold_m is not None and tolerance is not None:
-        raise InputError("give either --threshold-m (positioned images) or --tolerance "
-                         "(index-aligned folders), not both")
-    db, q = eval_image_sets(database, queries, subset)
+    head on cached backbone features); everything else is the same as ``vpr eval recall``.
+    ``protocol`` / ``ground_truth``: see :func:`eval_ground_truth`."""
+    db, q, positives, gt_label = eval_ground_truth(
+        database, queries, threshold_m=threshold_m, tolerance=tolerance, subset=subset,
+        protocol=protocol, ground_truth=ground_truth)
     rng = _subset(subset)
-    positives, gt_label = ground_truth_for(db, q, threshold_m, tolerance)
     encoder = encoder or open_encoder(model, backend, device)
     if encode_fn is None:
         def encode_fn(paths: Sequence[Path], desc: str) -> EncodedSet:
@@ -140,26 +199,30 @@ def recall_from_encoded(ev: EncodedEval, plan: SearchPlan, ks: Sequence[int] = D
     return out
 
 
-def recall_eval(model: str | Path, database: str, queries: str, *,
+def recall_eval(model: str | Path, database: str, queries: Optional[str], *,
                 threshold_m: Optional[float] = None, tolerance: Optional[int] = None,
                 index: str = "flat", ks: Sequence[int] = DEFAULT_KS,
                 subset: Optional[str] = None, plot_dir: Optional[str | Path] = None,
                 batch_size: int = 32, device: str = "cpu", backend: str = "torch",
                 progress: bool = True, label: Optional[str] = None,
                 rerank: Optional[int] = None, local_rerank: bool = False,
-                local_rerank_top: int = DEFAULT_TOP_N) -> dict[str, Any]:
+                local_rerank_top: int = DEFAULT_TOP_N, protocol: Optional[str] = None,
+                ground_truth: Optional[str] = None) -> dict[str, Any]:
     """Recall@K of ``model`` for ``queries`` against ``database`` (see ``vpr eval recall``).
 
     ``index="binary"`` with a hash-head model searches the model's own codes (``rerank``:
     Hamming candidates re-ranked by float, 0 = Hamming order only); ``local_rerank`` re-ranks the
     global top ``local_rerank_top`` by local-feature mutual NN (CQVPR)."""
     check_ks(ks)
+    eval_ground_truth(database, queries, threshold_m=threshold_m, tolerance=tolerance,
+                      subset=subset, protocol=protocol, ground_truth=ground_truth)  # fail fast
     encoder = open_encoder(model, backend, device)
     plan = plan_search(encoder.output_names, index, rerank, local_rerank, local_rerank_top,
                        model=str(model))
     ev = encode_eval(model, database, queries, threshold_m=threshold_m, tolerance=tolerance,
                      subset=subset, extras=plan.extras, batch_size=batch_size, device=device,
-                     backend=backend, progress=progress, encoder=encoder)
+                     backend=backend, progress=progress, encoder=encoder, protocol=protocol,
+                     ground_truth=ground_truth)
     return recall_from_encoded(ev, plan, ks, plot_dir, label, progress)
 
 
