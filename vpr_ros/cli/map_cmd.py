@@ -109,6 +109,11 @@ def _format_info(info: dict[str, Any]) -> str:
     local_text = "none" if not local else \
         (f"{' x '.join(str(v) for v in local['grid'])} {local['dtype']} per keyframe, "
          f"{local['bytes'] / 1e6:.2f} MB (mutual-NN re-ranking)")
+    kp = info.get("keypoints")
+    keypoint_text = "none (no geometric verification)" if not kp else (
+        f"{kp['kind']}, {kp['per_keyframe']:g} per keyframe ({kp['rows']} in all, "
+        f"{kp['bytes'] / 1e6:.2f} MB); 3-D points for {100 * kp['with_points']:.0f}% of them"
+        + ("" if kp["points"] else " (no depth or stereo: essential matrix only)"))
     cameras = info.get("cameras") or []
     camera_text = "; ".join(
         f"{c['session']}:{c['name']} {c['width']}x{c['height']} f={c['k'][0]:.1f} "
@@ -119,6 +124,7 @@ def _format_info(info: dict[str, Any]) -> str:
         f"keyframes    {info['count']} in {len(info['sessions'])} session(s): {sessions}",
         f"descriptors  {info['dim']}-D {info['storage_dtype']}, index {index_text}",
         f"local feats  {local_text}",
+        f"keypoints    {keypoint_text}",
         f"cameras      {camera_text}",
         f"model        fingerprint {info['fingerprint']}",
         f"poses        {'yes' if info['has_poses'] else 'no (stamps only)'}; "

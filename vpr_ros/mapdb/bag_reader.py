@@ -30,11 +30,14 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from vpr_ros.errors import BagError, InputError
-from vpr_ros.mapdb.bag_writer import (IMAGE, IMAGE_TYPES, NAVSAT_FIX, POSE_STAMPED, POSE_TYPES,
-                                      default_typestore)
+from vpr_ros.mapdb.bag_writer import (CAMERA_INFO, IMAGE, IMAGE_TYPES, NAVSAT_FIX, POSE_STAMPED,
+                                      POSE_TYPES, TF_STATIC, default_typestore)
+from vpr_ros.mapdb.camera import CameraModel
 from vpr_ros.mapdb.poses import PoseTrack, navsat_track
 from vpr_ros.mapdb.rosbag1 import Ros1Bag, Ros1Types, is_ros1_bag, ros1_files
-from vpr_ros.runtime.image_codec import DEFAULT_MAX_PIXELS, decode_compressed, decode_image
+from vpr_ros.mapdb.transforms import TransformTree
+from vpr_ros.runtime.image_codec import (DEFAULT_MAX_PIXELS, decode_compressed, decode_depth,
+                                         decode_image)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,25 @@ class ImageFrame:
     rgb: np.ndarray
     frame_id: str
     index: int  # 0-based position among the messages read from its topic (corrupt included)
+
+
+@dataclass(frozen=True)
+class DepthFrame:
+    """A decoded depth image: header stamp, (H, W) float32 metres (NaN: no reading)."""
+
+    stamp_ns: int
+    depth_m: np.ndarray
+    index: int
+
+
+@dataclass(frozen=True)
+class SyncedFrame:
+    """A camera frame with its depth image and right stereo frame (None where not asked for
+    or not found within the stamp tolerance)."""
+
+    image: ImageFrame
+    depth: DepthFrame | None = None
+    right: ImageFrame | None = None
 
 
 @dataclass
@@ -350,28 +372,163 @@ class BagReader:
         index = -1
         for message in self.messages([topic]):
             index += 1
+            frame = self.decode_frame(message, index)
+            if frame is not None:
+                yield frame
+
+    def decode_frame(self, message: RawMessage, index: int) -> ImageFrame | None:
+        """One image message as an RGB frame; None (counted, warned) when it is corrupt."""
+        try:
+            msg = self.deserialize(message)
+            if message.msgtype == IMAGE:
+                rgb = decode_image(msg.height, msg.width, msg.encoding, msg.step, msg.data,
+                                   msg.is_bigendian, self.max_pixels)
+            else:
+                rgb = decode_compressed(msg.format, msg.data, self.max_pixels)
+            stamp = _stamp_ns(msg.header, message.log_time_ns)
+            frame_id = str(msg.header.frame_id)
+        except Exception as exc:  # corrupt bytes surface as many exception types
+            self._skip(message, index, "frame", exc)
+            return None
+        self.stats.images_read += 1
+        return ImageFrame(stamp, rgb, frame_id, index)
+
+    def decode_depth_frame(self, message: RawMessage, index: int) -> DepthFrame | None:
+        """One depth image message (16UC1 mm / 32FC1 m) in metres; None (counted as a corrupt
+        frame, warned) when it is corrupt or of another encoding."""
+        try:
+            msg = self.deserialize(message)
+            if message.msgtype != IMAGE:
+                raise InputError(f"depth must be a raw sensor_msgs/Image, got {message.msgtype}")
+            depth = decode_depth(msg.height, msg.width, msg.encoding, msg.step, msg.data,
+                                 msg.is_bigendian, self.max_pixels)
+            stamp = _stamp_ns(msg.header, message.log_time_ns)
+        except Exception as exc:
+            self._skip(message, index, "depth frame", exc)
+            return None
+        return DepthFrame(stamp, depth, index)
+
+    def _skip(self, message: RawMessage, index: int, what: str, exc: Exception) -> None:
+        self.stats.images_corrupt += 1
+        reason = str(exc) if isinstance(exc, InputError) else \
+            f"undecodable message ({type(exc).__name__}: {exc})"
+        text = (f"skipping corrupt {what} #{index} on {message.topic} at bag time "
+                f"{message.log_time_ns} ns: {reason}")
+        if self.stats.images_corrupt <= _MAX_FRAME_WARNINGS:
+            self.warn(text)
+        else:
+            log.debug(text)
+
+    def synced_frames(self, topic: str, depth_topic: str | None = None,
+                      right_topic: str | None = None, tolerance_ns: int = 20_000_000,
+                      buffer: int = 30) -> Iterator[SyncedFrame]:
+        """Frames of ``topic`` with the depth image and/or the right stereo image closest in
+        stamp (within ``tolerance_ns``; None where there is none), in one pass over the bag.
+
+        Partners arrive before or after their frame in bag order, so frames wait until every
+        partner stream has passed their stamp (or ``buffer`` later messages have gone by);
+        only ``buffer`` decoded partners per stream are kept, which bounds memory."""
+        from collections import deque
+
+        self.check_topic(topic, IMAGE_TYPES)
+        streams = {k: t for k, t in (("depth", depth_topic), ("right", right_topic)) if t}
+        for kind, t in streams.items():
+            self.check_topic(t, (IMAGE,) if kind == "depth" else IMAGE_TYPES)
+        recent: dict[str, deque[Any]] = {k: deque(maxlen=buffer) for k in streams}
+        latest: dict[str, int] = {k: -1 for k in streams}
+        pending: deque[tuple[ImageFrame, int]] = deque()
+        indices: Counter[str] = Counter()
+        seen = 0
+
+        def partner(kind: str, stamp: int) -> Any:
+            best = min(recent[kind], key=lambda p: abs(p.stamp_ns - stamp), default=None)
+            return best if best is not None and abs(best.stamp_ns - stamp) <= tolerance_ns \
+                else None
+
+        def ready(frame: ImageFrame, since: int, final: bool) -> bool:
+            return final or seen - since > buffer or all(
+                latest[k] > frame.stamp_ns + tolerance_ns for k in streams)
+
+        def release(final: bool) -> Iterator[SyncedFrame]:
+            while pending and ready(pending[0][0], pending[0][1], final):
+                frame, _ = pending.popleft()
+                yield SyncedFrame(frame, partner("depth", frame.stamp_ns) if "depth" in streams
+                                  else None,
+                                  partner("right", frame.stamp_ns) if "right" in streams
+                                  else None)
+
+        by_topic = {topic: "image", **{t: k for k, t in streams.items()}}
+        for message in self.messages(list(by_topic)):
+            seen += 1
+            kind = by_topic[message.topic]
+            index = indices[kind]
+            indices[kind] += 1
+            if kind == "image":
+                frame = self.decode_frame(message, index)
+                if frame is not None:
+                    pending.append((frame, seen))
+            elif kind == "depth":
+                depth = self.decode_depth_frame(message, index)
+                if depth is not None:
+                    recent["depth"].append(depth)
+                    latest["depth"] = max(latest["depth"], depth.stamp_ns)
+            else:
+                right = self.decode_frame(message, index)
+                if right is not None:
+                    self.stats.images_read -= 1  # count main-topic frames only
+                    recent["right"].append(right)
+                    latest["right"] = max(latest["right"], right.stamp_ns)
+            yield from release(False)
+        yield from release(True)
+
+    def camera_info(self, topic: str, name: str, mount: Sequence[float] | None = None,
+                    base_frame: str = "") -> CameraModel:
+        """The calibration a CameraInfo topic carries, from its first valid message; a later
+        message with a different calibration is warned about (the first is used). BagError
+        naming the problem when no message is a valid calibration."""
+        self.check_topic(topic, (CAMERA_INFO,))
+        first: CameraModel | None = None
+        problem = ""
+        for message in self.messages([topic]):
+            try:
+                model = CameraModel.from_camera_info(self.deserialize(message), name, mount,
+                                                     base_frame)
+            except Exception as exc:
+                problem = problem or str(exc)
+                continue
+            if first is None:
+                first = model
+            elif (model.width, model.height, model.k, model.d) != \
+                    (first.width, first.height, first.k, first.d):
+                self.warn(f"{topic}: the calibration changes during the bag (first "
+                          f"{first.width}x{first.height} fx={first.k[0]:.2f}, later "
+                          f"{model.width}x{model.height} fx={model.k[0]:.2f}); using the first")
+                break
+        if first is None:
+            raise BagError(f"no valid CameraInfo on {topic} in bag {self.path}"
+                           + (f": {problem}" if problem else " (the topic has no messages)"))
+        if problem:
+            self.warn(f"{topic}: some CameraInfo messages are invalid ({problem}); using the "
+                      "first valid one")
+        return first
+
+    def static_transforms(self, topic: str = TF_STATIC) -> TransformTree:
+        """Every transform on ``/tf_static`` (empty when the bag has none)."""
+        tree = TransformTree()
+        if topic not in self.topics:
+            return tree
+        for message in self.messages([topic]):
             try:
                 msg = self.deserialize(message)
-                if message.msgtype == IMAGE:
-                    rgb = decode_image(msg.height, msg.width, msg.encoding, msg.step, msg.data,
-                                       msg.is_bigendian, self.max_pixels)
-                else:
-                    rgb = decode_compressed(msg.format, msg.data, self.max_pixels)
-                stamp = _stamp_ns(msg.header, message.log_time_ns)
-                frame_id = str(msg.header.frame_id)
-            except Exception as exc:  # corrupt bytes surface as many exception types
-                self.stats.images_corrupt += 1
-                reason = str(exc) if isinstance(exc, InputError) else \
-                    f"undecodable message ({type(exc).__name__}: {exc})"
-                text = (f"skipping corrupt frame #{index} on {topic} at bag time "
-                        f"{message.log_time_ns} ns: {reason}")
-                if self.stats.images_corrupt <= _MAX_FRAME_WARNINGS:
-                    self.warn(text)
-                else:
-                    log.debug(text)
-                continue
-            self.stats.images_read += 1
-            yield ImageFrame(stamp, rgb, frame_id, index)
+                for tf in msg.transforms:
+                    t, q = tf.transform.translation, tf.transform.rotation
+                    tree.add(str(tf.header.frame_id), str(tf.child_frame_id),
+                             (float(t.x), float(t.y), float(t.z), float(q.x), float(q.y),
+                              float(q.z), float(q.w)))
+            except Exception as exc:
+                self.warn(f"skipping an unreadable {topic} message ({type(exc).__name__}: "
+                          f"{exc})")
+        return tree
 
     # -- poses ----------------------------------------------------------------------------------
 

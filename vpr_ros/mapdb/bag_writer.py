@@ -28,6 +28,9 @@ ODOMETRY = "nav_msgs/msg/Odometry"
 POSE_STAMPED = "geometry_msgs/msg/PoseStamped"
 POSE_WITH_COVARIANCE_STAMPED = "geometry_msgs/msg/PoseWithCovarianceStamped"
 NAVSAT_FIX = "sensor_msgs/msg/NavSatFix"
+CAMERA_INFO = "sensor_msgs/msg/CameraInfo"
+TF_MESSAGE = "tf2_msgs/msg/TFMessage"
+TF_STATIC = "/tf_static"
 
 POSE_TYPES = (ODOMETRY, POSE_STAMPED, POSE_WITH_COVARIANCE_STAMPED, NAVSAT_FIX)
 IMAGE_TYPES = (IMAGE, COMPRESSED_IMAGE)
@@ -257,6 +260,82 @@ class BagWriter:
             latitude=float(latitude), longitude=float(longitude), altitude=float(altitude),
             position_covariance=np.zeros(9, np.float64), position_covariance_type=0)
         self.write_message(topic, msg, stamp_ns if log_time_ns is None else log_time_ns)
+
+
+    # -- cameras, depth and static transforms --------------------------------------------------
+
+    def add_camera_info_topic(self, topic: str, frame_id: str = "camera") -> None:
+        self.add_topic(topic, CAMERA_INFO)
+        self._frame_ids[topic] = (frame_id, "")
+
+    def write_camera_info(self, topic: str, stamp_ns: int, camera: Any,
+                          p_tx: float = 0.0, log_time_ns: int | None = None) -> None:
+        """A CameraInfo of a :class:`~vpr_ros.mapdb.camera.CameraModel` (or of raw fields:
+        ``camera`` may be any object with width, height, k, d, distortion_model, so tests can
+        write invalid ones). ``p_tx``: P[0, 3] (-fx * baseline for the right camera of a
+        rectified stereo pair)."""
+        self._connection(topic, (CAMERA_INFO,))
+        types = self.typestore.types
+        k = np.asarray(camera.k, dtype=np.float64).reshape(-1)
+        p = np.zeros(12, np.float64)
+        if k.size == 9:
+            p[[0, 1, 2, 4, 5, 6, 10]] = k[[0, 1, 2, 3, 4, 5, 8]]
+        p[3] = float(p_tx)
+        model = getattr(camera, "distortion_model", "plumb_bob")
+        msg = types[CAMERA_INFO](
+            header=self._header(stamp_ns, self._frame_ids[topic][0]),
+            height=int(camera.height), width=int(camera.width),
+            distortion_model="plumb_bob" if model == "none" else str(model),
+            d=np.asarray(camera.d if len(camera.d) or model != "none" else (0.0,) * 5,
+                         dtype=np.float64),
+            k=k, r=np.eye(3).reshape(-1), p=p, binning_x=0, binning_y=0,
+            roi=types["sensor_msgs/msg/RegionOfInterest"](x_offset=0, y_offset=0, height=0,
+                                                          width=0, do_rectify=False))
+        self.write_message(topic, msg, stamp_ns if log_time_ns is None else log_time_ns)
+
+    def add_depth_topic(self, topic: str, encoding: str = "16UC1",
+                        frame_id: str = "camera") -> None:
+        """A depth image topic: ``16UC1`` millimetres or ``32FC1`` metres (REP 118)."""
+        if encoding not in ("16UC1", "32FC1"):
+            raise BagError(f"depth encoding {encoding!r}: expected 16UC1 or 32FC1")
+        self.add_topic(topic, IMAGE)
+        self._image_options[topic] = {"encoding": encoding, "depth": True}
+        self._frame_ids[topic] = (frame_id, "")
+
+    def write_depth(self, topic: str, stamp_ns: int, depth_m: np.ndarray,
+                    log_time_ns: int | None = None) -> None:
+        """Write (H, W) metres (NaN / <= 0: no reading, written as 0) in the topic's encoding."""
+        self._connection(topic, (IMAGE,))
+        encoding = self._image_options[topic]["encoding"]
+        d = np.asarray(depth_m, dtype=np.float64)
+        valid = np.isfinite(d) & (d > 0)
+        if encoding == "16UC1":
+            pixels = np.where(valid, np.clip(np.rint(d * 1000.0), 0, 65535), 0).astype("<u2")
+        else:
+            pixels = np.where(valid, d, 0.0).astype("<f4")
+        h, w = pixels.shape
+        types = self.typestore.types
+        msg = types[IMAGE](header=self._header(stamp_ns, self._frame_ids[topic][0]), height=h,
+                           width=w, encoding=encoding, is_bigendian=0,
+                           step=w * pixels.itemsize,
+                           data=np.frombuffer(pixels.tobytes(), dtype=np.uint8))
+        self.write_message(topic, msg, stamp_ns if log_time_ns is None else log_time_ns)
+
+    def write_static_transforms(self, stamp_ns: int,
+                                transforms: Sequence[tuple[str, str, Sequence[float]]]) -> None:
+        """``/tf_static``: (parent, child, (tx, ty, tz, qx, qy, qz, qw)) each, one message."""
+        if TF_STATIC not in self._connections:
+            self.add_topic(TF_STATIC, TF_MESSAGE)
+        types = self.typestore.types
+        out = []
+        for parent, child, pose in transforms:
+            tx, ty, tz, qx, qy, qz, qw = (float(v) for v in pose)
+            out.append(types["geometry_msgs/msg/TransformStamped"](
+                header=self._header(stamp_ns, parent), child_frame_id=child,
+                transform=types["geometry_msgs/msg/Transform"](
+                    translation=types["geometry_msgs/msg/Vector3"](tx, ty, tz),
+                    rotation=types["geometry_msgs/msg/Quaternion"](qx, qy, qz, qw))))
+        self.write_message(TF_STATIC, types[TF_MESSAGE](transforms=out), stamp_ns)
 
 
 def write_route_bag(path: str | Path, frames: Iterable[tuple[int, np.ndarray]],

@@ -24,7 +24,9 @@ from vpr_ros.mapdb.index.binary import BinaryIndex
 from vpr_ros.mapdb.index.gpu import GPU_KINDS, FaissGpu, GpuBackend, GpuMirror, gpu_support
 from vpr_ros.mapdb.index.vectors import STORAGE_DTYPES, DescriptorStore
 from vpr_ros.mapdb.keyframe import Exclusion, Keyframe, KeyframeTable
+from vpr_ros.mapdb.keypoint_store import ROLES as KEYPOINT_ROLES, KeypointStore
 from vpr_ros.mapdb.local_store import LOCAL_DTYPE, ROLE as LOCAL_ROLE, LocalFeatureStore
+from vpr_ros.runtime.local_features import LocalFeatures
 from vpr_ros.mapdb.model_outputs import ModelOutputs
 
 #: How far a descriptor's L2 norm may be from 1 (descriptors must be L2-normalised so that the
@@ -46,7 +48,8 @@ class PlaceMap:
 
     def __init__(self, dim: int, fingerprint: str, index: str | Mapping[str, Any] = "flat",
                  storage_dtype: str = "float32",
-                 local_grid: Sequence[int] | None = None) -> None:
+                 local_grid: Sequence[int] | None = None,
+                 keypoints: str | None = None) -> None:
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
             raise ConfigError(f"descriptor dim {dim!r} must be a positive integer")
         if not isinstance(fingerprint, str) or not fingerprint:
@@ -62,6 +65,8 @@ class PlaceMap:
         self._local: LocalFeatureStore | None = \
             LocalFeatureStore(local_grid) if local_grid is not None else None
         self._cameras: dict[tuple[str, str], CameraModel] = {}
+        self._keypoints: KeypointStore | None = \
+            KeypointStore(keypoints) if keypoints not in (None, "none") else None
         self.created = storage.now_iso()
         self.updated = self.created
         self.path: Path | None = None
@@ -70,14 +75,17 @@ class PlaceMap:
     @classmethod
     def create(cls, dim: int, fingerprint: str, index: str | Mapping[str, Any] = "flat",
                storage_dtype: str = "float32",
-               local_grid: Sequence[int] | None = None) -> "PlaceMap":
+               local_grid: Sequence[int] | None = None,
+               keypoints: str | None = None) -> "PlaceMap":
         """An empty map for descriptors of ``dim`` from the model ``fingerprint``.
 
         ``index``: "flat" (exact), "hnsw", "ivfpq" or "binary", or a dict such as
         ``{"kind": "binary", "bits": 512, "rerank": 100}``. ``local_grid`` (e.g. ``(25, 25,
         128)``): keep each keyframe's local features (float16) for mutual-NN re-ranking.
+        ``keypoints`` ("sift", "orb", "akaze"; None or "none": no store): keep each keyframe's
+        keypoints (and 3-D points where known) for geometric verification.
         """
-        return cls(dim, fingerprint, index, storage_dtype, local_grid)
+        return cls(dim, fingerprint, index, storage_dtype, local_grid, keypoints)
 
     # -- properties ------------------------------------------------------------------------------
 
@@ -153,6 +161,27 @@ class PlaceMap:
                 raise MapMismatchError(
                     f"the map{where} stores local features of grid {self._local.grid} but the "
                     f"model gives {tuple(outputs.local_grid)}: " + _mismatch_advice())
+
+    # -- keypoints --------------------------------------------------------------------------------
+
+    @property
+    def keypoint_kind(self) -> str | None:
+        """Kind of the keyframes' stored keypoints (sift, orb, akaze), None when none."""
+        return self._keypoints.kind if self._keypoints is not None else None
+
+    @property
+    def has_keypoint_points(self) -> bool:
+        """Whether any keyframe's keypoints have 3-D points (PnP is possible)."""
+        return self._keypoints is not None and self._keypoints.has_points
+
+    def keypoints(self, id: int) -> LocalFeatures:
+        """Keypoints (pixel positions, descriptors, 3-D points in the keyframe's camera frame
+        where known) of keyframe ``id``."""
+        if self._keypoints is None:
+            raise InputError("this map stores no keypoints (built with --local-features none, "
+                             "or before keypoints were kept); rebuild it with --local-features "
+                             "sift to verify candidates geometrically")
+        return self._keypoints.get(int(id))
 
     # -- cameras ----------------------------------------------------------------------------------
 
@@ -236,11 +265,14 @@ class PlaceMap:
 
     def add(self, descriptors: np.ndarray, keyframes: Sequence[Keyframe],
             binary_codes: np.ndarray | None = None,
-            local_features: np.ndarray | None = None) -> np.ndarray:
+            local_features: np.ndarray | None = None,
+            keypoints: Sequence[LocalFeatures] | None = None) -> np.ndarray:
         """Append L2-normalised descriptors and their keyframes; returns the new ids (int64).
 
         ``binary_codes``: the hash head's codes (maps searched with model codes need them);
-        ``local_features``: ``(B, *local_grid)`` (maps with a local-feature store need them)."""
+        ``local_features``: ``(B, *local_grid)`` (maps with a local-feature store need them);
+        ``keypoints``: one :class:`LocalFeatures` per keyframe (maps with a keypoint store need
+        them)."""
         x = self._as_rows(descriptors, "descriptors")
         if len(keyframes) != len(x):
             raise InputError(f"{len(x)} descriptors but {len(keyframes)} keyframes; give one "
@@ -265,6 +297,12 @@ class PlaceMap:
         elif local_features is not None:
             raise InputError("local_features were given but this map has no local-feature "
                              "store (create it with local_grid=...)")
+        kp_rows = None
+        if self._keypoints is not None:
+            kp_rows = self._keypoints.check(keypoints, len(x))  # type: ignore[arg-type]
+        elif keypoints is not None:
+            raise InputError("keypoints were given but this map has no keypoint store "
+                             "(create it with keypoints='sift', ...)")
         stored = x.astype(self._store.dtype, copy=False)
         start = len(self._store)
         ids = self._table.append(keyframes)
@@ -273,6 +311,9 @@ class PlaceMap:
         if local_rows is not None:
             assert self._local is not None
             self._local.append(local_rows)
+        if kp_rows is not None:
+            assert self._keypoints is not None
+            self._keypoints.append(kp_rows)
         self.updated = storage.now_iso()
         return ids
 
@@ -373,6 +414,7 @@ class PlaceMap:
             "storage_dtype": self.storage_dtype, "index": self._index.manifest_params(),
             "local_features": None if self._local is None else
             {"grid": list(self._local.grid), "dtype": LOCAL_DTYPE},
+            "keypoints": None if self._keypoints is None else self._keypoints.manifest_entry(),
             "sessions": self._table.session_counts(),
             "stamp_range_ns": [int(stamps.min()), int(stamps.max())] if len(stamps) else None,
             "has_poses": self._table.has_poses(), "has_gnss": self._table.has_gnss(),
@@ -393,6 +435,9 @@ class PlaceMap:
                            self._store.dtype, self._dim)
             if self._local is not None:
                 writer.add_npy(LOCAL_ROLE, self._local.segments(), LOCAL_DTYPE, self._local.grid)
+            if self._keypoints is not None:
+                for role, (segments, dtype, width) in self._keypoints.segments().items():
+                    writer.add_npy(role, segments, dtype, width)
             writer.stage("descriptors")
             writer.add_keyframes(self._table, {
                 "fingerprint": self._fingerprint, "dim": str(self._dim),
@@ -462,9 +507,17 @@ class PlaceMap:
         pm._table = table
         pm._cameras = cameras
         pm._index = make_index({"kind": kind, **params}, pm._store)
-        pm._index.restore(files.subset(without=("descriptors", "keyframes", LOCAL_ROLE),
-                                       kind=kind))
+        pm._index.restore(files.subset(without=("descriptors", "keyframes", LOCAL_ROLE,
+                                                *KEYPOINT_ROLES), kind=kind))
         pm._local = cls._load_local(mpath, manifest, files, count, mmap)
+        entry = manifest.get("keypoints")
+        if entry is None:
+            if any(r in files for r in KEYPOINT_ROLES):
+                raise MapError(f"{mpath}: lists keypoint files but no keypoints entry; the "
+                               "manifest is corrupt: rebuild the map")
+            pm._keypoints = None
+        else:
+            pm._keypoints = KeypointStore.load(mpath, entry, files, count, mmap)
         pm.created = str(manifest.get("created", pm.created))
         pm.updated = str(manifest.get("updated", pm.updated))
         pm.path = directory
@@ -515,6 +568,12 @@ class PlaceMap:
             codes = other._index.codes.view()
         if isinstance(self._index, BinaryIndex):
             self._index.check_codes_for_add(len(other), codes)
+        if self.keypoint_kind != other.keypoint_kind:
+            raise MapMismatchError(
+                f"cannot merge: this map stores {self.keypoint_kind or 'no'} keypoints, the "
+                f"other{f' ({other.path})' if other.path else ''} "
+                f"{other.keypoint_kind or 'none'}; rebuild one with the other's "
+                "--local-features so both keep the same kind")
         if self.local_grid != other.local_grid:
             raise MapMismatchError(
                 f"cannot merge: this map stores local features {self.local_grid or 'none'}, the "
@@ -539,6 +598,8 @@ class PlaceMap:
             self.add_camera(session, camera)  # same calibration again: no-op; another: refused
         if self._local is not None and other._local is not None:
             self._local.extend_from(other._local)
+        if self._keypoints is not None and other._keypoints is not None:
+            self._keypoints.extend_from(other._keypoints)
         self.updated = storage.now_iso()
         return ids
 
@@ -557,6 +618,10 @@ class PlaceMap:
             "format_version": storage.FORMAT_VERSION,
             "local_features": None if self._local is None else
             {"grid": list(self._local.grid), "dtype": LOCAL_DTYPE, "bytes": self._local.nbytes},
+            "keypoints": None if self._keypoints is None else {
+                **self._keypoints.manifest_entry(), "bytes": self._keypoints.nbytes,
+                "per_keyframe": round(self._keypoints.rows / max(1, len(self)), 1),
+                "with_points": self._points_fraction()},
             "cameras": [{"session": sess, **cam.to_dict()}
                         for (sess, _), cam in sorted(self._cameras.items())],
         }
@@ -568,6 +633,17 @@ class PlaceMap:
             except MapError:
                 pass
         return out
+
+    def _points_fraction(self) -> float:
+        """Fraction of stored keypoints that have a 3-D point."""
+        store = self._keypoints
+        if store is None or not store.rows or not store.has_points:
+            return 0.0
+        segs = store.segments().get("keypoint_points")
+        if segs is None:
+            return 0.0
+        finite = sum(int(np.isfinite(np.asarray(seg)[:, 0]).sum()) for seg in segs[0])
+        return round(finite / store.rows, 3)
 
     def __repr__(self) -> str:
         return (f"PlaceMap(count={len(self)}, dim={self._dim}, index={self.index_kind!r}, "

@@ -163,6 +163,39 @@ _CVT_TO_RGB = {
 }
 
 
+#: Depth encodings and their scale to metres (16UC1: millimetres, REP 118).
+DEPTH_SCALES = {"16UC1": 0.001, "32FC1": 1.0}
+
+
+def decode_depth(height: int, width: int, encoding: str, step: int, data: Any,
+                 is_bigendian: bool | int = False,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The fields of a depth ``sensor_msgs/Image`` as an (H, W) float32 array in metres, NaN
+    where there is no reading (0, negative, NaN or Inf). ``16UC1`` is millimetres and
+    ``32FC1`` metres (REP 118); any other encoding is an InputError, since colour values read
+    as depth would give confidently wrong 3-D points."""
+    height, width, step = int(height), int(width), int(step)
+    scale = DEPTH_SCALES.get(encoding)
+    if scale is None:
+        raise InputError(f"depth image encoding {encoding!r} is not a depth encoding; expected "
+                         "16UC1 (millimetres) or 32FC1 (metres)")
+    _check_size(height, width, max_pixels, f"depth image ({encoding})")
+    layout = _layout(encoding)
+    bpp = np.dtype(layout.dtype).itemsize
+    if step < width * bpp:
+        raise InputError(f"depth image step {step} is smaller than width*{bpp} = {width * bpp}"
+                         f" for {encoding}; the message header is inconsistent")
+    buf = _as_uint8_buffer(data)
+    if buf.size < step * height:
+        raise InputError(f"depth image data is truncated: {buf.size} bytes, expected "
+                         f"{step * height} for a {width}x{height} {encoding} frame")
+    rows = np.ascontiguousarray(buf[: step * height].reshape(height, step)[:, : width * bpp])
+    dtype = np.dtype(layout.dtype).newbyteorder(">" if is_bigendian else "<")
+    out = rows.view(dtype).reshape(height, width).astype(np.float32) * np.float32(scale)
+    out[~np.isfinite(out) | (out <= 0)] = np.nan
+    return out
+
+
 def _to_rgb(pixels: np.ndarray, encoding: str) -> np.ndarray:
     if encoding == "rgb8":
         return pixels.copy()

@@ -1,0 +1,132 @@
+"""Keypoints and their descriptors (OpenCV SIFT, ORB, AKAZE), the currency of geometric
+verification.
+
+Why these three: SIFT is the accurate default (scale and rotation invariant, float-quality
+matching, free of patents since 2020 and in OpenCV's main module); ORB is the fast binary one
+robots use when a core is all they have (ORB-SLAM's loop closing); AKAZE sits between them
+(binary, nonlinear scale space, steadier under blur). All three are in the pinned OpenCV, so a
+map and the node extract exactly the same features.
+
+Descriptors are kept as ``uint8`` for all three: ORB and AKAZE are bit strings, and OpenCV's
+SIFT descriptor is an array of integers in 0..255 stored as float32, so storing it as bytes
+is lossless and a quarter of the size (a 1000-keypoint keyframe: 128 KB, not 512 KB).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from vpr_ros.errors import ConfigError, InputError
+
+#: kind -> (descriptor bytes, matching norm).
+KINDS: dict[str, tuple[int, str]] = {"sift": (128, "l2"), "orb": (32, "hamming"),
+                                     "akaze": (61, "hamming")}
+#: What ``--local-features`` accepts (``none``: the map stores no keypoints).
+CHOICES = (*KINDS, "none")
+
+
+def check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ConfigError(f"local feature kind {kind!r} is not one of {', '.join(KINDS)}")
+    return kind
+
+
+@dataclass
+class LocalFeatures:
+    """Keypoints of one image: pixel positions as taken (distorted), uint8 descriptors and,
+    where depth or stereo gave them, 3-D points in the camera frame (metres; NaN rows:
+    unknown)."""
+
+    kind: str
+    xy: np.ndarray                       # (n, 2) float32 pixels
+    descriptors: np.ndarray              # (n, d) uint8
+    xyz: Optional[np.ndarray] = None     # (n, 3) float32 camera frame, NaN = unknown
+
+    def __post_init__(self) -> None:
+        width = KINDS[check_kind(self.kind)][0]
+        self.xy = np.asarray(self.xy, dtype=np.float32).reshape(-1, 2)
+        self.descriptors = np.asarray(self.descriptors, dtype=np.uint8).reshape(-1, width)
+        n = len(self.xy)
+        if len(self.descriptors) != n:
+            raise InputError(f"{n} keypoints but {len(self.descriptors)} descriptors")
+        if not np.isfinite(self.xy).all():
+            raise InputError("keypoint positions contain NaN or Inf")
+        if self.xyz is not None:
+            self.xyz = np.asarray(self.xyz, dtype=np.float32).reshape(-1, 3)
+            if len(self.xyz) != n:
+                raise InputError(f"{n} keypoints but {len(self.xyz)} 3-D points")
+
+    def __len__(self) -> int:
+        return len(self.xy)
+
+    @property
+    def norm(self) -> str:
+        return KINDS[self.kind][1]
+
+    @property
+    def has_points(self) -> bool:
+        """Whether any keypoint has a 3-D point."""
+        return self.xyz is not None and bool(np.isfinite(self.xyz[:, 0]).any())
+
+    @classmethod
+    def empty(cls, kind: str) -> "LocalFeatures":
+        return cls(kind, np.zeros((0, 2), np.float32),
+                   np.zeros((0, KINDS[check_kind(kind)][0]), np.uint8))
+
+
+class FeatureExtractor:
+    """``extract(image) -> LocalFeatures`` with the strongest ``max_features`` keypoints.
+
+    OpenCV's detectors keep state, so each thread gets its own detector object."""
+
+    def __init__(self, kind: str = "sift", max_features: int = 1000) -> None:
+        self.kind = check_kind(kind)
+        if isinstance(max_features, bool) or not isinstance(max_features, int) \
+                or not 8 <= max_features <= 100_000:
+            raise ConfigError(f"max_features {max_features!r} must be an integer in "
+                              "[8, 100000]")
+        self.max_features = max_features
+        self._local = threading.local()
+
+    @property
+    def descriptor_bytes(self) -> int:
+        return KINDS[self.kind][0]
+
+    def _detector(self):  # type: ignore[no-untyped-def]
+        det = getattr(self._local, "detector", None)
+        if det is None:
+            import cv2
+
+            if self.kind == "sift":
+                det = cv2.SIFT_create(nfeatures=self.max_features)
+            elif self.kind == "orb":
+                det = cv2.ORB_create(nfeatures=self.max_features)
+            else:
+                det = cv2.AKAZE_create()
+            self._local.detector = det
+        return det
+
+    def extract(self, image: np.ndarray) -> LocalFeatures:
+        """Keypoints of an RGB (H, W, 3) or grayscale (H, W) uint8 image."""
+        import cv2
+
+        img = np.asarray(image)
+        if img.dtype != np.uint8 or img.ndim not in (2, 3) or min(img.shape[:2]) < 8:
+            raise InputError(f"local features need an 8-bit RGB or gray image of at least 8x8 "
+                             f"pixels, got {img.dtype} {img.shape}")
+        gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY) if img.ndim == 3 else img
+        keypoints, desc = self._detector().detectAndCompute(gray, None)
+        if desc is None or not keypoints:
+            return LocalFeatures.empty(self.kind)
+        if len(keypoints) > self.max_features:  # AKAZE has no count limit of its own
+            order = np.argsort([-k.response for k in keypoints])[: self.max_features]
+            keypoints = [keypoints[i] for i in order]
+            desc = desc[order]
+        xy = np.array([k.pt for k in keypoints], dtype=np.float32)
+        if self.kind == "sift":
+            desc = np.clip(np.rint(desc), 0, 255)
+        return LocalFeatures(self.kind, xy, desc.astype(np.uint8))
