@@ -12,7 +12,7 @@ import pytest
 
 from vpr_ros.errors import InputError, MapError, MapMismatchError
 from vpr_ros.mapdb import Keyframe, PlaceMap
-from vpr_ros.mapdb.storage import MANIFEST
+from vpr_ros.mapdb.storage import MANIFEST, seal_manifest
 from vpr_ros.runtime.local_features import LocalFeatures
 
 D = 8
@@ -141,6 +141,6 @@ def test_damaged_keypoint_files_are_clear_map_errors(tmp_path: Path, damage: str
         del manifest["keypoints"]
     else:
         manifest["keypoints"]["descriptor_bytes"] = 32
-    mpath.write_text(json.dumps(manifest))
+    mpath.write_text(json.dumps(seal_manifest(manifest)))
     with pytest.raises(MapError, match=match):
         PlaceMap.load(tmp_path / "m")
