@@ -21,7 +21,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--map-bag", help="with --bag: build the map from this bag (default: --bag)")
     p.add_argument("--image-topic", default="/camera/image_raw", help="with --bag: image topic")
     p.add_argument("--pose-topic", default=None, help="with --bag: odometry/pose topic (ground "
-                   "truth for the report, keyframe poses for the map)")
+                   "truth for the report, keyframe poses for the map); optional")
+    p.add_argument("--loop-gt", metavar="FILE", help="with --bag: loop ground truth of the bag "
+                   "(for bags without poses): a CSV of query,match stamps (s or ns), or an "
+                   "N x N boolean matrix over the image topic's frames as .npy or an image. "
+                   "Without poses and without this, the report is counts only, labelled so")
+    p.add_argument("--loop-gt-tolerance", type=int, default=2, metavar="FRAMES",
+                   help="a closure within this many frames of a ground-truth loop (both ends) "
+                   "is correct (default 2)")
     p.add_argument("--compressed", action="store_true", help="images as CompressedImage "
                    "(built-in scenario: record JPEG; your bag: the topic is compressed)")
     p.add_argument("--storage", choices=["sqlite3", "mcap", "rosbag1"], default="sqlite3",
@@ -36,6 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     from vpr_ros.demo.run import DemoOptions, run_demo
+    from vpr_ros.errors import ConfigError
+
+    if not args.bag and (args.loop_gt or args.pose_topic or args.map_bag):
+        raise ConfigError("--loop-gt, --pose-topic and --map-bag describe your own recording: "
+                          "give it with --bag (the built-in scenario has its own ground truth)")
 
     run_demo(DemoOptions(
         out=Path(args.out), model=Path(args.model) if args.model else None,
@@ -43,6 +55,8 @@ def _demo(args: argparse.Namespace) -> int:
         map_bag=Path(args.map_bag) if args.map_bag else None,
         image_topic=args.image_topic,
         pose_topic=args.pose_topic if args.bag else "/odom",
+        loop_gt=Path(args.loop_gt) if args.loop_gt else None,
+        loop_gt_tolerance=args.loop_gt_tolerance,
         rate=args.rate, storage=args.storage, compressed=args.compressed,
         correct_radius_m=args.radius, backend=args.backend, quick=args.quick))
     return 0

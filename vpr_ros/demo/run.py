@@ -11,6 +11,13 @@
 5. Loop closure: the node in loop-closure mode (live map, odometry poses) is fed the whole run;
    its closures are checked against ground truth.
 6. Report: a printed summary, ``report.json`` and plots (route with matches, PR curve).
+
+Ground truth of a user's bag: its pose topic (positions: a match is correct within
+``correct_radius_m``), or, for a bag without poses, a loop ground-truth file (``loop_gt``: CSV
+of query/match stamps or an N x N matrix, see :mod:`vpr_ros.eval.loop_truth`), which judges the
+loop closures and the candidates; with neither, the report says in its first line that nothing
+was checked and gives what can be known without ground truth (frames, closures, scores,
+latency).
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ import numpy as np
 from vpr_ros.errors import ConfigError, VPRError
 
 GroundTruth = Callable[[int], Optional[tuple[float, float]]]
+#: Whether two stamps show the same place (None: cannot be told).
+SamePlace = Callable[[int, int], Optional[bool]]
 
 
 @dataclass
@@ -42,6 +51,8 @@ class DemoOptions:
     map_bag: Optional[Path] = None       # user mode: bag to build the map from (default: bag)
     image_topic: str = "/camera/image_raw"
     pose_topic: Optional[str] = "/odom"
+    loop_gt: Optional[Path] = None       # user mode: loop ground truth of --bag (no poses)
+    loop_gt_tolerance: int = 2           # frames either side a ground-truth loop still counts
     rate: float = 2.0
     storage: str = "sqlite3"
     compressed: bool = False
@@ -184,19 +195,45 @@ def evaluate_relocalization(data: Any, gt: GroundTruth, radius: float) -> dict[s
             "top1_within_radius": float(np.mean(top1)) if top1 else None}
 
 
-def evaluate_loop_closures(data: Any, gt: GroundTruth, radius: float) -> dict[str, Any]:
+def same_place_by_position(gt: GroundTruth, radius: float) -> SamePlace:
+    """Two stamps are the same place when their ground-truth positions are within
+    ``radius`` metres."""
+    def same(a: int, b: int) -> Optional[bool]:
+        pa, pb = gt(a), gt(b)
+        if pa is None or pb is None:
+            return None
+        return math.hypot(pa[0] - pb[0], pa[1] - pb[1]) <= radius
+    return same
+
+
+def evaluate_loop_closures(data: Any, same: SamePlace,
+                           revisit_frames: Optional[int] = None,
+                           frame_of: Optional[Callable[[int], Optional[int]]] = None
+                           ) -> dict[str, Any]:
+    """Precision of the published closures; with ``revisit_frames`` (the number of frames
+    that revisit a place, from loop ground truth) and ``frame_of`` also the recall: the
+    share of those frames for which a correct closure was published."""
     correct = []
+    found: set[int] = set()
     for c in data.loop_closures:
-        q = gt(int(round(c["query_stamp_s"] * 1e9)))
-        m = gt(int(round(c["match_stamp_s"] * 1e9)))
-        if q is not None and m is not None:
-            correct.append(math.hypot(q[0] - m[0], q[1] - m[1]) <= radius)
-    return {"loop_closures": len(data.loop_closures),
-            "precision": float(np.mean(correct)) if correct else None,
-            "checked": len(correct)}
+        q_ns = int(round(c["query_stamp_s"] * 1e9))
+        ok = same(q_ns, int(round(c["match_stamp_s"] * 1e9)))
+        if ok is not None:
+            correct.append(ok)
+            if ok and frame_of is not None:
+                frame = frame_of(q_ns)
+                if frame is not None:
+                    found.add(frame)
+    out: dict[str, Any] = {"loop_closures": len(data.loop_closures),
+                           "precision": float(np.mean(correct)) if correct else None,
+                           "checked": len(correct)}
+    if revisit_frames is not None:
+        out["revisit_frames"] = revisit_frames
+        out["recall"] = len(found) / revisit_frames if revisit_frames else None
+    return out
 
 
-def pr_curve(data: Any, gt: GroundTruth, radius: float, revisits: Callable[[int], bool]
+def pr_curve(data: Any, same: SamePlace, revisits: Callable[[int], bool]
              ) -> dict[str, list[float]]:
     """Precision/recall of the top-1 candidate over score thresholds (single frames, before
     the detector's temporal consistency): what the threshold parameter trades off."""
@@ -205,8 +242,8 @@ def pr_curve(data: Any, gt: GroundTruth, radius: float, revisits: Callable[[int]
     for stamp, arr in data.candidates:
         has_revisit = revisits(stamp)
         positives += int(has_revisit)
-        if len(arr) and np.isfinite(arr["x"][0]):
-            ok = _within(gt, stamp, (float(arr["x"][0]), float(arr["y"][0])), radius)
+        if len(arr):
+            ok = same(stamp, int(round(float(arr["stamp"][0]) * 1e9)))
             if ok is not None:
                 scored.append((float(arr["score"][0]), bool(ok)))
     if not scored or positives == 0:
@@ -226,13 +263,37 @@ def pr_curve(data: Any, gt: GroundTruth, radius: float, revisits: Callable[[int]
 # ------------------------------------------------------------------------------ plots
 
 def plot_results(out: Path, map_xy: np.ndarray, gt_xy: np.ndarray, reloc_pairs: list,
-                 loop_pairs: list, pr: dict[str, list[float]]) -> list[Path]:
+                 loop_pairs: list, pr: dict[str, list[float]], route: bool = True
+                 ) -> list[Path]:
+    """``route_matches.png`` (only with positions: ``route``) and ``pr_curve.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = []
+    if route:
+        paths.append(_plot_route(out, map_xy, gt_xy, reloc_pairs, loop_pairs))
+    fig, ax = plt.subplots(figsize=(5, 4))
+    if pr["recall"]:
+        ax.plot(pr["recall"], pr["precision"], marker=".", color="tab:blue")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title("loop-closure candidates: top-1 precision/recall")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out / "pr_curve.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def _plot_route(out: Path, map_xy: np.ndarray, gt_xy: np.ndarray, reloc_pairs: list,
+                loop_pairs: list) -> Path:
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 6))
     if len(gt_xy):
         ax.plot(gt_xy[:, 0], gt_xy[:, 1], color="0.75", lw=1, label="query run (ground truth)")
@@ -253,24 +314,10 @@ def plot_results(out: Path, map_xy: np.ndarray, gt_xy: np.ndarray, reloc_pairs: 
     ax.set_title("vpr demo: map, query route and matches")
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    paths.append(out / "route_matches.png")
-    fig.savefig(paths[-1], dpi=120)
+    path = out / "route_matches.png"
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(5, 4))
-    if pr["recall"]:
-        ax.plot(pr["recall"], pr["precision"], marker=".", color="tab:blue")
-    ax.set_xlim(0, 1.02)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
-    ax.set_title("loop-closure candidates: top-1 precision/recall")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(out / "pr_curve.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    return paths
+    return path
 
 
 # ------------------------------------------------------------------------------ the demo
@@ -301,6 +348,32 @@ def _bag_ground_truth(bag: Path, pose_topic: str) -> tuple[GroundTruth, np.ndarr
     return at, xy
 
 
+def image_stamps(bag: Path, topic: str) -> list[int]:
+    """Header stamps of every message on an image topic, in recording order (the frame
+    indices a loop ground-truth matrix counts)."""
+    from vpr_ros.mapdb.bag_reader import BagReader
+
+    with BagReader(bag) as reader:
+        reader.check_topic(topic, ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage"))
+        return reader.stamps(topic)
+
+
+def _nearest_lookup(truth: dict[int, tuple[int, float, float, float]]
+                    ) -> Callable[[int], Optional[tuple[int, float, float, float]]]:
+    """Scenario ground truth by stamp, tolerant of the float-seconds round trip of stamps
+    published in messages (to 1 ms)."""
+    keys = np.array(sorted(truth), dtype=np.int64)
+
+    def get(stamp_ns: int) -> Optional[tuple[int, float, float, float]]:
+        at = int(np.searchsorted(keys, stamp_ns))
+        best = min((k for k in (at - 1, at) if 0 <= k < len(keys)),
+                   key=lambda k: abs(int(keys[k]) - stamp_ns), default=None)
+        if best is None or abs(int(keys[best]) - stamp_ns) > 1_000_000:
+            return None
+        return truth[int(keys[best])]
+    return get
+
+
 def run_demo(opts: DemoOptions) -> dict[str, Any]:
     """Run every stage; return the report (also written to ``out/report.json``)."""
     from vpr_ros.mapdb.place_map import PlaceMap
@@ -313,6 +386,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     log = opts.log
     log(f"vpr demo: writing everything to {out}")
     model = opts.model.resolve() if opts.model else _default_model(out, log)
+    loop_truth = None
+    ground_truth = "poses"
 
     # 1. recordings and ground truth
     if opts.bag is None:
@@ -325,25 +400,42 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         log("[1/5] rendering the built-in route (2 laps, dusk on lap 2) into rosbags ...")
         rec = record_scenario(out / "bags", cfg, storage=opts.storage, compressed=opts.compressed)
         truth = read_ground_truth(rec.ground_truth)
+        lookup = _nearest_lookup(truth)
         map_bag, query_bag, full_bag = rec.lap1, rec.lap2, rec.full
-        image_topic, pose_topic = IMAGE_TOPIC, ODOM_TOPIC
+        image_topic: str = IMAGE_TOPIC
+        pose_topic: Optional[str] = ODOM_TOPIC
         log(f"  lap 1: {rec.frames_per_lap[0]} frames, lap 2: {rec.frames_per_lap[1]} frames "
             f"({opts.storage})")
 
         def gt(stamp_ns: int) -> Optional[tuple[float, float]]:
-            row = truth.get(stamp_ns)
+            row = lookup(stamp_ns)
             return None if row is None else (row[1], row[2])
         query_xy = np.array([(r[1], r[2]) for r in truth.values() if r[0] == 2])
         lap_s = Route(cfg).length / cfg.lap1_speed_mps
         scenario = True
     else:
-        if not opts.pose_topic:
-            raise ConfigError("with --bag, give --pose-topic: the report compares the node's "
-                              "output with the bag's own poses")
         map_bag, query_bag, full_bag = (opts.map_bag or opts.bag), opts.bag, opts.bag
-        image_topic, pose_topic = opts.image_topic, opts.pose_topic
+        image_topic, pose_topic = opts.image_topic, opts.pose_topic or None
         log(f"[1/5] using your recording {opts.bag} (map from {map_bag})")
-        gt, query_xy = _bag_ground_truth(query_bag, pose_topic)
+        if pose_topic:
+            gt, query_xy = _bag_ground_truth(query_bag, pose_topic)
+        else:
+            def gt(stamp_ns: int) -> Optional[tuple[float, float]]:
+                return None
+            query_xy = np.zeros((0, 2))
+            ground_truth = "none"
+        if opts.loop_gt is not None:
+            from vpr_ros.eval.loop_truth import load_loop_truth
+
+            loop_truth = load_loop_truth(opts.loop_gt, image_stamps(query_bag, image_topic),
+                                         opts.loop_gt_tolerance)
+            ground_truth = "loop_gt" if not pose_topic else "poses+loop_gt"
+            log(f"  loop ground truth {opts.loop_gt}: {len(loop_truth.revisit_frames)} of "
+                f"{len(loop_truth)} frames revisit a place (tolerance "
+                f"{opts.loop_gt_tolerance} frames)")
+        elif not pose_topic:
+            log("  no pose topic and no --loop-gt: NO GROUND TRUTH, the report cannot say "
+                "whether any match is right (give --pose-topic or --loop-gt for that)")
         lap_s = 0.0
         scenario = False
 
@@ -353,7 +445,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     if map_dir.exists():
         shutil.rmtree(map_dir)
     _run([_exe("vpr"), "map", "build", str(map_bag), "--image-topic", image_topic,
-          "--pose-topic", pose_topic, "--model", str(model), "-o", str(map_dir), "--no-progress"],
+          *(["--pose-topic", pose_topic] if pose_topic else []), "--model", str(model),
+          "-o", str(map_dir), "--no-progress"],
          out / "map_build.log", timeout_s=3600)
     place_map = PlaceMap.load(map_dir)
     map_kfs = place_map.keyframes(range(len(place_map)))
@@ -372,22 +465,38 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
 
     # 4. loop closure within one run
     log("[4/5] vpr_node in loop-closure mode over the whole run ...")
-    lc_data, lc_diag = _drive_node(
-        opts, config_file("vpr_loop_closure.yaml"),
+    lc_params: dict[str, Any] = {
+        **common, "map_index": "flat",
         # Exclusion of 85% of a lap (~40 s, ~160 m on the full route) keeps the detector from
         # "closing" on the street it drove down half a block earlier (measured offline with
         # pretrained GeM: precision 0.96 at recall 0.94 with 40 s, 0.81 with 30 s).
-        {**common, "pose_type": "odometry", "map_index": "flat",
-         "loop_closure.exclusion_window_s": round(0.85 * lap_s, 1) if scenario else 30.0},
-        {"image": image_topic, "odometry": pose_topic}, full_bag, [image_topic, pose_topic],
-        "loop_closure")
-    loops = evaluate_loop_closures(lc_data, gt, opts.correct_radius_m)
-    if scenario:
-        lap2_start = min(s for s, r in truth.items() if r[0] == 2)
-        revisits: Callable[[int], bool] = lambda s: s >= lap2_start  # noqa: E731
+        "loop_closure.exclusion_window_s": round(0.85 * lap_s, 1) if scenario else 30.0}
+    lc_remaps = {"image": image_topic}
+    if pose_topic:
+        lc_params["pose_type"] = "odometry"
+        lc_remaps["odometry"] = pose_topic
+    lc_data, lc_diag = _drive_node(
+        opts, config_file("vpr_loop_closure.yaml"), lc_params, lc_remaps, full_bag,
+        [image_topic, *([pose_topic] if pose_topic else [])], "loop_closure")
+    if loop_truth is not None:
+        same: Optional[SamePlace] = loop_truth.same_place
+        loops = evaluate_loop_closures(lc_data, loop_truth.same_place,
+                                       len(loop_truth.revisit_frames), loop_truth.frame_of)
+        revisits: Callable[[int], bool] = loop_truth.has_revisit
+    elif pose_topic:
+        same = same_place_by_position(gt, opts.correct_radius_m)
+        loops = evaluate_loop_closures(lc_data, same)
+        if scenario:
+            lap2_start = min(s for s, r in truth.items() if r[0] == 2)
+            revisits = lambda s: s >= lap2_start  # noqa: E731
+        else:
+            revisits = lambda s: True  # noqa: E731
     else:
-        revisits = lambda s: True  # noqa: E731
-    pr = pr_curve(lc_data, gt, opts.correct_radius_m, revisits)
+        same = None
+        loops = {"loop_closures": len(lc_data.loop_closures), "precision": None,
+                 "checked": 0}
+    pr = pr_curve(lc_data, same, revisits) if same is not None else \
+        {"threshold": [], "precision": [], "recall": []}
 
     # 5. report
     log("[5/5] report and plots ...")
@@ -402,7 +511,11 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         q, m = gt(int(round(c["query_stamp_s"] * 1e9))), gt(int(round(c["match_stamp_s"] * 1e9)))
         if q is not None and m is not None:
             loop_pairs.append((q, m, math.hypot(q[0] - m[0], q[1] - m[1]) <= opts.correct_radius_m))
-    plots = plot_results(out, map_xy, query_xy, reloc_pairs, loop_pairs, pr)
+    plots = plot_results(out, map_xy, query_xy, reloc_pairs, loop_pairs, pr,
+                         route=bool(pose_topic)) if same is not None else []
+    stamps = loop_truth.stamps_ns if loop_truth is not None else \
+        np.asarray(image_stamps(full_bag, image_topic), dtype=np.int64)
+    plots.append(plot_loop_matrix(out, lc_data, stamps, loop_truth))
     _dump_wire(out / "wire_localization.json", loc_data, gt)
     _dump_wire(out / "wire_loop_closure.json", lc_data, gt)
 
@@ -412,13 +525,23 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     report = {
         "output_dir": str(out), "model": str(model), "map": str(map_dir),
         "map_keyframes": len(place_map), "correct_radius_m": opts.correct_radius_m,
+        "ground_truth": ground_truth,
+        "loop_ground_truth": None if loop_truth is None else {
+            "file": loop_truth.source, "frames": len(loop_truth),
+            "revisit_frames": len(loop_truth.revisit_frames),
+            "tolerance_frames": loop_truth.tolerance,
+            "unmatched_rows": loop_truth.unmatched_rows},
         "relocalization": {**reloc, "frames_received": int(loc_diag.get("frames_received", 0)),
                            "frames_processed": int(loc_diag.get("frames_processed", 0)),
                            "frames_dropped": int(loc_diag.get("frames_dropped", 0)),
                            "errors": int(loc_diag.get("errors_total", 0)),
+                           "relocalizations_without_pose": int(loc_diag.get(
+                               "relocalizations_without_pose", 0)),
+                           "top1_score_median": _top1_median(loc_data),
                            "backend": loc_diag.get("backend", ""), "latency": lat(loc_diag)},
         "loop_closure": {**loops, "frames_processed": int(lc_diag.get("frames_processed", 0)),
                          "keyframes_inserted": int(lc_diag.get("keyframes_inserted", 0)),
+                         "top1_score_median": _top1_median(lc_data),
                          "latency": lat(lc_diag)},
         "pr_curve": pr, "plots": [str(p) for p in plots],
         "wall_time_s": round(time.monotonic() - t0, 1),
@@ -426,6 +549,56 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     (out / "report.json").write_text(json.dumps(report, indent=2))
     log(format_report(report))
     return report
+
+
+def _top1_median(data: Any) -> Optional[float]:
+    scores = [float(a["score"][0]) for _, a in data.candidates if len(a)]
+    return float(np.median(scores)) if scores else None
+
+
+def plot_loop_matrix(out: Path, data: Any, stamps_ns: np.ndarray, truth: Any) -> Path:
+    """Closures as (query frame, match frame) points over the ground-truth loop pairs when
+    there are any: the picture loop-closure papers draw, and the one that needs no poses."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vpr_ros.eval.loop_truth import LoopTruth
+
+    frames = truth if truth is not None else LoopTruth(stamps_ns, set(), 0)
+    fig, ax = plt.subplots(figsize=(6, 6))
+    if truth is not None and truth.pairs:
+        gt = np.array(sorted(truth.pairs))
+        ax.scatter(gt[:, 0], gt[:, 1], s=2, color="0.8", label="ground-truth loops")
+    points = {True: [], False: [], None: []}  # type: dict[Optional[bool], list]
+    for c in data.loop_closures:
+        q_ns, m_ns = int(round(c["query_stamp_s"] * 1e9)), int(round(c["match_stamp_s"] * 1e9))
+        q, m = frames.frame_of(q_ns), frames.frame_of(m_ns)
+        if q is None or m is None:
+            continue
+        ok = truth.same_place(q_ns, m_ns) if truth is not None else None
+        points[ok].append((q, m))
+    for ok, colour, label in ((True, "tab:green", "closure (correct)"),
+                              (False, "tab:red", "closure (wrong)"),
+                              (None, "tab:blue", "closure (no ground truth)")):
+        if points[ok]:
+            arr = np.array(points[ok])
+            ax.scatter(arr[:, 0], arr[:, 1], s=8, color=colour, label=label)
+    n = len(frames)
+    ax.set_xlim(0, n)
+    ax.set_ylim(0, n)
+    ax.set_xlabel("query frame")
+    ax.set_ylabel("matched frame")
+    ax.set_title("loop closures over the frames of the run"
+                 + ("" if truth is not None else "\n(NO GROUND TRUTH: not checked)"))
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    path = out / "loop_matrix.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _dump_wire(path: Path, data: Any, gt: GroundTruth) -> None:
@@ -453,23 +626,51 @@ def _m(v: Optional[float]) -> str:
     return "n/a" if v is None else f"{v:.1f} m"
 
 
+def _score(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
 def format_report(r: dict[str, Any]) -> str:
     rl, lc = r["relocalization"], r["loop_closure"]
     rad = r["correct_radius_m"]
-    lines = [
-        "",
-        "== vpr demo report ==",
-        f"map            {r['map_keyframes']} keyframes  ({r['map']})",
-        f"relocalization {rl['frames_processed']} of {rl['frames_received']} frames processed "
-        f"({rl['frames_dropped']} dropped, {rl['errors']} errors), backend {rl['backend']}",
-        f"               {rl['relocalizations']} poses published; error median "
-        f"{_m(rl['median_error_m'])}, p90 {_m(rl['p90_error_m'])}; "
-        f"{_pct(rl['within_radius'])} within {rad:g} m",
-        f"               top-1 candidate within {rad:g} m on {_pct(rl['top1_within_radius'])} "
-        f"of {rl['frames_with_candidates']} frames",
-        f"loop closure   {lc['loop_closures']} closures published, precision "
-        f"{_pct(lc['precision'])} (within {rad:g} m of ground truth); "
-        f"{lc['keyframes_inserted']} live keyframes",
+    kind = r.get("ground_truth", "poses")
+    lines = ["", "== vpr demo report =="]
+    if kind == "none":
+        lines.append("ground truth   NONE: the bag has no pose topic and no --loop-gt was "
+                     "given, so no match below is checked; counts, scores and latency only")
+    elif "loop_gt" in kind:
+        g = r["loop_ground_truth"]
+        lines.append(f"ground truth   loops from {g['file']}: {g['revisit_frames']} of "
+                     f"{g['frames']} frames revisit a place (+-{g['tolerance_frames']} frames)"
+                     + ("; positions from the pose topic" if kind.startswith("poses") else ""))
+    lines.append(f"map            {r['map_keyframes']} keyframes  ({r['map']})")
+    lines.append(f"relocalization {rl['frames_processed']} of {rl['frames_received']} frames "
+                 f"processed ({rl['frames_dropped']} dropped, {rl['errors']} errors), backend "
+                 f"{rl['backend']}")
+    if kind.startswith("poses"):
+        lines += [
+            f"               {rl['relocalizations']} poses published; error median "
+            f"{_m(rl['median_error_m'])}, p90 {_m(rl['p90_error_m'])}; "
+            f"{_pct(rl['within_radius'])} within {rad:g} m",
+            f"               top-1 candidate within {rad:g} m on "
+            f"{_pct(rl['top1_within_radius'])} of {rl['frames_with_candidates']} frames"]
+    else:
+        lines.append(f"               {rl['relocalizations']} poses published, "
+                     f"{rl.get('relocalizations_without_pose', 0)} recognitions of keyframes "
+                     f"without a pose; top-1 score median {_score(rl.get('top1_score_median'))}"
+                     " (accuracy not measured: no positions)")
+    if kind == "none":
+        lines.append(f"loop closure   {lc['loop_closures']} closures published (not checked); "
+                     f"{lc['keyframes_inserted']} live keyframes; top-1 score median "
+                     f"{_score(lc.get('top1_score_median'))}")
+    else:
+        judged = "by the loop ground truth" if "loop_gt" in kind else \
+            f"within {rad:g} m of ground truth"
+        recall = f", recall {_pct(lc['recall'])} of revisiting frames" if "recall" in lc else ""
+        lines.append(f"loop closure   {lc['loop_closures']} closures published, precision "
+                     f"{_pct(lc['precision'])} ({judged}; {lc['checked']} checked){recall}; "
+                     f"{lc['keyframes_inserted']} live keyframes")
+    lines += [
         f"latency        encode p50 {rl['latency']['encode_p50_ms']:.1f} ms / p95 "
         f"{rl['latency']['encode_p95_ms']:.1f} ms; total p50 {rl['latency']['total_p50_ms']:.1f}"
         f" ms / p95 {rl['latency']['total_p95_ms']:.1f} ms",

@@ -530,6 +530,21 @@ class BagReader:
                           f"{exc})")
         return tree
 
+    def stamps(self, topic: str) -> list[int]:
+        """Header stamp of every message on ``topic``, in recording order, so stamp i belongs
+        to the topic's i-th message (as :attr:`ImageFrame.index` and loop ground-truth
+        matrices count them); a message without a stamp or that cannot be decoded keeps its
+        place with its bag time."""
+        if topic not in self.topics:
+            self.check_topic(topic, ())
+        out = []
+        for message in self.messages([topic]):
+            try:
+                out.append(_stamp_ns(self.deserialize(message).header, message.log_time_ns))
+            except Exception:  # corrupt bytes surface as many exception types
+                out.append(int(message.log_time_ns))
+        return out
+
     # -- poses ----------------------------------------------------------------------------------
 
     def poses(self, topic: str) -> PoseTrack:
