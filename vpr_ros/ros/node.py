@@ -217,8 +217,11 @@ class VprNode(LifecycleNode):
                 raise ConfigError("localization mode needs a map: set the parameter 'map' to a "
                                   "map directory built with `vpr map build`")
             if not path.exists():
-                raise MapError(f"map {path} does not exist; build it with `vpr map build BAG "
-                               "--image-topic T --pose-topic P --model MODEL -o MAP` or fix "
+                where = "" if path.is_absolute() else \
+                    f" (looked at {path.absolute()}: a relative path is taken from the node's " \
+                    "working directory; give launch files an absolute one)"
+                raise MapError(f"map {path} does not exist{where}; build it with `vpr map build "
+                               "BAG --image-topic T --pose-topic P --model MODEL -o MAP` or fix "
                                "the parameter 'map'")
             place_map = PlaceMap.load(path, expected_fingerprint=encoder.fingerprint)
         elif path is not None and path.exists():
