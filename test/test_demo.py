@@ -35,7 +35,7 @@ def test_frames_show_structure_that_identifies_places() -> None:
         return render(world, cfg, x, y, yaw, lap).astype(np.float32)
 
     a, a_near, far = img(20.0, 1), img(20.8, 1), img(120.0, 1)
-    assert a.shape == (120, 160, 3) and a.std() > 20       # textured, not flat
+    assert a.shape == (480, 640, 3) and a.std() > 20       # textured, not flat
     near_diff, far_diff = np.abs(a - a_near).mean(), np.abs(a - far).mean()
     assert near_diff < 0.6 * far_diff                       # nearby views look alike
     dusk = img(20.0, 2, 0.8)

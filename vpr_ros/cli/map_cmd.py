@@ -9,6 +9,19 @@ from pathlib import Path
 from typing import Any
 
 INDEX_CHOICES = ["auto", "flat", "hnsw", "ivfpq", "binary"]
+KEYPOINT_CHOICES = ("sift", "orb", "akaze", "none")
+
+
+def _pose7(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 7 comma-separated numbers "
+                                         "x,y,z,qx,qy,qz,qw") from None
+    if len(values) != 7:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 7 numbers x,y,z,qx,qy,qz,qw, got "
+                                         f"{len(values)}")
+    return values
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,10 +47,31 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="search index of a new map (default: from the config, auto = "
                        "binary over the model's hash codes for a model with a hash head, "
                        "flat otherwise; binary uses the model's codes when it has any)")
-    build.add_argument("--no-local-features", action="store_true",
-                       help="do not store the model's local features (a model with a local "
-                       "head, e.g. CQVPR, otherwise keeps them for re-ranking: float16, "
+    build.add_argument("--no-local-grid", "--no-local-features", dest="no_local_grid",
+                       action="store_true",
+                       help="do not store the model's dense local grid (a model with a local "
+                       "head, e.g. CQVPR, otherwise keeps it for re-ranking: float16, "
                        "H*W*C*2 bytes per keyframe)")
+    build.add_argument("--local-features", choices=list(KEYPOINT_CHOICES),
+                       help="keypoints stored per keyframe for geometric verification "
+                       "(default: from the config, sift; none: no verification against this map)")
+    build.add_argument("--max-keypoints", type=int, help="strongest keypoints kept per keyframe "
+                       "(default: from the config, 1000)")
+    build.add_argument("--camera-info-topic", help="sensor_msgs/CameraInfo of the camera "
+                       "(default: the image topic's sibling camera_info when the bag has it; "
+                       "'' for none)")
+    build.add_argument("--depth-topic", help="aligned depth image (16UC1 mm or 32FC1 m) giving "
+                       "keypoints 3-D points")
+    build.add_argument("--stereo-right-topic", help="right camera of a stereo pair giving "
+                       "keypoints 3-D points (its CameraInfo: sibling camera_info)")
+    build.add_argument("--stereo-right-camera-info-topic",
+                       help="CameraInfo of the right camera (default: its sibling camera_info)")
+    build.add_argument("--base-frame", default="base_link",
+                       help="robot frame of the odometry poses; the camera's mount is looked up "
+                       "from it on /tf_static (default base_link)")
+    build.add_argument("--camera-to-robot", type=_pose7, metavar="X,Y,Z,QX,QY,QZ,QW",
+                       help="pose of the camera optical frame in the robot base frame "
+                       "(overrides /tf_static)")
     build.add_argument("--batch-size", type=int, help="images per encoder pass (default: "
                        "from the config, 16)")
     build.add_argument("--session", help="session name of this bag's keyframes (default: the "
@@ -73,15 +107,23 @@ def _build(args: argparse.Namespace) -> int:
     from vpr_ros.mapdb.build import build_map, load_build_config
     from vpr_ros.runtime.encoder import load_encoder
 
+    from vpr_ros.mapdb.camera_rig import SensorOptions
+
     config = load_build_config(args.config).replace(
         index=args.index, batch_size=args.batch_size,
-        local_features=False if args.no_local_features else None)
+        local_features=False if args.no_local_grid else None,
+        keypoints=args.local_features, max_keypoints=args.max_keypoints)
+    sensors = SensorOptions(camera_info_topic=args.camera_info_topic,
+                            depth_topic=args.depth_topic, right_topic=args.stereo_right_topic,
+                            right_camera_info_topic=args.stereo_right_camera_info_topic,
+                            base_frame=args.base_frame, camera_mount=args.camera_to_robot)
     def encoder() -> Any:  # loaded only once the bag and its topics are known to be fine
         return load_encoder(args.model, backend=args.backend, device=args.device)
 
     _, summary = build_map(args.bag, args.image_topic, encoder, args.output,
                            pose_topic=args.pose_topic, session=args.session, config=config,
-                           append=args.append, progress=not args.no_progress)
+                           append=args.append, progress=not args.no_progress,
+                           sensors=sensors)
     if args.json:
         print(json.dumps(summary.as_dict(), indent=2))
     else:

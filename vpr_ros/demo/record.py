@@ -2,21 +2,29 @@
 
 Three bags are written: ``lap1`` (mapping run), ``lap2`` (the revisit the node relocalises in)
 and ``full`` (both laps back to back, for loop closure within one run), plus
-``ground_truth.csv`` with every frame's pose, which the report compares against.
+``ground_truth.csv`` with every frame's pose, which the report compares against. Each bag has
+the camera's images, its ``CameraInfo``, a registered ``16UC1`` depth image, odometry of
+``base_link`` and the camera's mount on ``/tf_static``: what a robot with an RGB-D camera
+records.
 """
 
 from __future__ import annotations
 
 import csv
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
-from vpr_ros.demo.scenario import Frame, ScenarioConfig, drive
+from vpr_ros.demo.scenario import Frame, ScenarioConfig, camera_matrix, camera_mount, drive
 from vpr_ros.mapdb.bag_writer import ODOMETRY, BagWriter
+from vpr_ros.mapdb.camera import CameraModel
 
 IMAGE_TOPIC = "/camera/image_raw"
+CAMERA_INFO_TOPIC = "/camera/camera_info"
+DEPTH_TOPIC = "/camera/depth/image_raw"
 ODOM_TOPIC = "/odom"
+CAMERA_FRAME = "camera_optical"
+BASE_FRAME = "base_link"
 
 
 @dataclass(frozen=True)
@@ -28,41 +36,68 @@ class RecordedScenario:
     frames_per_lap: tuple[int, int]
 
 
-def _write(path: Path, frames: Iterable[Frame], storage: str, compressed: bool) -> None:
-    with BagWriter(path, storage) as writer:
-        writer.add_image_topic(IMAGE_TOPIC, compressed=compressed, frame_id="camera")
-        writer.add_pose_topic(ODOM_TOPIC, ODOMETRY, frame_id="map", child_frame_id="base_link")
-        for fr in frames:
-            writer.write_pose(ODOM_TOPIC, fr.stamp_ns, (fr.x, fr.y, 0.0), fr.quaternion)
-            writer.write_image(IMAGE_TOPIC, fr.stamp_ns, fr.image)
+class _Recorder:
+    """One bag as a robot records it: camera (+ CameraInfo and registered 16UC1 depth),
+    odometry of base_link, and the camera's mount on /tf_static."""
+
+    def __init__(self, path: Path, cfg: ScenarioConfig, storage: str, compressed: bool,
+                 depth: bool) -> None:
+        if path.exists():
+            shutil.rmtree(path)
+        self.cfg, self.depth = cfg, depth
+        self.camera = CameraModel(IMAGE_TOPIC, cfg.image_size[1], cfg.image_size[0],
+                                  camera_matrix(cfg), frame_id=CAMERA_FRAME)
+        self.writer = BagWriter(path, storage)  # type: ignore[arg-type]
+        self.writer.open()
+        w = self.writer
+        w.add_image_topic(IMAGE_TOPIC, compressed=compressed, frame_id=CAMERA_FRAME)
+        w.add_camera_info_topic(CAMERA_INFO_TOPIC, frame_id=CAMERA_FRAME)
+        if depth:
+            w.add_depth_topic(DEPTH_TOPIC, "16UC1", frame_id=CAMERA_FRAME)
+        w.add_pose_topic(ODOM_TOPIC, ODOMETRY, frame_id="map", child_frame_id=BASE_FRAME)
+        self.first = True
+
+    def write(self, fr: Frame) -> None:
+        w = self.writer
+        if self.first:
+            w.write_static_transforms(fr.stamp_ns, [(BASE_FRAME, CAMERA_FRAME,
+                                                     camera_mount(self.cfg))])
+            self.first = False
+        w.write_pose(ODOM_TOPIC, fr.stamp_ns, (fr.x, fr.y, 0.0), fr.quaternion)
+        w.write_camera_info(CAMERA_INFO_TOPIC, fr.stamp_ns, self.camera)
+        w.write_image(IMAGE_TOPIC, fr.stamp_ns, fr.image)
+        if self.depth and fr.depth is not None:
+            w.write_depth(DEPTH_TOPIC, fr.stamp_ns, fr.depth)
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def record_scenario(out_dir: str | Path, cfg: ScenarioConfig = ScenarioConfig(),
-                    storage: str = "sqlite3", compressed: bool = False) -> RecordedScenario:
-    """Render both laps and write the bags and the ground truth into ``out_dir``."""
+                    storage: str = "sqlite3", compressed: bool = False,
+                    depth: bool = True) -> RecordedScenario:
+    """Render both laps and write the bags and the ground truth into ``out_dir``, one frame at
+    a time (a 640x480 route with depth is gigabytes if held in memory)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    frames = list(drive(cfg))
-    lap1 = [f for f in frames if f.lap == 1]
-    lap2 = [f for f in frames if f.lap == 2]
-    suffix = ".bag" if storage == "rosbag1" else "_bag"  # ROS 1: one file; rosbag2: a folder
-    paths = {name: out / f"{name}{suffix}" for name in ("lap1", "lap2", "full")}
-    for name, subset in (("lap1", lap1), ("lap2", lap2), ("full", frames)):
-        if paths[name].is_dir():
-            import shutil
-
-            shutil.rmtree(paths[name])
-        elif paths[name].exists():
-            paths[name].unlink()
-        _write(paths[name], subset, storage, compressed)
+    paths = {name: out / f"{name}_bag" for name in ("lap1", "lap2", "full")}
+    bags = {name: _Recorder(p, cfg, storage, compressed, depth) for name, p in paths.items()}
+    counts = {1: 0, 2: 0}
     gt = out / "ground_truth.csv"
-    with open(gt, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["lap", "stamp_ns", "x", "y", "yaw"])
-        for fr in frames:
-            w.writerow([fr.lap, fr.stamp_ns, f"{fr.x:.4f}", f"{fr.y:.4f}", f"{fr.yaw:.5f}"])
+    try:
+        with open(gt, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["lap", "stamp_ns", "x", "y", "yaw"])
+            for fr in drive(cfg):
+                bags["full"].write(fr)
+                bags[f"lap{fr.lap}"].write(fr)
+                counts[fr.lap] += 1
+                w.writerow([fr.lap, fr.stamp_ns, f"{fr.x:.4f}", f"{fr.y:.4f}", f"{fr.yaw:.5f}"])
+    finally:
+        for bag in bags.values():
+            bag.close()
     return RecordedScenario(paths["lap1"], paths["lap2"], paths["full"], gt,
-                            (len(lap1), len(lap2)))
+                            (counts[1], counts[2]))
 
 
 def read_ground_truth(path: str | Path) -> dict[int, tuple[int, float, float, float]]:

@@ -395,8 +395,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
             record_scenario
         from vpr_ros.demo.scenario import Route, ScenarioConfig
 
-        cfg = ScenarioConfig(block_length_m=36.0, block_width_m=24.0) if opts.quick \
-            else ScenarioConfig()
+        cfg = ScenarioConfig(block_length_m=36.0, block_width_m=24.0, image_size=(240, 320)) \
+            if opts.quick else ScenarioConfig()
         log("[1/5] rendering the built-in route (2 laps, dusk on lap 2) into rosbags ...")
         rec = record_scenario(out / "bags", cfg, storage=opts.storage, compressed=opts.compressed)
         truth = read_ground_truth(rec.ground_truth)

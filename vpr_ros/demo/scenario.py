@@ -9,6 +9,10 @@ Lap 2 is the "revisit": different lighting (dusk: darker, warmer, lit windows), 
 with distance, a lateral offset in the lane and a different speed, so the two laps never share
 a frame and a place recogniser has to generalise across appearance. Ground-truth poses come with
 every frame; odometry is the ground truth (the demo measures place recognition, not odometry).
+
+The camera is an ideal pinhole (:func:`camera_matrix`, no distortion) mounted 1.6 m above the
+robot's base looking forward (:func:`camera_mount`), and every frame comes with its registered
+depth image, as from an RGB-D camera: what geometric verification needs for a metric pose.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ class ScenarioConfig:
     block_width_m: float = 40.0
     corner_radius_m: float = 6.0
     street_half_width_m: float = 7.0  # facades stand this far from the road centre line
-    image_size: tuple[int, int] = (120, 160)  # (H, W)
+    image_size: tuple[int, int] = (480, 640)  # (H, W): a common robot camera mode
     fov_deg: float = 90.0
     camera_height_m: float = 1.6
     rate_hz: float = 5.0
@@ -46,6 +50,7 @@ class Frame:
     y: float
     yaw: float
     image: np.ndarray = field(repr=False)
+    depth: np.ndarray | None = field(default=None, repr=False)  # metres along the optical axis
 
     @property
     def quaternion(self) -> tuple[float, float, float, float]:
@@ -156,9 +161,35 @@ def _hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
     return table[i, np.arange(len(i))]
 
 
+def camera_matrix(cfg: ScenarioConfig) -> tuple[float, ...]:
+    """K (row-major 3x3) of the rendered camera: an ideal pinhole whose pixel (u, v) centre
+    looks along ((u + 0.5 - W/2) / f, (v + 0.5 - H/2) / f, 1) in the optical frame (x right,
+    y down, z forward), i.e. OpenCV's convention with c = size / 2 - 0.5."""
+    h, w = cfg.image_size
+    f = (w / 2) / math.tan(math.radians(cfg.fov_deg) / 2)
+    return (f, 0.0, w / 2 - 0.5, 0.0, f, h / 2 - 0.5, 0.0, 0.0, 1.0)
+
+
+#: The camera optical frame in base_link (x forward, y left, z up): optical z = base x,
+#: optical x = -base y, optical y = -base z; mounted ``camera_height_m`` above the base.
+MOUNT_QUATERNION = (-0.5, 0.5, -0.5, 0.5)
+
+
+def camera_mount(cfg: ScenarioConfig) -> tuple[float, ...]:
+    """(tx, ty, tz, qx, qy, qz, qw) of the optical frame in base_link."""
+    return (0.0, 0.0, cfg.camera_height_m, *MOUNT_QUATERNION)
+
+
 def render(world: World, cfg: ScenarioConfig, x: float, y: float, yaw: float, lap: int
            ) -> np.ndarray:
     """Render one RGB uint8 frame from pose (x, y, yaw) with the lap's lighting."""
+    return render_with_depth(world, cfg, x, y, yaw, lap)[0]
+
+
+def render_with_depth(world: World, cfg: ScenarioConfig, x: float, y: float, yaw: float,
+                      lap: int) -> tuple[np.ndarray, np.ndarray]:
+    """One RGB uint8 frame and its depth along the optical axis (float32 metres, NaN for the
+    sky): the registered depth image an RGB-D camera would give."""
     h, w = cfg.image_size
     f = (w / 2) / math.tan(math.radians(cfg.fov_deg) / 2)
     cols = np.arange(w) + 0.5 - w / 2
@@ -210,6 +241,7 @@ def render(world: World, cfg: ScenarioConfig, x: float, y: float, yaw: float, la
     img[ground] = np.broadcast_to(np.repeat(road[..., None], 3, -1), (h, w, 3))[ground]
     # lighting of the lap
     depth = np.where(wall, perp[None, :], np.where(ground, ground_d, 200.0))
+    metric = np.where(wall | ground, depth, np.nan).astype(np.float32)
     if lap == 1:
         img = img * (0.85 + 0.15 * np.exp(-depth / 40.0))[..., None]
     else:
@@ -217,7 +249,7 @@ def render(world: World, cfg: ScenarioConfig, x: float, y: float, yaw: float, la
         haze = 1.0 - np.exp(-np.minimum(depth, 200.0) / 30.0)
         img = img * (1 - haze[..., None] * 0.6) + haze[..., None] * 0.6 * np.asarray(
             (0.55, 0.45, 0.45))
-    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8), metric
 
 
 def drive(cfg: ScenarioConfig = ScenarioConfig(), start_ns: int = 1_700_000_000_000_000_000
@@ -231,5 +263,6 @@ def drive(cfg: ScenarioConfig = ScenarioConfig(), start_ns: int = 1_700_000_000_
         n = int(route.length / (speed / cfg.rate_hz))
         for i in range(n):
             x, y, yaw = route.pose(i * speed / cfg.rate_hz, lateral)
-            yield Frame(lap, stamp, x, y, yaw, render(world, cfg, x, y, yaw, lap))
+            rgb, depth = render_with_depth(world, cfg, x, y, yaw, lap)
+            yield Frame(lap, stamp, x, y, yaw, rgb, depth)
             stamp += dt_ns

@@ -18,14 +18,16 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 
 from vpr_ros.errors import BagError, ConfigError, MapError
-from vpr_ros.mapdb.bag_reader import BagReader, ImageFrame
+from vpr_ros.mapdb.bag_reader import BagReader, SyncedFrame
 from vpr_ros.mapdb.bag_writer import NAVSAT_FIX, POSE_TYPES
+from vpr_ros.mapdb.camera_rig import CameraRig, SensorOptions
 from vpr_ros.mapdb.keyframe_selection import KeyframePolicy, KeyframeSelector
 from vpr_ros.mapdb.model_outputs import (INDEX_CHOICES, ModelOutputs, extra_output_names,
                                          index_spec_for)
 from vpr_ros.mapdb.poses import Pose, PoseTrack, interpolate
 from vpr_ros.plain_data import read_yaml
 from vpr_ros.runtime.image_codec import DEFAULT_MAX_PIXELS
+from vpr_ros.runtime.local_features import CHOICES as KEYPOINT_CHOICES
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,10 @@ class BuildConfig:
     index: str = "auto"
     storage_dtype: str = "float32"
     local_features: bool = True
+    keypoints: str = "sift"
+    max_keypoints: int = 1000
+    max_depth_m: float = 40.0
+    sync_tolerance_s: float = 0.02
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_pose_gap_s, (int, float)) and self.max_pose_gap_s > 0):
@@ -71,6 +77,18 @@ class BuildConfig:
         if not isinstance(self.local_features, bool):
             raise ConfigError(f"map.local_features must be true or false, got "
                               f"{self.local_features!r}")
+        if self.keypoints not in KEYPOINT_CHOICES:
+            raise ConfigError(f"keypoints.kind {self.keypoints!r} is not one of "
+                              f"{', '.join(KEYPOINT_CHOICES)}")
+        if isinstance(self.max_keypoints, bool) or not isinstance(self.max_keypoints, int) \
+                or not 8 <= self.max_keypoints <= 100_000:
+            raise ConfigError(f"keypoints.max_count must be an integer in [8, 100000], got "
+                              f"{self.max_keypoints!r}")
+        for name, value in (("keypoints.max_depth_m", self.max_depth_m),
+                            ("keypoints.sync_tolerance_s", self.sync_tolerance_s)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    not 0 < value < 1e6:
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
 
     def replace(self, **changes: Any) -> "BuildConfig":
         """A copy with the given fields changed (``None`` values are ignored)."""
@@ -84,6 +102,8 @@ _SECTIONS: dict[str, dict[str, str]] = {
     "encoding": {"batch_size": "batch_size", "max_pixels": "max_pixels"},
     "map": {"index": "index", "storage_dtype": "storage_dtype",
             "local_features": "local_features"},
+    "keypoints": {"kind": "keypoints", "max_count": "max_keypoints",
+                  "max_depth_m": "max_depth_m", "sync_tolerance_s": "sync_tolerance_s"},
 }
 
 
@@ -91,11 +111,11 @@ def build_config_from_mapping(data: Mapping[str, Any], source: str = "config") -
     """Parse the YAML structure of ``config/map_build.yaml``; unknown keys are refused."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: expected a mapping with sections keyframes, poses, "
-                          f"encoding, map; got {type(data).__name__}")
+                          f"encoding, map, keypoints; got {type(data).__name__}")
     unknown = sorted(set(data) - {"keyframes", *_SECTIONS})
     if unknown:
         raise ConfigError(f"{source}: unknown section(s) {unknown}; expected keyframes, poses, "
-                          "encoding, map")
+                          "encoding, map, keypoints")
     values: dict[str, Any] = {}
     keyframes = data.get("keyframes") or {}
     if not isinstance(keyframes, Mapping):
@@ -147,6 +167,12 @@ class BuildSummary:
     map_size: int = 0
     index: str = ""
     local_features: bool = False
+    keypoints: str = "none"
+    keypoints_per_keyframe: float = 0.0
+    keypoints_with_points: float = 0.0
+    calibrated: bool = False
+    frames_wrong_size: int = 0
+    keyframes_without_depth: int = 0
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
 
@@ -165,6 +191,15 @@ class BuildSummary:
             f"({self.keyframes_with_pose} with pose, {self.keyframes_without_pose} without)",
             f"map:           {self.map_path} ({self.map_size} keyframes in total; index "
             f"{self.index}{', local features' if self.local_features else ''})",
+            f"keypoints:     {self.keypoints}" + (
+                "" if self.keypoints == "none" else
+                f", {self.keypoints_per_keyframe:.0f} per keyframe, "
+                f"{100 * self.keypoints_with_points:.0f}% with 3-D points; camera "
+                f"{'calibrated' if self.calibrated else 'UNCALIBRATED (no pose from verification)'}"
+                + (f"; {self.frames_wrong_size} frames refused (size differs from CameraInfo)"
+                   if self.frames_wrong_size else "")
+                + (f"; {self.keyframes_without_depth} keyframes without depth"
+                   if self.keyframes_without_depth else "")),
             f"time:          {self.seconds:.1f} s",
         ]
         if self.warnings:
@@ -180,7 +215,8 @@ def build_map(bag: str | Path, image_topic: str,
               encoder: EncoderLike | Callable[[], EncoderLike],
               out: str | Path | None = None, *, pose_topic: str | None = None,
               session: str | None = None, config: BuildConfig | None = None,
-              append: bool = False, progress: bool = False) -> tuple[Any, BuildSummary]:
+              append: bool = False, progress: bool = False,
+              sensors: SensorOptions | None = None) -> tuple[Any, BuildSummary]:
     """Build (or with ``append``, extend) a map from one bag; returns ``(PlaceMap, summary)``.
 
     ``encoder`` is an encoder or a zero-argument factory of one; a factory is called only
@@ -191,6 +227,10 @@ def build_map(bag: str | Path, image_topic: str,
 
     Each keyframe's ``frame_id`` names the frame its position is in: the pose topic's header
     frame (``local_enu`` for NavSatFix), or the camera frame for a keyframe without a pose.
+
+    ``sensors``: where the camera's calibration, mount and 3-D points come from
+    (:class:`~vpr_ros.mapdb.camera_rig.SensorOptions`); keyframes get ``config.keypoints``
+    keypoints (with 3-D points from depth or stereo), the map the calibration.
     """
     from vpr_ros.mapdb.keyframe import Keyframe
 
@@ -207,10 +247,19 @@ def build_map(bag: str | Path, image_topic: str,
                                                       "sensor_msgs/msg/CompressedImage"))
         if pose_topic is not None:
             reader.check_topic(pose_topic, POSE_TYPES)
+        rig = CameraRig.open(reader, image_topic, sensors or SensorOptions(), config.keypoints,
+                             config.max_keypoints, config.max_depth_m)
+        for note in rig.notes:
+            reader.warn(note)
         if not hasattr(encoder, "encode"):
             encoder = encoder()  # type: ignore[operator]
         assert hasattr(encoder, "encode")
         existing = _open_existing(out_path, encoder) if append else None
+        if existing is not None and existing.keypoint_kind != (
+                None if config.keypoints == "none" else config.keypoints):
+            raise MapError(f"the map at {out_path} stores {existing.keypoint_kind or 'no'} "
+                           f"keypoints but this build asks for {config.keypoints}; append with "
+                           f"--local-features {existing.keypoint_kind or 'none'}")
         # A new map is created at the first batch, when the model's extra outputs are known.
         target: list[Any] = [existing]
         extras = extra_output_names(encoder)
@@ -231,18 +280,22 @@ def build_map(bag: str | Path, image_topic: str,
                                map_path=str(out_path) if out_path is not None else None,
                                pose_samples=len(track) if track is not None else 0)
         selector = KeyframeSelector(config.keyframes)
-        pending: list[tuple[ImageFrame, Pose | None]] = []
+        pending: list[tuple[SyncedFrame, Pose | None]] = []
         source_bag = str(bag.resolve())
 
         def flush() -> None:
             if not pending:
                 return
-            images = [f.rgb for f, _ in pending]
+            images = [f.image.rgb for f, _ in pending]
             outs = encoder.encode_all(images) if extras else \
                 {"global": encoder.encode(images)}  # type: ignore[attr-defined]
             if target[0] is None:
                 target[0] = _create_map(encoder, config, ModelOutputs.from_batch(outs))
             place_map = target[0]
+            if rig.camera is not None:
+                place_map.add_camera(session, rig.camera)
+            keypoints = [rig.keypoints(f) for f, _ in pending] \
+                if place_map.keypoint_kind is not None else None
             keyframes = [
                 Keyframe(session=session, stamp_ns=int(f.stamp_ns),
                          frame_id=pose_frame if pose is not None else f.frame_id,
@@ -250,10 +303,11 @@ def build_map(bag: str | Path, image_topic: str,
                          orientation=pose.orientation if pose is not None else None,
                          gnss=pose.gnss if pose is not None else None,
                          source_bag=source_bag, source_topic=image_topic, camera=image_topic)
-                for f, pose in pending]
+                for f, pose in ((s.image, p) for s, p in pending)]
             place_map.add(np.asarray(outs["global"], dtype=np.float32), keyframes,
                           binary_codes=outs.get("binary") if place_map.model_codes else None,
-                          local_features=outs.get("local") if place_map.local_grid else None)
+                          local_features=outs.get("local") if place_map.local_grid else None,
+                          keypoints=keypoints)
             summary.keyframes += len(pending)
             with_pose = sum(1 for _, pose in pending if pose is not None)
             summary.keyframes_with_pose += with_pose
@@ -264,13 +318,18 @@ def build_map(bag: str | Path, image_topic: str,
         bar = _progress(progress, total if total > 0 else None,
                         f"{image_topic} ({image_type.rsplit('/', 1)[-1]})")
         try:
-            for frame in reader.images(image_topic):
+            tolerance = int(config.sync_tolerance_s * 1e9)
+            for synced in reader.synced_frames(image_topic, rig.depth_topic, rig.right_topic,
+                                               tolerance):
+                frame = synced.image
                 bar.update(1)
+                if not rig.accepts(frame):
+                    continue
                 pose = interpolate(track, frame.stamp_ns, config.max_pose_gap_s) \
                     if track is not None else None
                 if selector.accept(frame.stamp_ns, pose.position if pose else None,
                                    pose.orientation if pose else None):
-                    pending.append((frame, pose))
+                    pending.append((synced, pose))
                     if len(pending) >= config.batch_size:
                         flush()
                         bar.set_postfix(keyframes=summary.keyframes, refresh=False)
@@ -279,6 +338,17 @@ def build_map(bag: str | Path, image_topic: str,
             bar.close()
         summary.frames_read = reader.stats.images_read
         summary.frames_corrupt = reader.stats.images_corrupt
+        summary.frames_wrong_size = rig.stats.frames_wrong_size
+        summary.keyframes_without_depth = rig.stats.keyframes_without_depth
+        if rig.stats.frames_wrong_size:
+            assert rig.camera is not None
+            reader.warn(f"refused {rig.stats.frames_wrong_size} frame(s) of {image_topic} whose "
+                        f"size differs from the CameraInfo's {rig.camera.width}x"
+                        f"{rig.camera.height} (a resized stream or the wrong camera_info)")
+        if rig.stats.keyframes_without_depth:
+            reader.warn(f"{rig.stats.keyframes_without_depth} keyframe(s) got no 3-D points: no "
+                        f"{'depth image' if rig.depth_topic else 'right image'} of their size "
+                        f"within {config.sync_tolerance_s} s of their stamp")
         summary.bag_damaged = reader.stats.damaged
         summary.warnings = list(reader.stats.warnings)
     if summary.frames_read == 0:
@@ -294,11 +364,18 @@ def build_map(bag: str | Path, image_topic: str,
     place_map = target[0]
     if place_map is None:  # no keyframe was selected: an empty map of the right layout
         place_map = _create_map(encoder, config, ModelOutputs.probe(encoder))
+    if rig.camera is not None:
+        place_map.add_camera(session, rig.camera)
     if out_path is not None:
         place_map.save(out_path)
     summary.map_size = len(place_map)
     summary.index = place_map.index_kind + (" (model codes)" if place_map.model_codes else "")
     summary.local_features = place_map.local_grid is not None
+    summary.keypoints = place_map.keypoint_kind or "none"
+    summary.calibrated = rig.camera is not None
+    if rig.stats.keypoints:
+        summary.keypoints_per_keyframe = rig.stats.keypoints / max(1, summary.keyframes)
+        summary.keypoints_with_points = rig.stats.keypoints_with_points / rig.stats.keypoints
     summary.seconds = time.monotonic() - started
     return place_map, summary
 
@@ -331,7 +408,8 @@ def _create_map(encoder: EncoderLike, config: BuildConfig, outputs: ModelOutputs
     grid = outputs.local_grid if config.local_features else None
     return PlaceMap.create(encoder.dim, encoder.fingerprint,
                            index=index_spec_for(config.index, outputs),
-                           storage_dtype=config.storage_dtype, local_grid=grid)
+                           storage_dtype=config.storage_dtype, local_grid=grid,
+                           keypoints=None if config.keypoints == "none" else config.keypoints)
 
 
 class _NoBar:

@@ -21,6 +21,7 @@ points behind either camera, beyond ``max_depth_m`` or reprojecting badly are dr
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -48,7 +49,8 @@ def points_from_depth(features: LocalFeatures, camera: CameraModel, depth_m: np.
     uu = np.clip(u[:, None] + offsets[None, :, 0], 0, w - 1)
     vv = np.clip(v[:, None] + offsets[None, :, 1], 0, h - 1)
     window = depth_m[vv, uu]                                    # (n, 9)
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows: no reading there
         med = np.nanmedian(window, axis=1)
         spread = np.nanmax(window, axis=1) - np.nanmin(window, axis=1)
     valid = np.isfinite(med) & (med > 0) & (med <= max_depth_m) & \
