@@ -220,7 +220,8 @@ def test_best_model_is_kept_beside_the_last_and_resume_keeps_selecting(tmp_path:
             with open(folder / "postprocessed.csv") as f:
                 for row in csv.DictReader(f):
                     src = folder / "images" / f"{row['key']}.jpg"
-                    name = f"@{float(row['easting']) + shift:.2f}@{row['northing']}@{row['key']}@.jpg"
+                    east = float(row["easting"]) + shift
+                    name = f"@{east:.2f}@{row['northing']}@{row['key']}@.jpg"
                     (merged / side / name).write_bytes(src.read_bytes())
     out_json = tmp_path / "recall.json"
     assert main(["eval", "recall", "--model", str(result.output / "model_best"),
@@ -264,15 +265,29 @@ def test_early_stopping_stops_after_patience_validations_without_improvement(tmp
     assert [h["epoch"] for h in s2["validation"]["history"]] == [1, 3]
 
 
-def test_cqvpr_style_triplet_run_trains(tmp_path: Path) -> None:
-    """A run with the triplet loss + triplet miner goes end to end and lowers its loss."""
+def test_cqvpr_recipe_losses_train_end_to_end(tmp_path: Path) -> None:
+    """CQVPR's training as its recipe sets it (triplet loss + triplet miner, the query matching
+    loss of Eq. 7 and the mutual-NN local loss at weight 1) on a small CQVPR head runs end to
+    end, lowers the total, and the saved model records the published design."""
     from vpr_ros.train.run import train
 
     folders = _traversals(tmp_path / "val", 6, 7)
     p = _recipe(tmp_path, {"database": folders[0], "queries": folders[1], "tolerance": 0},
                 {"max_steps": 6},
                 loss={"name": "triplet", "margin": 0.1,
-                      "miner": {"name": "triplet_margin", "margin": 0.1}})
+                      "miner": {"name": "triplet_margin", "margin": 0.1},
+                      "extra": [{"name": "cqvpr_query_matching", "weight": 1.0,
+                                 "params": {"num_negatives": 3}},
+                                {"name": "mnn_local", "weight": 1.0,
+                                 "params": {"num_negatives": 3}}]})
+    doc = yaml.safe_load(p.read_text())
+    doc["model"]["config"]["aggregator"] = {
+        "name": "cqvpr", "params": {"num_queries": 4, "query_dim": 32, "num_heads": 4,
+                                    "local_dim": 16, "local_hidden": 24}}
+    p.write_text(yaml.safe_dump(doc))
     result = train(load_train_config(p))
     assert result.steps == 6 and np.isfinite(result.losses).all()
     assert min(result.losses[-2:]) < result.losses[0]
+    from vpr_ros.models.model_dir import read_model_meta
+
+    assert read_model_meta(result.model_dir).config.aggregator.params["design"] == "paper"

@@ -1,8 +1,11 @@
-"""CQVPR: contextual queries, heatmaps -> context features, the 1280-D descriptor, the local
-head (the "local" extra output) and ONNX export with both outputs."""
+"""CQVPR as published (design: paper): the parameter counts of Table VII, Eq. 1-5 against a
+loop-by-loop reading of the paper, the local head on the joint features; the earlier decoder
+layout still loading from model directories that predate the field; ONNX export with both
+outputs."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -20,28 +23,35 @@ from vpr_ros.models.registry import build_component
 CONFIGS = Path(__file__).resolve().parents[1] / "config" / "models"
 
 
-def small_aggregator(c: int = 64, local_dim: int = 16) -> CQVPRAggregator:
+def small_aggregator(c: int = 64, local_dim: int = 16, design: str = "paper"
+                     ) -> CQVPRAggregator:
     torch.manual_seed(0)
     return CQVPRAggregator(in_channels=c, num_queries=4, query_dim=32, num_heads=4,
-                           local_dim=local_dim, local_hidden=24).eval()
+                           design=design, local_dim=local_dim, local_hidden=24).eval()
 
 
-def test_paper_config_dims_and_parameter_count() -> None:
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_paper_config_parameter_counts_are_table_vii() -> None:
+    """Table VII: fine-tuned DINOv2 354.77 M, context-aware feature 0.656 M, up-convolution
+    3.24 M; the 1280-D descriptor and 10 x 256 queries of Sec. IV-B."""
     cfg = model_config_from_dict(load_yaml(CONFIGS / "cqvpr_dinov2l.yaml"), source="cqvpr")
     with torch.device("meta"):
         model = build_model(cfg)
     agg = model.aggregator
-    assert model.descriptor_dim == 1280 == 1024 + 256  # pixel features + context features
-    assert model.extra_outputs == ("local",)
-    assert agg.queries.shape == (1, 10, 256)
-    # Closed form of this configuration (the paper states no parameter count):
-    attn = 3 * 256 * 256 + 3 * 256 + 256 * 256 + 256
-    layer = 2 * attn + (256 * 1024 + 1024 + 1024 * 256 + 256) + 3 * 512
-    local = (1024 * 256 * 9 + 256) + (256 * 128 * 9 + 128)
-    expected = (1024 * 256 + 256 + 512) + 10 * 256 + 2 * layer \
-        + (10 * 256 + 256 + 256 * 256 + 256) + 1 + local
-    assert sum(p.numel() for p in agg.parameters()) == expected == 5_095_553
-    assert sum(p.numel() for p in agg.local_head.parameters()) == local == 2_654_592
+    assert agg.design == "paper" and model.descriptor_dim == 1280 == 1024 + 256
+    assert model.extra_outputs == ("local",) and agg.queries.shape == (1, 10, 256)
+    assert round(_count(model.backbone) / 1e6, 2) == 354.77
+    assert _count(agg.cross_attn) == 10 * 256 ** 2 + 4 * 256 == 656_384     # 0.656 M
+    assert round(_count(agg.cross_attn) / 1e6, 3) == 0.656
+    assert _count(agg.local_head) == (1280 * 256 * 9 + 256) + (256 * 128 * 9 + 128)
+    assert round(_count(agg.local_head) / 1e6, 2) == 3.24
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"backbone", "aggregator"}
+    assert all(".adapter" in n for n, p in model.backbone.named_parameters() if p.requires_grad)
+    assert cfg.input.size == (224, 224)
 
 
 def test_outputs_shapes_and_norms() -> None:
@@ -58,21 +68,76 @@ def test_outputs_shapes_and_norms() -> None:
     torch.testing.assert_close(out["local"].norm(dim=-1), torch.ones(3, 13, 17))
     agg.train()
     out = agg.forward_all(x)
+    assert out["contextual_queries"].shape == (3, 4, 32)
     assert out["heatmaps"].shape == (3, 4, 4, 5)
-    torch.testing.assert_close(out["heatmaps"].sum(1), torch.ones(3, 4, 5))
-    assert out["query_features"].shape == (3, 4, 64)
-    torch.testing.assert_close(out["query_features"].norm(dim=-1), torch.ones(3, 4))
+    torch.testing.assert_close(out["heatmaps"].norm(dim=1), torch.ones(3, 4, 5))
 
 
-def test_descriptor_follows_the_formula() -> None:
-    """Loop-per-pixel evaluation: heatmap = softmax over queries of q.m/sqrt(d); context =
-    MLP(heatmap); [L2(pixel) | L2(context)] GeM-pooled and L2-normalised."""
+def _cross_attention(layer, t: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """TopicFM's / LoFTR's attention layer, per head, written out (Eq. 1)."""
+    heads, hd = layer.heads, layer.head_dim
+    q, k, v = t @ layer.q_proj.weight.T, f @ layer.k_proj.weight.T, f @ layer.v_proj.weight.T
+    msgs = []
+    for h in range(heads):
+        sl = slice(h * hd, (h + 1) * hd)
+        att = torch.softmax(q[:, sl] @ k[:, sl].T / hd ** 0.5, dim=-1)
+        msgs.append(att @ v[:, sl])
+    msg = F.layer_norm(torch.cat(msgs, -1) @ layer.merge.weight.T, (t.shape[-1],),
+                       layer.norm1.weight, layer.norm1.bias)
+    w1, w2 = layer.mlp[0].weight, layer.mlp[2].weight
+    mlp = F.gelu(torch.cat([t, msg], -1) @ w1.T) @ w2.T
+    return t + F.layer_norm(mlp, (t.shape[-1],), layer.norm2.weight, layer.norm2.bias)
+
+
+def test_descriptor_and_local_features_follow_eq_1_to_5() -> None:
+    """Pixel by pixel: T = CA(T, conv(F_V)); H = <T, conv(F_V)>; F_T = MLP(H / |H|) (over the
+    queries); G = L2(GeM(L2([F_V, F_T]))); L = L2(up-conv([F_V, F_T]))."""
     agg = small_aggregator()
     feats = torch.randn(2, 64, 3, 4)
     with torch.no_grad():
-        got = agg(BackboneOutput(feats))
+        out = agg.forward_all(BackboneOutput(feats))
         for b in range(2):
-            tokens = feats[b].flatten(1).T                       # (N, C)
+            tokens = feats[b].flatten(1).T                                   # (N, C)
+            f = tokens @ agg.conv.weight.T + agg.conv.bias                   # conv(F_V)
+            t = _cross_attention(agg.cross_attn[0], agg.queries[0], f)       # Eq. 1
+            rows, joint = [], []
+            for n in range(len(tokens)):
+                heat = t @ f[n]                                              # Eq. 2
+                ctx = agg.context_mlp(heat / heat.norm())                    # Eq. 3
+                joint.append(torch.cat([tokens[n], ctx]))
+                rows.append(F.normalize(joint[-1], dim=0))
+            pooled = torch.stack(rows).clamp(min=1e-6).pow(agg.gem.p).mean(0).pow(1 / agg.gem.p)
+            torch.testing.assert_close(out["global"][b], F.normalize(pooled, dim=0),
+                                       rtol=1e-5, atol=1e-6)                # Eq. 4
+            grid = torch.stack(joint).T.reshape(1, 64 + 32, 3, 4)
+            h = agg.local_head
+            x = F.conv_transpose2d(grid, h.upconv1.weight, h.upconv1.bias, stride=2, padding=1)
+            x = F.conv_transpose2d(F.relu(x), h.upconv2.weight, h.upconv2.bias, stride=2,
+                                   padding=1)
+            torch.testing.assert_close(out["local"][b], F.normalize(x, dim=1)[0].permute(1, 2, 0),
+                                       rtol=1e-5, atol=1e-6)                # Eq. 5
+
+
+def test_context_features_depend_on_the_queries() -> None:
+    agg = small_aggregator()
+    x = BackboneOutput(torch.randn(2, 64, 4, 5))
+    with torch.no_grad():
+        before = agg.forward_all(x)
+        agg.queries.add_(torch.randn_like(agg.queries))
+        after = agg.forward_all(x)
+    assert (before["global"] - after["global"]).abs().max() > 1e-4
+    assert (before["local"] - after["local"]).abs().max() > 1e-4   # Eq. 5 reads F_T too
+
+
+def test_decoder_design_keeps_its_formula() -> None:
+    """The earlier layout (what model directories without ``design`` hold): heatmap = softmax
+    over queries of q.m/sqrt(d); [L2(pixel) | L2(context)] GeM-pooled; local head on F_V."""
+    agg = small_aggregator(design="decoder")
+    feats = torch.randn(2, 64, 3, 4)
+    with torch.no_grad():
+        got = agg.forward_all(BackboneOutput(feats))
+        for b in range(2):
+            tokens = feats[b].flatten(1).T
             mem = agg.input_norm(agg.input_proj(tokens))
             q = agg.queries
             for layer in agg.decoder:
@@ -86,31 +151,48 @@ def test_descriptor_follows_the_formula() -> None:
             joint = torch.stack(rows).clamp(min=1e-6)
             p = agg.gem.p
             pooled = joint.pow(p).mean(0).pow(1 / p)
-            torch.testing.assert_close(got[b], F.normalize(pooled, dim=0), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got["global"][b], F.normalize(pooled, dim=0),
+                                       rtol=1e-5, atol=1e-6)
+        assert agg.local_head.upconv1.in_channels == 64
+        assert len(agg.decoder) == 2
 
 
-def test_context_features_depend_on_the_queries() -> None:
-    agg = small_aggregator()
-    x = BackboneOutput(torch.randn(2, 64, 4, 5))
+def test_model_json_without_design_is_the_decoder_layout(tmp_path: Path) -> None:
+    """A model directory written before ``design`` existed keeps its fingerprint and encodes as
+    it did; a new one records ``design: paper`` even when its YAML leaves it out."""
+    from vpr_ros.models.model_dir import (CONFIG_FILE, load_model_dir, read_model_meta,
+                                          save_model_dir)
+
+    cfg = {"backbone": {"name": "efficientnet_lite",
+                        "params": {"variant": "lite0", "features": "head", "trainable_stages": 0}},
+           "aggregator": {"name": "cqvpr", "params": {"num_queries": 4, "query_dim": 32,
+                                                       "num_layers": 2, "num_heads": 4,
+                                                       "local_dim": 8, "local_hidden": 16}},
+           "input": {"size": [64, 64]}}
+    old_cfg = json.loads(json.dumps(cfg))
+    old_cfg["aggregator"]["params"]["design"] = "decoder"
+    torch.manual_seed(0)
+    old = build_model(model_config_from_dict(old_cfg)).eval()
+    save_model_dir(old, tmp_path / "old")
+    doc = json.loads((tmp_path / "old" / CONFIG_FILE).read_text())
+    del doc["aggregator"]["params"]["design"]          # as such files were written
+    (tmp_path / "old" / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+    fp = read_model_meta(tmp_path / "old").fingerprint
+    model, meta = load_model_dir(tmp_path / "old")
+    assert model.aggregator.design == "decoder" and meta.fingerprint == fp
+    assert meta.config.aggregator.params["design"] == "decoder"
+    x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        before = agg(x)
-        agg.queries.add_(torch.randn_like(agg.queries))
-        after = agg(x)
-    # The pixel half (up to the common normalisation) does not change; the context half does.
-    cos_pix = F.cosine_similarity(before[:, :64], after[:, :64])
-    torch.testing.assert_close(cos_pix, torch.ones(2))
-    assert (before[:, 64:] - after[:, 64:]).abs().max() > 1e-3
-
-
-def test_local_head_is_two_transposed_convolutions() -> None:
-    agg = small_aggregator()
-    feats = torch.randn(1, 64, 4, 5)
-    with torch.no_grad():
-        got = agg.forward_all(BackboneOutput(feats))["local"]
-        h = agg.local_head
-        x = F.conv_transpose2d(feats, h.upconv1.weight, h.upconv1.bias, stride=2, padding=1)
-        x = F.conv_transpose2d(F.relu(x), h.upconv2.weight, h.upconv2.bias, stride=2, padding=1)
-    torch.testing.assert_close(got, F.normalize(x, dim=1).permute(0, 2, 3, 1))
+        torch.testing.assert_close(model.eval().forward_all(x)["global"],
+                                   old.forward_all(x)["global"])
+    assert read_model_meta(tmp_path / "old").fingerprint == fp
+    torch.manual_seed(0)
+    new = build_model(model_config_from_dict(cfg))
+    assert new.aggregator.design == "paper"
+    save_model_dir(new, tmp_path / "new")
+    doc = json.loads((tmp_path / "new" / CONFIG_FILE).read_text())
+    assert doc["aggregator"]["params"]["design"] == "paper"
+    assert load_model_dir(tmp_path / "new")[0].aggregator.design == "paper"
 
 
 def test_without_local_head_there_is_no_extra_output() -> None:
@@ -122,7 +204,9 @@ def test_without_local_head_there_is_no_extra_output() -> None:
 
 @pytest.mark.parametrize("params,match", [({"query_dim": 30, "num_heads": 4}, "divisible"),
                                           ({"num_queries": 0}, "num_queries"),
-                                          ({"local_dim": -1}, "local_dim")])
+                                          ({"local_dim": -1}, "local_dim"),
+                                          ({"design": "detr"}, "design"),
+                                          ({"ffn_dim": 64}, "decoder design")])
 def test_bad_parameters_are_config_errors(params: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         build_component("aggregator", "cqvpr", params, in_channels=64)
@@ -188,8 +272,8 @@ def test_onnx_export_with_the_local_head_as_second_output(tmp_path: Path) -> Non
     assert (local * ref["local"].numpy()).sum(-1).min() >= 0.9999
 
 
-def test_query_self_attention_is_cached_in_inference_only() -> None:
-    agg = small_aggregator()
+def test_decoder_query_self_attention_is_cached_in_inference_only() -> None:
+    agg = small_aggregator(design="decoder")
     with torch.no_grad():
         first = agg.initial_queries()
         assert agg.initial_queries() is first                 # reused while nothing changed

@@ -1,8 +1,11 @@
 """DC-VLAQ's DINOv2 + CLIP residual fusion backbone, end to end on a ViT-S-sized model with a
 patch-16 CLIP (the path of the DINOv2-B + OpenAI ViT-B/16 config: CLIP's input resized to
 DINOv2's grid): ``vpr model import dcvlaq`` with official-layout DINOv2 and OpenAI-layout CLIP
-files, each tensor landing, CLIP's forward against timm's own CLIP, the fusion formula, what
-trains and what stays frozen, and ONNX export with onnxruntime parity."""
+files of distinct random tensors, every tensor landing where the published layouts say, CLIP's
+forward against timm's own CLIP, the whole imported model against an independent
+reimplementation of the paper (DINOv2 from timm's blocks with the official token recipe, CLIP
+from timm's converter, Eq. 4 fusion, Eq. 5-7 VLAQ), what trains and what stays frozen, and ONNX
+export with onnxruntime parity."""
 
 from __future__ import annotations
 
@@ -102,6 +105,118 @@ def test_both_halves_land_and_survive_the_model_directory(imported) -> None:
     n_visual = sum(1 for k in clip_sd if k.startswith(v)) - 1          # minus the unused proj
     assert len(clip) == n_visual
     torch.testing.assert_close(model.backbone.fusion.weight, torch.zeros(WIDTH, WIDTH))
+
+
+def _openai_name(ours: str) -> str:
+    """Where a ClipVisionTower tensor sits in an OpenAI/open_clip file, written from the
+    published layout (``visual.conv1``, ``ln_pre``, ``transformer.resblocks.N.{ln_1, attn.in_proj_*,
+    attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}``, ``ln_post``)."""
+    fixed = {"patch_embed.proj.weight": "conv1.weight", "cls_token": "class_embedding",
+             "pos_embed": "positional_embedding", "norm_pre.weight": "ln_pre.weight",
+             "norm_pre.bias": "ln_pre.bias", "norm.weight": "ln_post.weight",
+             "norm.bias": "ln_post.bias"}
+    if ours in fixed:
+        return "visual." + fixed[ours]
+    _, i, rest = ours.split(".", 2)
+    block = {"norm1.weight": "ln_1.weight", "norm1.bias": "ln_1.bias",
+             "attn.qkv.weight": "attn.in_proj_weight", "attn.qkv.bias": "attn.in_proj_bias",
+             "attn.proj.weight": "attn.out_proj.weight", "attn.proj.bias": "attn.out_proj.bias",
+             "norm2.weight": "ln_2.weight", "norm2.bias": "ln_2.bias",
+             "mlp.fc1.weight": "mlp.c_fc.weight", "mlp.fc1.bias": "mlp.c_fc.bias",
+             "mlp.fc2.weight": "mlp.c_proj.weight", "mlp.fc2.bias": "mlp.c_proj.bias"}[rest]
+    return f"visual.transformer.resblocks.{i}.{block}"
+
+
+def test_every_clip_tensor_lands_where_the_published_layout_says(imported) -> None:
+    model, _, _, clip_sd, _ = imported
+    clip = model.backbone.clip.state_dict()
+    used = set()
+    for ours, value in clip.items():
+        theirs = _openai_name(ours)
+        used.add(theirs)
+        want = clip_sd[theirs].reshape(value.shape)        # class/pos embedding gain a batch axis
+        torch.testing.assert_close(value, want, rtol=0, atol=0, msg=f"{ours} <- {theirs}")
+    visual = {k for k in clip_sd if k.startswith("visual.")}
+    assert visual - used == {"visual.proj"}                 # the joint-embedding head only
+    # distinct random tensors: a swapped pair of same-shaped tensors would have failed above
+    assert not torch.equal(clip_sd["visual.ln_pre.bias"], clip_sd["visual.ln_post.bias"])
+
+
+def _official_dinov2_tokens(sd: dict, x: torch.Tensor) -> torch.Tensor:
+    """DINOv2 patch tokens from timm's DINOv2 blocks loaded with the official file, with the
+    official token recipe written out (interpolate_pos_encoding: bicubic, scale factor
+    (n + 0.1) / 37, no antialias; final norm)."""
+    ref = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0,
+                            img_size=518).eval()
+    missing, unexpected = ref.load_state_dict({k: v for k, v in sd.items()
+                                               if k != "mask_token"}, strict=False)
+    assert not missing and not unexpected
+    h0, w0 = x.shape[-2] // 14, x.shape[-1] // 14
+    pos = sd["pos_embed"]
+    patch = pos[:, 1:].reshape(1, 37, 37, -1).permute(0, 3, 1, 2)
+    patch = F.interpolate(patch, scale_factor=((h0 + 0.1) / 37, (w0 + 0.1) / 37),
+                          mode="bicubic", antialias=False)
+    patch = patch.permute(0, 2, 3, 1).reshape(1, h0 * w0, -1)
+    tokens = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=14)
+    tokens = tokens.flatten(2).transpose(1, 2) + patch
+    t = torch.cat([sd["cls_token"].expand(len(x), -1, -1) + pos[:, :1], tokens], dim=1)
+    for blk in ref.blocks:
+        t = blk(t)
+    return ref.norm(t)[:, 1:]
+
+
+def _paper_vlaq(z: torch.Tensor, blocks) -> torch.Tensor:
+    """Eq. 5-7 and the concatenation + L2 of Sec. 3.3, token by token."""
+    out = []
+    for blk in blocks:
+        zz = blk.proj(z)
+        d = zz.shape[-1]
+        for q in blk.queries:
+            a = torch.softmax(torch.stack([q @ zz[j] / d ** 0.5 for j in range(len(zz))]), 0)
+            out.append(sum(a[j] * (zz[j] - q) for j in range(len(zz))))
+    g = torch.cat(out)
+    return g / g.norm()
+
+
+@pytest.mark.parametrize("vlaq_dim", [None, 8])
+def test_imported_model_is_the_papers_fusion_and_vlaq(imported, tmp_path: Path,
+                                                      vlaq_dim) -> None:
+    """The imported model (weights from the two official files, a live fusion layer) against
+    DINOv2 and CLIP computed independently and the paper's Eq. 4 and Eq. 5-7 written out;
+    ``dim: null`` is the paper's VLAQ, ``dim: 8`` the projected variant."""
+    from timm.models.vision_transformer import _convert_openai_clip
+    from vpr_ros.cli.model_cmd import _import
+
+    _, _, dino_sd, clip_sd, d = imported
+    (tmp_path / "cfg.yaml").write_text(TINY.replace("dim: 8", f"dim: {vlaq_dim or 'null'}"))
+    assert _import(argparse.Namespace(format="dcvlaq", src=str(d / "dinov2_vits14_pretrain.pth"),
+                                      clip=str(d / "clip.pt"), config=str(tmp_path / "cfg.yaml"),
+                                      output=str(tmp_path / "m"), size=322)) == 0
+    model, meta = load_model_dir(tmp_path / "m")
+    assert meta.descriptor_dim == 2 * 4 * (vlaq_dim or WIDTH)
+    torch.manual_seed(9)
+    with torch.no_grad():
+        model.backbone.fusion.weight.copy_(torch.randn(WIDTH, WIDTH) * 0.05)
+        model.backbone.fusion.bias.copy_(torch.randn(WIDTH) * 0.05)
+    model.eval()
+    x = torch.randn(2, 3, 56, 70)
+    clip_ref = timm.create_model("vit_base_patch16_clip_224", pretrained=False, num_classes=0,
+                                 patch_size=PATCH, embed_dim=WIDTH, num_heads=6, img_size=224,
+                                 act_layer="quick_gelu", dynamic_img_size=True).eval()
+    clip_ref.load_state_dict(_convert_openai_clip(clip_sd, clip_ref), strict=False)
+    with torch.no_grad():
+        got = model(x)
+        raw = x * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) \
+            + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        xc = (raw - torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)) \
+            / torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+        xc = F.interpolate(xc, size=(4 * 16, 5 * 16), mode="bilinear", align_corners=False)
+        x_d = F.normalize(_official_dinov2_tokens(dino_sd, x), dim=-1)
+        x_c = F.normalize(clip_ref.forward_features(xc)[:, 1:], dim=-1)
+        fc = model.backbone.fusion
+        z = x_d + (x_c - x_d) @ fc.weight.T + fc.bias                     # Eq. 4
+        want = torch.stack([_paper_vlaq(z[b], model.aggregator.blocks) for b in range(2)])
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
 def test_clip_tower_computes_timms_clip_forward(imported) -> None:

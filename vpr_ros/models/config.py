@@ -2,8 +2,9 @@
 
 A config is what ``model.json`` stores and what ``config/models/*.yaml`` holds: a backbone and an
 aggregator (each a registered name plus keyword parameters) and the input contract (size,
-normalisation, resize geometry and interpolation). It is validated here, before any torch module is built, so that a
-typo in a YAML file is reported as the key that is wrong rather than as a torch traceback.
+normalisation, resize geometry and interpolation). It is validated here, before any torch module
+is built, so that a typo in a YAML file is reported as the key that is wrong rather than as a
+torch traceback.
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ RESIZE_POLICIES = ("stretch", "center_crop")
 #: rounded nor clamped (torchvision's ``Resize(antialias=True)`` on a float tensor: the official
 #: evaluation transforms of QAA / VPR-methods-evaluation and of BoQ respectively).
 INTERPOLATIONS = ("opencv", "bilinear_antialias", "bicubic_antialias")
+#: Component parameters whose meaning changed when a component was corrected to follow its
+#: paper, with the value a model.json that does not state them was made with. New model.json
+#: files always state them (``model_dir.recorded_config``); old ones keep loading as they were
+#: (``model_dir.with_legacy_defaults``), so their encodings and fingerprints do not change.
+#: CQVPR: ``design: paper`` since the full paper was available; ``decoder`` before.
+LEGACY_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
+    ("aggregator", "cqvpr"): {"design": "decoder"},
+}
 
 
 @dataclass(frozen=True)

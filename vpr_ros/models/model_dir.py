@@ -20,7 +20,8 @@ import torch
 
 from vpr_ros import __version__
 from vpr_ros.errors import CheckpointError, ConfigError
-from vpr_ros.models.config import ModelConfig, load_yaml, model_config_from_dict
+from vpr_ros.models.config import (LEGACY_DEFAULTS, ComponentConfig, ModelConfig, load_yaml,
+                                   model_config_from_dict)
 from vpr_ros.models.vpr_model import VPRModel, build_model
 from vpr_ros.plain_data import read_json
 
@@ -70,6 +71,35 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def _with_params(comp: ComponentConfig, extra: Mapping[str, Any]) -> ComponentConfig:
+    missing = {k: v for k, v in extra.items() if k not in comp.params}
+    return ComponentConfig(comp.name, {**comp.params, **missing}) if missing else comp
+
+
+def recorded_config(model: VPRModel) -> ModelConfig:
+    """``model.config`` with every parameter listed in :data:`LEGACY_DEFAULTS` for its
+    components written out at the value the built module has. Why: such a parameter changed
+    meaning (a layout corrected to follow its paper), and its *absence* from a model.json means
+    the layout that model was made with; so every new model.json states it."""
+    cfg = model.config
+    parts = {}
+    for kind, module in (("backbone", model.backbone), ("aggregator", model.aggregator)):
+        comp = getattr(cfg, kind)
+        keys = LEGACY_DEFAULTS.get((kind, comp.name), {})
+        parts[kind] = _with_params(comp, {k: getattr(module, k) for k in keys})
+    return ModelConfig(parts["backbone"], parts["aggregator"], cfg.input, cfg.name)
+
+
+def with_legacy_defaults(config: ModelConfig) -> ModelConfig:
+    """A model.json's config with :data:`LEGACY_DEFAULTS` filled in where it does not state
+    them: the model is built as it was when that file was written (the file itself, and so the
+    fingerprint, stay as they are)."""
+    parts = {kind: _with_params(getattr(config, kind),
+                                LEGACY_DEFAULTS.get((kind, getattr(config, kind).name), {}))
+             for kind in ("backbone", "aggregator")}
+    return ModelConfig(parts["backbone"], parts["aggregator"], config.input, config.name)
+
+
 def save_model_dir(model: VPRModel, out: str | Path, extra: Mapping[str, Any] | None = None
                    ) -> str:
     """Write ``model`` to ``out`` and return its fingerprint."""
@@ -77,6 +107,7 @@ def save_model_dir(model: VPRModel, out: str | Path, extra: Mapping[str, Any] | 
 
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
+    model.config = recorded_config(model)
     doc = {"format": FORMAT, "version": FORMAT_VERSION, **model.config.to_dict(),
            "descriptor_dim": model.descriptor_dim, "vpr_ros_version": __version__,
            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -108,7 +139,7 @@ def read_model_meta(model_dir: str | Path) -> ModelMeta:
     extra = doc.pop("extra", {}) or {}
     for k in ("vpr_ros_version", "created"):
         doc.pop(k, None)
-    config = model_config_from_dict(doc, source=str(d / CONFIG_FILE))
+    config = with_legacy_defaults(model_config_from_dict(doc, source=str(d / CONFIG_FILE)))
     dim = doc.get("descriptor_dim")
     if not isinstance(dim, int) or dim <= 0:
         raise ConfigError(f"{d / CONFIG_FILE}: descriptor_dim missing or invalid ({dim!r})")

@@ -161,7 +161,7 @@ class DatasetConfig:
                               doc="weight of this dataset's loss in the sum")
 
 
-RECALL_METRICS = ("R@1", "R@5", "R@10")
+RECALL_METRICS = ("R@1", "R@5", "R@10", "R@1+R@5")  # the last: SelaVPR++'s selection
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Each loss is a plain function over tensors plus an ``nn.Module`` registered with
 :func:`vpr_ros.train.losses.register_loss`, so a recipe adds it by name
 (``loss.extra: [{name: selavpr_hashing, weight: 1.0}]``) next to the Multi-Similarity loss on the
 global descriptor. The modules read the named outputs ``VPRModel.forward_all`` returns in
-training mode (``selavpr``: ``hash_codes``/``hash_float``; ``cqvpr``: ``query_features``,
+training mode (``selavpr``: ``hash_codes``/``hash_float``; ``cqvpr``: ``contextual_queries``,
 ``local``, ``global``) and the batch's place labels.
 
 * SelaVPR++ similarity-constrained hashing (Lu et al., T-PAMI 2025): a Multi-Similarity loss
@@ -14,14 +14,19 @@ training mode (``selavpr``: ``hash_codes``/``hash_float``; ``cqvpr``: ``query_fe
   similarity ``b_i . b_j / bits``. Why: the codes alone are trained through a straight-through
   sign whose gradient ignores quantisation error; tying code similarity to the continuous
   similarity keeps the two consistent so Hamming ranking follows cosine ranking.
-* CQVPR query matching: two images of one place should see the same contexts in the same
-  queries. For every same-place pair, the K x K cosine matrix between their per-query region
-  descriptors is scored with a cross-entropy whose target is the diagonal (query k of one image
-  matches query k of the other, not another query), in both directions. No official code is
-  public; this is the loss as the paper describes its purpose.
-* Mutual-nearest-neighbour local loss (SelaVPR, ICLR 2024; CQVPR trains its local head with it):
-  the mean similarity of mutually nearest local features must be higher for an anchor and a
-  positive than for the anchor and its hardest negative (by global descriptor).
+* CQVPR contextual query matching (Li et al., arXiv 2503.08170, Eq. 7): the contextual
+  embeddings T of two images of one place should agree, those of different places should not.
+  The agreement of two images is the mean dot product ``T_a(i) . T_b(j)`` over the mutually
+  nearest query pairs (i, j) of ``T_a T_b^T``; the loss is ``sum_k max(s_{n,k} - s_p, 0)`` over
+  the negatives of each (query, positive) pair. The paper trains on (query, positive,
+  negatives) tuples; in a P x K batch every image with a same-place partner is a query, each
+  partner a positive, and the negatives are its ``num_negatives`` hardest other-place images by
+  global descriptor (NetVLAD-style mining, as SelaVPR's training, whose tuples carry 10
+  negatives, picks them). Mean over the (query, positive) pairs.
+* Mutual-nearest-neighbour local loss (SelaVPR, ICLR 2024; CQVPR's L_l, Eq. 8): the mean
+  similarity of mutually nearest local features must be higher for an anchor and a positive
+  than for the anchor and its hardest negatives (by global descriptor), summed over the
+  ``num_negatives`` hardest as SelaVPR's ``LocalFeatureLoss`` sums over a tuple's negatives.
 """
 
 from __future__ import annotations
@@ -126,40 +131,74 @@ def same_place_pairs(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return i[keep], j[keep]
 
 
-def query_matching_loss(query_features: torch.Tensor, labels: torch.Tensor,
-                        temperature: float = 0.1) -> torch.Tensor:
-    """Cross-entropy that query k of one image matches query k of a same-place image.
+def mnn_mean_similarity(sim: torch.Tensor) -> torch.Tensor:
+    """``sim`` (..., K, L): the mean of ``sim[i, j]`` over the mutually nearest pairs (i's best
+    j is j's best i), per leading index. There is always one: the largest entry. Differentiable
+    through the similarities; the matching itself is not."""
+    ab = sim.argmax(dim=-1)                                   # (..., K): best j of each i
+    ba = sim.argmax(dim=-2)                                   # (..., L): best i of each j
+    idx = torch.arange(sim.shape[-2], device=sim.device)
+    mutual = torch.gather(ba, -1, ab) == idx                  # (..., K)
+    best = torch.gather(sim, -1, ab.unsqueeze(-1)).squeeze(-1)
+    return (best * mutual).sum(-1) / mutual.sum(-1).clamp(min=1)
 
-    ``query_features`` (B, K, C) are L2-normalised per query. For every same-place pair the
-    K x K cosine matrix divided by ``temperature`` is scored against the identity, rows and
-    columns (both directions); the mean over pairs is returned (0 if the batch has none).
-    """
-    if query_features.ndim != 3:
-        raise ValueError(f"query_features must be (B, K, C), got {tuple(query_features.shape)}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    i, j = same_place_pairs(labels)
-    if not len(i):
-        return _zero(query_features)
-    k = query_features.shape[1]
-    logits = torch.matmul(query_features[i], query_features[j].transpose(1, 2)) / temperature
-    target = torch.arange(k, device=logits.device).expand(len(i), k).reshape(-1)
-    rows = F.cross_entropy(logits.reshape(-1, k), target)
-    cols = F.cross_entropy(logits.transpose(1, 2).reshape(-1, k), target)
-    return 0.5 * (rows + cols)
+
+def hardest_negatives(global_desc: torch.Tensor, labels: torch.Tensor, count: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, the ``count`` other-place images most similar by global descriptor:
+    (B, n) indices and a (B, n) mask of which exist (n = min(count, most negatives any image
+    has))."""
+    with torch.no_grad():
+        gsim = global_desc.float() @ global_desc.float().T
+        same = labels[:, None] == labels[None, :]
+        gsim = gsim.masked_fill(same, float("-inf"))
+        n = min(int(count), int((~same).sum(1).max()))
+        if n <= 0:
+            empty = torch.empty(len(labels), 0, dtype=torch.long, device=labels.device)
+            return empty, empty.bool()
+        top, idx = gsim.topk(n, dim=1)
+        return idx, torch.isfinite(top)
+
+
+def contextual_query_matching_loss(queries: torch.Tensor, global_desc: torch.Tensor,
+                                   labels: torch.Tensor, num_negatives: int = 10
+                                   ) -> torch.Tensor:
+    """CQVPR's Eq. 7 over a P x K batch (see the module docstring).
+
+    ``queries`` (B, K, d) are the contextual embeddings T; ``global_desc`` (B, D) picks the
+    hardest negatives. Returns the mean over (query, positive) pairs of
+    ``sum_k relu(s(q, n_k) - s(q, p))`` (0, still attached to the graph, without any pair)."""
+    if queries.ndim != 3:
+        raise ValueError(f"contextual queries must be (B, K, d), got {tuple(queries.shape)}")
+    if num_negatives < 1:
+        raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
+    t = queries.float()
+    s = mnn_mean_similarity(torch.einsum("akd,bld->abkl", t, t))      # (B, B)
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    a, p = torch.nonzero(same & ~eye, as_tuple=True)
+    neg, valid = hardest_negatives(global_desc, labels, num_negatives)
+    if not len(a) or not neg.shape[1]:
+        return _zero(queries)
+    s_neg = torch.gather(s, 1, neg)                                     # (B, n)
+    terms = torch.relu(s_neg[a] - s[a, p][:, None]) * valid[a]
+    return terms.sum(dim=1).mean()
 
 
 @register_loss("cqvpr_query_matching")
 class QueryMatchingLoss(nn.Module):
-    """:func:`query_matching_loss` over ``cqvpr`` training outputs."""
+    """:func:`contextual_query_matching_loss` over ``cqvpr`` training outputs."""
 
-    def __init__(self, temperature: float = 0.1) -> None:
+    def __init__(self, num_negatives: int = 10) -> None:
         super().__init__()
-        self.temperature = temperature
+        if num_negatives < 1:
+            raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
+        self.num_negatives = num_negatives
 
     def forward(self, outputs: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        qf = _need(outputs, "query_features", "cqvpr_query_matching", "cqvpr")
-        return query_matching_loss(qf, labels, self.temperature)
+        t = _need(outputs, "contextual_queries", "cqvpr_query_matching", "cqvpr")
+        glob = _need(outputs, "global", "cqvpr_query_matching", "cqvpr")
+        return contextual_query_matching_loss(t, glob, labels, self.num_negatives)
 
 
 # -- local features ---------------------------------------------------------------------------
@@ -177,28 +216,27 @@ def mutual_nn_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def mutual_nn_local_loss(local: torch.Tensor, global_desc: torch.Tensor, labels: torch.Tensor,
-                         margin: float = 0.0) -> torch.Tensor:
+                         margin: float = 0.0, num_negatives: int = 1) -> torch.Tensor:
     """Triplet hinge on mutual-NN similarity: for every anchor with a same-place image, its
-    first same-place partner is the positive and the different-place image most similar by
-    global descriptor the negative; ``mean(relu(sim_neg - sim_pos + margin))``.
+    first same-place partner is the positive and the ``num_negatives`` different-place images
+    most similar by global descriptor the negatives;
+    ``mean over anchors of sum_n relu(sim_neg - sim_pos + margin)``.
 
     ``local`` is (B, H, W, D) or (B, L, D), unit norm along D.
     """
     feats = local.reshape(local.shape[0], -1, local.shape[-1])
     same = labels[:, None] == labels[None, :]
     eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-    with torch.no_grad():
-        gsim = global_desc @ global_desc.T
-        gsim = gsim.masked_fill(same, float("-inf"))
+    neg, valid = hardest_negatives(global_desc, labels, num_negatives)
     terms = []
     for a in range(len(labels)):
         partners = torch.nonzero(same[a] & ~eye[a]).flatten()
-        if not len(partners) or not bool(torch.isfinite(gsim[a]).any()):
+        negs = neg[a][valid[a]] if neg.shape[1] else neg[a]
+        if not len(partners) or not len(negs):
             continue
-        p, n = int(partners[0]), int(gsim[a].argmax())
-        s_pos = mutual_nn_similarity(feats[a], feats[p])
-        s_neg = mutual_nn_similarity(feats[a], feats[n])
-        terms.append(F.relu(s_neg - s_pos + margin))
+        s_pos = mutual_nn_similarity(feats[a], feats[int(partners[0])])
+        s_neg = torch.stack([mutual_nn_similarity(feats[a], feats[int(n)]) for n in negs])
+        terms.append(F.relu(s_neg - s_pos + margin).sum())
     if not terms:
         return _zero(local)
     return torch.stack(terms).mean()
@@ -208,11 +246,14 @@ def mutual_nn_local_loss(local: torch.Tensor, global_desc: torch.Tensor, labels:
 class MutualNNLocalLoss(nn.Module):
     """:func:`mutual_nn_local_loss` over ``local`` + ``global`` training outputs."""
 
-    def __init__(self, margin: float = 0.0) -> None:
+    def __init__(self, margin: float = 0.0, num_negatives: int = 1) -> None:
         super().__init__()
+        if num_negatives < 1:
+            raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
         self.margin = margin
+        self.num_negatives = num_negatives
 
     def forward(self, outputs: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         local = _need(outputs, "local", "mnn_local", "cqvpr")
         glob = _need(outputs, "global", "mnn_local", "cqvpr")
-        return mutual_nn_local_loss(local, glob, labels, self.margin)
+        return mutual_nn_local_loss(local, glob, labels, self.margin, self.num_negatives)

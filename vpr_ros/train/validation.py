@@ -155,7 +155,7 @@ class RetrievalValidation(L.Callback):
                      **{f"R@{k}": v for k, v in res.recalls.items()}}
             self.history.append(entry)
             log.info("step %d: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-            value = float(entry[self.metric])
+            value = metric_value(entry, self.metric)
             if self.vcfg.keep_best and (self.best is None or value > self.best["value"]):
                 self.best = {"step": step, "epoch": entry["epoch"], "metric": self.metric,
                              "value": value}
@@ -164,7 +164,7 @@ class RetrievalValidation(L.Callback):
             model.train(was_training)
         if self.stop_metric is None:
             return False
-        watched = float(entry[self.stop_metric])
+        watched = metric_value(entry, self.stop_metric)
         if watched > self.stop_best + self.vcfg.early_stopping.min_delta:
             self.stop_best, self.bad_validations = watched, 0
             return False
@@ -220,6 +220,12 @@ class RetrievalValidation(L.Callback):
         self.stop_best = float(state.get("stop_best", -np.inf))
         self.bad_validations = int(state.get("bad_validations", 0))
         self.history = list(state.get("history", []))
+
+
+def metric_value(recalls: dict[str, Any], metric: str) -> float:
+    """``R@K`` from a validation entry, or a sum such as ``R@1+R@5`` (SelaVPR++ selects by
+    it)."""
+    return float(sum(recalls[m] for m in metric.split("+")))
 
 
 def _part_name(query_folder: Path) -> str:

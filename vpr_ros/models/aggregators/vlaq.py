@@ -1,28 +1,31 @@
-"""VLAQ: Vector of Locally Aggregated Queries, the aggregator of DC-VLAQ (arXiv 2601.12729).
+"""VLAQ: Vector of Locally Aggregated Queries, the aggregator of DC-VLAQ (Zhu et al., "DC-VLAQ:
+Query-Residual Aggregation for Robust Visual Place Recognition"; ../shared/papers/dc_vlaq.txt).
 
 Each block holds ``num_queries`` learnable queries ``q_k``. Every token ``z_i`` of an image is
-encoded by its residual to each query, weighted by how strongly it answers that query::
+encoded by its residual to each query, weighted by how strongly it answers that query (Sec. 3.3)::
 
-    a_ik = softmax_i(q_k . z_i / sqrt(d))          (softmax over the image's tokens)
-    v_k  = sum_i a_ik (z_i - q_k)                  (= sum_i a_ik z_i - q_k, as sum_i a_ik = 1)
+    a_ik = softmax_i(q_k . z_i / sqrt(d))          (Eq. 5-6: softmax over the image's tokens)
+    v_k  = sum_i a_ik (z_i - q_k)                  (Eq. 7; = sum_i a_ik z_i - q_k)
 
-The blocks' ``(num_queries, d)`` matrices are concatenated and the whole vector L2-normalised.
-Unlike BoQ/QAA (which keep only attention *outputs*), the residual keeps where the image sits
-relative to each query, which is the VLAD idea with queries in place of cluster centres; unlike
-NetVLAD the assignment is a softmax over tokens per query, so every query yields one vector no
-matter how many tokens fall near it.
+The blocks' ``(num_queries, d)`` matrices are concatenated and the whole vector L2-normalised
+(Sec. 3.3); 2 blocks of 64 queries (Sec. 4.2). Unlike BoQ/QAA (which keep only attention
+*outputs*), the residual keeps where the image sits relative to each query, which is the VLAD
+idea with queries in place of cluster centres.
 
-Choices where the paper, as far as we could read it, states no number (all configurable):
+What the paper leaves open, and what is chosen here (configurable):
 
-* ``dim``: each block first maps the tokens with its own linear layer ``C -> dim`` and its
-  queries live in that space. Without it (``dim: null``) the blocks would share one token space
-  and two blocks of 64 queries would be one block of 128; with DINOv2-B (C = 768) the descriptor
-  would also be 2 x 64 x 768 = 98304-D. ``config/models/dcvlaq_dinov2b.yaml`` uses 64 ->
-  2 x 64 x 64 = 8192-D, the size of the QAA descriptor it is compared with.
+* ``dim``: with ``dim: null`` the queries live in the token space itself, as Eq. 5-7 are
+  written (d = the fused token width: 2 x 64 x 768 = 98304-D with DINOv2-B,
+  ``config/models/dcvlaq_dinov2b_paper.yaml``). With ``dim: D`` each block first maps the tokens
+  with its own linear layer C -> D and its queries live there: not in the paper, our choice for
+  a compact descriptor (``config/models/dcvlaq_dinov2b.yaml``: 2 x 64 x 64 = 8192-D, QAA's size).
+  Without projections the blocks see the same tokens, and two blocks of 64 queries compute what
+  one block of 128 would; the paper's "B blocks ... following BoQ" states no per-block transform
+  (BoQ's encoder layers between blocks are not part of VLAQ's description), so none is added.
 * ``intra_norm``: L2 per query vector before the global L2 (NetVLAD's intra-normalisation).
-  Off by default: the method as described is concatenation followed by one L2.
+  Off by default: the paper concatenates and normalises once.
 * queries start orthonormal (``nn.init.orthogonal_``) so that they begin spread out rather than
-  collapsed onto one direction.
+  collapsed onto one direction (no initialisation is stated).
 
 Nothing here is image-independent beyond the raw query parameters, so there is nothing to cache;
 the computation is two batched matrix products and a softmax, which export to ONNX as is.

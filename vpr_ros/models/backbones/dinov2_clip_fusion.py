@@ -1,4 +1,5 @@
-"""DINOv2 + CLIP tokens joined by DC-VLAQ's residual-guided fusion (arXiv 2601.12729).
+"""DINOv2 + CLIP tokens joined by DC-VLAQ's residual-guided fusion (Zhu et al., "DC-VLAQ:
+Query-Residual Aggregation for Robust Visual Place Recognition", Sec. 3.2, Eq. 3-4).
 
 DINOv2 gives fine appearance detail, CLIP (image-text pre-training) gives semantics; adding or
 cross-attending their tokens naively shifts the token distribution the aggregator relies on.
@@ -6,11 +7,14 @@ DC-VLAQ keeps the representation anchored in DINOv2's space and adds only a lear
 driven by the disagreement of the two models, token by token::
 
     X_dino = L2(dinov2 patch tokens),   X_clip = L2(clip patch tokens)      (per token)
-    Z      = X_dino + W (X_clip - X_dino) + b
+    Z      = X_dino + W (X_clip - X_dino) + b                               (Eq. 4)
+
+(F_C, "a linear layer applied token-wise", is ``W, b``; the per-encoder L2 is Sec. 4.2's "L2 norm
+to each encoder's local feature".)
 
 CLIP is frozen (no gradients, run without autograd, kept in eval mode); DINOv2 trains its last
-``trainable_blocks`` blocks (2 in the paper), and the fusion layer ``W, b`` trains. The DINOv2
-half is :class:`DinoV2Backbone` itself (state-dict prefix ``dino.``).
+``trainable_blocks`` blocks (2 in the paper, Sec. 4.2), and the fusion layer ``W, b`` trains. The
+DINOv2 half is :class:`DinoV2Backbone` itself (state-dict prefix ``dino.``).
 
 The CLIP half is a timm CLIP ViT (pre-norm ``norm_pre``, final ``norm`` = CLIP's ``ln_post``)
 whose width must equal DINOv2's and whose token grid must equal DINOv2's grid, so that token i
@@ -32,10 +36,11 @@ CLIP expects its own normalisation; the images arrive normalised with the model'
 the model config's ``input`` section), so the CLIP branch re-normalises with one per-channel
 affine map.
 
-Choices the paper leaves open (configurable): CLIP's patch tokens are taken after its final
-LayerNorm (``clip_final_norm``); the fusion layer starts at zero (``zero_init_fusion``) so
-training starts from pure DINOv2 tokens and the CLIP correction is learned from there; the
-class token passed on is DINOv2's.
+Choices the paper leaves open (configurable): which DINOv2 and CLIP sizes (Eq. 3 only needs
+equal widths d and the same token count M: the CLIP input is resized so its grid is DINOv2's);
+CLIP's patch tokens are taken after its final LayerNorm (``clip_final_norm``); the fusion layer
+starts at zero (``zero_init_fusion``) so training starts from pure DINOv2 tokens and the CLIP
+correction is learned from there; the class token passed on is DINOv2's.
 
 Weights: an official DINOv2 ``.pth`` goes into the DINOv2 half and a CLIP file in OpenAI/open_clip
 layout (``visual.conv1.weight``, ``visual.transformer.resblocks.N`` ...; text-tower keys are
