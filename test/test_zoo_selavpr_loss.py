@@ -123,6 +123,7 @@ def test_recipes_validate_and_their_losses_run_on_training_outputs(recipe: str) 
     out = agg.forward_all(BackboneOutput(feats))
     loss, stats = PlaceLoss(cfg.loss, agg)(out, labels)
     assert torch.isfinite(loss)
-    assert set(stats) >= {"ms", *(e.name for e in cfg.loss.extra)}
+    base = "triplet" if cfg.loss.name == "triplet" else "ms"
+    assert set(stats) >= {"base", base, *(e.name for e in cfg.loss.extra)}
     loss.backward()
     assert all(p.grad is not None for p in agg.parameters() if p.requires_grad)
