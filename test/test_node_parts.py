@@ -193,7 +193,8 @@ def test_candidates_cloud_round_trip_and_typed_fields() -> None:
     assert (msg.header.frame_id, msg.header.stamp.sec) == ("map", 2000)
     types = {f.name: f.datatype for f in msg.fields}
     assert list(types) == ["x", "y", "z", "qx", "qy", "qz", "qw", "score", "keyframe_id",
-                           "stamp", "rank"]
+                           "stamp", "rank", "camera"]
+    assert types["camera"] == PointField.INT16
     assert types["x"] == PointField.FLOAT32 and types["stamp"] == PointField.FLOAT64
     assert types["keyframe_id"] == PointField.UINT32 and types["rank"] == PointField.UINT32
     assert msg.width == 2 and msg.row_step == msg.point_step * 2 and not msg.is_dense
@@ -202,6 +203,9 @@ def test_candidates_cloud_round_trip_and_typed_fields() -> None:
     assert arr["stamp"][0] == pytest.approx(1500.000000123, abs=1e-9)
     assert arr["x"][0] == 1.0 and math.isnan(arr["x"][1])
     assert arr["score"][0] == pytest.approx(0.91)
+    assert arr["camera"].tolist() == [0, 0]  # one camera
+    two = cloud_to_array(candidates_cloud(cands, 1, "map", cameras=[1, -1]))
+    assert two["camera"].tolist() == [1, -1]
     empty = candidates_cloud([], 1, "map")
     assert empty.width == 0 and len(cloud_to_array(empty)) == 0
 
@@ -224,6 +228,8 @@ def test_loop_closure_message_labels_every_field_stamps_first() -> None:
     unposed = parse_loop_closure(loop_closure_msg(
         LoopClosure(1, 2, 3, 0.9, 3), query_keyframe_id=None))
     assert unposed["query_keyframe_id"] == -1 and math.isnan(unposed["match_x"])
+    assert fields["camera"] == 0 and LOOP_CLOSURE_FIELDS[-1] == "camera"
+    assert parse_loop_closure(loop_closure_msg(closure, 99, camera=1))["camera"] == 1
 
 
 def test_relocalization_message_carries_pose_and_covariance() -> None:

@@ -252,6 +252,8 @@ class NodeIdentity:
     session: str = ""
     problem: str = ""  # the last configure failure, shown as an ERROR status
     bond: str = "off"  # the bond with nav2_lifecycle_manager (vpr_ros.ros.nav2_bond states)
+    cameras: str = ""  # the camera topics, comma-separated (index = the camera field of outputs)
+    silent_cameras: str = ""  # cameras of several that deliver nothing while others do
 
 
 def _fmt(value: float) -> str:
@@ -297,6 +299,9 @@ def status_fields(snap: StatsSnapshot, ident: NodeIdentity, input_hz: float,
         return 1, f"{ident.lifecycle_state}: not processing frames", values
     if input_hz == 0.0:
         return 1, "active, no camera frames arriving", values
+    if ident.silent_cameras:
+        return 1, (f"active, no frames from camera(s) {ident.silent_cameras}; "
+                   f"{processed_hz:.1f} of {input_hz:.1f} frames/s processed"), values
     return 0, f"active, {processed_hz:.1f} of {input_hz:.1f} frames/s processed", values
 
 

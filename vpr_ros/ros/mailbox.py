@@ -17,14 +17,37 @@ from typing import Generic, Optional, TypeVar
 T = TypeVar("T")
 
 
+class Doorbell:
+    """Rung by every :meth:`Mailbox.put` of the mailboxes that share it: one worker serving
+    several cameras' mailboxes waits here for the first frame of any of them."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._rings = 0
+
+    def ring(self) -> None:
+        with self._cond:
+            self._rings += 1
+            self._cond.notify_all()
+
+    def wait(self, seen: int, timeout: Optional[float]) -> int:
+        """Block until rung more than ``seen`` times in total (or the timeout); returns the
+        total so far."""
+        with self._cond:
+            if self._rings <= seen:
+                self._cond.wait(timeout)
+            return self._rings
+
+
 class Mailbox(Generic[T]):
     """Thread-safe single slot: ``put`` overwrites, ``get`` takes (blocking with a timeout)."""
 
-    def __init__(self) -> None:
+    def __init__(self, doorbell: Optional[Doorbell] = None) -> None:
         self._cond = threading.Condition()
         self._item: Optional[T] = None
         self._full = False
         self._closed = False
+        self._doorbell = doorbell
         self.dropped = 0
         self.delivered = 0
 
@@ -36,7 +59,9 @@ class Mailbox(Generic[T]):
                 self.dropped += 1
             self._item, self._full = item, True
             self._cond.notify()
-            return old
+        if self._doorbell is not None:
+            self._doorbell.ring()
+        return old
 
     def get(self, timeout: Optional[float] = None) -> Optional[T]:
         """The newest item, or ``None`` when the timeout passed or the mailbox was closed."""

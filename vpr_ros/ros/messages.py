@@ -39,7 +39,7 @@ LOOP_CLOSURE_FIELDS: tuple[str, ...] = (
     "query_stamp_s", "match_stamp_s", "score", "match_keyframe_id", "consistent_count",
     "query_keyframe_id", "match_x", "match_y", "match_z",
     "match_qx", "match_qy", "match_qz", "match_qw",
-    "sequence_score", "margin", "sequence_steps",
+    "sequence_score", "margin", "sequence_steps", "camera",
 )
 
 #: One ``~/candidates`` point. x, y, z first and float32 so RViz draws them; stamp float64.
@@ -47,6 +47,7 @@ CANDIDATE_DTYPE = np.dtype([
     ("x", "<f4"), ("y", "<f4"), ("z", "<f4"),
     ("qx", "<f4"), ("qy", "<f4"), ("qz", "<f4"), ("qw", "<f4"),
     ("score", "<f4"), ("keyframe_id", "<u4"), ("stamp", "<f8"), ("rank", "<u4"),
+    ("camera", "<i2"),
 ])
 
 _POINTFIELD_TYPES = {
@@ -88,13 +89,17 @@ def loop_closure_layout() -> MultiArrayLayout:
                                                      size=n, stride=n)], data_offset=0)
 
 
-def loop_closure_msg(closure: LoopClosure, query_keyframe_id: Optional[int]) -> Float64MultiArray:
+def loop_closure_msg(closure: LoopClosure, query_keyframe_id: Optional[int],
+                     camera: int = 0) -> Float64MultiArray:
+    """``camera``: index (in the node's ``cameras``) of the camera whose frame found the
+    match; -1 unknown."""
     pos = closure.match_position or (NAN, NAN, NAN)
     quat = closure.match_orientation or (NAN, NAN, NAN, NAN)
     values = [closure.query_stamp_ns / NS_PER_S, closure.match_stamp_ns / NS_PER_S,
               float(closure.score), float(closure.match_id), float(closure.consistent_count),
               float(-1 if query_keyframe_id is None else query_keyframe_id), *pos, *quat,
-              float(closure.sequence_score), float(closure.margin), float(closure.sequence_steps)]
+              float(closure.sequence_score), float(closure.margin), float(closure.sequence_steps),
+              float(camera)]
     return Float64MultiArray(layout=loop_closure_layout(), data=[float(v) for v in values])
 
 
@@ -113,14 +118,17 @@ def parse_loop_closure(msg: Any) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------- candidates
 
-def candidates_array(candidates: Sequence[Candidate]) -> np.ndarray:
+def candidates_array(candidates: Sequence[Candidate],
+                     cameras: Optional[Sequence[int]] = None) -> np.ndarray:
     """Ranked candidates (best first) as a :data:`CANDIDATE_DTYPE` array; NaN pose when
-    unknown (RViz skips NaN points)."""
+    unknown (RViz skips NaN points). ``cameras``: per candidate, the index of the camera that
+    found it (default 0: one camera)."""
     arr = np.zeros(len(candidates), dtype=CANDIDATE_DTYPE)
     for rank, c in enumerate(candidates):
         pos = c.position or (NAN, NAN, NAN)
         quat = c.orientation or (NAN, NAN, NAN, NAN)
-        arr[rank] = (*pos, *quat, c.score, c.id, c.stamp_ns / NS_PER_S, rank)
+        camera = cameras[rank] if cameras is not None else 0
+        arr[rank] = (*pos, *quat, c.score, c.id, c.stamp_ns / NS_PER_S, rank, camera)
     return arr
 
 
@@ -147,10 +155,11 @@ def array_to_cloud(arr: np.ndarray, stamp_ns: int, frame_id: str) -> PointCloud2
     return msg
 
 
-def candidates_cloud(candidates: Sequence[Candidate], stamp_ns: int,
-                     frame_id: str) -> PointCloud2:
-    """``~/candidates``: header = query stamp + map frame; one point per ranked candidate."""
-    return array_to_cloud(candidates_array(candidates), stamp_ns, frame_id)
+def candidates_cloud(candidates: Sequence[Candidate], stamp_ns: int, frame_id: str,
+                     cameras: Optional[Sequence[int]] = None) -> PointCloud2:
+    """``~/candidates``: header = query stamp + map frame; one point per ranked candidate
+    (``camera``: which of the node's cameras found it)."""
+    return array_to_cloud(candidates_array(candidates, cameras), stamp_ns, frame_id)
 
 
 def cloud_to_array(msg: Any) -> np.ndarray:

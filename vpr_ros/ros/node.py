@@ -45,7 +45,7 @@ from vpr_ros.ros import messages
 from vpr_ros.ros.camera_cdr import CameraMessageReader
 from vpr_ros.ros.diagnostics import (FrameTiming, LogThrottle, NodeIdentity, NodeStats, RateMeter,
                                      Stopwatch, diagnostic_array)
-from vpr_ros.ros.mailbox import Mailbox
+from vpr_ros.ros.mailbox import Doorbell, Mailbox
 from vpr_ros.ros.nav2_bond import ManagerBond
 from vpr_ros.ros.params import (NodeConfig, NodeSettings, all_parameter_specs, descriptor_for,
                                 settings_from_values)
@@ -70,6 +70,25 @@ class _Pending:
     stamp_ns: int
     received: float  # perf_counter seconds
     received_wall_ns: int
+    camera: int = 0  # index into the node's cameras
+
+
+@dataclass
+class _Camera:
+    """One camera's intake: its topic, mailbox, message reader, stamp checks and counters."""
+
+    index: int
+    topic: str  # as configured ('image' for the single remappable camera)
+    mailbox: Mailbox[_Pending]
+    reader: Optional[CameraMessageReader] = None
+    last_stamp_ns: Optional[int] = None
+    jump_pending: bool = False
+    received: int = 0
+    processed: int = 0
+    dropped: int = 0
+    errors: int = 0
+    found: int = 0  # decisions (relocalizations, closures) whose match this camera found
+    silent_said: bool = False
 
 
 class VprNode(LifecycleNode):
@@ -83,19 +102,18 @@ class VprNode(LifecycleNode):
         self.stats = NodeStats()
         self.identity = NodeIdentity()
         self._throttle = LogThrottle(5.0)
-        self._mailbox: Mailbox[_Pending] = Mailbox()
+        self._doorbell = Doorbell()
+        self._cameras: list[_Camera] = [_Camera(0, "image", Mailbox())]
+        self._last_group_stamp_ns: Optional[int] = None
         self._settings: Optional[NodeSettings] = None
         self.pipeline: Optional[Pipeline] = None
         self._poses: Optional[PoseBuffer] = None
         self._session_base = ""
         self._session_count = 0
-        self._last_stamp_ns: Optional[int] = None
-        self._jump_pending = False
         self._state_lock = threading.Lock()
         self._worker: Optional[threading.Thread] = None
         self._stop = threading.Event()
         self._input_subs: list[Any] = []
-        self._camera_reader: Optional[CameraMessageReader] = None
         self._pubs: dict[str, Any] = {}
         self._closure_segments: list[tuple[tuple[float, ...], tuple[float, ...]]] = []
         self._keyframes_timer: Any = None
@@ -244,18 +262,21 @@ class VprNode(LifecycleNode):
             reliability=ReliabilityPolicy.RELIABLE if cfg.qos_reliability == "reliable"
             else ReliabilityPolicy.BEST_EFFORT)
         image_type = CompressedImage if cfg.image_transport == "compressed" else Image
-        self._last_stamp_ns = None
-        self._jump_pending = False
-        self._mailbox.clear()
-        self._mailbox.reopen()
+        topics = cfg.camera_topics
+        self._doorbell = Doorbell()
+        # Serialized camera messages: see vpr_ros/ros/camera_cdr.py for why.
+        self._cameras = [_Camera(i, topic, Mailbox(self._doorbell if len(topics) > 1 else None),
+                                 CameraMessageReader(cfg.image_transport == "compressed"))
+                         for i, topic in enumerate(topics)]
+        self._last_group_stamp_ns = None
         self._stop.clear()
         self._worker = threading.Thread(target=self._worker_loop, name="vpr_encoder",
                                         daemon=True)
         self._worker.start()
-        # Serialized camera messages: see vpr_ros/ros/camera_cdr.py for why.
-        self._camera_reader = CameraMessageReader(cfg.image_transport == "compressed")
-        self._input_subs = [self.create_subscription(image_type, "image", self._on_image, qos,
-                                                     raw=True)]
+        self._input_subs = [
+            self.create_subscription(image_type, cam.topic,
+                                     lambda raw, cam=cam: self._on_image(raw, cam), qos, raw=True)
+            for cam in self._cameras]
         if cfg.pose_type == "odometry":
             self._input_subs.append(self.create_subscription(
                 Odometry, "odometry", lambda m: self._on_pose(m, conv.odometry_to_pose), qos))
@@ -263,8 +284,12 @@ class VprNode(LifecycleNode):
             self._input_subs.append(self.create_subscription(
                 PoseStamped, "pose", lambda m: self._on_pose(m, conv.pose_stamped_to_pose), qos))
         self.identity.lifecycle_state = "active"
-        self.get_logger().info(f"active: subscribed to {self._input_subs[0].topic_name} "
-                               f"({image_type.__name__}, {cfg.qos_reliability})")
+        cams = self._input_subs[:len(self._cameras)]
+        self.identity.cameras = ",".join(sub.topic_name for sub in cams)
+        self.get_logger().info(
+            f"active: subscribed to {', '.join(sub.topic_name for sub in cams)} "
+            f"({image_type.__name__}, {cfg.qos_reliability})"
+            + (f"; {len(cams)} cameras merged by {cfg.cameras_merge}" if len(cams) > 1 else ""))
         # Last: nav2_lifecycle_manager waits for the bond right after this transition.
         self._bond.start(cfg.bond_topic, cfg.bond_heartbeat_period_s,
                          cfg.bond_heartbeat_timeout_s)
@@ -317,11 +342,14 @@ class VprNode(LifecycleNode):
 
     def _stop_worker(self) -> None:
         self._stop.set()
-        self._mailbox.close()
+        for cam in self._cameras:
+            cam.mailbox.close()
+        self._doorbell.ring()
         if self._worker is not None:
             self._worker.join(timeout=30.0)
             self._worker = None
-        self._mailbox.clear()
+        for cam in self._cameras:
+            cam.mailbox.clear()
 
     def _release(self) -> None:
         for pub in self._pubs.values():
@@ -343,8 +371,9 @@ class VprNode(LifecycleNode):
 
     @property
     def pending_frames(self) -> int:
-        """Frames waiting for the encoder thread: 0 or 1, by construction (the mailbox)."""
-        return self._mailbox.pending
+        """Frames waiting for the encoder thread: 0 or 1 per camera, by construction (the
+        mailboxes)."""
+        return sum(cam.mailbox.pending for cam in self._cameras)
 
     def shutdown_worker(self) -> None:
         """Stop the encoder thread (process exit without a lifecycle shutdown)."""
@@ -353,48 +382,52 @@ class VprNode(LifecycleNode):
 
     # -------------------------------------------------------------------------------- inputs
 
-    def _on_image(self, raw: bytes) -> None:
+    def _on_image(self, raw: bytes, cam: _Camera) -> None:
         """Executor thread: read the serialized message (pixels stay a view of ``raw``), stamp
-        and header checks, then into the mailbox. Nothing slow (no pixel work) happens here."""
+        and header checks, then into the camera's mailbox. Nothing slow (no pixel work) happens
+        here."""
         received, received_wall = time.perf_counter(), time.time_ns()
         self.stats.count("received")
-        settings, reader = self._settings, self._camera_reader
+        cam.received += 1
+        settings, reader = self._settings, cam.reader
         if settings is None or reader is None:
             return
         fallbacks = reader.fallbacks
         try:
             msg = reader.read(raw)
         except conv.FrameError as exc:
-            self._frame_error(exc.kind, str(exc))
+            self._frame_error(exc.kind, str(exc), cam)
             return
         if fallbacks == 0 and reader.fallbacks == 1:  # said once per activation
             self.get_logger().info("camera messages are not plain CDR; reading them with "
                                    "rclpy's deserializer (slower, same result)")
         stamp = conv.stamp_to_ns(msg.header.stamp)
-        kind = conv.classify_stamp(stamp, self._last_stamp_ns,
+        kind = conv.classify_stamp(stamp, cam.last_stamp_ns,
                                    int(settings.node.time_jump_s * conv.NS_PER_S))
         if kind == conv.STAMP_BACKWARDS:
-            assert self._last_stamp_ns is not None
+            assert cam.last_stamp_ns is not None
             self._frame_error(kind, f"frame stamp {stamp * 1e-9:.6f} s is not after the "
-                              f"previous frame's {self._last_stamp_ns * 1e-9:.6f} s (late, "
-                              "reordered or repeated frame); dropped")
+                              f"previous frame's {cam.last_stamp_ns * 1e-9:.6f} s (late, "
+                              "reordered or repeated frame); dropped", cam)
             return
         if kind == conv.TIME_JUMP:
-            assert self._last_stamp_ns is not None
+            assert cam.last_stamp_ns is not None
             self._frame_error(kind, f"frame stamp jumped back from "
-                              f"{self._last_stamp_ns * 1e-9:.3f} s to {stamp * 1e-9:.3f} s: a "
+                              f"{cam.last_stamp_ns * 1e-9:.3f} s to {stamp * 1e-9:.3f} s: a "
                               "clock reset (bag restarted, sim time); restarting "
-                              "relocalization agreement and the pose history")
-            self._jump_pending = True
-        self._last_stamp_ns = stamp
+                              "relocalization agreement and the pose history", cam)
+            cam.jump_pending = True
+        cam.last_stamp_ns = stamp
         try:
             conv.check_frame(msg, settings.node.image_transport == "compressed",
                              settings.node.max_pixels)
         except conv.FrameError as exc:
-            self._frame_error(exc.kind, str(exc))
+            self._frame_error(exc.kind, str(exc), cam)
             return
-        if self._mailbox.put(_Pending(msg, stamp, received, received_wall)) is not None:
+        if cam.mailbox.put(_Pending(msg, stamp, received, received_wall, cam.index)) \
+                is not None:
             self.stats.count("dropped")
+            cam.dropped += 1
 
     def _on_pose(self, msg: Any, convert: Any) -> None:
         if self._poses is None:
@@ -411,49 +444,97 @@ class VprNode(LifecycleNode):
     # ------------------------------------------------------------------------ encoder thread
 
     def _worker_loop(self) -> None:
+        rings = 0
         while not self._stop.is_set():
-            item = self._mailbox.get(timeout=0.25)
-            if item is None or self._stop.is_set():
+            if len(self._cameras) == 1:
+                item = self._cameras[0].mailbox.get(timeout=0.25)
+                group = [item] if item is not None else []
+            else:
+                group, rings = self._next_group(rings)
+            if not group or self._stop.is_set():
                 continue
             try:
-                self._process(item)
+                self._process(group)
             except conv.FrameError as exc:
-                self._frame_error(exc.kind, str(exc))
+                self._frame_error(exc.kind, str(exc), *self._cameras_of(group))
             except Exception as exc:  # never let one frame kill the thread
                 self._frame_error(conv.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}\n"
-                                  + traceback.format_exc())
+                                  + traceback.format_exc(), *self._cameras_of(group))
 
-    def _process(self, item: _Pending) -> None:
+    def _cameras_of(self, group: list[_Pending]) -> list[_Camera]:
+        return [self._cameras[item.camera] for item in group]
+
+    def _next_group(self, rings: int) -> tuple[list[_Pending], int]:
+        """Several cameras: wait for a frame from any camera, give the others
+        ``cameras_sync_s`` to deliver theirs, then take the newest frame of each. A frame older
+        than the last decision's stamp arrived too late to be decided on and is dropped."""
+        rings = self._doorbell.wait(rings, 0.25)
+        if not any(cam.mailbox.pending for cam in self._cameras):
+            return [], rings
+        settings = self._settings
+        sync_s = settings.node.cameras_sync_s if settings is not None else 0.0
+        deadline = time.perf_counter() + sync_s
+        while time.perf_counter() < deadline and not self._stop.is_set() and \
+                not all(cam.mailbox.pending for cam in self._cameras):
+            rings = self._doorbell.wait(rings, max(0.0, deadline - time.perf_counter()))
+        group = []
+        for cam in self._cameras:
+            item = cam.mailbox.get(timeout=0)
+            if item is None:
+                continue
+            if self._last_group_stamp_ns is not None and item.stamp_ns < \
+                    self._last_group_stamp_ns:
+                self.stats.count("dropped")
+                cam.dropped += 1
+                continue
+            group.append(item)
+        return group, rings
+
+    def _process(self, group: list[_Pending]) -> None:
         pipeline, settings = self.pipeline, self._settings
         if pipeline is None or settings is None:
             return
         cfg = settings.node
-        timing = FrameTiming(item.stamp_ns)
+        first = min(group, key=lambda item: item.received)
+        stamp = max(item.stamp_ns for item in group)
+        timing = FrameTiming(stamp)
         watch = Stopwatch(timing)
-        timing.wait = time.perf_counter() - item.received
-        transport = (item.received_wall_ns - item.stamp_ns) / conv.NS_PER_S
+        timing.wait = time.perf_counter() - first.received
+        transport = (first.received_wall_ns - first.stamp_ns) / conv.NS_PER_S
         if abs(transport) < _TRANSPORT_PLAUSIBLE_S:
             timing.transport = transport
-        if self._jump_pending:
-            self._jump_pending = False
+        jumped = [self._cameras[item.camera] for item in group
+                  if self._cameras[item.camera].jump_pending]
+        if jumped:
+            for cam in jumped:
+                cam.jump_pending = False
             pipeline.time_jump()
+            self._last_group_stamp_ns = None
             if self._poses is not None:
                 self._poses.clear()
         # No copy of a raw rgb8 frame: item.msg outlives every use of it, and nothing writes
         # into a camera frame.
-        rgb = conv.frame_to_rgb(item.msg, cfg.image_transport == "compressed", cfg.max_pixels,
-                                copy=False)
+        rgbs = [conv.frame_to_rgb(item.msg, cfg.image_transport == "compressed",
+                                  cfg.max_pixels, copy=False) for item in group]
         watch.lap("conversion")
+        queries = []
+        for item, rgb in zip(group, rgbs):
+            cam = self._cameras[item.camera]
+            one = FrameTiming(item.stamp_ns) if len(group) > 1 else timing
+            try:
+                queries.append((cam.topic, pipeline.encode(rgb, one)))
+            except VPRError as exc:
+                raise conv.FrameError(conv.ENCODER_ERROR, f"encoding failed: {exc}") from exc
+            if one is not timing:  # several cameras: the stages add up
+                timing.preprocess += one.preprocess
+                timing.encode += one.encode
+        pose = self._poses.at(stamp) if self._poses is not None else None
         try:
-            query = pipeline.encode(rgb, timing)
-        except VPRError as exc:
-            raise conv.FrameError(conv.ENCODER_ERROR, f"encoding failed: {exc}") from exc
-        pose = self._poses.at(item.stamp_ns) if self._poses is not None else None
-        try:
-            outcome = pipeline.decide(item.stamp_ns, query, pose,
-                                      item.msg.header.frame_id, timing)
+            outcome = pipeline.decide_cameras(stamp, queries, pose,
+                                              group[0].msg.header.frame_id, timing)
         except VPRError as exc:
             raise conv.FrameError(conv.SEARCH_ERROR, f"map search failed: {exc}") from exc
+        self._last_group_stamp_ns = stamp
         watch = Stopwatch(timing)
         try:
             self._publish(outcome, cfg)
@@ -461,10 +542,23 @@ class VprNode(LifecycleNode):
             raise conv.FrameError(conv.PUBLISH_ERROR, f"publishing failed: "
                                   f"{type(exc).__name__}: {exc}") from exc
         watch.lap("publish")
-        timing.total = time.perf_counter() - item.received
+        timing.total = time.perf_counter() - first.received
         self.identity.map_size = pipeline.map_size()
         self.identity.map_search = pipeline.map.search_device
+        for item in group:
+            self._cameras[item.camera].processed += 1
         self.stats.frame(timing)
+
+    def _camera_index(self, outcome: FrameOutcome, keyframe_id: int) -> int:
+        """Index (in the node's cameras) of the camera that found ``keyframe_id``; one camera:
+        0; unknown: -1."""
+        if len(self._cameras) == 1:
+            return 0
+        topic = outcome.camera_of.get(int(keyframe_id))
+        for cam in self._cameras:
+            if cam.topic == topic:
+                return cam.index
+        return -1
 
     def _publish(self, outcome: FrameOutcome, cfg: NodeConfig) -> None:
         pubs = self._pubs
@@ -472,11 +566,13 @@ class VprNode(LifecycleNode):
             return
         frame = cfg.map_frame
         if cfg.publish_candidates:
-            pubs["candidates"].publish(messages.candidates_cloud(outcome.candidates,
-                                                                 outcome.stamp_ns, frame))
+            pubs["candidates"].publish(messages.candidates_cloud(
+                outcome.candidates, outcome.stamp_ns, frame,
+                [self._camera_index(outcome, c.id) for c in outcome.candidates]))
         extra_markers = []
         reloc = outcome.relocalization
         if reloc is not None:
+            self._credit(outcome, reloc.keyframe_id)
             if reloc.has_pose:
                 pubs["relocalization"].publish(messages.relocalization_msg(reloc, frame))
                 self.stats.count("relocalizations")
@@ -489,7 +585,10 @@ class VprNode(LifecycleNode):
                                     "without --pose-topic): no pose published")
         if outcome.closure is not None:
             closure = outcome.closure
-            pubs["loop_closure"].publish(messages.loop_closure_msg(closure, outcome.inserted_id))
+            camera = self._camera_index(outcome, closure.match_id)
+            self._credit(outcome, closure.match_id)
+            pubs["loop_closure"].publish(messages.loop_closure_msg(closure, outcome.inserted_id,
+                                                                   camera))
             self.stats.count("loop_closures")
             if outcome.closure_query_position is not None and closure.match_position is not None:
                 self._closure_segments.append((outcome.closure_query_position,
@@ -524,8 +623,25 @@ class VprNode(LifecycleNode):
 
     # --------------------------------------------------------------------- errors and logging
 
-    def _frame_error(self, kind: str, message: str) -> None:
+    def _credit(self, outcome: FrameOutcome, keyframe_id: int) -> None:
+        """Count a decision for the camera that found its match; several cameras: log it."""
+        index = self._camera_index(outcome, keyframe_id)
+        if index < 0:
+            return
+        cam = self._cameras[index]
+        cam.found += 1
+        if len(self._cameras) > 1:
+            votes = outcome.votes.get(int(keyframe_id), 1)
+            self._log_throttled("camera_decision", "info",
+                                f"match keyframe {keyframe_id} found by camera {cam.topic}"
+                                + (f" (and {votes - 1} more)" if votes > 1 else ""))
+
+    def _frame_error(self, kind: str, message: str, *cameras: _Camera) -> None:
         self.stats.error(kind)
+        for cam in cameras:
+            cam.errors += 1
+        if len(self._cameras) > 1 and cameras:
+            message = f"camera {', '.join(c.topic for c in cameras)}: {message}"
         self._log_throttled(kind, "warning", message)
 
     def _log_throttled(self, kind: str, level: str, message: str) -> None:
@@ -544,9 +660,44 @@ class VprNode(LifecycleNode):
         processed_hz = self._out_rate.update(snap.monotonic_s, snap.processed)
         pipeline = self.pipeline
         extra = pipeline.counters() if pipeline is not None else []
+        extra += self._camera_values()
         self._diag_pub.publish(diagnostic_array(self.get_name(), self.get_clock().now().to_msg(),
                                                 snap, self.identity, input_hz, processed_hz,
                                                 extra))
+
+    def _camera_values(self) -> list[tuple[str, str]]:
+        """Per-camera counters for /diagnostics; with several cameras, one that delivers
+        nothing while others do is named (a WARN status, and a log line with whether anything
+        publishes on its topic at all)."""
+        values = [("cameras", self.identity.cameras or ",".join(c.topic for c in self._cameras))]
+        for cam in self._cameras:
+            key = f"camera.{cam.topic}"
+            values += [(f"{key}.frames_received", str(cam.received)),
+                       (f"{key}.frames_processed", str(cam.processed)),
+                       (f"{key}.frames_dropped", str(cam.dropped)),
+                       (f"{key}.errors", str(cam.errors)),
+                       (f"{key}.matches_found", str(cam.found))]
+        silent = []
+        if len(self._cameras) > 1 and self.identity.lifecycle_state == "active" and \
+                any(c.received for c in self._cameras):
+            for cam in self._cameras:
+                if cam.received == 0:
+                    sub = self._input_subs[cam.index] if cam.index < len(self._input_subs) \
+                        else None
+                    name = sub.topic_name if sub is not None else cam.topic
+                    silent.append(name)
+                    if not cam.silent_said:
+                        cam.silent_said = True
+                        publishers = self.count_publishers(name)
+                        self.get_logger().warning(
+                            f"camera {name} delivers no frames while the other cameras do ("
+                            + ("nothing publishes on it: a wrong topic in the parameter "
+                               "'cameras'?" if publishers == 0 else
+                               f"{publishers} publisher(s), none received yet: QoS or "
+                               "transport mismatch?")
+                            + "); the other cameras are used without it")
+        self.identity.silent_cameras = ",".join(silent)
+        return values
 
     # ------------------------------------------------------------------------------- services
 
@@ -593,7 +744,9 @@ class VprNode(LifecycleNode):
         self._session_count += 1
         session = f"{self._session_base}-{self._session_count}"
         pipeline.reset_session(session)
-        self._last_stamp_ns = None
+        for cam in self._cameras:
+            cam.last_stamp_ns = None
+        self._last_group_stamp_ns = None
         if self._poses is not None:
             self._poses.clear()
         if pipeline.mode != LOCALIZATION:

@@ -12,6 +12,7 @@ and ``sequence.`` (sequence matching serves both modes).
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -24,11 +25,14 @@ TRANSPORTS = ("raw", "compressed")
 RELIABILITIES = ("best_effort", "reliable")
 POSE_TYPES = ("none", "odometry", "pose")
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivfpq", "binary")
+CAMERA_MERGES = ("vote", "best")
+_TOPIC = re.compile(r"^[~/]?[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
 
 #: Allowed values of the string parameters (ROS ranges only exist for numbers).
 CHOICES: dict[str, tuple[str, ...]] = {
     "mode": MODES, "image_transport": TRANSPORTS,
     "qos_reliability": RELIABILITIES, "pose_type": POSE_TYPES, "map_index": INDEX_KINDS,
+    "cameras_merge": CAMERA_MERGES,
 }
 
 LOOP_PREFIX = "loop_closure."
@@ -120,6 +124,28 @@ class NodeConfig:
         2000, "keyframe points drawn in ~/markers (evenly subsampled above this)", 0, INT_MAX)
     markers_keyframes_period_s: float = param(
         5.0, "how often the keyframe points marker is refreshed (s)", 0.1, 3600.0)
+    cameras: str = param(
+        "", "several cameras: their image topics, comma-separated (e.g. "
+        "'/front/image_raw,/rear/image_raw'); each frame is searched on its own and the "
+        "candidates merged (cameras_merge), outputs and /diagnostics name the camera. Empty: "
+        "one camera on the topic 'image' (remap it)")
+    cameras_merge: str = param(
+        "vote", "merge of several cameras' candidates: vote (a place found by several cameras "
+        "gains cameras_vote_bonus of evidence per further camera) or best (best evidence "
+        "only)")
+    cameras_vote_bonus: float = param(
+        0.5, "evidence a place gains for each further camera that found it (standard "
+        "deviations of the frame's similarity to the map, the unit of single-frame scores)",
+        0.0, 100.0)
+    cameras_place_radius_m: float = param(
+        2.0, "two cameras' matches are the same place when their keyframes are this close",
+        0.0, 1000.0)
+    cameras_place_window_s: float = param(
+        0.5, "without keyframe positions: same place when the keyframes are of one session and "
+        "this close in time (the cameras of a mapping run fire together) (s)", 0.0, 3600.0)
+    cameras_sync_s: float = param(
+        0.05, "several cameras: after one camera's frame arrives, wait up to this long for the "
+        "others, so frames of the same moment are decided on together (s)", 0.0, 10.0)
     bond_heartbeat_period_s: float = param(
         0.1, "heartbeat period of the bond with nav2_lifecycle_manager, formed at activate "
         "where ROS's bondpy is installed (Nav2's servers use 0.1 s); 0: no bond (then set "
@@ -138,6 +164,18 @@ class NodeConfig:
             value = getattr(self, name)
             require(value in allowed, f"parameter {name} = {value!r} must be one of "
                     f"{', '.join(allowed)}")
+        topics = self.camera_topics
+        for topic in topics:
+            require(bool(_TOPIC.match(topic)), f"parameter cameras: {topic!r} is not a valid "
+                    "topic name")
+        require(len(set(topics)) == len(topics), f"parameter cameras names a topic twice: "
+                f"{self.cameras!r}")
+
+    @property
+    def camera_topics(self) -> list[str]:
+        """The camera topics: the ``cameras`` list, or the one relative topic ``image``."""
+        topics = [t.strip() for t in self.cameras.split(",") if t.strip()]
+        return topics or ["image"]
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "NodeConfig":

@@ -23,6 +23,7 @@ from vpr_ros.localization import (Candidate, Hypothesis, KeyframeTrack, LoopClos
                                   LoopClosureDetector, Relocalization, Relocalizer,
                                   SearchExclusion, SequenceMatcher, Verifier, build_hypotheses,
                                   candidates_from_columns)
+from vpr_ros.localization.cameras import merge_cameras
 from vpr_ros.mapdb import Exclusion, Keyframe, PlaceMap
 from vpr_ros.mapdb.local_rerank import search_reranked
 from vpr_ros.mapdb.model_outputs import ModelOutputs
@@ -127,6 +128,10 @@ class FrameOutcome:
     inserted_id: Optional[int] = None
     query_position: Optional[tuple[float, float, float]] = None
     closure_query_position: Optional[tuple[float, float, float]] = None
+    #: Several cameras: the camera that found each candidate keyframe (by id) and how many
+    #: cameras found its place; empty with one camera.
+    camera_of: dict[int, str] = field(default_factory=dict)
+    votes: dict[int, int] = field(default_factory=dict)
 
 
 class Pipeline:
@@ -160,6 +165,12 @@ class Pipeline:
         self.detector: Optional[LoopClosureDetector] = None
         self.verifier: Optional[Verifier] = None
         seq = settings.sequence
+        if len(settings.node.camera_topics) > 1 and seq.enabled:
+            raise ConfigError(
+                f"sequence.length = {seq.length} with {len(settings.node.camera_topics)} cameras: "
+                "sequence matching follows one camera's stream of frames; with several cameras "
+                "set sequence.length: 1 (each camera's frame is then matched on its own and the "
+                "cameras' candidates merged)")
         if self.mode == LOCALIZATION:
             self.relocalizer = Relocalizer(settings.relocalizer, sequence_length=seq.length)
         else:
@@ -168,6 +179,9 @@ class Pipeline:
         self.track = KeyframeTrack()
         self._sync_track()
         self.matcher = SequenceMatcher(seq, self.track, self._descriptors_of)
+        # Several cameras: one matcher per camera (each frame score is normalised against that
+        # camera's own similarity to the map), created at its first frame.
+        self._camera_matchers: dict[str, SequenceMatcher] = {}
         self.notes = check_sequence_fit(self.track, settings, self.mode)
 
     def _descriptors_of(self, ids: np.ndarray) -> np.ndarray:
@@ -228,6 +242,95 @@ class Pipeline:
             watch.lap("decision")
             return outcome
 
+    def decide_cameras(self, stamp_ns: int, queries: list[tuple[str, Query]],
+                       pose: Optional[tuple[Pose, str]], image_frame_id: str,
+                       timing: FrameTiming) -> FrameOutcome:
+        """:meth:`decide` for the frames of several cameras taken together (stamp: the newest
+        of them): each camera's query is searched and scored on its own, the hypotheses are
+        merged (:func:`~vpr_ros.localization.cameras.merge_cameras`, node parameters
+        ``cameras_*``) and the mode's decision runs once on the merged list. In loop-closure
+        mode an inserted keyframe is inserted for every camera, each naming its camera. One
+        camera: exactly :meth:`decide`."""
+        if len(queries) == 1:
+            return self.decide(stamp_ns, queries[0][1], pose, image_frame_id, timing)
+        node = self.settings.node
+        with self.lock:
+            watch = Stopwatch(timing)
+            rule: Optional[SearchExclusion] = None
+            exclusion = None
+            if self.detector is not None:
+                rule = self.detector.search_exclusion(stamp_ns)
+                exclusion = Exclusion(**rule.as_kwargs())
+            table = self.map.keyframe_table
+            searched = []
+            for camera, query in queries:
+                ids, scores = self.search(query, exclusion)
+                searched.append((camera, query, ids[0],
+                                 candidates_from_columns(ids[0], scores[0], table.pose_columns)))
+            watch.lap("search")
+            position = pose[0].position if pose is not None else None
+            self._sync_track()
+            per_camera = []
+            for camera, query, ids, candidates in searched:
+                matcher = self._camera_matchers.get(camera)
+                if matcher is None:
+                    matcher = self._camera_matchers[camera] = SequenceMatcher(
+                        self.settings.sequence, self.track, self._descriptors_of)
+                result = matcher.update(stamp_ns, query.descriptor, ids, position=position,
+                                        exclusion=rule)
+                per_camera.append((camera, build_hypotheses(
+                    candidates, result,
+                    lambda h_ids, cos: candidates_from_columns(h_ids, cos, table.pose_columns),
+                    matcher.config.enabled)))
+            min_score = self.settings.relocalizer.min_score if self.relocalizer is not None \
+                else self.settings.loop_closure.min_score
+            merged = merge_cameras(per_camera, node.cameras_merge, node.cameras_vote_bonus,
+                                   node.cameras_place_radius_m,
+                                   int(node.cameras_place_window_s * 1e9), min_score)
+            watch.lap("sequence")
+            ranked = [h.candidate for h in merged.hypotheses][:self.top_k]
+            outcome = FrameOutcome(stamp_ns, ranked, merged.hypotheses, query_position=position,
+                                   camera_of=merged.camera_of, votes=merged.votes)
+            if self.relocalizer is not None:
+                outcome.relocalization = self.relocalizer.update(stamp_ns, merged.hypotheses,
+                                                                 verifier=self.verifier)
+            else:
+                assert self.detector is not None
+                outcome.closure = self.detector.process(stamp_ns, merged.hypotheses,
+                                                        query_position=position,
+                                                        verifier=self.verifier)
+                self._insert_cameras(outcome, queries, pose, image_frame_id)
+            watch.lap("decision")
+            return outcome
+
+    def _insert_cameras(self, outcome: FrameOutcome, queries: list[tuple[str, Query]],
+                        pose: Optional[tuple[Pose, str]], image_frame_id: str) -> None:
+        """Loop-closure mode, several cameras: the keyframe policy decides on the first
+        camera's frame; when it inserts, every camera's frame becomes a keyframe of the live
+        session naming its camera (a place is then findable from any of them)."""
+        assert self.detector is not None
+        stamp = outcome.stamp_ns
+        position = pose[0].position if pose is not None else None
+        orientation = pose[0].orientation if pose is not None else None
+        if not self.detector.should_insert(stamp, position, orientation,
+                                           queries[0][1].descriptor).insert:
+            return
+        for camera, query in queries:
+            kf = Keyframe(session=self.session, stamp_ns=int(stamp),
+                          frame_id=pose[1] if pose is not None else image_frame_id,
+                          position=position, orientation=orientation,
+                          source_topic=camera, camera=camera)
+            new_id = int(self.map.add(
+                query.descriptor, [kf],
+                binary_codes=query.codes if self.map.model_codes else None,
+                local_features=query.local if self.map.local_grid is not None else None)[0])
+            self.detector.mark_inserted(new_id, stamp, position, orientation, query.descriptor)
+            if outcome.inserted_id is None:
+                outcome.inserted_id = new_id
+        self._sync_track()
+        if outcome.closure is not None:
+            outcome.closure_query_position = position
+
     def _loop_closure(self, outcome: FrameOutcome, query: Query,
                       pose: Optional[tuple[Pose, str]], image_frame_id: str) -> None:
         assert self.detector is not None
@@ -271,7 +374,12 @@ class Pipeline:
                 self.detector.reset(session=session)
             if self.relocalizer is not None:
                 self.relocalizer.reset()
-            self.matcher.reset()
+            self._reset_matchers()
+
+    def _reset_matchers(self) -> None:
+        self.matcher.reset()
+        for matcher in self._camera_matchers.values():
+            matcher.reset()
 
     def time_jump(self) -> None:
         """The clock restarted: a relocalization streak across the jump means nothing. The
@@ -280,7 +388,7 @@ class Pipeline:
         with self.lock:
             if self.relocalizer is not None:
                 self.relocalizer.reset()
-            self.matcher.reset()
+            self._reset_matchers()
 
     def save(self, path: str) -> int:
         """Atomic save of the map (the live session included); returns the keyframe count."""
