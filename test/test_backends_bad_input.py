@@ -71,10 +71,16 @@ def test_options_for_another_backend(tmp_path: Path) -> None:
     """Named explicitly, a backend refuses options it does not take; auto drops those meant
     for other candidates (the same call must work whichever backend wins)."""
     path = write_pool_model(tmp_path / "m.onnx")
-    with pytest.raises(BackendError, match=r"does not take option\(s\) \['precision'\]"):
+    with pytest.raises(BackendError, match=r"has no precision 'fp16' \(it has fp32, int8\)"):
         load_encoder(path, backend="onnxruntime", precision="fp16")
-    enc = load_encoder(path, backend="auto", device="cpu", precision="fp16", threads=1)
-    assert enc.backend == "onnxruntime-cpu"
+    with pytest.raises(BackendError, match=r"does not take option\(s\) \['spin'\]"):
+        load_encoder(path, backend="openvino", spin=True)
+    with pytest.raises(BackendError, match=r"asked for with precision='fp32'"):
+        load_encoder(path, backend="openvino:bf16", precision="fp32")
+    enc = load_encoder(path, backend="auto", device="cpu", precision="fp16", spin=False,
+                       threads=1)
+    assert enc.backend_choice.split(":")[0] in ("onnxruntime", "openvino")
+    assert enc.backend_note.startswith("auto: ")
 
 
 def test_files_that_are_not_our_exports(tmp_path: Path) -> None:

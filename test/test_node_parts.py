@@ -281,11 +281,14 @@ def test_status_reports_rates_latencies_errors_and_state() -> None:
     stats.count("dropped", 4)
     snap = stats.snapshot()
     assert snap.window == 3 and snap.processed == 5
-    ident = NodeIdentity(lifecycle_state="active", mode="localization", backend="torch-cpu",
-                         fingerprint="abc", map_size=10,
+    ident = NodeIdentity(lifecycle_state="active", mode="localization",
+                         backend="openvino-cpu-bf16", backend_choice="openvino:bf16",
+                         backend_note="auto: openvino:bf16 17.5 ms/frame", fingerprint="abc",
+                         map_size=10,
                          map_search="cpu (GPU search off after an error: out of memory)")
     level, message, values = status_fields(snap, ident, 10.0, 5.0)
     kv = dict(values)
+    assert kv["backend_choice"] == "openvino:bf16" and kv["backend_auto"].startswith("auto: ")
     assert level == 0 and "5.0 of 10.0" in message
     assert float(kv["latency_encode_p50_ms"]) == pytest.approx(40.0)  # window: frames 3..5
     assert kv["frames_dropped"] == "4" and kv["errors.corrupt_image"] == "1"

@@ -24,6 +24,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     info.add_argument("model", help="model directory")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.add_argument("--no-flops", action="store_true", help="skip the GFLOPs count")
+    info.add_argument("--backends", action="store_true",
+                      help="the table `backend: auto` decides from on this host: every backend "
+                      "x precision timed on a few frames, its descriptor cosine to fp32, the "
+                      "pick (measured at first use, then cached; MODEL may be an .onnx file)")
+    info.add_argument("--objective", choices=["latency", "throughput"], default="latency",
+                      help="with --backends: latency = batch 1 (the node), throughput = "
+                      "batches (map building, evaluation); default latency")
+    info.add_argument("--refresh", action="store_true",
+                      help="with --backends: measure again instead of showing the cached "
+                      "decision (and replace it)")
     info.set_defaults(func=_info)
 
     imp = msub.add_parser("import", help="official checkpoints -> model directory")
@@ -53,10 +63,31 @@ def _init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backends(args: argparse.Namespace) -> int:
+    from vpr_ros.runtime.auto_select import decide, format_decision
+    from vpr_ros.runtime.backend_select import artifact_kind
+
+    kind = artifact_kind(args.model)
+    if kind == "engine":
+        from vpr_ros.errors import BackendError
+
+        raise BackendError("a TensorRT engine has one backend; --backends compares the CPU "
+                           "backends of a model directory or an .onnx file")
+    decision = decide(Path(args.model), kind, objective=args.objective, refresh=args.refresh)
+    if args.json:
+        print(json.dumps({**decision.to_dict(), "from_cache": decision.from_cache,
+                          "summary": decision.summary()}, indent=2))
+    else:
+        print(format_decision(decision))
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from vpr_ros.models.info import model_summary
     from vpr_ros.models.model_dir import load_model_dir
 
+    if args.backends:
+        return _backends(args)
     model, meta = load_model_dir(args.model)
     summary = model_summary(model, meta.fingerprint, with_flops=not args.no_flops)
     summary["path"] = str(Path(args.model))

@@ -245,6 +245,8 @@ class NodeIdentity:
     lifecycle_state: str = "unconfigured"
     mode: str = ""
     backend: str = ""
+    backend_choice: str = ""  # the named choice, e.g. openvino:bf16
+    backend_note: str = ""    # why auto chose it (measured timings, cached decision, fallback)
     fingerprint: str = ""
     map_path: str = ""
     map_size: int = 0
@@ -267,7 +269,8 @@ def status_fields(snap: StatsSnapshot, ident: NodeIdentity, input_hz: float,
     further key/values (the decision stages' counters) appended as they are."""
     values: list[tuple[str, str]] = [
         ("lifecycle_state", ident.lifecycle_state), ("mode", ident.mode),
-        ("backend", ident.backend), ("model_fingerprint", ident.fingerprint),
+        ("backend", ident.backend), ("backend_choice", ident.backend_choice),
+        ("backend_auto", ident.backend_note), ("model_fingerprint", ident.fingerprint),
         ("map_path", ident.map_path), ("map_size", str(ident.map_size)),
         ("map_search", ident.map_search),
         ("session", ident.session), ("bond", ident.bond),

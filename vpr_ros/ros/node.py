@@ -168,11 +168,14 @@ class VprNode(LifecycleNode):
         enc, pmap = pipeline.encoder, pipeline.map
         self.identity = NodeIdentity(
             lifecycle_state="inactive", mode=cfg.mode, backend=enc.backend,
-            fingerprint=enc.fingerprint, map_path=cfg.map, map_size=len(pmap),
-            map_search=pmap.search_device,
+            backend_choice=getattr(enc, "backend_choice", ""),
+            backend_note=getattr(enc, "backend_note", ""), fingerprint=enc.fingerprint,
+            map_path=cfg.map, map_size=len(pmap), map_search=pmap.search_device,
             session=pipeline.session if cfg.mode != LOCALIZATION else "")
         self.get_logger().info(
-            f"configured: mode {cfg.mode}, encoder {enc.backend} (fingerprint "
+            f"configured: mode {cfg.mode}, encoder {enc.backend} "
+            f"{('(' + enc.backend_note + ') ') if getattr(enc, 'backend_note', '') else ''}"
+            f"(fingerprint "
             f"{enc.fingerprint}, {enc.dim}-D, input {enc.input_size}), map "
             f"{cfg.map or '(new live map)'} with {len(pmap)} keyframes (index {pmap.index_kind}"
             f"{' over the model hash codes' if pmap.model_codes else ''}; local re-rank of the "

@@ -56,9 +56,12 @@ class NodeConfig:
     model: str = param(
         "", "encoder to load at configure: model directory, .onnx file or TensorRT engine")
     backend: str = param(
-        "auto", "inference backend: auto (the fastest this machine runs for the model path), "
-        "torch, onnxruntime or tensorrt")
-    device: str = param("cpu", "encoder device: cpu, cuda or cuda:N")
+        "auto", "inference backend: auto (on the CPU the fastest backend x precision measured "
+        "on this host whose descriptors match fp32, cached per model and host; with a GPU the "
+        "fastest GPU backend), or torch, onnxruntime, openvino, tensorrt, optionally with a "
+        "precision: torch:bf16, onnxruntime:int8, openvino:bf16, openvino:fp16, ...")
+    device: str = param("cpu", "encoder device: cpu, cuda or cuda:N; for openvino also its "
+                        "device names (GPU, GPU.1, NPU)")
     threads: int = param(0, "encoder CPU threads (0: the backend's default)", 0, 256)
     blas_threads: int = param(
         1, "threads the map search's BLAS may use, process-wide (0: the library default). One "

@@ -1,18 +1,23 @@
 """Which encoder backend runs a model on this machine, and the checks every backend shares.
 
-``load_encoder(path, backend="auto")`` should give the fastest backend the machine can run
-without the caller knowing what is installed: a TensorRT engine, else ONNX Runtime on CUDA
-(through its TensorRT or CUDA provider), else PyTorch on CUDA, else ONNX Runtime on CPU, else
-PyTorch on CPU. The choice is a pure function of the artifact kind, the requested device and
-what was found installed (:func:`plan_backends`), so it is tested without the hardware; the
-opening then walks the plan and, in ``auto`` mode only, falls through to the next candidate when
-one cannot start (an onnxruntime build that lists a GPU provider whose libraries are missing).
+A backend is named ``BACKEND[:PRECISION]``: ``torch`` (fp32; ``torch:fp16`` on CUDA,
+``torch:bf16`` on a CPU with bf16 instructions), ``onnxruntime`` (``onnxruntime:int8`` where the
+CPU has VNNI/AMX int8), ``openvino`` (``openvino:bf16``, ``openvino:fp16``), ``tensorrt`` (an
+engine's own precision), or ``auto``.
+
+``auto`` on the CPU chooses by measurement (:mod:`vpr_ros.runtime.auto_select`): at first use
+on a host it times every backend x precision this CPU offers on a few real frames, keeps those
+whose descriptors match fp32, picks the fastest and caches the decision. With a CUDA GPU in
+reach (``device`` left to ``auto``/None or ``cuda``) it keeps the fixed GPU-first order of
+:func:`plan_backends`: a TensorRT engine, else ONNX Runtime on CUDA (TensorRT or CUDA provider),
+else PyTorch CUDA fp16. That plan is a pure function of the artifact kind, the requested device
+and what was found installed, so it is tested without the hardware; the opening walks it and,
+in ``auto`` mode only, falls through to the next candidate when one cannot start, saying why.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -22,7 +27,37 @@ from vpr_ros.export.artifact import descriptor_fingerprint  # noqa: F401 (caller
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino", "tensorrt")
+#: Precisions each backend can be named with (the first is the default).
+PRECISIONS: dict[str, tuple[str, ...]] = {
+    "torch": ("fp32", "fp16", "bf16"), "onnxruntime": ("fp32", "int8"),
+    "openvino": ("fp32", "bf16", "fp16"), "tensorrt": ()}
+PRECISION_ALIASES = {"f32": "fp32", "float32": "fp32", "f16": "fp16", "float16": "fp16",
+                     "half": "fp16", "bfloat16": "bf16", "i8": "int8"}
+
+
+def backend_names() -> str:
+    """``auto, torch[:fp32|fp16|bf16], ...`` for messages and --help."""
+    return ", ".join(b + (f"[:{'|'.join(PRECISIONS[b])}]" if PRECISIONS.get(b) else "")
+                     for b in BACKENDS)
+
+
+def parse_backend(name: str) -> tuple[str, Optional[str]]:
+    """``openvino:bf16`` -> ("openvino", "bf16"); ``torch`` -> ("torch", None); aliases
+    (``f32``, ``f16``) normalised; anything else a BackendError listing the names."""
+    text = (name or "").strip().lower()
+    backend, _, precision = text.partition(":")
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r}; available: {backend_names()}")
+    if not precision:
+        return backend, None
+    precision = PRECISION_ALIASES.get(precision, precision)
+    if precision not in PRECISIONS.get(backend, ()):
+        have = PRECISIONS.get(backend) or ()
+        raise BackendError(f"backend {backend!r} has no precision {precision!r}"
+                           + (f" (it has {', '.join(have)})" if have else
+                              " (it runs at the precision it was built/chosen with)"))
+    return backend, precision
 ENGINE_SUFFIXES = (".engine", ".plan")
 
 
@@ -79,6 +114,9 @@ class Availability:
     ort_providers: tuple[str, ...] = ()
     tensorrt: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
+    #: OpenVINO's CPU ``OPTIMIZATION_CAPABILITIES`` (FP32, BF16, FP16, INT8, ...); None when
+    #: openvino is not installed.
+    openvino_cpu: Optional[tuple[str, ...]] = None
 
     @property
     def onnxruntime(self) -> bool:
@@ -109,8 +147,17 @@ def probe() -> Availability:
     except ImportError:
         trt = False
         notes.append("tensorrt is not installed")
+    ov_caps: Optional[tuple[str, ...]] = None
+    try:
+        import openvino as ov
+
+        ov_caps = tuple(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    except ImportError:
+        notes.append("openvino is not installed")
+    except RuntimeError as exc:  # installed, but its CPU plugin cannot start here
+        notes.append(f"openvino's CPU plugin is unavailable ({exc})")
     return Availability(torch_cuda=cuda, ort_providers=providers, tensorrt=trt,
-                        notes=tuple(notes))
+                        notes=tuple(notes), openvino_cpu=ov_caps)
 
 
 # -- the choice ------------------------------------------------------------------------------
@@ -122,17 +169,30 @@ class Choice:
     backend: str
     device: str
     options: tuple[tuple[str, Any], ...] = ()
+    precision: Optional[str] = None
+
+    @property
+    def name(self) -> str:
+        """The backend's user-facing name, e.g. ``openvino:bf16`` or ``torch:fp32``."""
+        precision = self.precision or dict(self.options).get("precision")
+        if precision is None and self.backend != "tensorrt":
+            precision = "fp32"
+        return self.backend + (f":{precision}" if precision else "")
 
     def describe(self) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in self.options)
-        return f"{self.backend} on {self.device}" + (f" ({opts})" if opts else "")
+        return f"{self.name} on {self.device}" + (f" ({opts})" if opts else "")
 
 
 def plan_backends(kind: str, backend: str, device: Optional[str], avail: Availability,
                   export_cache: bool = True) -> list[Choice]:
-    """Candidates to try, fastest first. ``device`` None means any device (``auto``)."""
-    if backend not in BACKENDS:
-        raise BackendError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+    """Candidates to try, fastest first. ``device`` None means any device (``auto``).
+
+    For ``auto`` this is the fixed order (GPU first); on the CPU, :func:`open_encoder` measures
+    instead and uses this plan only as the last fallback."""
+    backend, precision = parse_backend(backend)
+    if backend == "openvino":
+        return _explicit_openvino(kind, device, precision)
     dev = None if device in (None, "auto") else parse_device(device)
     gpu_ok = dev is None or dev[0] == "cuda"
     cpu_ok = dev is None or dev[0] == "cpu"
@@ -140,7 +200,7 @@ def plan_backends(kind: str, backend: str, device: Optional[str], avail: Availab
     ort_trt = "TensorrtExecutionProvider" in avail.ort_providers and avail.tensorrt
     ort_cuda = "CUDAExecutionProvider" in avail.ort_providers
     if backend != "auto":
-        return _explicit(kind, backend, dev, gpu, avail, ort_trt)
+        return _explicit(kind, backend, precision, dev, gpu, avail, ort_trt)
     plan: list[Choice] = []
     if kind == "engine":
         if gpu_ok and avail.tensorrt and avail.torch_cuda:
@@ -167,22 +227,35 @@ def plan_backends(kind: str, backend: str, device: Optional[str], avail: Availab
     return plan
 
 
-def _explicit(kind: str, backend: str, dev: Optional[tuple[str, int]], gpu: str,
-              avail: Availability, ort_trt: bool) -> list[Choice]:
+def _explicit_openvino(kind: str, device: Optional[str], precision: Optional[str]
+                       ) -> list[Choice]:
+    """OpenVINO takes its own device names (CPU, GPU, GPU.1, NPU), checked when it opens."""
+    if kind == "engine":
+        raise BackendError("openvino cannot run a TensorRT engine; give the .onnx file or the "
+                           "model directory")
+    return [Choice("openvino", device if device not in (None, "auto") else "cpu",
+                   precision=precision or "fp32")]
+
+
+def _explicit(kind: str, backend: str, precision: Optional[str],
+              dev: Optional[tuple[str, int]], gpu: str, avail: Availability, ort_trt: bool
+              ) -> list[Choice]:
     device = f"{dev[0]}:{dev[1]}" if dev and dev[0] == "cuda" else (dev[0] if dev else None)
     if backend == "torch":
         if kind != "model_dir":
             raise BackendError(f"the torch backend runs model directories, not an {kind} file; "
-                               "use backend 'onnxruntime' (.onnx), 'tensorrt' (.engine) or "
-                               "'auto'")
-        return [Choice("torch", device or "cpu")]
+                               "use backend 'onnxruntime' or 'openvino' (.onnx), 'tensorrt' "
+                               "(.engine) or 'auto'")
+        return [Choice("torch", device or "cpu", precision=precision)]
     if backend == "onnxruntime":
         if kind == "engine":
             raise BackendError("onnxruntime cannot run a TensorRT engine; give the .onnx file "
                                "or use backend 'tensorrt'")
         target = device or "cpu"
         if target == "cpu":
-            return [Choice("onnxruntime", "cpu", (("provider", "cpu"),))]
+            return [Choice("onnxruntime", "cpu", (("provider", "cpu"),), precision=precision)]
+        if precision == "int8":
+            raise BackendError("onnxruntime int8 runs on the CPU; use device cpu")
         provider = "tensorrt" if ort_trt else "cuda"
         return [Choice("onnxruntime", target, (("provider", provider),))]
     # tensorrt
@@ -198,9 +271,9 @@ def _explicit(kind: str, backend: str, dev: Optional[tuple[str, int]], gpu: str,
 # -- opening ---------------------------------------------------------------------------------
 
 def export_cache_dir() -> Path:
-    base = os.environ.get("VPR_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vpr_ros")
-    return Path(base) / "exports"
+    from vpr_ros.runtime.user_cache import cache_root
+
+    return cache_root() / "exports"
 
 
 def cached_onnx(model_dir: Union[str, Path], cache_dir: Optional[Path] = None) -> Path:
@@ -234,12 +307,30 @@ def _accepted(cls_init: Any, opts: dict, strict: bool, backend: str) -> dict:
     return {k: v for k, v in opts.items() if k in params}
 
 
+def _with_precision(choice: Choice, options: dict, strict: bool) -> dict:
+    """The options with the choice's precision; a ``precision=`` option must agree with the
+    name (``torch:bf16`` with ``precision="fp32"`` is a contradiction, refused)."""
+    opts = {**dict(choice.options), **options}
+    given = opts.get("precision")
+    if given is not None:
+        given = PRECISION_ALIASES.get(str(given).lower(), str(given).lower())
+        if choice.backend in PRECISIONS and PRECISIONS[choice.backend]:
+            parse_backend(f"{choice.backend}:{given}")  # refuses a precision it does not have
+        if choice.precision is not None and given != choice.precision and strict:
+            raise BackendError(f"backend {choice.name} was asked for with precision={given!r}; "
+                               "name the precision once (e.g. backend 'openvino:bf16')")
+        opts["precision"] = given
+    if choice.precision is not None:
+        opts["precision"] = choice.precision
+    return opts
+
+
 def _open(path: Path, kind: str, choice: Choice, expected: Optional[str], options: dict,
           strict: bool):
+    opts = _with_precision(choice, options, strict)
     if choice.backend == "torch":
         from vpr_ros.runtime.torch_encoder import TorchEncoder
 
-        opts = {**dict(choice.options), **options}
         known = set(_accepted(TorchEncoder.__init__, opts, strict, "torch"))
         return TorchEncoder.from_model_dir(path, device=choice.device,
                                            expected_fingerprint=expected,
@@ -247,39 +338,98 @@ def _open(path: Path, kind: str, choice: Choice, expected: Optional[str], option
     if choice.backend == "onnxruntime":
         from vpr_ros.runtime.onnx_encoder import OnnxEncoder
 
-        opts = _accepted(OnnxEncoder.__init__, {**dict(choice.options), **options}, strict,
-                         "onnxruntime")
-        onnx_path = cached_onnx(path) if kind == "model_dir" else path
+        opts = _accepted(OnnxEncoder.__init__, opts, strict, "onnxruntime")
+        onnx_path = _onnx_for(path, kind, expected)
         return OnnxEncoder(onnx_path, device=choice.device, expected_fingerprint=expected,
                            **opts)
+    if choice.backend == "openvino":
+        from vpr_ros.runtime.openvino_encoder import OpenVinoEncoder
+
+        opts = _accepted(OpenVinoEncoder.__init__, opts, strict, "openvino")
+        onnx_path = _onnx_for(path, kind, expected)
+        return OpenVinoEncoder(onnx_path, device=choice.device, expected_fingerprint=expected,
+                               **opts)
     from vpr_ros.runtime.tensorrt_encoder import TensorRTEncoder
 
-    opts = _accepted(TensorRTEncoder.__init__, {**dict(choice.options), **options}, strict,
-                     "tensorrt")
+    opts = _accepted(TensorRTEncoder.__init__, opts, strict, "tensorrt")
     return TensorRTEncoder(path, device=choice.device, expected_fingerprint=expected, **opts)
+
+
+def _onnx_for(path: Path, kind: str, expected: Optional[str]) -> Path:
+    """The .onnx an ONNX-based backend runs: the file itself, or the model directory's export
+    (a model of another fingerprint is refused before the export is made)."""
+    if kind != "model_dir":
+        return path
+    if expected:
+        from vpr_ros.models.model_dir import read_model_meta
+
+        check_expected_fingerprint(read_model_meta(path).fingerprint, expected, str(path))
+    return cached_onnx(path)
+
+
+def measured_auto_applies(kind: str, plan: list[Choice]) -> bool:
+    """``auto`` measures on the CPU: for a model directory or an .onnx file whose fixed plan
+    starts on the CPU (no GPU candidate ahead of it)."""
+    return kind in ("model_dir", "onnx") and bool(plan) and plan[0].device == "cpu"
 
 
 def open_encoder(path: Union[str, Path], backend: str = "torch", device: Optional[str] = None,
                  expected_fingerprint: Optional[str] = None, export_cache: bool = True,
-                 **options: Any):
+                 objective: str = "latency", **options: Any):
     """See :func:`vpr_ros.runtime.encoder.load_encoder`."""
     p = Path(path)
     kind = artifact_kind(p)
-    plan = plan_backends(kind, backend, device, probe(), export_cache=export_cache)
+    name, _ = parse_backend(backend)
+    auto = name == "auto"
+    avail = probe()
+    plan = plan_backends(kind, backend, device, avail, export_cache=export_cache)
+    if not auto:
+        choice = plan[0]
+        enc = _open(p, kind, choice, expected_fingerprint, dict(options), strict=True)
+        _label(enc, choice.name, "")
+        return enc
+    options = {k: v for k, v in options.items() if k != "precision"}  # auto picks precisions
     errors: list[str] = []
-    for choice in plan:
+    ranked: list[Choice] = []
+    decision = None
+    if measured_auto_applies(kind, plan):
+        from vpr_ros.runtime.auto_select import decide
+
         try:
-            enc = _open(p, kind, choice, expected_fingerprint, dict(options),
-                        strict=backend != "auto")
+            decision = decide(p, kind, objective=objective, options=options, avail=avail,
+                              export_cache=export_cache,
+                              expected_fingerprint=expected_fingerprint)
         except MapMismatchError:
             raise
         except BackendError as exc:
-            if backend != "auto":
-                raise
-            log.warning("backend %s unavailable: %s", choice.describe(), exc)
-            errors.append(f"{choice.describe()}: {exc}")
+            log.warning("auto backend: measurement failed (%s); using the fixed order", exc)
+            errors.append(f"measurement: {exc}")
+        if decision is not None:
+            ranked = decision.ranking()
+    ranked += [c for c in plan if c.name not in {r.name for r in ranked}
+               or c.device != "cpu"]
+    for choice in ranked:
+        enc = decision.take_encoder(choice.name) if decision is not None else None
+        try:
+            if enc is None:
+                enc = _open(p, kind, choice, expected_fingerprint, dict(options),
+                            strict=False)
+        except MapMismatchError:
+            raise
+        except BackendError as exc:
+            log.warning("auto backend: %s unavailable: %s", choice.describe(), exc)
+            errors.append(f"{choice.name}: {exc}")
             continue
-        if backend == "auto":
-            log.info("auto backend: %s (%s)", enc.backend, choice.describe())
+        note = decision.summary() if decision is not None else "fixed order"
+        if errors:
+            note += "; fell back past " + "; ".join(errors)
+        _label(enc, choice.name, note)
+        log.info("auto backend: %s (%s)", choice.name, note)
         return enc
     raise BackendError("no backend could open " + str(p) + ": " + " | ".join(errors))
+
+
+def _label(enc: Any, choice: str, note: str) -> None:
+    """What /diagnostics shows: the named choice (``openvino:bf16``) and, for ``auto``, why."""
+    enc.backend_choice = choice
+    enc.backend_note = note

@@ -103,14 +103,19 @@ def check_outputs(outs: dict[str, np.ndarray], batch: int, dim: int, backend: st
 
 
 def load_encoder(model: Union[str, Path], backend: str = "torch", device: str = "cpu",
-                 **options) -> Encoder:
+                 objective: str = "latency", **options) -> Encoder:
     """Open an encoder for a model directory, an ``.onnx`` file or a TensorRT engine.
 
-    ``backend``: ``torch``, ``onnxruntime``, ``tensorrt`` or ``auto`` (the fastest this machine
-    can run, see :mod:`vpr_ros.runtime.backend_select`); the encoder's ``backend`` string says
-    which one was chosen. ``expected_fingerprint=`` (e.g. a map's) refuses another model with
+    ``backend``: ``torch``, ``onnxruntime``, ``openvino``, ``tensorrt``, each optionally with a
+    precision (``openvino:bf16``, ``torch:bf16``, ``onnxruntime:int8``, ...), or ``auto``: on
+    the CPU the fastest backend x precision measured on this host whose descriptors match fp32
+    (:mod:`vpr_ros.runtime.auto_select`; ``objective`` ``latency`` = batch 1 for the node,
+    ``throughput`` = batches for map building and evaluation), with a GPU the fixed GPU-first
+    order (:mod:`vpr_ros.runtime.backend_select`). The encoder's ``backend`` string says what
+    runs, ``backend_choice`` the named choice and ``backend_note`` why ``auto`` took it.
+    ``expected_fingerprint=`` (e.g. a map's) refuses another model with
     :class:`~vpr_ros.errors.MapMismatchError`; other options go to the backend.
     """
     from vpr_ros.runtime.backend_select import open_encoder
 
-    return open_encoder(model, backend=backend, device=device, **options)
+    return open_encoder(model, backend=backend, device=device, objective=objective, **options)

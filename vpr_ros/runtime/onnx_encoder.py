@@ -231,12 +231,15 @@ class OnnxEncoder(Encoder):
         spin: busy-waiting intra-op threads (see :func:`cpu_session_options`).
         fuse_attention: on CPU, run ViT attention as ONNX Runtime's fused Attention op
             (:func:`fuse_vit_attention`; the file itself is not changed).
+        precision: ``fp32`` (the file as exported) or ``int8`` (CPU only, where the CPU has
+            VNNI/AMX int8: the weight MatMuls quantised, see :mod:`~vpr_ros.runtime.onnx_int8`).
     """
 
     def __init__(self, path: str | Path, device: str = "cpu", provider: Optional[str] = None,
                  threads: Optional[int] = None, expected_fingerprint: Optional[str] = None,
                  optimization: str = "all", trt_cache_dir: Optional[str | Path] = None,
-                 tuned: bool = True, spin: bool = False, fuse_attention: bool = True) -> None:
+                 tuned: bool = True, spin: bool = False, fuse_attention: bool = True,
+                 precision: str = "fp32") -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -262,13 +265,31 @@ class OnnxEncoder(Encoder):
             raise BackendError(f"onnxruntime provider {wanted} is not available in this "
                                f"install (available: {available}); install onnxruntime-gpu "
                                "for CUDA/TensorRT, or use provider='cpu'")
+        precision = {"f32": "fp32"}.get(precision, precision)
+        if precision not in ("fp32", "int8"):
+            raise BackendError(f"onnxruntime precision must be fp32 or int8, got {precision!r}")
+        if precision == "int8":
+            from vpr_ros.runtime.cpu_features import cpu_info
+
+            if provider != "cpu":
+                raise BackendError("onnxruntime int8 runs on the CPU provider only")
+            if not cpu_info().int8:
+                raise BackendError(f"this CPU ({cpu_info().describe()}) has no int8 dot-product "
+                                   "instructions (VNNI or AMX): ONNX Runtime's int8 kernels "
+                                   "would saturate and gain little; use precision fp32")
         so = cpu_session_options(threads, optimization, spin) if tuned else ort.SessionOptions()
         cache = Path(trt_cache_dir) if trt_cache_dir else self.path.parent / ".ort_trt_cache"
         chain = provider_chain(provider, dev_id, cache if provider == "tensorrt" else None)
-        source: Any = str(self.path)
+        self.precision = precision
+        run_path = self.path
+        if precision == "int8":
+            from vpr_ros.runtime.onnx_int8 import int8_onnx
+
+            run_path = int8_onnx(self.path)
+        source: Any = str(run_path)
         self.fused_attention = 0
-        if provider == "cpu" and tuned and fuse_attention:
-            source, self.fused_attention = _with_fused_attention(self.path)
+        if provider == "cpu" and tuned and fuse_attention and precision == "fp32":
+            source, self.fused_attention = _with_fused_attention(run_path)
         try:
             self.session = ort.InferenceSession(source, so, providers=chain)
         except Exception as exc:  # onnxruntime raises its own pybind exception types
@@ -289,7 +310,7 @@ class OnnxEncoder(Encoder):
         self.fingerprint = self.meta.fingerprint
         self.provider = provider
         self.backend = f"onnxruntime-{provider}" + ("" if tuned else "-untuned") + (
-            "-spin" if spin and tuned else "")
+            "-spin" if spin and tuned else "") + ("-int8" if precision == "int8" else "")
         self._prep = artifact_preprocessing(self.meta)
 
     def _check_graph(self) -> None:

@@ -10,10 +10,16 @@ spread over hundreds of small kernels: the frame is preprocessed on the GPU (uin
 replayed from a CUDA graph captured once per batch size, so Python and kernel-launch overhead
 stop dominating. (``torch.compile`` was not chosen: minutes of compilation at node start-up and
 a cache keyed on the torch build, for less gain than graphs give at batch 1.)
+
+On a CPU with bf16 matrix instructions (AMX or AVX512-BF16) ``precision="bf16"`` runs the
+forward pass under ``torch.autocast``: the matrix products in bf16, normalisations and softmax
+kept in fp32 by autocast's op lists, descriptors returned as float32. Elsewhere bf16 would be
+emulated and slower than fp32, so it is refused there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
 from pathlib import Path
@@ -53,7 +59,8 @@ class TorchEncoder(Encoder):
 
     Args:
         model, meta: a loaded model and its :class:`~vpr_ros.models.model_dir.ModelMeta`.
-        device: ``cpu`` or ``cuda[:N]``; precision: ``fp32`` or ``fp16`` (CUDA only).
+        device: ``cpu`` or ``cuda[:N]``; precision: ``fp32``, ``fp16`` (CUDA only) or
+            ``bf16`` (CPU autocast, where the CPU has bf16 instructions).
         threads: CPU threads for torch (default: torch's own choice).
         expected_fingerprint: refuse (MapMismatchError) another model than the map's.
         cuda_graphs: replay CUDA graphs (default on for CUDA); gpu_preprocess: preprocess on
@@ -73,18 +80,32 @@ class TorchEncoder(Encoder):
                  cuda_graphs: Optional[bool] = None, gpu_preprocess: bool = True) -> None:
         from vpr_ros.runtime.backend_select import check_expected_fingerprint
 
-        if precision not in ("fp32", "fp16"):
-            raise BackendError(f"precision must be fp32 or fp16, got {precision!r}")
+        precision = {"f32": "fp32", "f16": "fp16"}.get(precision, precision)
+        if precision not in ("fp32", "fp16", "bf16"):
+            raise BackendError(f"torch precision must be fp32, fp16 (CUDA) or bf16 (CPU), got "
+                               f"{precision!r}")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendError(f"device {device!r} asked for, but torch sees no CUDA GPU; use "
                                "device cpu")
         if precision == "fp16" and not device.startswith("cuda"):
-            raise BackendError("fp16 inference needs a CUDA device; use fp32 on CPU")
+            raise BackendError("fp16 inference needs a CUDA device; use fp32 (or bf16 where "
+                               "the CPU has it) on CPU")
+        if precision == "bf16":
+            from vpr_ros.runtime.cpu_features import cpu_info
+
+            if device.startswith("cuda"):
+                raise BackendError("torch bf16 is the CPU's reduced precision (autocast); on "
+                                   "CUDA use fp16")
+            if not cpu_info().bf16:
+                raise BackendError(f"this CPU ({cpu_info().describe()}) has no bf16 matrix "
+                                   "instructions (AMX or AVX512-BF16): bf16 would be emulated "
+                                   "and slower than fp32; use precision fp32")
         check_expected_fingerprint(meta.fingerprint, expected_fingerprint, str(meta.path))
         if threads:
             torch.set_num_threads(int(threads))
         self.device = torch.device(device)
         self.dtype = torch.float16 if precision == "fp16" else torch.float32
+        self.precision = precision
         self.model = model.eval().to(self.device, self.dtype)
         self.model.fix_input_size()
         self.meta = meta
@@ -124,7 +145,7 @@ class TorchEncoder(Encoder):
         on the device); floating outputs are returned as float32."""
         check_tensor_batch(batch, self.input_size, self.backend)
         x = batch.to(self.device, self.dtype, non_blocking=True)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             out = self._graph_forward(x) if self.cuda_graphs else self.model.forward_all(x)
         return {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
 
@@ -144,7 +165,7 @@ class TorchEncoder(Encoder):
         batch = gpu_prep(images) if gpu_prep is not None else torch.from_numpy(
             self.preprocess(images))
         check_tensor_batch(batch, self.input_size, self.backend)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             return self.model.backbone(batch.to(self.device, self.dtype))
 
     def encode_features_all(self, feats: BackboneOutput) -> dict[str, np.ndarray]:
@@ -155,11 +176,17 @@ class TorchEncoder(Encoder):
         tok = feats.cls_token
         x = BackboneOutput(feats.features.to(self.device, self.dtype),
                            None if tok is None else tok.to(self.device, self.dtype))
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             out = self.model.head_all(x)
         outs = {k: (v.float() if v.is_floating_point() else v).cpu().numpy()
                 for k, v in out.items()}
         return check_outputs(outs, int(x.features.shape[0]), self.dim, self.backend)
+
+    def _autocast(self):
+        """bf16 autocast on CPU for ``precision="bf16"``, nothing otherwise."""
+        if getattr(self, "precision", "fp32") != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=torch.bfloat16)
 
     def _graph_forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         b = int(x.shape[0])
