@@ -37,8 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Without --pose-topic the map is stamps-only.")
     build.add_argument("bag", help="rosbag2 directory, a single .mcap / .db3 file, or a ROS 1 "
                        ".bag file (read directly, no conversion step)")
-    build.add_argument("--image-topic", required=True,
-                       help="sensor_msgs/Image or CompressedImage topic")
+    build.add_argument("--image-topic", required=True, nargs="+", action="extend",
+                       metavar="TOPIC",
+                       help="sensor_msgs/Image or CompressedImage topic; several cameras: "
+                       "several topics (each keyframe records its camera, keyframes are "
+                       "selected per camera)")
     build.add_argument("--pose-topic", help="nav_msgs/Odometry, geometry_msgs/PoseStamped, "
                        "PoseWithCovarianceStamped or sensor_msgs/NavSatFix topic")
     build.add_argument("--model", required=True, help="model directory (vpr model init)")

@@ -173,6 +173,7 @@ class BuildSummary:
     calibrated: bool = False
     frames_wrong_size: int = 0
     keyframes_without_depth: int = 0
+    keyframes_per_camera: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
 
@@ -188,7 +189,10 @@ class BuildSummary:
             f"poses:         {self.pose_samples} samples on {self.pose_topic}"
             if self.pose_topic else "poses:         none (stamps-only map)",
             f"keyframes:     {self.keyframes} added to session '{self.session}' "
-            f"({self.keyframes_with_pose} with pose, {self.keyframes_without_pose} without)",
+            f"({self.keyframes_with_pose} with pose, {self.keyframes_without_pose} without)"
+            + ("; per camera: " + ", ".join(f"{c} {n}" for c, n in
+                                            self.keyframes_per_camera.items())
+               if len(self.keyframes_per_camera) > 1 else ""),
             f"map:           {self.map_path} ({self.map_size} keyframes in total; index "
             f"{self.index}{', local features' if self.local_features else ''})",
             f"keypoints:     {self.keypoints}" + (
@@ -211,7 +215,7 @@ def _default_session(bag: Path) -> str:
     return bag.name if bag.is_dir() else bag.stem
 
 
-def build_map(bag: str | Path, image_topic: str,
+def build_map(bag: str | Path, image_topic: str | Sequence[str],
               encoder: EncoderLike | Callable[[], EncoderLike],
               out: str | Path | None = None, *, pose_topic: str | None = None,
               session: str | None = None, config: BuildConfig | None = None,
@@ -231,6 +235,12 @@ def build_map(bag: str | Path, image_topic: str,
     ``sensors``: where the camera's calibration, mount and 3-D points come from
     (:class:`~vpr_ros.mapdb.camera_rig.SensorOptions`); keyframes get ``config.keypoints``
     keypoints (with 3-D points from depth or stereo), the map the calibration.
+
+    Several cameras: ``image_topic`` is a list. Each camera is read in its own pass over the
+    bag with its own keyframe selection (distance, rotation and time apply per camera), its
+    calibration from its sibling ``camera_info``, and every keyframe names its camera (its
+    topic); all go into the one session. Explicit CameraInfo, depth and stereo options name
+    one camera's topics and are refused with several.
     """
     from vpr_ros.mapdb.keyframe import Keyframe
 
@@ -241,16 +251,29 @@ def build_map(bag: str | Path, image_topic: str,
     if out_path is not None and _is_existing_map(out_path) and not append:
         raise MapError(f"{out_path} already exists; choose a new output path, or pass --append "
                        "to add this bag to that map as a new session")
+    topics = [image_topic] if isinstance(image_topic, str) else list(image_topic)
+    if not topics or len(set(topics)) != len(topics):
+        raise ConfigError(f"image topics {topics}: give one or more, each once")
+    sensors = sensors or SensorOptions()
+    if len(topics) > 1 and (sensors.camera_info_topic or sensors.depth_topic
+                            or sensors.right_topic or sensors.right_camera_info_topic
+                            or sensors.camera_mount is not None):
+        raise ConfigError("--camera-info-topic, --depth-topic, --stereo-right-topic and "
+                          "--camera-to-robot describe one camera; with several --image-topic "
+                          "each camera's CameraInfo is its sibling camera_info topic and mounts "
+                          "come from /tf_static")
     reader = BagReader(bag, max_pixels=config.max_pixels)
     with reader:
-        image_type = reader.check_topic(image_topic, ("sensor_msgs/msg/Image",
-                                                      "sensor_msgs/msg/CompressedImage"))
+        image_types = {t: reader.check_topic(t, ("sensor_msgs/msg/Image",
+                                                 "sensor_msgs/msg/CompressedImage"))
+                       for t in topics}
         if pose_topic is not None:
             reader.check_topic(pose_topic, POSE_TYPES)
-        rig = CameraRig.open(reader, image_topic, sensors or SensorOptions(), config.keypoints,
-                             config.max_keypoints, config.max_depth_m)
-        for note in rig.notes:
-            reader.warn(note)
+        rigs = {t: CameraRig.open(reader, t, sensors, config.keypoints, config.max_keypoints,
+                                  config.max_depth_m) for t in topics}
+        for topic, rig in rigs.items():
+            for note in rig.notes:
+                reader.warn(note if len(topics) == 1 else f"{topic}: {note}")
         if not hasattr(encoder, "encode"):
             encoder = encoder()  # type: ignore[operator]
         assert hasattr(encoder, "encode")
@@ -275,17 +298,20 @@ def build_map(bag: str | Path, image_topic: str,
             if len(track) == 0:
                 reader.warn(f"pose topic {pose_topic} has no usable samples; building a "
                              "stamps-only map")
-        summary = BuildSummary(bag=str(bag), image_topic=image_topic, pose_topic=pose_topic,
+        summary = BuildSummary(bag=str(bag), image_topic=", ".join(topics),
+                               pose_topic=pose_topic,
                                session=session,
                                map_path=str(out_path) if out_path is not None else None,
                                pose_samples=len(track) if track is not None else 0)
-        selector = KeyframeSelector(config.keyframes)
         pending: list[tuple[SyncedFrame, Pose | None]] = []
         source_bag = str(bag.resolve())
+        current: list[str] = [topics[0]]  # the camera being read
 
         def flush() -> None:
             if not pending:
                 return
+            topic = current[0]
+            rig = rigs[topic]
             images = [f.image.rgb for f, _ in pending]
             outs = encoder.encode_all(images) if extras else \
                 {"global": encoder.encode(images)}  # type: ignore[attr-defined]
@@ -302,8 +328,10 @@ def build_map(bag: str | Path, image_topic: str,
                          position=pose.position if pose is not None else None,
                          orientation=pose.orientation if pose is not None else None,
                          gnss=pose.gnss if pose is not None else None,
-                         source_bag=source_bag, source_topic=image_topic, camera=image_topic)
+                         source_bag=source_bag, source_topic=topic, camera=topic)
                 for f, pose in ((s.image, p) for s, p in pending)]
+            summary.keyframes_per_camera[topic] = \
+                summary.keyframes_per_camera.get(topic, 0) + len(pending)
             place_map.add(np.asarray(outs["global"], dtype=np.float32), keyframes,
                           binary_codes=outs.get("binary") if place_map.model_codes else None,
                           local_features=outs.get("local") if place_map.local_grid else None,
@@ -314,45 +342,57 @@ def build_map(bag: str | Path, image_topic: str,
             summary.keyframes_without_pose += len(pending) - with_pose
             pending.clear()
 
-        total = reader.message_counts.get(image_topic, -1)
-        bar = _progress(progress, total if total > 0 else None,
-                        f"{image_topic} ({image_type.rsplit('/', 1)[-1]})")
-        try:
-            tolerance = int(config.sync_tolerance_s * 1e9)
-            for synced in reader.synced_frames(image_topic, rig.depth_topic, rig.right_topic,
-                                               tolerance):
-                frame = synced.image
-                bar.update(1)
-                if not rig.accepts(frame):
-                    continue
-                pose = interpolate(track, frame.stamp_ns, config.max_pose_gap_s) \
-                    if track is not None else None
-                if selector.accept(frame.stamp_ns, pose.position if pose else None,
-                                   pose.orientation if pose else None):
-                    pending.append((synced, pose))
-                    if len(pending) >= config.batch_size:
-                        flush()
-                        bar.set_postfix(keyframes=summary.keyframes, refresh=False)
-            flush()
-        finally:
-            bar.close()
+        frames_read: dict[str, int] = {}
+        for image_topic in topics:  # one pass per camera, each selecting its own keyframes
+            rig = rigs[image_topic]
+            current[0] = image_topic
+            selector = KeyframeSelector(config.keyframes)
+            read_before = reader.stats.images_read
+            total = reader.message_counts.get(image_topic, -1)
+            bar = _progress(progress, total if total > 0 else None,
+                            f"{image_topic} ({image_types[image_topic].rsplit('/', 1)[-1]})")
+            try:
+                tolerance = int(config.sync_tolerance_s * 1e9)
+                for synced in reader.synced_frames(image_topic, rig.depth_topic,
+                                                   rig.right_topic, tolerance):
+                    frame = synced.image
+                    bar.update(1)
+                    if not rig.accepts(frame):
+                        continue
+                    pose = interpolate(track, frame.stamp_ns, config.max_pose_gap_s) \
+                        if track is not None else None
+                    if selector.accept(frame.stamp_ns, pose.position if pose else None,
+                                       pose.orientation if pose else None):
+                        pending.append((synced, pose))
+                        if len(pending) >= config.batch_size:
+                            flush()
+                            bar.set_postfix(keyframes=summary.keyframes, refresh=False)
+                flush()
+            finally:
+                bar.close()
+            frames_read[image_topic] = reader.stats.images_read - read_before
+            summary.frames_wrong_size += rig.stats.frames_wrong_size
+            summary.keyframes_without_depth += rig.stats.keyframes_without_depth
+            if rig.stats.frames_wrong_size:
+                assert rig.camera is not None
+                reader.warn(f"refused {rig.stats.frames_wrong_size} frame(s) of {image_topic} "
+                            f"whose size differs from the CameraInfo's {rig.camera.width}x"
+                            f"{rig.camera.height} (a resized stream or the wrong camera_info)")
+            if rig.stats.keyframes_without_depth:
+                reader.warn(f"{rig.stats.keyframes_without_depth} keyframe(s) got no 3-D "
+                            f"points: no {'depth image' if rig.depth_topic else 'right image'} "
+                            f"of their size within {config.sync_tolerance_s} s of their stamp")
         summary.frames_read = reader.stats.images_read
         summary.frames_corrupt = reader.stats.images_corrupt
-        summary.frames_wrong_size = rig.stats.frames_wrong_size
-        summary.keyframes_without_depth = rig.stats.keyframes_without_depth
-        if rig.stats.frames_wrong_size:
-            assert rig.camera is not None
-            reader.warn(f"refused {rig.stats.frames_wrong_size} frame(s) of {image_topic} whose "
-                        f"size differs from the CameraInfo's {rig.camera.width}x"
-                        f"{rig.camera.height} (a resized stream or the wrong camera_info)")
-        if rig.stats.keyframes_without_depth:
-            reader.warn(f"{rig.stats.keyframes_without_depth} keyframe(s) got no 3-D points: no "
-                        f"{'depth image' if rig.depth_topic else 'right image'} of their size "
-                        f"within {config.sync_tolerance_s} s of their stamp")
+        if len(topics) > 1:
+            for topic, n in frames_read.items():
+                if n == 0:
+                    reader.warn(f"camera {topic}: no decodable frame; the map has keyframes of "
+                                "the other cameras only")
         summary.bag_damaged = reader.stats.damaged
         summary.warnings = list(reader.stats.warnings)
     if summary.frames_read == 0:
-        raise BagError(f"no decodable frame on {image_topic} in bag {bag} "
+        raise BagError(f"no decodable frame on {', '.join(topics)} in bag {bag} "
                        f"({summary.frames_corrupt} corrupt); nothing to map. Check the topic "
                        "(vpr map build lists the bag's topics on a wrong name) and the bag")
     if track is not None and len(track) and summary.keyframes_with_pose == 0:
@@ -364,18 +404,21 @@ def build_map(bag: str | Path, image_topic: str,
     place_map = target[0]
     if place_map is None:  # no keyframe was selected: an empty map of the right layout
         place_map = _create_map(encoder, config, ModelOutputs.probe(encoder))
-    if rig.camera is not None:
-        place_map.add_camera(session, rig.camera)
+    for rig in rigs.values():
+        if rig.camera is not None:
+            place_map.add_camera(session, rig.camera)
     if out_path is not None:
         place_map.save(out_path)
     summary.map_size = len(place_map)
     summary.index = place_map.index_kind + (" (model codes)" if place_map.model_codes else "")
     summary.local_features = place_map.local_grid is not None
     summary.keypoints = place_map.keypoint_kind or "none"
-    summary.calibrated = rig.camera is not None
-    if rig.stats.keypoints:
-        summary.keypoints_per_keyframe = rig.stats.keypoints / max(1, summary.keyframes)
-        summary.keypoints_with_points = rig.stats.keypoints_with_points / rig.stats.keypoints
+    summary.calibrated = all(rig.camera is not None for rig in rigs.values())
+    keypoints = sum(rig.stats.keypoints for rig in rigs.values())
+    if keypoints:
+        summary.keypoints_per_keyframe = keypoints / max(1, summary.keyframes)
+        summary.keypoints_with_points = sum(rig.stats.keypoints_with_points
+                                            for rig in rigs.values()) / keypoints
     summary.seconds = time.monotonic() - started
     return place_map, summary
 
