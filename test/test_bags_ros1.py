@@ -342,3 +342,24 @@ def test_map_from_a_ros1_bag_equals_the_map_from_the_same_rosbag2_recording(
     assert [k.position for k in ka] == [k.position for k in kb]
     np.testing.assert_array_equal(a.descriptors(), b.descriptors())
     assert ka[0].source_bag.endswith("route.bag")
+
+
+def test_the_demo_records_its_scenario_as_ros1_bags(tmp_path: Path) -> None:
+    """`vpr demo --storage rosbag1`: camera, CameraInfo (ROS 1's K, D, R, P), registered depth,
+    odometry and /tf_static all written as ROS 1 and read back as ROS 2 messages."""
+    from vpr_ros.demo.record import record_scenario
+    from vpr_ros.demo.scenario import ScenarioConfig
+
+    cfg = ScenarioConfig(block_length_m=8.0, block_width_m=6.0, image_size=(60, 80))
+    rec = record_scenario(tmp_path, cfg, storage="rosbag1")
+    assert rec.lap1.suffix == ".bag" and rec.lap1.read_bytes().startswith(b"#ROSBAG V2.0")
+    with BagReader(rec.full) as reader:
+        assert reader.storage == "rosbag1" and reader.unreadable == {}
+        n = sum(rec.frames_per_lap)
+        assert reader.message_counts["/camera/image_raw"] == n
+        camera = reader.camera_info("/camera/camera_info", "/camera/image_raw")
+        assert (camera.width, camera.height) == (80, 60) and camera.k[0] > 0
+        assert set(reader.static_transforms().frames()) == {"base_link", "camera_optical"}
+        depth = next(reader.images("/camera/depth/image_raw"))
+        assert depth.rgb.shape[:2] == (60, 80)
+        assert len(reader.poses("/odom")) == n

@@ -42,8 +42,10 @@ class _Recorder:
 
     def __init__(self, path: Path, cfg: ScenarioConfig, storage: str, compressed: bool,
                  depth: bool) -> None:
-        if path.exists():
+        if path.is_dir():
             shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
         self.cfg, self.depth = cfg, depth
         self.camera = CameraModel(IMAGE_TOPIC, cfg.image_size[1], cfg.image_size[0],
                                   camera_matrix(cfg), frame_id=CAMERA_FRAME)
@@ -80,7 +82,8 @@ def record_scenario(out_dir: str | Path, cfg: ScenarioConfig = ScenarioConfig(),
     a time (a 640x480 route with depth is gigabytes if held in memory)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {name: out / f"{name}_bag" for name in ("lap1", "lap2", "full")}
+    suffix = ".bag" if storage == "rosbag1" else "_bag"  # ROS 1: one file; rosbag2: a folder
+    paths = {name: out / f"{name}{suffix}" for name in ("lap1", "lap2", "full")}
     bags = {name: _Recorder(p, cfg, storage, compressed, depth) for name, p in paths.items()}
     counts = {1: 0, 2: 0}
     gt = out / "ground_truth.csv"

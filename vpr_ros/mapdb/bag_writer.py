@@ -282,13 +282,16 @@ class BagWriter:
             p[[0, 1, 2, 4, 5, 6, 10]] = k[[0, 1, 2, 3, 4, 5, 8]]
         p[3] = float(p_tx)
         model = getattr(camera, "distortion_model", "plumb_bob")
+        # ROS 1 spells the matrices D, K, R, P; ROS 2 d, k, r, p.
+        names = {n.lower(): n for n, _ in self.typestore.fielddefs[CAMERA_INFO][1]}
+        matrices = {names["d"]: np.asarray(camera.d if len(camera.d) or model != "none"
+                                           else (0.0,) * 5, dtype=np.float64),
+                    names["k"]: k, names["r"]: np.eye(3).reshape(-1), names["p"]: p}
         msg = types[CAMERA_INFO](
-            header=self._header(stamp_ns, self._frame_ids[topic][0]),
+            header=self._header(stamp_ns, self._frame_ids[topic][0], topic),
             height=int(camera.height), width=int(camera.width),
             distortion_model="plumb_bob" if model == "none" else str(model),
-            d=np.asarray(camera.d if len(camera.d) or model != "none" else (0.0,) * 5,
-                         dtype=np.float64),
-            k=k, r=np.eye(3).reshape(-1), p=p, binning_x=0, binning_y=0,
+            **matrices, binning_x=0, binning_y=0,
             roi=types["sensor_msgs/msg/RegionOfInterest"](x_offset=0, y_offset=0, height=0,
                                                           width=0, do_rectify=False))
         self.write_message(topic, msg, stamp_ns if log_time_ns is None else log_time_ns)
@@ -315,7 +318,8 @@ class BagWriter:
             pixels = np.where(valid, d, 0.0).astype("<f4")
         h, w = pixels.shape
         types = self.typestore.types
-        msg = types[IMAGE](header=self._header(stamp_ns, self._frame_ids[topic][0]), height=h,
+        msg = types[IMAGE](header=self._header(stamp_ns, self._frame_ids[topic][0], topic),
+                           height=h,
                            width=w, encoding=encoding, is_bigendian=0,
                            step=w * pixels.itemsize,
                            data=np.frombuffer(pixels.tobytes(), dtype=np.uint8))
@@ -325,6 +329,11 @@ class BagWriter:
                                 transforms: Sequence[tuple[str, str, Sequence[float]]]) -> None:
         """``/tf_static``: (parent, child, (tx, ty, tz, qx, qy, qz, qw)) each, one message."""
         if TF_STATIC not in self._connections:
+            if TF_MESSAGE not in self.typestore.types:  # rosbags' Noetic store lacks tf2_msgs
+                from rosbags.typesys import get_types_from_msg
+
+                self.typestore.register(get_types_from_msg(
+                    "geometry_msgs/TransformStamped[] transforms", TF_MESSAGE))
             self.add_topic(TF_STATIC, TF_MESSAGE)
         types = self.typestore.types
         out = []
