@@ -69,8 +69,15 @@ def test_shortened_demo_end_to_end(tmp_path: Path, effnet_gem_model_dir: Path) -
     assert rl["relocalizations"] > 10
     assert rl["within_radius"] >= 0.6, rl
     assert lc["loop_closures"] > 5 and lc["precision"] >= 0.8, lc
+    # the rear camera too: front + rear merged relocalize at least as well as the front alone
+    both = report["relocalization_two_cameras"]
+    assert both["cameras"] == ["/camera/image_raw", "/camera_rear/image_raw"]
+    assert both["frames_processed"] > 50 and both["within_radius"] >= 0.6, both
+    assert both["top1_within_radius"] >= rl["top1_within_radius"] - 0.05, (both, rl)
+    assert sum(both["matches_found_per_camera"].values()) > 0
     assert json.loads((tmp_path / "demo" / "report.json").read_text())["map_keyframes"] \
         == report["map_keyframes"]
     for p in report["plots"]:
         assert Path(p).stat().st_size > 10_000
     assert any("== vpr demo report ==" in line for line in lines)
+    assert any("two cameras" in line for line in lines)

@@ -38,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--radius", type=float, default=5.0,
                    help="a match is correct within this many metres of ground truth")
     p.add_argument("--quick", action="store_true", help="a smaller built-in scenario")
+    p.add_argument("--one-camera", action="store_true", help="built-in scenario: record and "
+                   "use the front camera only (default: a rear camera too, and the report "
+                   "compares relocalization with one camera and with both)")
     p.set_defaults(func=_demo)
 
 
@@ -58,5 +61,6 @@ def _demo(args: argparse.Namespace) -> int:
         loop_gt=Path(args.loop_gt) if args.loop_gt else None,
         loop_gt_tolerance=args.loop_gt_tolerance,
         rate=args.rate, storage=args.storage, compressed=args.compressed,
-        correct_radius_m=args.radius, backend=args.backend, quick=args.quick))
+        correct_radius_m=args.radius, backend=args.backend, quick=args.quick,
+        rear_camera=not args.one_camera))
     return 0

@@ -59,6 +59,7 @@ class DemoOptions:
     correct_radius_m: float = 5.0
     backend: str = "auto"
     quick: bool = False                  # a shorter scenario (tests)
+    rear_camera: bool = True             # scenario: a rear camera too, relocalization 1 vs 2
     log: Callable[[str], None] = field(default=print)
 
 
@@ -151,8 +152,14 @@ def _drive_node(opts: DemoOptions, params_file: Path, params: dict[str, Any],
 
         def caught_up(c: Any) -> bool:
             d = c.diagnostics()
-            done = sum(int(d.get(k, 0)) for k in ("frames_processed", "frames_dropped",
-                                                   "errors_total"))
+            cams = [k[:-len(".frames_received")] for k in d
+                    if k.startswith("camera.") and k.endswith(".frames_received")]
+            if len(cams) > 1:  # one decision takes a frame of every camera: count per camera
+                done = sum(int(d.get(f"{cam}.{k}", 0)) for cam in cams
+                           for k in ("frames_processed", "frames_dropped", "errors"))
+            else:
+                done = sum(int(d.get(k, 0)) for k in ("frames_processed", "frames_dropped",
+                                                       "errors_total"))
             return int(d.get("frames_received", -1)) <= done
         time.sleep(1.5)  # at least one fresh diagnostics period after the last frame
         collector.wait_for(caught_up, timeout_s=120)
@@ -388,17 +395,21 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     model = opts.model.resolve() if opts.model else _default_model(out, log)
     loop_truth = None
     ground_truth = "poses"
+    rear_topic: Optional[str] = None
 
     # 1. recordings and ground truth
     if opts.bag is None:
-        from vpr_ros.demo.record import IMAGE_TOPIC, ODOM_TOPIC, read_ground_truth, \
-            record_scenario
+        from vpr_ros.demo.record import (IMAGE_TOPIC, ODOM_TOPIC, REAR_IMAGE_TOPIC,
+                                         read_ground_truth, record_scenario)
         from vpr_ros.demo.scenario import Route, ScenarioConfig
 
         cfg = ScenarioConfig(block_length_m=36.0, block_width_m=24.0, image_size=(240, 320)) \
             if opts.quick else ScenarioConfig()
         log("[1/5] rendering the built-in route (2 laps, dusk on lap 2) into rosbags ...")
-        rec = record_scenario(out / "bags", cfg, storage=opts.storage, compressed=opts.compressed)
+        rec = record_scenario(out / "bags", cfg, storage=opts.storage, compressed=opts.compressed,
+                              rear=opts.rear_camera)
+        if opts.rear_camera:
+            rear_topic = REAR_IMAGE_TOPIC
         truth = read_ground_truth(rec.ground_truth)
         lookup = _nearest_lookup(truth)
         map_bag, query_bag, full_bag = rec.lap1, rec.lap2, rec.full
@@ -445,6 +456,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     if map_dir.exists():
         shutil.rmtree(map_dir)
     _run([_exe("vpr"), "map", "build", str(map_bag), "--image-topic", image_topic,
+          *([rear_topic] if rear_topic else []),
           *(["--pose-topic", pose_topic] if pose_topic else []), "--model", str(model),
           "-o", str(map_dir), "--no-progress"],
          out / "map_build.log", timeout_s=3600)
@@ -462,6 +474,20 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         {**common, "map": str(map_dir), "relocalization.one_shot": False},
         {"image": image_topic}, query_bag, [image_topic], "localization")
     reloc = evaluate_relocalization(loc_data, gt, opts.correct_radius_m)
+    reloc_both: Optional[dict[str, Any]] = None
+    if rear_topic:
+        log("[3/5] ... and again with the front and the rear camera together ...")
+        both_data, both_diag = _drive_node(
+            opts, config_file("vpr_localization.yaml"),
+            {**common, "map": str(map_dir), "relocalization.one_shot": False,
+             "cameras": f"{image_topic},{rear_topic}"},
+            {}, query_bag, [image_topic, rear_topic], "localization_two_cameras")
+        reloc_both = {**evaluate_relocalization(both_data, gt, opts.correct_radius_m),
+                      "cameras": [image_topic, rear_topic],
+                      "frames_processed": int(both_diag.get("frames_processed", 0)),
+                      "matches_found_per_camera": {
+                          t: int(both_diag.get(f"camera.{t}.matches_found", 0))
+                          for t in (image_topic, rear_topic)}}
 
     # 4. loop closure within one run
     log("[4/5] vpr_node in loop-closure mode over the whole run ...")
@@ -531,6 +557,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
             "revisit_frames": len(loop_truth.revisit_frames),
             "tolerance_frames": loop_truth.tolerance,
             "unmatched_rows": loop_truth.unmatched_rows},
+        "relocalization_two_cameras": reloc_both,
         "relocalization": {**reloc, "frames_received": int(loc_diag.get("frames_received", 0)),
                            "frames_processed": int(loc_diag.get("frames_processed", 0)),
                            "frames_dropped": int(loc_diag.get("frames_dropped", 0)),
@@ -654,6 +681,14 @@ def format_report(r: dict[str, Any]) -> str:
             f"{_pct(rl['within_radius'])} within {rad:g} m",
             f"               top-1 candidate within {rad:g} m on "
             f"{_pct(rl['top1_within_radius'])} of {rl['frames_with_candidates']} frames"]
+        both = r.get("relocalization_two_cameras")
+        if both:
+            lines += [
+                f"two cameras    front + rear merged: {both['relocalizations']} poses, "
+                f"{_pct(both['within_radius'])} within {rad:g} m (front alone: "
+                f"{_pct(rl['within_radius'])}); top-1 within {rad:g} m on "
+                f"{_pct(both['top1_within_radius'])} of frames (front alone: "
+                f"{_pct(rl['top1_within_radius'])})"]
     else:
         lines.append(f"               {rl['relocalizations']} poses published, "
                      f"{rl.get('relocalizations_without_pose', 0)} recognitions of keyframes "
