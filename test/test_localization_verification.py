@@ -174,3 +174,34 @@ def test_parameters_are_declared_with_ranges_and_checked() -> None:
         VerificationConfig(ratio=1.5)
     with pytest.raises(ConfigError, match="no parameter"):
         VerificationConfig.from_mapping({"min_inlier": 3})
+
+
+def test_frame_verifier_is_the_decision_stages_seam() -> None:
+    """The detector and the relocalizer call ``verifier(hypothesis)`` best first: verdicts are
+    kept, a keyframe asked twice is not verified twice, and the frame's limits hold."""
+    from types import SimpleNamespace
+
+    from vpr_ros.localization.verification import FrameVerifier
+
+    q, m = scene()
+    _, other = scene(seed=5)
+    views = {1: View(other, CAM), 3: View(m, CAM)}
+    calls: list[int] = []
+
+    def view_of(kf: int):
+        calls.append(kf)
+        return views.get(kf)
+
+    fv = FrameVerifier(GeometricVerifier(), View(q, CAM), view_of)
+    assert fv(SimpleNamespace(id=1)) is None
+    assert fv(SimpleNamespace(id=2)) is None  # no keypoints stored
+    got = fv(SimpleNamespace(id=3))
+    assert got is not None and got.verified and got.keyframe_id == 3
+    assert fv(SimpleNamespace(id=3)) is got and calls == [1, 2, 3]
+    assert fv.round.accepted is got and [r.keyframe_id for r in fv.round.rejected] == [1, 2]
+    capped = FrameVerifier(GeometricVerifier(VerificationConfig(max_candidates=1)),
+                           View(q, CAM), view_of)
+    assert capped(SimpleNamespace(id=1)) is None and capped(SimpleNamespace(id=3)) is None
+    late = FrameVerifier(GeometricVerifier(VerificationConfig(time_budget_ms=1.0)),
+                         View(q, CAM), view_of, started=-10.0)
+    assert late(SimpleNamespace(id=3)) is None and late.round.over_budget == 1

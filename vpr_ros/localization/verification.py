@@ -633,3 +633,53 @@ class GeometricVerifier:
 def _with_times(v: Verification, match_s: float, estimate_s: float) -> Verification:
     return Verification(v.keyframe_id, v.verified, v.reason, v.method, v.matches, v.inliers,
                         v.inlier_ratio, v.error_px, v.pose, match_s, estimate_s)
+
+
+class FrameVerifier:
+    """One frame's verification as the decision stages call it: ``verifier(hypothesis)`` ->
+    the :class:`Verification` when that keyframe is verified, else None.
+
+    The loop-closure detector and the relocalizer try their surviving hypotheses best first and
+    accept the first one verified; this object keeps the frame's rules while they do: at most
+    ``max_candidates`` keyframes are verified, none once ``time_budget_ms`` (from ``started``)
+    is spent (counted in ``round.over_budget``), and a keyframe asked about twice is answered
+    from the first verdict. ``view_of(keyframe id)`` gives the keyframe's stored keypoints and
+    camera (None when the map has none for it). Every verdict is kept in ``round``, for
+    diagnostics and the verified-versus-rejected record."""
+
+    def __init__(self, verifier: GeometricVerifier, query: View,
+                 view_of: Callable[[int], Optional[View]],
+                 started: Optional[float] = None) -> None:
+        self.verifier = verifier
+        self.query = query
+        self.view_of = view_of
+        self.started = verifier.clock() if started is None else started
+        self.round = VerificationRound()
+        self._seen: dict[int, Verification] = {}
+        self._xq: Optional[np.ndarray] = None
+        if query.camera is not None and len(query.features):
+            self._xq = query.camera.normalize(query.features.xy)
+
+    def __call__(self, hypothesis: Any) -> Optional[Verification]:
+        kf = int(getattr(hypothesis, "id", hypothesis))
+        known = self._seen.get(kf)
+        if known is not None:
+            return known if known.verified else None
+        cfg = self.verifier.config
+        if len(self._seen) >= cfg.max_candidates:
+            return None
+        if self.verifier.clock() - self.started > cfg.time_budget_ms / 1000.0:
+            self.round.over_budget += 1
+            return None
+        view = self.view_of(kf)
+        if view is None:
+            v = Verification(kf, False, "the keyframe has no keypoints", "")
+        else:
+            v = self.verifier.verify_pair(self.query, view, kf, self._xq)
+        self._seen[kf] = v
+        self.round.results.append(v)
+        self.round.match_s += v.match_s
+        self.round.estimate_s += v.estimate_s
+        if v.verified and self.round.accepted is None:
+            self.round.accepted = v
+        return v if v.verified else None

@@ -44,9 +44,12 @@ def rotvec_to_matrix(v: np.ndarray) -> np.ndarray:
 
 
 def matrix_to_rotvec(r: np.ndarray) -> np.ndarray:
-    import cv2
+    """Rotation vector (axis * angle, radians) of a rotation matrix. Not ``cv2.Rodrigues``:
+    it returns exactly zero below about 1e-5 rad, which breaks the numerical derivatives that
+    carry covariances through a pose chain."""
+    from scipy.spatial.transform import Rotation
 
-    return cv2.Rodrigues(np.asarray(r, dtype=np.float64))[0].reshape(3)
+    return Rotation.from_matrix(np.asarray(r, dtype=np.float64)).as_rotvec()
 
 
 def rotation_angle_deg(r: np.ndarray) -> float:
