@@ -106,7 +106,7 @@ def test_unrelated_images_are_rejected_with_the_reason() -> None:
 def test_each_verdict_rule_rejects_on_its_own() -> None:
     q, m = scene()
     base = dict(estimator="poselib")
-    cases = [(dict(min_inliers=100000), "too few inliers"),
+    cases = [(dict(min_inliers=100000, min_inliers_epipolar=100000), "too few inliers"),
              (dict(min_inlier_ratio=0.999), "inlier ratio"),
              (dict(max_error_px=0.01), "median error"),
              (dict(max_rotation_deg=5.0), "implausible rotation"),

@@ -361,11 +361,20 @@ def build_lap_map(model: Path, route: Route, lap: int, out: Path, session: str =
     return out
 
 
+#: The node tests' maps are encodings of a top-down synthetic texture (no keypoints, no
+#: camera calibration), so they run with geometric verification off; it is tested on
+#: calibrated RGB-D views in test_node_verification.py.
+UNVERIFIED: dict[str, Any] = {"verification.enabled": False}
+UNVERIFIED_ARGS = ["-p", "verification.enabled:=false"]
+
+
 class InProcessNode:
     """A VprNode spun by its own executor thread in the test process, plus a :class:`RosProbe`
-    in a separate rclpy context (its own DDS participant, so traffic really crosses DDS)."""
+    in a separate rclpy context (its own DDS participant, so traffic really crosses DDS).
+    Verification is off unless ``overrides`` turn it on (see :data:`UNVERIFIED`)."""
 
     def __init__(self, overrides: dict[str, Any], remaps: dict[str, str]) -> None:
+        overrides = {**UNVERIFIED, **overrides}
         import threading
 
         import rclpy

@@ -20,8 +20,9 @@ import pytest
 
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 Python packages (ros-kilted-* wheels)")
 
-from test_node_common import (REPO, RosProbe, build_lap_map, image_msg,  # noqa: E402
-                              make_route, small_model_dir, start_node, stop_process)
+from test_node_common import (REPO, UNVERIFIED_ARGS, RosProbe, build_lap_map,  # noqa: E402
+                              image_msg, make_route, small_model_dir, start_node,
+                              stop_process)
 
 TOPIC = "/vpr_nav2_test/image"
 
@@ -91,7 +92,8 @@ def managed(model96: Path, lap_map: Path, tmp_path: Path) -> Iterator[tuple[Mana
     proc = start_node(["--ros-args", "--params-file",
                        str(REPO / "config" / "vpr_localization.yaml"),
                        "-p", f"model:={model96}", "-p", f"map:={lap_map}", "-p", "threads:=1",
-                       "-p", "diagnostics_period_s:=0.2", "-r", f"image:={TOPIC}"], log)
+                       "-p", "diagnostics_period_s:=0.2", *UNVERIFIED_ARGS,
+                       "-r", f"image:={TOPIC}"], log)
     probe = RosProbe()
     probe.record("/diagnostics", DiagnosticArray)
     try:

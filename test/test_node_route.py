@@ -21,8 +21,8 @@ import pytest
 
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 Python packages (ros-kilted-* wheels)")
 
-from test_node_common import (NS, REPO, RosProbe, make_route, ros_env,  # noqa: E402
-                              set_remote_parameters,
+from test_node_common import (NS, REPO, UNVERIFIED_ARGS, RosProbe, make_route,  # noqa: E402
+                              ros_env, set_remote_parameters,
                               small_model_dir, start_node, stop_process, vpr_command,
                               write_bag)
 
@@ -161,6 +161,7 @@ class RunningNode:
 
 def _node(config: str, log: Path) -> Iterator[RunningNode]:
     node = RunningNode(["--ros-args", "--params-file", str(REPO / "config" / config),
+                        *UNVERIFIED_ARGS,
                         "-r", "image:=/camera/image_raw", "-r", "odometry:=/odom"], log)
     try:
         yield node

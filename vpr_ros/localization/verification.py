@@ -60,8 +60,7 @@ class VerificationConfig:
 
     enabled: bool = param(
         True, "verify candidates geometrically; loop closures and relocalizations are then "
-        "published only for a verified candidate (false: publish unverified decisions, as "
-        "before)")
+        "published only for a verified candidate (false: publish every decision unverified)")
     estimator: str = param(
         "poselib", "robust estimator: poselib (LO-RANSAC + non-linear refinement) or opencv "
         "(USAC with MAGSAC++ scoring)")
@@ -69,7 +68,8 @@ class VerificationConfig:
         5, "candidates verified per frame at most, in rank order; stops at the first verified "
         "one", 1, 100)
     time_budget_ms: float = param(
-        40.0, "per-frame time budget of verification; candidates left when it is spent are "
+        40.0, "per-frame time budget of verifying candidates (matching and estimation, from "
+        "the end of the frame's keypoint extraction); candidates left when it is spent are "
         "not verified (counted)", 0.0, 60000.0)
     ratio: float = param(
         0.8, "Lowe's ratio: a match is kept when its distance is below ratio x the second "
@@ -79,7 +79,12 @@ class VerificationConfig:
     min_matches: int = param(
         12, "fewer ratio-test matches than this: rejected without estimation", 5, 100000)
     min_inliers: int = param(
-        20, "inliers a verified candidate needs", 5, 100000)
+        20, "inliers a candidate verified by PnP needs", 5, 100000)
+    min_inliers_epipolar: int = param(
+        30, "inliers a candidate verified by the essential or fundamental matrix needs: a "
+        "five-point model finds a wrong consensus among a few inliers more easily than PnP "
+        "on known depth (on rendered dusk revisits, 20 inliers let one wrong direction "
+        "through)", 5, 100000)
     min_inlier_ratio: float = param(
         0.25, "inliers / matches a verified candidate needs", 0.0, 1.0)
     ransac_threshold_px: float = param(
@@ -107,6 +112,15 @@ class VerificationConfig:
         40.0, "covariance: multiplier of the Gauss-Newton covariance for what residuals do not "
         "show (calibration and correlated keypoint errors); set so that pose errors on EuRoC "
         "images are about one sigma", 1.0, 1.0e6)
+    local_features: str = param(
+        "sift", "keypoints of a new live map (loop_closure without a map file): sift or orb; "
+        "a map file's own kind is always used for it")
+    max_features: int = param(
+        1000, "strongest keypoints extracted per camera frame (and per live keyframe)", 8,
+        100000)
+    require_points: bool = param(
+        False, "refuse at configure a map whose keypoints have no 3-D points (metric PnP "
+        "poses needed); false: such maps are verified by the essential matrix")
     ransac_confidence: float = param(
         0.999, "RANSAC success probability", 0.5, 0.999999)
     max_iterations: int = param(
@@ -118,6 +132,9 @@ class VerificationConfig:
                 f"verification.estimator = {self.estimator!r} must be one of "
                 f"{', '.join(ESTIMATORS)}")
         require(self.min_inliers >= 5, "verification.min_inliers must be >= 5")
+        require(self.local_features in ("sift", "orb", "akaze"),
+                f"verification.local_features = {self.local_features!r} must be sift, orb or "
+                "akaze")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "VerificationConfig":
@@ -517,8 +534,9 @@ class GeometricVerifier:
                pose: Optional[RelativePose], extra: str = "") -> Verification:
         cfg = self.config
         ratio = inliers / max(n, 1)
-        if inliers < cfg.min_inliers:
-            why = f"too few inliers ({inliers} < {cfg.min_inliers})"
+        need = cfg.min_inliers if method == PNP else cfg.min_inliers_epipolar
+        if inliers < need:
+            why = f"too few inliers ({inliers} < {need})"
         elif ratio < cfg.min_inlier_ratio:
             why = f"inlier ratio {ratio:.2f} < {cfg.min_inlier_ratio}"
         elif not error <= cfg.max_error_px:

@@ -251,3 +251,13 @@ class CameraModel:
         xy = self.normalize(uv)
         z = np.asarray(depth, dtype=np.float64).reshape(-1)
         return np.stack([xy[:, 0] * z, xy[:, 1] * z, z], 1)
+
+
+def sibling_topic(image_topic: str, leaf: str = "camera_info") -> str:
+    """``/ns/image_raw[/compressed]`` -> ``/ns/camera_info`` (ROS's image_transport layout)."""
+    parts = image_topic.rstrip("/").split("/")
+    if len(parts) > 1 and parts[-1] in ("compressed", "compressedDepth", "theora", "zstd"):
+        parts = parts[:-1]
+    parts[-1] = leaf
+    out = "/".join(parts)
+    return out if out.startswith("/") else "/" + out

@@ -26,22 +26,12 @@ import numpy as np
 from vpr_ros.errors import BagError, ConfigError
 from vpr_ros.mapdb.bag_reader import BagReader, ImageFrame, SyncedFrame
 from vpr_ros.mapdb.bag_writer import CAMERA_INFO
-from vpr_ros.mapdb.camera import CameraModel, check_mount
+from vpr_ros.mapdb.camera import CameraModel, check_mount, sibling_topic  # noqa: F401
 from vpr_ros.mapdb.keypoint_depth import points_from_depth, points_from_stereo
 from vpr_ros.mapdb.transforms import matrix_to_pose7
 from vpr_ros.runtime.local_features import FeatureExtractor, LocalFeatures
 
 Pose7 = tuple[float, float, float, float, float, float, float]
-
-
-def sibling_topic(image_topic: str, leaf: str = "camera_info") -> str:
-    """``/ns/image_raw[/compressed]`` -> ``/ns/camera_info`` (ROS's image_transport layout)."""
-    parts = image_topic.rstrip("/").split("/")
-    if len(parts) > 1 and parts[-1] in ("compressed", "compressedDepth", "theora", "zstd"):
-        parts = parts[:-1]
-    parts[-1] = leaf
-    out = "/".join(parts)
-    return out if out.startswith("/") else "/" + out
 
 
 @dataclass

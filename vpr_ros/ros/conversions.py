@@ -33,6 +33,10 @@ ENCODER_ERROR = "encoder_error"
 SEARCH_ERROR = "search_error"
 PUBLISH_ERROR = "publish_error"
 INTERNAL_ERROR = "internal_error"
+CAMERA_INFO_INVALID = "camera_info_invalid"
+CAMERA_INFO_MISMATCH = "camera_info_mismatch"
+DEPTH_INVALID = "depth_invalid"
+VERIFICATION_ERROR = "verification_error"
 
 ERROR_KINDS = (EMPTY_IMAGE, OVERSIZED_IMAGE, UNSUPPORTED_ENCODING, CORRUPT_IMAGE,
                STAMP_BACKWARDS, TIME_JUMP, BAD_POSE, ENCODER_ERROR, SEARCH_ERROR, PUBLISH_ERROR,

@@ -22,7 +22,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 #: Per-frame stages, in pipeline order; each is timed separately.
-STAGES = ("conversion", "preprocess", "encode", "search", "sequence", "decision", "publish")
+STAGES = ("conversion", "preprocess", "encode", "search", "sequence", "extract", "match",
+          "estimate", "decision", "publish")
 
 
 @dataclass
@@ -43,6 +44,12 @@ class FrameTiming:
     encode: float = 0.0
     search: float = 0.0
     sequence: float = 0.0
+    #: Geometric verification, inside the decision: the frame's keypoint extraction, the
+    #: descriptor matching and the robust estimation over the candidates verified (0 when
+    #: verification is off or no candidate reached it); ``decision`` excludes them.
+    extract: float = 0.0
+    match: float = 0.0
+    estimate: float = 0.0
     decision: float = 0.0
     publish: float = 0.0
     total: float = 0.0
@@ -288,7 +295,8 @@ def status_fields(snap: StatsSnapshot, ident: NodeIdentity, input_hz: float,
                ("latency_encode_p95_ms", _fmt(p["encode"][1])),
                ("latency_total_p50_ms", _fmt(p["total"][0])),
                ("latency_total_p95_ms", _fmt(p["total"][1]))]
-    for name in ("wait", "conversion", "preprocess", "search", "sequence", "decision", "publish"):
+    for name in ("wait", "conversion", "preprocess", "search", "sequence", "extract", "match",
+                 "estimate", "decision", "publish"):
         values += [(f"latency_{name}_p50_ms", _fmt(p[name][0])),
                    (f"latency_{name}_p95_ms", _fmt(p[name][1]))]
     values += [(f"errors.{kind}", str(n)) for kind, n in sorted(snap.errors.items())]

@@ -40,7 +40,23 @@ LOOP_CLOSURE_FIELDS: tuple[str, ...] = (
     "query_keyframe_id", "match_x", "match_y", "match_z",
     "match_qx", "match_qy", "match_qz", "match_qw",
     "sequence_score", "margin", "sequence_steps", "camera",
+    # geometric verification: the query camera's pose in the match keyframe's camera frame
+    # (X_match = R X_query + t), metric (1) or a unit direction (0), and its 6x6 covariance
+    # row-major over [x, y, z, rx, ry, rz] (rotation vector, match camera frame); NaN when
+    # unverified or when only a fundamental matrix was possible (uncalibrated camera)
+    "verified", "inliers", "rel_tx", "rel_ty", "rel_tz", "rel_qx", "rel_qy", "rel_qz", "rel_qw",
+    "rel_metric", *(f"cov_{i}{j}" for i in range(6) for j in range(6)),
 )
+
+#: Every field of a ``~/relocalization_status`` message: the evidence behind the pose on
+#: ``~/relocalization`` with the same stamp. ``verified``: 1 when geometric verification
+#: confirmed the match; ``metric``: 1 when the pose is the PnP pose of the query (else the
+#: matched keyframe's pose); ``method``: 0 none, 1 fundamental, 2 essential, 3 PnP.
+RELOCALIZATION_STATUS_FIELDS: tuple[str, ...] = (
+    "stamp_s", "keyframe_id", "score", "consistent_count", "verified", "metric", "method",
+    "inliers", "error_px",
+)
+_METHOD_CODES = {"fundamental": 1.0, "essential": 2.0, "pnp": 3.0}
 
 #: One ``~/candidates`` point. x, y, z first and float32 so RViz draws them; stamp float64.
 CANDIDATE_DTYPE = np.dtype([
@@ -89,6 +105,19 @@ def loop_closure_layout() -> MultiArrayLayout:
                                                      size=n, stride=n)], data_offset=0)
 
 
+def verification_values(v: Any) -> list[float]:
+    """``verified, inliers, rel_t*, rel_q*, rel_metric, cov_*`` of a verification verdict
+    (:class:`~vpr_ros.localization.verification.Verification`, or None: unverified)."""
+    if v is None or not getattr(v, "verified", False):
+        return [0.0, float(getattr(v, "inliers", 0) or 0)] + [NAN] * 8 + [NAN] * 36
+    pose = v.pose
+    if pose is None:  # verified by a fundamental matrix: no pose
+        return [1.0, float(v.inliers)] + [NAN] * 8 + [NAN] * 36
+    return [1.0, float(v.inliers), *(float(x) for x in pose.translation),
+            *(float(x) for x in pose.rotation), 1.0 if pose.metric else 0.0,
+            *(float(x) for x in pose.covariance)]
+
+
 def loop_closure_msg(closure: LoopClosure, query_keyframe_id: Optional[int],
                      camera: int = 0) -> Float64MultiArray:
     """``camera``: index (in the node's ``cameras``) of the camera whose frame found the
@@ -99,8 +128,24 @@ def loop_closure_msg(closure: LoopClosure, query_keyframe_id: Optional[int],
               float(closure.score), float(closure.match_id), float(closure.consistent_count),
               float(-1 if query_keyframe_id is None else query_keyframe_id), *pos, *quat,
               float(closure.sequence_score), float(closure.margin), float(closure.sequence_steps),
-              float(camera)]
+              float(camera),
+              *verification_values(closure.verification)]
     return Float64MultiArray(layout=loop_closure_layout(), data=[float(v) for v in values])
+
+
+def relocalization_status_msg(reloc: Relocalization, accepted: Any, metric: bool
+                              ) -> Float64MultiArray:
+    """The evidence of a published relocalization (:data:`RELOCALIZATION_STATUS_FIELDS`)."""
+    verified = accepted is not None and getattr(accepted, "verified", False)
+    values = [reloc.stamp_ns / NS_PER_S, float(reloc.keyframe_id), float(reloc.score),
+              float(reloc.consistent_count), 1.0 if verified else 0.0, 1.0 if metric else 0.0,
+              _METHOD_CODES.get(accepted.method, 0.0) if verified else 0.0,
+              float(accepted.inliers) if verified else 0.0,
+              float(accepted.error_px) if verified else NAN]
+    n = len(RELOCALIZATION_STATUS_FIELDS)
+    layout = MultiArrayLayout(dim=[MultiArrayDimension(
+        label=",".join(RELOCALIZATION_STATUS_FIELDS), size=n, stride=n)], data_offset=0)
+    return Float64MultiArray(layout=layout, data=[float(v) for v in values])
 
 
 def parse_loop_closure(msg: Any) -> dict[str, float]:

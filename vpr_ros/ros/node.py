@@ -20,10 +20,12 @@ serves ``~/save_map``, ``~/relocalize`` and ``~/reset_session`` (std_srvs/Trigge
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,12 +35,13 @@ from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped
 from nav_msgs.msg import Odometry
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import CompressedImage, Image, PointCloud2
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import Float64MultiArray
 from std_srvs.srv import Trigger
 from visualization_msgs.msg import MarkerArray
 
 from vpr_ros.errors import ConfigError, MapError, VPRError
+from vpr_ros.mapdb.camera import CameraModel, sibling_topic
 from vpr_ros.mapdb.model_outputs import ModelOutputs, index_spec_for
 from vpr_ros.ros import conversions as conv
 from vpr_ros.ros import messages
@@ -89,6 +92,11 @@ class _Camera:
     errors: int = 0
     found: int = 0  # decisions (relocalizations, closures) whose match this camera found
     silent_said: bool = False
+    #: Its name in the map (keyframes' camera), latest valid calibration (camera_info) and
+    #: last few depth images (decoded only when their frame becomes a live keyframe).
+    name: str = ""
+    model: Optional[CameraModel] = None
+    depth: deque = field(default_factory=lambda: deque(maxlen=8))
 
 
 class VprNode(LifecycleNode):
@@ -114,6 +122,7 @@ class VprNode(LifecycleNode):
         self._worker: Optional[threading.Thread] = None
         self._stop = threading.Event()
         self._input_subs: list[Any] = []
+        self._info_subs: list[Any] = []  # camera_info and depth of each camera
         self._pubs: dict[str, Any] = {}
         self._closure_segments: list[tuple[tuple[float, ...], tuple[float, ...]]] = []
         self._keyframes_timer: Any = None
@@ -162,6 +171,8 @@ class VprNode(LifecycleNode):
                 Float64MultiArray, "~/loop_closure", reliable),
             "candidates": self.create_lifecycle_publisher(PointCloud2, "~/candidates", reliable),
             "markers": self.create_lifecycle_publisher(MarkerArray, "~/markers", reliable),
+            "relocalization_status": self.create_lifecycle_publisher(
+                Float64MultiArray, "~/relocalization_status", reliable),
         }
         self._keyframes_timer = self.create_timer(cfg.markers_keyframes_period_s,
                                                   self._publish_keyframes)
@@ -183,6 +194,18 @@ class VprNode(LifecycleNode):
             f"{pmap.search_device}); {self._blas_note}; {describe_sequence(settings)}")
         for note in pipeline.notes:
             self.get_logger().warning(f"sequence matching: {note}")
+        stage = pipeline.verification
+        if stage is None:
+            self.get_logger().warning("geometric verification is off (verification.enabled "
+                                      "false): closures and relocalizations are unverified")
+        else:
+            self.get_logger().info(
+                f"geometric verification: {pmap.keypoint_kind} keypoints, estimator "
+                f"{stage.config.estimator}, up to {stage.config.max_candidates} candidates in "
+                f"{stage.config.time_budget_ms:g} ms per frame; map "
+                f"{'with' if pmap.has_keypoint_points else 'without'} 3-D points "
+                f"({'PnP' if pmap.has_keypoint_points else 'essential matrix'}); camera "
+                f"'{pipeline.camera_name}'")
         return TransitionCallbackReturn.SUCCESS
 
     def _configure_failed(self, reason: str) -> TransitionCallbackReturn:
@@ -205,7 +228,9 @@ class VprNode(LifecycleNode):
         options: dict[str, Any] = {"threads": cfg.threads} if cfg.threads else {}
         encoder = load_encoder(cfg.model, backend=cfg.backend, device=cfg.device, **options)
         outputs = ModelOutputs.probe(encoder)
-        place_map = self._open_map(cfg, encoder, outputs)
+        place_map = self._open_map(
+            cfg, encoder, outputs,
+            settings.verification.local_features if settings.verification.enabled else None)
         place_map.use_gpu(cfg.map_gpu_min_keyframes, cfg.map_gpu_device)
         session = cfg.session or default_session_name()
         if cfg.mode != LOCALIZATION and session in place_map.sessions():
@@ -213,6 +238,8 @@ class VprNode(LifecycleNode):
                            "parameter 'session' to a new name (or leave it empty for a dated "
                            "one)")
         pipeline = Pipeline(encoder, place_map, settings, session, outputs)
+        if not pipeline.camera_name:
+            pipeline.camera_name = self.resolve_topic_name("image")
         if place_map.local_grid is not None and outputs.local_grid is None:
             self.get_logger().warning(
                 f"the map stores local features but the model {cfg.model} has no 'local' "
@@ -223,10 +250,13 @@ class VprNode(LifecycleNode):
             h, w = encoder.input_size
             blank = np.zeros((int(h), int(w), 3), dtype=np.uint8)
             pipeline.search(pipeline.encode(blank, FrameTiming(0)))
+            if pipeline.verification is not None:  # the detector objects are made lazily
+                pipeline.verification.extractor.extract(np.zeros((64, 64), np.uint8))
         return pipeline
 
     @staticmethod
-    def _open_map(cfg: NodeConfig, encoder: Any, outputs: ModelOutputs) -> Any:
+    def _open_map(cfg: NodeConfig, encoder: Any, outputs: ModelOutputs,
+                  keypoints: Optional[str] = None) -> Any:
         """The prebuilt map (checked against the model: fingerprint, dim, hash codes, local
         grid) or a new live map laid out for the model (``map_index``; local features when
         the model has a local head)."""
@@ -250,7 +280,7 @@ class VprNode(LifecycleNode):
         else:
             return PlaceMap.create(encoder.dim, encoder.fingerprint,
                                    index=index_spec_for(cfg.map_index, outputs),
-                                   local_grid=outputs.local_grid)
+                                   local_grid=outputs.local_grid, keypoints=keypoints)
         place_map.check_compatible(encoder.fingerprint, encoder.dim)
         place_map.check_outputs(outputs, need_local=cfg.mode != LOCALIZATION)
         return place_map
@@ -280,6 +310,21 @@ class VprNode(LifecycleNode):
             self.create_subscription(image_type, cam.topic,
                                      lambda raw, cam=cam: self._on_image(raw, cam), qos, raw=True)
             for cam in self._cameras]
+        extra = self._settings.camera
+        single = len(self._cameras) == 1
+        for cam in self._cameras:
+            # one camera: the remappable relative topics camera_info and depth; several: the
+            # siblings of each image topic (/ns/image_raw -> /ns/camera_info, /ns/depth)
+            cam.name = self.pipeline.camera_name if single and self.pipeline else cam.topic
+            if extra.use_camera_info:
+                self._info_subs.append(self.create_subscription(
+                    CameraInfo, "camera_info" if single else sibling_topic(cam.topic),
+                    lambda m, cam=cam: self._on_camera_info(m, cam), qos))
+            if extra.use_depth:
+                self._info_subs.append(self.create_subscription(
+                    Image, "depth" if single else sibling_topic(cam.topic, "depth"),
+                    lambda m, cam=cam: cam.depth.append((conv.stamp_to_ns(m.header.stamp), m)),
+                    qos))
         if cfg.pose_type == "odometry":
             self._input_subs.append(self.create_subscription(
                 Odometry, "odometry", lambda m: self._on_pose(m, conv.odometry_to_pose), qos))
@@ -339,9 +384,9 @@ class VprNode(LifecycleNode):
         getattr(self.get_logger(), level)(message)
 
     def _drop_subscriptions(self) -> None:
-        for sub in self._input_subs:
+        for sub in self._input_subs + self._info_subs:
             self.destroy_subscription(sub)
-        self._input_subs = []
+        self._input_subs, self._info_subs = [], []
 
     def _stop_worker(self) -> None:
         self._stop.set()
@@ -432,6 +477,53 @@ class VprNode(LifecycleNode):
             self.stats.count("dropped")
             cam.dropped += 1
 
+    def _on_camera_info(self, msg: Any, cam: _Camera) -> None:
+        """Executor thread: keep the camera's latest valid calibration; an invalid one (zeros,
+        NaN, an unknown distortion model) is counted and the previous one kept."""
+        settings = self._settings
+        if settings is None:
+            return
+        try:
+            model = CameraModel.from_camera_info(msg, cam.name or cam.topic,
+                                                 settings.camera.mount)
+        except VPRError as exc:
+            self._frame_error(conv.CAMERA_INFO_INVALID, f"camera_info of {cam.topic} refused: "
+                              f"{exc}")
+            return
+        if model != cam.model:
+            if cam.model is not None:
+                self.get_logger().warning(
+                    f"camera_info of {cam.topic} changed: {cam.model.width}x{cam.model.height} "
+                    f"fx={cam.model.k[0]:.2f} -> {model.width}x{model.height} "
+                    f"fx={model.k[0]:.2f}")
+            cam.model = model
+
+    def _depth_for(self, cam: _Camera, stamp_ns: int, shape: tuple[int, ...]
+                   ) -> Optional[np.ndarray]:
+        """The camera's registered depth image (metres) nearest to a frame's stamp, or None
+        (no depth within the tolerance; one of the wrong encoding or size is counted)."""
+        settings = self._settings
+        if settings is None or not settings.camera.use_depth or not cam.depth:
+            return None
+        from vpr_ros.runtime.image_codec import decode_depth
+
+        tol = int(settings.camera.sync_tolerance_s * conv.NS_PER_S)
+        stamp, msg = min(list(cam.depth), key=lambda d: abs(d[0] - stamp_ns))
+        if abs(stamp - stamp_ns) > tol:
+            return None
+        try:
+            depth = decode_depth(msg.height, msg.width, msg.encoding, msg.step, msg.data,
+                                 msg.is_bigendian, settings.node.max_pixels)
+        except VPRError as exc:
+            self._frame_error(conv.DEPTH_INVALID, f"depth of {cam.topic} refused: {exc}")
+            return None
+        if depth.shape != tuple(shape[:2]):
+            self._frame_error(conv.DEPTH_INVALID, f"depth image is {depth.shape[1]}x"
+                              f"{depth.shape[0]} but the camera image is {shape[1]}x{shape[0]};"
+                              " depth must be registered to the camera (no 3-D points)")
+            return None
+        return depth
+
     def _on_pose(self, msg: Any, convert: Any) -> None:
         if self._poses is None:
             return
@@ -519,15 +611,33 @@ class VprNode(LifecycleNode):
         # into a camera frame.
         rgbs = [conv.frame_to_rgb(item.msg, cfg.image_transport == "compressed",
                                   cfg.max_pixels, copy=False) for item in group]
+        kept = []
+        for item, rgb in zip(group, rgbs):
+            model = self._cameras[item.camera].model
+            if model is not None and rgb.shape[:2] != (model.height, model.width):
+                self._frame_error(conv.CAMERA_INFO_MISMATCH, (
+                    f"frame of {self._cameras[item.camera].topic} is {rgb.shape[1]}x"
+                    f"{rgb.shape[0]} but its camera_info says {model.width}x{model.height}: "
+                    "the calibration does not belong to these images (resized stream, wrong "
+                    "camera_info remap); frame refused"), self._cameras[item.camera])
+                continue
+            kept.append((item, rgb))
+        if not kept:
+            return
+        group, rgbs = [k[0] for k in kept], [k[1] for k in kept]
         watch.lap("conversion")
         queries = []
         for item, rgb in zip(group, rgbs):
             cam = self._cameras[item.camera]
             one = FrameTiming(item.stamp_ns) if len(group) > 1 else timing
             try:
-                queries.append((cam.topic, pipeline.encode(rgb, one)))
+                query = pipeline.encode(rgb, one)
             except VPRError as exc:
                 raise conv.FrameError(conv.ENCODER_ERROR, f"encoding failed: {exc}") from exc
+            query.camera = cam.model
+            if pipeline.mode != LOCALIZATION and settings.camera.use_depth:
+                query.depth_m = self._depth_for(cam, item.stamp_ns, rgb.shape)
+            queries.append((cam.topic, query))
             if one is not timing:  # several cameras: the stages add up
                 timing.preprocess += one.preprocess
                 timing.encode += one.encode
@@ -576,6 +686,14 @@ class VprNode(LifecycleNode):
         reloc = outcome.relocalization
         if reloc is not None:
             self._credit(outcome, reloc.keyframe_id)
+            metric = outcome.metric_pose
+            if metric is not None:  # the verified PnP pose of the query robot, not the keyframe's
+                reloc = dataclasses.replace(reloc, position=metric.position,
+                                            orientation=metric.orientation,
+                                            has_orientation=True, covariance=metric.covariance)
+            accepted = outcome.verification.accepted if outcome.verification else None
+            pubs["relocalization_status"].publish(
+                messages.relocalization_status_msg(reloc, accepted, metric is not None))
             if reloc.has_pose:
                 pubs["relocalization"].publish(messages.relocalization_msg(reloc, frame))
                 self.stats.count("relocalizations")

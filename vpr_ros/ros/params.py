@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 from vpr_ros.localization import LoopClosureConfig, ParamSpec, RelocalizerConfig, SequenceConfig
 from vpr_ros.localization.params import from_mapping, param, parameter_specs, require, validate
+from vpr_ros.localization.verification import ESTIMATORS, VerificationConfig
 
 MODES = ("localization", "loop_closure")
 TRANSPORTS = ("raw", "compressed")
@@ -33,12 +34,16 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mode": MODES, "image_transport": TRANSPORTS,
     "qos_reliability": RELIABILITIES, "pose_type": POSE_TYPES, "map_index": INDEX_KINDS,
     "cameras_merge": CAMERA_MERGES,
+    "verification.estimator": ESTIMATORS,
+    "verification.local_features": ("sift", "orb", "akaze"),
 }
 
 LOOP_PREFIX = "loop_closure."
 RELOC_PREFIX = "relocalization."
 RERANK_PREFIX = "rerank."
 SEQUENCE_PREFIX = "sequence."
+VERIFY_PREFIX = "verification."
+CAMERA_PREFIX = "camera."
 
 INT_MAX = 2 ** 31 - 1
 
@@ -164,6 +169,8 @@ class NodeConfig:
     def __post_init__(self) -> None:
         validate(self)
         for name, allowed in CHOICES.items():
+            if "." in name:  # a prefixed section's choice: its own config checks it
+                continue
             value = getattr(self, name)
             require(value in allowed, f"parameter {name} = {value!r} must be one of "
                     f"{', '.join(allowed)}")
@@ -212,12 +219,72 @@ class RerankConfig:
         return parameter_specs(cls)
 
 
+@dataclass(frozen=True)
+class CameraConfig:
+    """The live camera's calibration, mount and depth (``camera.*`` parameters).
+
+    The calibration comes from ``sensor_msgs/CameraInfo`` on the node-relative topic
+    ``camera_info`` (remap it beside ``image``); the mount is given here because a robot's
+    static transforms are not read by the node (no tf2 wheel): the same numbers as its
+    ``base_link -> camera optical frame`` transform."""
+
+    use_camera_info: bool = param(
+        True, "subscribe to camera_info (sensor_msgs/CameraInfo): calibrated verification "
+        "(essential matrix, PnP); a frame whose size differs from it is refused (counted)")
+    use_depth: bool = param(
+        False, "subscribe to depth (sensor_msgs/Image 16UC1 mm or 32FC1 m, registered to the "
+        "camera): live keyframes of loop_closure mode get 3-D points (metric closures later)")
+    depth_max_m: float = param(
+        40.0, "depth readings farther than this give no 3-D point (m)", 0.1, 1000.0)
+    sync_tolerance_s: float = param(
+        0.05, "a depth image pairs with a frame when their stamps differ by at most this (s)",
+        0.0, 10.0)
+    name: str = param(
+        "", "this camera's name in the map (keyframes' camera); empty: the image topic")
+    mount_known: bool = param(
+        False, "whether mount_* give the camera optical frame's pose in the robot base frame; "
+        "false: the matched keyframe camera's mount is used (same robot and camera)")
+    mount_x: float = param(0.0, "camera mount: x of the optical frame in base frame (m)",
+                           -1000.0, 1000.0)
+    mount_y: float = param(0.0, "camera mount: y (m)", -1000.0, 1000.0)
+    mount_z: float = param(0.0, "camera mount: z (m)", -1000.0, 1000.0)
+    mount_qx: float = param(-0.5, "camera mount: rotation quaternion x (optical frame: z "
+                            "forward, x right, y down)", -1.0, 1.0)
+    mount_qy: float = param(0.5, "camera mount: rotation quaternion y", -1.0, 1.0)
+    mount_qz: float = param(-0.5, "camera mount: rotation quaternion z", -1.0, 1.0)
+    mount_qw: float = param(0.5, "camera mount: rotation quaternion w", -1.0, 1.0)
+
+    def __post_init__(self) -> None:
+        validate(self)
+        if self.mount_known:
+            require(sum(v * v for v in (self.mount_qx, self.mount_qy, self.mount_qz,
+                                        self.mount_qw)) > 1e-6,
+                    "camera.mount_q* is a zero quaternion; give the mount's rotation")
+
+    @property
+    def mount(self) -> tuple[float, ...] | None:
+        """(x, y, z, qx, qy, qz, qw) or None when not known."""
+        if not self.mount_known:
+            return None
+        return (self.mount_x, self.mount_y, self.mount_z, self.mount_qx, self.mount_qy,
+                self.mount_qz, self.mount_qw)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "CameraConfig":
+        return from_mapping(cls, values)
+
+    @classmethod
+    def parameter_specs(cls) -> list[ParamSpec]:
+        return parameter_specs(cls)
+
+
 def all_parameter_specs() -> list[ParamSpec]:
-    """Node, relocalization, loop-closure, sequence and re-rank tunables with their full
-    (prefixed) names."""
+    """Node, relocalization, loop-closure, sequence, re-rank, verification and camera tunables
+    with their full (prefixed) names."""
     out = list(NodeConfig.parameter_specs())
     for prefix, cls in ((RELOC_PREFIX, RelocalizerConfig), (LOOP_PREFIX, LoopClosureConfig),
-                        (SEQUENCE_PREFIX, SequenceConfig), (RERANK_PREFIX, RerankConfig)):
+                        (SEQUENCE_PREFIX, SequenceConfig), (RERANK_PREFIX, RerankConfig),
+                        (VERIFY_PREFIX, VerificationConfig), (CAMERA_PREFIX, CameraConfig)):
         out.extend(ParamSpec(name=prefix + s.name, default=s.default, type=s.type, low=s.low,
                              high=s.high, description=s.description)
                    for s in cls.parameter_specs())
@@ -233,6 +300,8 @@ class NodeSettings:
     loop_closure: LoopClosureConfig
     rerank: RerankConfig = RerankConfig()
     sequence: SequenceConfig = SequenceConfig()
+    verification: VerificationConfig = VerificationConfig()
+    camera: CameraConfig = CameraConfig()
 
 
 def settings_from_values(values: Mapping[str, Any]) -> NodeSettings:
@@ -242,8 +311,14 @@ def settings_from_values(values: Mapping[str, Any]) -> NodeSettings:
     loop: dict[str, Any] = {}
     rerank: dict[str, Any] = {}
     sequence: dict[str, Any] = {}
+    verify: dict[str, Any] = {}
+    camera: dict[str, Any] = {}
     for name, value in values.items():
-        if name.startswith(RELOC_PREFIX):
+        if name.startswith(VERIFY_PREFIX):
+            verify[name[len(VERIFY_PREFIX):]] = value
+        elif name.startswith(CAMERA_PREFIX):
+            camera[name[len(CAMERA_PREFIX):]] = value
+        elif name.startswith(RELOC_PREFIX):
             reloc[name[len(RELOC_PREFIX):]] = value
         elif name.startswith(RERANK_PREFIX):
             rerank[name[len(RERANK_PREFIX):]] = value
@@ -255,7 +330,9 @@ def settings_from_values(values: Mapping[str, Any]) -> NodeSettings:
             node[name] = value
     return NodeSettings(NodeConfig.from_mapping(node), RelocalizerConfig.from_mapping(reloc),
                         LoopClosureConfig.from_mapping(loop), RerankConfig.from_mapping(rerank),
-                        SequenceConfig.from_mapping(sequence))
+                        SequenceConfig.from_mapping(sequence),
+                        VerificationConfig.from_mapping(verify),
+                        CameraConfig.from_mapping(camera))
 
 
 def descriptor_for(spec: ParamSpec) -> Any:

@@ -24,13 +24,18 @@ from vpr_ros.localization import (Candidate, Hypothesis, KeyframeTrack, LoopClos
                                   SearchExclusion, SequenceMatcher, Verifier, build_hypotheses,
                                   candidates_from_columns)
 from vpr_ros.localization.cameras import merge_cameras
+from vpr_ros.localization.metric_pose import MetricPose
+from vpr_ros.localization.verification_stage import (CamerasVerification, FrameVerification,
+                                                     VerificationStage)
 from vpr_ros.mapdb import Exclusion, Keyframe, PlaceMap
+from vpr_ros.mapdb.camera import CameraModel
 from vpr_ros.mapdb.local_rerank import search_reranked
 from vpr_ros.mapdb.model_outputs import ModelOutputs
 from vpr_ros.mapdb.poses import Pose
 from vpr_ros.ros.diagnostics import FrameTiming, Stopwatch
 from vpr_ros.ros.params import NodeSettings
 from vpr_ros.runtime.encoder import Encoder, check_descriptors, check_outputs
+from vpr_ros.runtime.local_features import LocalFeatures
 
 LOCALIZATION = "localization"
 LOOP_CLOSURE = "loop_closure"
@@ -88,11 +93,16 @@ def encode_one(encoder: Encoder, rgb: np.ndarray, timing: FrameTiming) -> np.nda
 @dataclass
 class Query:
     """One frame's encoder outputs: the (1, D) descriptor, and where the map uses them the
-    hash head's (1, bytes) codes and the (1, H, W, C) local features."""
+    hash head's (1, bytes) codes and the (1, H, W, C) local features; for geometric
+    verification the frame itself (``image``, not copied), its camera's calibration and, for a
+    live keyframe's 3-D points, its registered depth in metres."""
 
     descriptor: np.ndarray
     codes: Optional[np.ndarray] = None
     local: Optional[np.ndarray] = None
+    image: Optional[np.ndarray] = None
+    camera: Optional[CameraModel] = None
+    depth_m: Optional[np.ndarray] = None
 
 
 def encode_query(encoder: Encoder, rgb: np.ndarray, timing: FrameTiming,
@@ -132,6 +142,10 @@ class FrameOutcome:
     #: cameras found its place; empty with one camera.
     camera_of: dict[int, str] = field(default_factory=dict)
     votes: dict[int, int] = field(default_factory=dict)
+    #: This frame's geometric verification (None when verification is off).
+    verification: Optional[FrameVerification | CamerasVerification] = None
+    #: The query robot's map pose from a verified PnP relocalization (None: keyframe pose).
+    metric_pose: Optional[MetricPose] = None
 
 
 class Pipeline:
@@ -164,6 +178,14 @@ class Pipeline:
         self.relocalizer: Optional[Relocalizer] = None
         self.detector: Optional[LoopClosureDetector] = None
         self.verifier: Optional[Verifier] = None
+        #: Geometric verification against the map's keypoints (ConfigError at construction
+        #: when verification is on and the map cannot be verified against).
+        self.verification: Optional[VerificationStage] = None
+        if settings.verification.enabled:
+            self.verification = VerificationStage(settings.verification, place_map,
+                                                  settings.camera.mount)
+        self.camera_name = settings.camera.name
+        self._registered_cameras: set[tuple[str, str]] = set()
         seq = settings.sequence
         if len(settings.node.camera_topics) > 1 and seq.enabled:
             raise ConfigError(
@@ -198,7 +220,9 @@ class Pipeline:
     # -- per frame --------------------------------------------------------------------------
 
     def encode(self, rgb: np.ndarray, timing: FrameTiming) -> Query:
-        return encode_query(self.encoder, rgb, timing, self.extras)
+        query = encode_query(self.encoder, rgb, timing, self.extras)
+        query.image = rgb
+        return query
 
     def search(self, query: Query, exclude: Optional[Exclusion] = None
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -234,12 +258,18 @@ class Pipeline:
                 self.matcher.config.enabled)
             watch.lap("sequence")
             outcome = FrameOutcome(stamp_ns, candidates, hypotheses, query_position=position)
+            verifier: Optional[Verifier] = self.verifier
+            if self.verification is not None and query.image is not None:
+                outcome.verification = self.verification.frame(query.image, query.camera)
+                verifier = outcome.verification
             if self.relocalizer is not None:
                 outcome.relocalization = self.relocalizer.update(stamp_ns, hypotheses,
-                                                                 verifier=self.verifier)
+                                                                 verifier=verifier)
+                self._metric_relocalization(outcome)
             else:
-                self._loop_closure(outcome, query, pose, image_frame_id)
+                self._loop_closure(outcome, query, pose, image_frame_id, verifier)
             watch.lap("decision")
+            self._verification_done(outcome, timing)
             return outcome
 
     def decide_cameras(self, stamp_ns: int, queries: list[tuple[str, Query]],
@@ -291,16 +321,25 @@ class Pipeline:
             ranked = [h.candidate for h in merged.hypotheses][:self.top_k]
             outcome = FrameOutcome(stamp_ns, ranked, merged.hypotheses, query_position=position,
                                    camera_of=merged.camera_of, votes=merged.votes)
+            verifier: Optional[Verifier] = self.verifier
+            if self.verification is not None:
+                frames = {camera: self.verification.frame(q.image, q.camera)
+                          for camera, q in queries if q.image is not None}
+                outcome.verification = CamerasVerification(frames, merged.camera_of,
+                                                           queries[0][0])
+                verifier = outcome.verification
             if self.relocalizer is not None:
                 outcome.relocalization = self.relocalizer.update(stamp_ns, merged.hypotheses,
-                                                                 verifier=self.verifier)
+                                                                 verifier=verifier)
+                self._metric_relocalization(outcome)
             else:
                 assert self.detector is not None
                 outcome.closure = self.detector.process(stamp_ns, merged.hypotheses,
                                                         query_position=position,
-                                                        verifier=self.verifier)
+                                                        verifier=verifier)
                 self._insert_cameras(outcome, queries, pose, image_frame_id)
             watch.lap("decision")
+            self._verification_done(outcome, timing)
             return outcome
 
     def _insert_cameras(self, outcome: FrameOutcome, queries: list[tuple[str, Query]],
@@ -315,15 +354,27 @@ class Pipeline:
         if not self.detector.should_insert(stamp, position, orientation,
                                            queries[0][1].descriptor).insert:
             return
+        frames = outcome.verification.frames \
+            if isinstance(outcome.verification, CamerasVerification) else {}
         for camera, query in queries:
             kf = Keyframe(session=self.session, stamp_ns=int(stamp),
                           frame_id=pose[1] if pose is not None else image_frame_id,
                           position=position, orientation=orientation,
                           source_topic=camera, camera=camera)
+            keypoints = None
+            if self.map.keypoint_kind is not None:
+                frame = frames.get(camera)
+                if frame is None:
+                    keypoints = [LocalFeatures.empty(self.map.keypoint_kind)]
+                else:
+                    self._register_camera(query.camera, camera)
+                    keypoints = [frame.keyframe_keypoints(query.depth_m,
+                                                          self.settings.camera.depth_max_m)]
             new_id = int(self.map.add(
                 query.descriptor, [kf],
                 binary_codes=query.codes if self.map.model_codes else None,
-                local_features=query.local if self.map.local_grid is not None else None)[0])
+                local_features=query.local if self.map.local_grid is not None else None,
+                keypoints=keypoints)[0])
             self.detector.mark_inserted(new_id, stamp, position, orientation, query.descriptor)
             if outcome.inserted_id is None:
                 outcome.inserted_id = new_id
@@ -332,28 +383,73 @@ class Pipeline:
             outcome.closure_query_position = position
 
     def _loop_closure(self, outcome: FrameOutcome, query: Query,
-                      pose: Optional[tuple[Pose, str]], image_frame_id: str) -> None:
+                      pose: Optional[tuple[Pose, str]], image_frame_id: str,
+                      verifier: Optional[Verifier] = None) -> None:
         assert self.detector is not None
         descriptor = query.descriptor
         stamp = outcome.stamp_ns
         position = pose[0].position if pose is not None else None
         outcome.closure = self.detector.process(stamp, outcome.hypotheses,
-                                                query_position=position, verifier=self.verifier)
+                                                query_position=position, verifier=verifier)
         orientation = pose[0].orientation if pose is not None else None
         decision = self.detector.should_insert(stamp, position, orientation, descriptor)
         if decision.insert:
             kf = Keyframe(session=self.session, stamp_ns=int(stamp),
                           frame_id=pose[1] if pose is not None else image_frame_id,
                           position=position, orientation=orientation,
-                          source_topic="live")
+                          source_topic="live", camera=self.camera_name)
+            keypoints = None
+            if self.map.keypoint_kind is not None:
+                keypoints = [self._live_keypoints(outcome, query)]
             new_id = int(self.map.add(
                 descriptor, [kf], binary_codes=query.codes if self.map.model_codes else None,
-                local_features=query.local if self.map.local_grid is not None else None)[0])
+                local_features=query.local if self.map.local_grid is not None else None,
+                keypoints=keypoints)[0])
             self.detector.mark_inserted(new_id, stamp, position, orientation, descriptor)
             self._sync_track()
             outcome.inserted_id = new_id
         if outcome.closure is not None:
             outcome.closure_query_position = position
+
+    def _metric_relocalization(self, outcome: FrameOutcome) -> None:
+        """The PnP pose of an accepted relocalization, where verification made one."""
+        if outcome.relocalization is None or outcome.verification is None:
+            return
+        assert self.verification is not None
+        outcome.metric_pose = self.verification.metric_pose(outcome.verification.accepted)
+        self.verification.counts["relocalizations_metric" if outcome.metric_pose
+                                 else "relocalizations_keyframe_pose"] += 1
+
+    def _verification_done(self, outcome: FrameOutcome, timing: FrameTiming) -> None:
+        """Count the frame's verdicts and time its verification stages (taken out of the
+        decision stage, which is left with the gates and state machines)."""
+        fv = outcome.verification
+        if fv is None:
+            return
+        assert self.verification is not None
+        self.verification.record(fv)  # type: ignore[arg-type]
+        timing.extract, timing.match, timing.estimate = fv.extract_s, fv.match_s, fv.estimate_s
+        timing.decision = max(0.0, timing.decision - fv.extract_s - fv.match_s
+                              - fv.estimate_s)
+
+    def _register_camera(self, camera: Optional[CameraModel], name: str) -> None:
+        """Record the live session's calibration of camera ``name`` once (a recalibration
+        mid-session is a MapMismatchError: the keyframes already stored used the first)."""
+        if camera is None or camera.name != name:
+            return
+        key = (self.session, name)
+        if key not in self._registered_cameras:
+            self.map.add_camera(self.session, camera)
+            self._registered_cameras.add(key)
+
+    def _live_keypoints(self, outcome: FrameOutcome, query: Query) -> LocalFeatures:
+        """Keypoints of a frame becoming a live keyframe (with 3-D points from its depth), and
+        its camera's calibration registered for the live session."""
+        fv = outcome.verification
+        if not isinstance(fv, FrameVerification) or query.image is None:
+            return LocalFeatures.empty(self.map.keypoint_kind)
+        self._register_camera(query.camera, self.camera_name)
+        return fv.keyframe_keypoints(query.depth_m, self.settings.camera.depth_max_m)
 
     # -- services ---------------------------------------------------------------------------
 
@@ -419,6 +515,9 @@ class Pipeline:
             if self.relocalizer is not None:
                 values += [(f"relocalization.rejected_{k}", str(v))
                            for k, v in self.relocalizer.rejected.items()]
+            values.append(("verification_enabled", str(self.verification is not None).lower()))
+            if self.verification is not None:
+                values += self.verification.counters()
             return values
 
 
