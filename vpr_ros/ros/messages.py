@@ -133,6 +133,41 @@ def loop_closure_msg(closure: LoopClosure, query_keyframe_id: Optional[int],
     return Float64MultiArray(layout=loop_closure_layout(), data=[float(v) for v in values])
 
 
+#: One row per candidate verified in a frame on ``~/verification``; ``method`` as in
+#: :data:`RELOCALIZATION_STATUS_FIELDS`, ``accepted`` 1 for the one the decision took.
+VERIFICATION_FIELDS: tuple[str, ...] = (
+    "stamp_s", "keyframe_id", "verified", "method", "matches", "inliers", "inlier_ratio",
+    "error_px", "match_ms", "estimate_ms",
+)
+
+
+def verification_msg(stamp_ns: int, results: Sequence[Any]) -> Float64MultiArray:
+    """A frame's verdicts as rows of :data:`VERIFICATION_FIELDS` (layout: dim 0 = rows
+    labelled ``candidates``, dim 1 = fields labelled with their names)."""
+    n = len(VERIFICATION_FIELDS)
+    data: list[float] = []
+    for r in results:
+        data += [stamp_ns / NS_PER_S, float(r.keyframe_id), 1.0 if r.verified else 0.0,
+                 _METHOD_CODES.get(r.method, 0.0), float(r.matches), float(r.inliers),
+                 float(r.inlier_ratio), float(r.error_px), 1e3 * float(r.match_s),
+                 1e3 * float(r.estimate_s)]
+    layout = MultiArrayLayout(dim=[
+        MultiArrayDimension(label="candidates", size=len(results), stride=len(results) * n),
+        MultiArrayDimension(label=",".join(VERIFICATION_FIELDS), size=n, stride=n)],
+        data_offset=0)
+    return Float64MultiArray(layout=layout, data=data)
+
+
+def parse_verification(msg: Any) -> list[dict[str, float]]:
+    """Rows of a ``~/verification`` message as field -> value dicts."""
+    if len(msg.layout.dim) != 2:
+        raise InputError("verification message needs a 2-D layout (candidates x fields)")
+    names = msg.layout.dim[1].label.split(",")
+    data = list(msg.data)
+    n = len(names)
+    return [dict(zip(names, data[i:i + n])) for i in range(0, len(data), n)]
+
+
 def relocalization_status_msg(reloc: Relocalization, accepted: Any, metric: bool
                               ) -> Float64MultiArray:
     """The evidence of a published relocalization (:data:`RELOCALIZATION_STATUS_FIELDS`)."""

@@ -173,6 +173,8 @@ class VprNode(LifecycleNode):
             "markers": self.create_lifecycle_publisher(MarkerArray, "~/markers", reliable),
             "relocalization_status": self.create_lifecycle_publisher(
                 Float64MultiArray, "~/relocalization_status", reliable),
+            "verification": self.create_lifecycle_publisher(
+                Float64MultiArray, "~/verification", reliable),
         }
         self._keyframes_timer = self.create_timer(cfg.markers_keyframes_period_s,
                                                   self._publish_keyframes)
@@ -683,6 +685,11 @@ class VprNode(LifecycleNode):
                 outcome.candidates, outcome.stamp_ns, frame,
                 [self._camera_index(outcome, c.id) for c in outcome.candidates]))
         extra_markers = []
+        fv = outcome.verification
+        if fv is not None and fv.results and \
+                pubs["verification"].get_subscription_count() > 0:
+            pubs["verification"].publish(messages.verification_msg(outcome.stamp_ns,
+                                                                   fv.results))
         reloc = outcome.relocalization
         if reloc is not None:
             self._credit(outcome, reloc.keyframe_id)

@@ -21,14 +21,17 @@ class Collected:
     relocalizations: list[dict[str, Any]] = field(default_factory=list)
     loop_closures: list[dict[str, float]] = field(default_factory=list)
     candidates: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    verifications: list[dict[str, float]] = field(default_factory=list)
+    relocalization_status: list[dict[str, float]] = field(default_factory=list)
     diagnostics: dict[str, str] = field(default_factory=dict)
     diagnostics_level: int = -1
     diagnostics_message: str = ""
 
 
 class OutputCollector:
-    """Subscribe to ``/<node>/relocalization``, ``loop_closure``, ``candidates`` and
-    ``/diagnostics`` (only the named node's status is kept)."""
+    """Subscribe to ``/<node>/relocalization``, ``relocalization_status``, ``loop_closure``,
+    ``candidates``, ``verification`` and ``/diagnostics`` (only the named node's status is
+    kept)."""
 
     def __init__(self, node_name: str = "vpr_node") -> None:
         import rclpy
@@ -53,6 +56,10 @@ class OutputCollector:
         self.node.create_subscription(Float64MultiArray, f"{base}/loop_closure",
                                       self._on_loop, qos)
         self.node.create_subscription(PointCloud2, f"{base}/candidates", self._on_cands, qos)
+        self.node.create_subscription(Float64MultiArray, f"{base}/verification",
+                                      self._on_verification, qos)
+        self.node.create_subscription(Float64MultiArray, f"{base}/relocalization_status",
+                                      self._on_reloc_status, qos)
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, qos)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
@@ -75,6 +82,18 @@ class OutputCollector:
 
         with self._lock:
             self.data.loop_closures.append(parse_loop_closure(msg))
+
+    def _on_verification(self, msg: Any) -> None:
+        from vpr_ros.ros.messages import parse_verification
+
+        with self._lock:
+            self.data.verifications.extend(parse_verification(msg))
+
+    def _on_reloc_status(self, msg: Any) -> None:
+        from vpr_ros.ros.messages import parse_loop_closure
+
+        with self._lock:
+            self.data.relocalization_status.append(parse_loop_closure(msg))
 
     def _on_cands(self, msg: Any) -> None:
         from vpr_ros.ros.messages import cloud_to_array
