@@ -4,6 +4,7 @@ kinds, output message layouts, parameter declarations, config files and launch f
 from __future__ import annotations
 
 import ast
+import dataclasses
 import math
 import threading
 import time
@@ -228,8 +229,23 @@ def test_loop_closure_message_labels_every_field_stamps_first() -> None:
     unposed = parse_loop_closure(loop_closure_msg(
         LoopClosure(1, 2, 3, 0.9, 3), query_keyframe_id=None))
     assert unposed["query_keyframe_id"] == -1 and math.isnan(unposed["match_x"])
-    assert fields["camera"] == 0 and LOOP_CLOSURE_FIELDS[-1] == "camera"
+    assert fields["camera"] == 0 and "camera" in LOOP_CLOSURE_FIELDS
     assert parse_loop_closure(loop_closure_msg(closure, 99, camera=1))["camera"] == 1
+    # geometric verification: unverified -> verified 0 and NaN pose; verified -> the pose
+    assert fields["verified"] == 0 and math.isnan(fields["rel_tx"]) and \
+        math.isnan(fields["cov_55"])
+    from vpr_ros.localization.verification import RelativePose, Verification
+
+    cov = tuple(float(i) for i in range(36))
+    v = Verification(42, True, "", "pnp", 80, 60, 0.75, 0.4,
+                     RelativePose((0.0, 0.0, 0.1, 0.995), (0.5, -0.1, 2.0), True, cov))
+    got = parse_loop_closure(loop_closure_msg(
+        dataclasses.replace(closure, verification=v), 99))
+    assert got["verified"] == 1 and got["inliers"] == 60 and got["rel_metric"] == 1
+    assert (got["rel_tx"], got["rel_ty"], got["rel_tz"]) == (0.5, -0.1, 2.0)
+    assert got["rel_qw"] == 0.995 and got["cov_00"] == 0 and got["cov_12"] == 8.0 and \
+        got["cov_55"] == 35.0
+    assert len(LOOP_CLOSURE_FIELDS) == 17 + 10 + 36
 
 
 def test_relocalization_message_carries_pose_and_covariance() -> None:
