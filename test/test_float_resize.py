@@ -210,3 +210,30 @@ def test_twin_on_cuda_equals_upstream(nordland_pairs, interpolation) -> None:
     prep = Preprocessing((322, 322), MEAN, STD, "stretch", interpolation)
     got = TorchPreprocessor(prep, "cuda")(images).cpu().numpy()
     assert np.abs(got - _reference(images, interpolation, (322, 322))).max() <= TOL
+
+
+def test_cpu_backends_encode_a_release_policy_model_alike(tmp_path, nordland_pairs) -> None:
+    """One model recording the BoQ transform, opened by PyTorch and by ONNX Runtime (exported
+    on demand): both preprocess with the recorded policy (the same array), the ONNX graph takes
+    the resized tensor, and the descriptors agree."""
+    import yaml
+
+    from vpr_ros.models.model_dir import create_model_dir
+    from vpr_ros.runtime.encoder import load_encoder
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "models"
+                          / "gem_effnetlite0.yaml").read_text())
+    cfg["input"] = {"size": [96, 128], "interpolation": "bicubic_antialias"}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(cfg))
+    meta = create_model_dir(tmp_path / "m.yaml", tmp_path / "model")
+    assert meta.config.input.interpolation == "bicubic_antialias"
+    images = nordland_pairs[0][:3]
+    torch_enc = load_encoder(tmp_path / "model", backend="torch")
+    onnx_enc = load_encoder(tmp_path / "model", backend="onnxruntime")
+    assert torch_enc.preprocessing == onnx_enc.preprocessing
+    assert onnx_enc.preprocessing.interpolation == "bicubic_antialias"
+    np.testing.assert_array_equal(torch_enc.preprocess(images), onnx_enc.preprocess(images))
+    ref = _reference(images, "bicubic_antialias", (96, 128))
+    assert np.abs(onnx_enc.preprocess(images) - ref).max() <= TOL
+    a, b = torch_enc.encode(images), onnx_enc.encode(images)
+    assert (a * b).sum(1).min() >= 0.9999
