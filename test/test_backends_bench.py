@@ -73,3 +73,59 @@ def test_bench_refuses_unknown_backends(workdir: Path) -> None:
     with pytest.raises(ConfigError, match="unknown backend"):
         run_encoder_bench(EncoderBenchConfig(backends=["tpu"], workdir=workdir))
     assert speedups([{"backend": "torch-cpu-fp32", "model": "m", "size": 1, "ips_b8": 1.0}]) == []
+
+
+def test_bench_rows_for_reduced_precisions_with_ratios_to_torch_fp32(workdir: Path) -> None:
+    """Every backend x precision this CPU offers is a row, with its ratio to PyTorch fp32
+    measured in the same run."""
+    from vpr_ros.bench.encoder_bench import default_backends
+    from vpr_ros.runtime.cpu_features import cpu_info
+
+    names = default_backends()
+    assert {"torch-cpu", "onnxruntime-cpu", "openvino-cpu-fp32"} <= set(names)
+    assert ("torch-cpu-bf16" in names) == cpu_info().bf16
+    assert ("onnxruntime-cpu-int8" in names) == cpu_info().int8
+    wanted = ["torch-cpu", "openvino-cpu-fp32"] + (["openvino-cpu-bf16"] if cpu_info().bf16
+                                                   else [])
+    cfg = EncoderBenchConfig(backends=wanted,
+                             models=[str(workdir / "models" / "test_dinov2s_qaa.yaml")],
+                             batches=(2,), latency_iters=3, min_time_s=0.0, warmup=1,
+                             workdir=workdir, in_process=True)
+    result = run_encoder_bench(cfg)
+    rows = {r["backend"]: r for r in result["rows"]}
+    assert "openvino-cpu-fp32" in rows and "error" not in rows["openvino-cpu-fp32"]
+    ratios = {s["backend"]: s for s in result["speedups"]}
+    for name in rows:
+        if name == "torch-cpu-fp32":
+            continue
+        s = ratios[name]
+        assert s["vs"] == "torch-cpu-fp32" and s["x_p50"] > 0 and s["x_b2"] > 0
+        assert s["x_p50"] == round(rows["torch-cpu-fp32"]["p50_ms"] / rows[name]["p50_ms"], 2)
+    assert rows["torch-cpu-fp32"]["load_average_1m"] >= 0
+    m = result["machine"]
+    assert m["load_average_start"] and "openvino" in m and isinstance(m["cpu_flags"], list)
+    table = format_table(result)
+    assert "x torch fp32 (b1 / b2)" in table and "1 (reference)" in table
+
+
+def test_accuracy_reports_r1_next_to_fp32_and_records_it_for_auto(
+        workdir: Path, nordland_root: Path, tmp_path: Path, monkeypatch) -> None:
+    from vpr_ros.bench.encoder_accuracy import format_accuracy, run_accuracy
+    from vpr_ros.runtime import auto_select
+
+    monkeypatch.setenv("VPR_CACHE_DIR", str(tmp_path / "cache"))
+    result = run_accuracy([str(workdir / "models" / "test_dinov2s_qaa.yaml")],
+                          ["openvino-cpu-fp32", "openvino-cpu-fp16"], workdir,
+                          subset="0.6:0.62")
+    rows = {r["backend"]: r for r in result["rows"]}
+    assert set(rows) == {"torch-cpu-fp32", "openvino-cpu-fp32", "openvino-cpu-fp16"}
+    ref = rows["torch-cpu-fp32"]
+    assert ref["queries"] == round(0.62 * 3576) - round(0.6 * 3576)
+    for r in rows.values():
+        assert r["fp32_r1"] == ref["r1"] and 0 <= r["r1"] <= 100
+        assert r["delta_points"] == round(r["r1"] - ref["r1"], 2)
+    recorded = auto_select.read_accuracy()[ref["fingerprint"]]
+    assert set(recorded) == {"openvino:fp16"}  # reduced precisions only
+    assert recorded["openvino:fp16"]["fp32_r1"] == ref["r1"]
+    text = format_accuracy(result)
+    assert "| openvino-cpu-fp16 | test_dinov2s_qaa |" in text and "random weights" in text

@@ -38,7 +38,7 @@ def sela(nordland_root: Path, tmp_path_factory: pytest.TempPathFactory):
 
     d = _model_dir(tmp_path_factory.mktemp("heads"), "selavpr_effnetlite0")
     ev = encode_eval(d, "nordland:summer", "nordland:winter", tolerance=1, subset=SUBSET,
-                     extras=("binary",), progress=False)
+                     extras=("binary",), progress=False, backend="torch")
     return d, ev
 
 
@@ -48,7 +48,7 @@ def cqvpr(nordland_root: Path, tmp_path_factory: pytest.TempPathFactory):
 
     d = _model_dir(tmp_path_factory.mktemp("heads"), "cqvpr_effnetlite0")
     ev = encode_eval(d, "nordland:summer", "nordland:winter", tolerance=1, subset=SUBSET,
-                     extras=("local",), progress=False)
+                     extras=("local",), progress=False, backend="torch")
     return d, ev
 
 
@@ -144,7 +144,7 @@ def test_cli_reports_codes_and_rerank(sela, tmp_path: Path,
     d, ev = sela
     args = ["eval", "recall", "--model", str(d), "--database", "nordland:summer", "--queries",
             "nordland:winter", "--tolerance", "1", "--subset", SUBSET, "--k", "1,5,10",
-            "--no-progress", "--index", "binary"]
+            "--no-progress", "--index", "binary", "--backend", "torch"]
     assert main([*args, "--rerank", "0", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["search"]["binary"]["codes"] == "model" and res["model"]["outputs"] == [

@@ -97,7 +97,8 @@ def test_a_row_is_what_vpr_eval_recall_reports(zoo, capsys: pytest.CaptureFixtur
                            ("float", [])):
         row = next(r for r in doc["rows"] if r["method"] == "SelaVPR++"
                    and r["variant"] == variant)
-        assert main(["eval", "recall", "--model", row["model_dir"], "--database",
+        assert main(["eval", "recall", "--model", row["model_dir"], "--backend", "torch",
+                     "--database",
                      "nordland:summer", "--queries", "nordland:winter", "--tolerance", "1",
                      "--subset", SUBSET, "--k", "1,5,10", "--no-progress", "--json",
                      *extra]) == 0

@@ -1,4 +1,6 @@
-"""`vpr bench encoder`: latency, throughput and memory of each backend x model x input size.
+"""`vpr bench encoder`: latency, throughput and memory of each backend x precision x model x
+input size, with the ratio to PyTorch fp32 measured in the same run; ``--accuracy``: the
+Nordland held-out Recall@1 of each backend x precision next to fp32's.
 
 Per cell: p50/p95 latency of ``encode`` at batch 1, throughput (images/s) at batch 8 and 32, and
 peak memory (on CPU the peak RSS growth of the process from before the encoder was opened; on
@@ -37,7 +39,12 @@ BACKENDS: dict[str, dict[str, Any]] = {
                    "artifact": "model_dir"},
     "torch-cuda-fp16": {"backend": "torch", "device": "cuda", "precision": "fp16",
                         "artifact": "model_dir"},
+    "torch-cpu-bf16": {"backend": "torch:bf16", "device": "cpu", "artifact": "model_dir"},
     "onnxruntime-cpu": {"backend": "onnxruntime", "device": "cpu", "artifact": "onnx"},
+    "onnxruntime-cpu-int8": {"backend": "onnxruntime:int8", "device": "cpu", "artifact": "onnx"},
+    "openvino-cpu-fp32": {"backend": "openvino:fp32", "device": "cpu", "artifact": "onnx"},
+    "openvino-cpu-bf16": {"backend": "openvino:bf16", "device": "cpu", "artifact": "onnx"},
+    "openvino-cpu-fp16": {"backend": "openvino:fp16", "device": "cpu", "artifact": "onnx"},
     "onnxruntime-cpu-untuned": {"backend": "onnxruntime", "device": "cpu", "tuned": False,
                                 "artifact": "onnx"},
     "onnxruntime-cpu-spin": {"backend": "onnxruntime", "device": "cpu", "spin": True,
@@ -53,13 +60,21 @@ REPO_CONFIGS = Path(__file__).resolve().parents[2] / "config" / "models"
 
 
 def default_backends() -> list[str]:
-    """Every backend this machine can run."""
+    """Every backend x precision this machine can run (reduced precisions where the CPU has
+    the instructions for them, as ``auto`` offers them)."""
     from vpr_ros.runtime.backend_select import probe
+    from vpr_ros.runtime.cpu_features import cpu_info
 
-    avail = probe()
-    names = ["torch-cpu"]
+    avail, cpu = probe(), cpu_info()
+    names = ["torch-cpu"] + (["torch-cpu-bf16"] if cpu.bf16 else [])
     if avail.onnxruntime:
-        names.append("onnxruntime-cpu")
+        names += ["onnxruntime-cpu"] + (["onnxruntime-cpu-int8"] if cpu.int8 else [])
+    if avail.openvino_cpu is not None:
+        names.append("openvino-cpu-fp32")
+        if cpu.bf16 and "BF16" in avail.openvino_cpu:
+            names.append("openvino-cpu-bf16")
+        if "FP16" in avail.openvino_cpu:
+            names.append("openvino-cpu-fp16")
     if avail.torch_cuda:
         names += ["torch-cuda", "torch-cuda-fp16"]
         if "CUDAExecutionProvider" in avail.ort_providers:
@@ -218,7 +233,8 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     row: dict[str, Any] = {
         "backend": enc.backend, "model": cell.model, "size": cell.size,
         "p50_ms": round(float(np.percentile(lat, 50)), 2),
-        "p95_ms": round(float(np.percentile(lat, 95)), 2), "load_s": round(load_s, 2)}
+        "p95_ms": round(float(np.percentile(lat, 95)), 2), "load_s": round(load_s, 2),
+        "load_average_1m": round(os.getloadavg()[0], 2)}
     for b in cell.batches:
         batch = images[:b]
         enc.encode(batch)
@@ -274,9 +290,18 @@ def machine() -> dict[str, Any]:
                        cpu)
     except OSError:
         pass
+    from vpr_ros.runtime.cpu_features import cpu_info
+
     info: dict[str, Any] = {"cpu": cpu, "cores": usable_cores(),
+                            "cpu_flags": sorted(cpu_info().flags),
                             "load_average": [round(v, 2) for v in os.getloadavg()],
                             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+    try:
+        import openvino
+
+        info["openvino"] = openvino.__version__.split("-")[0]
+    except ImportError:
+        pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -301,6 +326,7 @@ def run_encoder_bench(cfg: EncoderBenchConfig,
     if not cfg.batches or min(cfg.batches) < 1:
         raise ConfigError("batches must be positive integers")
     cfg.workdir.mkdir(parents=True, exist_ok=True)
+    load_start = [round(v, 2) for v in os.getloadavg()]
     cells: list[tuple[dict[str, Any], Optional[Cell]]] = []
     for model in cfg.models:
         for size in cfg.sizes:
@@ -335,8 +361,9 @@ def run_encoder_bench(cfg: EncoderBenchConfig,
             runs[i].append(run_cell(cell) if cfg.in_process else _spawn(cell))
     rows = [base if cell is None else {**base, **merge_rounds(results)}
             for (base, cell), results in zip(cells, runs)]
-    return {"machine": machine(), "rows": rows, "batches": list(cfg.batches),
-            "rounds": max(1, cfg.rounds), "speedups": speedups(rows)}
+    return {"machine": {**machine(), "load_average_start": load_start}, "rows": rows,
+            "batches": list(cfg.batches), "rounds": max(1, cfg.rounds),
+            "speedups": speedups(rows)}
 
 
 def merge_rounds(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -353,10 +380,12 @@ def merge_rounds(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def speedups(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Throughput of each backend relative to PyTorch eager on the same device, model, size."""
+    """Each backend relative to PyTorch fp32 eager on the same device, model and size, from
+    the same run: batch-1 p50 latency (``x_p50``: how many times faster), throughput
+    (``x_bN``) and CPU time per image (``cpu_x_bN``)."""
     out = []
     for r in rows:
-        if "error" in r or r["backend"].startswith("torch"):
+        if "error" in r or r["backend"] in ("torch-cpu-fp32", "torch-cuda-fp32"):
             continue
         device = "cpu" if "cpu" in r["backend"] else "cuda"
         ref = next((t for t in rows if "error" not in t and t["model"] == r["model"]
@@ -367,10 +396,12 @@ def speedups(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         keys = [k for k in r if k.startswith("ips_b")]
         cpu = [k for k in r if k.startswith("cpu_ms_b")]
         out.append({"backend": r["backend"], "model": r["model"], "size": r["size"],
-                    "vs": ref["backend"],
-                    **{f"x_{k[4:]}": round(r[k] / ref[k], 2) for k in keys if ref.get(k)},
-                    **{f"cpu_x_{k[7:]}": round(ref[k] / r[k], 2) for k in cpu
-                       if ref.get(k) and r[k]}})
+                     "vs": ref["backend"],
+                     **({"x_p50": round(ref["p50_ms"] / r["p50_ms"], 2)}
+                        if r.get("p50_ms") else {}),
+                     **{f"x_{k[4:]}": round(r[k] / ref[k], 2) for k in keys if ref.get(k)},
+                     **{f"cpu_x_{k[7:]}": round(ref[k] / r[k], 2) for k in cpu
+                        if ref.get(k) and r[k]}})
     return out
 
 
@@ -378,28 +409,38 @@ def format_table(result: dict[str, Any]) -> str:
     batches = result["batches"]
     head = ["backend", "model", "size", "p50 ms (b1)", "p95 ms (b1)",
             *[f"img/s b{b}" for b in batches], *[f"CPU ms/img b{b}" for b in batches],
-            "peak MiB", "load s"]
+            "peak MiB", "load s", f"x torch fp32 (b1 / b{batches[0]})"]
+    ratio = {(s["backend"], s["model"], s["size"]): s for s in result["speedups"]}
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
         if "error" in r:
             lines.append(f"| {r['backend']} | {r['model']} | {r['size']} | error: "
                          f"{r['error'][:120]} |")
             continue
+        x = ratio.get((r["backend"], r["model"], r["size"]))
         cells = [r["backend"], r["model"], str(r["size"]), f"{r['p50_ms']:.1f}",
                  f"{r['p95_ms']:.1f}", *[f"{r.get(f'ips_b{b}', float('nan')):.2f}"
                                          for b in batches],
                  *[f"{r.get(f'cpu_ms_b{b}', float('nan')):.0f}" for b in batches],
-                 f"{r['peak_mib']:.0f}", f"{r['load_s']:.1f}"]
+                 f"{r['peak_mib']:.0f}", f"{r['load_s']:.1f}",
+                 "1 (reference)" if r["backend"].startswith("torch-") and r["backend"].endswith(
+                     "-fp32") else (f"{x.get('x_p50', float('nan')):.2f} / "
+                                    f"{x.get(f'x_b{batches[0]}', float('nan')):.2f}"
+                                    if x else "")]
         lines.append("| " + " | ".join(cells) + " |")
     for s in result["speedups"]:
-        xs = ", ".join(f"{k[2:]} x{v}" for k, v in s.items() if k.startswith("x_"))
+        xs = ", ".join(f"{k[2:]} x{v}" for k, v in s.items()
+                       if k.startswith("x_") and k != "x_p50")
         cx = ", ".join(f"{k[6:]} x{v}" for k, v in s.items() if k.startswith("cpu_x_"))
-        lines.append(f"\n{s['backend']} vs {s['vs']} ({s['model']} {s['size']}px): throughput "
-                     f"{xs}" + (f"; CPU time per image {cx} less" if cx else ""))
+        lines.append(f"\n{s['backend']} vs {s['vs']} ({s['model']} {s['size']}px): batch 1 "
+                     f"x{s.get('x_p50', float('nan'))} faster, throughput {xs}"
+                     + (f"; CPU time per image {cx} less" if cx else ""))
     m = result["machine"]
-    lines.append(f"\nmachine: {m['cpu']}, {m['cores']} cores, load {m['load_average']} (at the "
-                 f"end; {result.get('rounds', 1)} interleaved round(s), medians), "
-                 f"torch {m['torch']}, onnxruntime {m['onnxruntime']}"
+    lines.append(f"\nmachine: {m['cpu']} [{' '.join(m.get('cpu_flags', []))}], {m['cores']} "
+                 f"cores, load {m.get('load_average_start', '?')} at the start and "
+                 f"{m['load_average']} at the end ({result.get('rounds', 1)} interleaved "
+                 f"round(s), medians), torch {m['torch']}, onnxruntime {m['onnxruntime']}"
+                 + (f", openvino {m['openvino']}" if "openvino" in m else "")
                  + (f", GPU {m['gpu']}" if "gpu" in m else ""))
     return "\n".join(lines)
 

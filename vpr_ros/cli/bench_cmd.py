@@ -108,13 +108,29 @@ def run_search(args: argparse.Namespace) -> int:
 
 def register_encoder(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "encoder", help="encoder backends: latency, throughput, peak memory",
-        description="Per backend x model x input size: p50/p95 latency at batch 1, throughput "
-        "at larger batches and peak memory, each cell in a fresh process. Models are "
-        "config/models/*.yaml with random weights (speed does not depend on them).")
-    p.add_argument("--backends", help="comma-separated, from torch-cpu, onnxruntime-cpu, "
-                   "onnxruntime-cpu-untuned, torch-cuda, torch-cuda-fp16, onnxruntime-cuda, "
-                   "onnxruntime-tensorrt, tensorrt (default: all this machine can run)")
+        "encoder", help="encoder backends x precisions: latency, throughput, peak memory "
+        "(--accuracy: Nordland R@1)",
+        description="Per backend x precision x model x input size: p50/p95 latency at batch "
+        "1, throughput at larger batches and peak memory, each cell in a fresh process, with "
+        "the ratio to PyTorch fp32 from the same run. Models are config/models/*.yaml with "
+        "random weights (speed does not depend on them). --accuracy instead reports each "
+        "backend x precision's Recall@1 on the model-zoo comparison's held-out Nordland split "
+        "next to fp32's, and records it for backend auto.")
+    p.add_argument("--backends", help="comma-separated, from torch-cpu, torch-cpu-bf16, "
+                   "onnxruntime-cpu, onnxruntime-cpu-int8, onnxruntime-cpu-untuned, "
+                   "openvino-cpu-fp32, openvino-cpu-bf16, openvino-cpu-fp16, torch-cuda, "
+                   "torch-cuda-fp16, onnxruntime-cuda, onnxruntime-tensorrt, tensorrt "
+                   "(default: all this machine can run)")
+    p.add_argument("--accuracy", action="store_true",
+                   help="Nordland held-out R@1 per backend x precision next to fp32's (the "
+                   "zoo table's split); recorded so auto never picks a precision losing more "
+                   "than 0.5 point")
+    p.add_argument("--accuracy-models", default="zoo-gem",
+                   help="with --accuracy: comma-separated model directories or configs "
+                   "(default zoo-gem: the zoo's pretrained EfficientNet-Lite0 + GeM at 112x224)")
+    p.add_argument("--accuracy-subset", default="0.6:1.0",
+                   help="with --accuracy: the route block evaluated (default the zoo's "
+                   "held-out 0.6:1.0)")
     p.add_argument("--models", default="dinov2s_gem,qaa_dinov2b_8192",
                    help="model configs (names in config/models or YAML paths; default "
                    "%(default)s)")
@@ -137,6 +153,18 @@ def run_encoder(args: argparse.Namespace) -> int:
 
     from vpr_ros.bench.encoder_bench import (EncoderBenchConfig, default_backends,
                                              format_table, run_encoder_bench)
+
+    if args.accuracy:
+        from vpr_ros.bench.encoder_accuracy import format_accuracy, run_accuracy
+
+        workdir = args.workdir or EncoderBenchConfig().workdir
+        result = run_accuracy(
+            [m for m in args.accuracy_models.split(",") if m],
+            args.backends.split(",") if args.backends else default_backends(), workdir,
+            subset=args.accuracy_subset,
+            progress=lambda m: print(m, file=sys.stderr, flush=True))
+        print(json.dumps(result, indent=2) if args.json else format_accuracy(result))
+        return 0
 
     cfg = EncoderBenchConfig(
         backends=args.backends.split(",") if args.backends else default_backends(),

@@ -66,8 +66,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--plot-dir", help="write recall_at_k.png and examples.png here")
     r.add_argument("--batch-size", type=int, default=32)
     r.add_argument("--device", default="cpu", help="cpu or cuda")
-    r.add_argument("--backend", default="torch",
-                   help="encoder backend (torch; others as vpr_ros.runtime provides them)")
+    r.add_argument("--backend", default="auto",
+                   help="encoder backend: auto (default: the fastest measured on this host for "
+                   "batches, whose descriptors match fp32), torch (the PyTorch reference), "
+                   "onnxruntime, openvino, tensorrt, optionally with a precision")
     r.add_argument("--output", help="also write the JSON result to this file")
     r.add_argument("--json", action="store_true", help="print the result as JSON")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -96,7 +98,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     lp.add_argument("--plot-dir", help="write pr_curve.png here")
     lp.add_argument("--batch-size", type=int, default=32)
     lp.add_argument("--device", default="cpu")
-    lp.add_argument("--backend", default="torch", help="encoder backend")
+    lp.add_argument("--backend", default="auto",
+                    help="encoder backend (default auto, as vpr eval recall)")
     lp.add_argument("--output", help="also write the JSON result to this file")
     lp.add_argument("--json", action="store_true", help="print the result as JSON")
     lp.add_argument("--no-progress", action="store_true")

@@ -458,7 +458,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     _run([_exe("vpr"), "map", "build", str(map_bag), "--image-topic", image_topic,
           *([rear_topic] if rear_topic else []),
           *(["--pose-topic", pose_topic] if pose_topic else []), "--model", str(model),
-          "-o", str(map_dir), "--no-progress"],
+          "-o", str(map_dir), "--no-progress", "--backend", opts.backend],
          out / "map_build.log", timeout_s=3600)
     place_map = PlaceMap.load(map_dir)
     map_kfs = place_map.keyframes(range(len(place_map)))

@@ -22,14 +22,15 @@ from vpr_ros.models.rerank import DEFAULT_TOP_N
 
 def open_encoder(model: str | Path, backend: str, device: str):
     """The reference PyTorch encoder for ``torch``; any other backend through the runtime's
-    :func:`~vpr_ros.runtime.encoder.load_encoder` (ONNX Runtime, TensorRT, ...)."""
+    :func:`~vpr_ros.runtime.encoder.load_encoder` (``auto``: the fastest measured on this host
+    for batches, as map building uses; ONNX Runtime, OpenVINO, TensorRT, ...)."""
     if backend == "torch":
         from vpr_ros.runtime.torch_encoder import TorchEncoder
 
         return TorchEncoder.from_model_dir(model, device=device)
     from vpr_ros.runtime.encoder import load_encoder
 
-    return load_encoder(model, backend=backend, device=device)
+    return load_encoder(model, backend=backend, device=device, objective="throughput")
 
 
 def _subset(spec: Optional[str]) -> Optional[tuple[float, float]]:
@@ -138,7 +139,7 @@ EncodeFn = Callable[[Sequence[Path], str], EncodedSet]
 def encode_eval(model: str | Path, database: str, queries: Optional[str], *,
                 threshold_m: Optional[float] = None, tolerance: Optional[int] = None,
                 subset: Optional[str] = None, extras: Sequence[str] = (), batch_size: int = 32,
-                device: str = "cpu", backend: str = "torch", progress: bool = True,
+                device: str = "cpu", backend: str = "auto", progress: bool = True,
                 encoder: Any = None, encode_fn: Optional[EncodeFn] = None,
                 protocol: Optional[str] = None,
                 ground_truth: Optional[str] = None) -> EncodedEval:
@@ -203,7 +204,7 @@ def recall_eval(model: str | Path, database: str, queries: Optional[str], *,
                 threshold_m: Optional[float] = None, tolerance: Optional[int] = None,
                 index: str = "flat", ks: Sequence[int] = DEFAULT_KS,
                 subset: Optional[str] = None, plot_dir: Optional[str | Path] = None,
-                batch_size: int = 32, device: str = "cpu", backend: str = "torch",
+                batch_size: int = 32, device: str = "cpu", backend: str = "auto",
                 progress: bool = True, label: Optional[str] = None,
                 rerank: Optional[int] = None, local_rerank: bool = False,
                 local_rerank_top: int = DEFAULT_TOP_N, protocol: Optional[str] = None,
