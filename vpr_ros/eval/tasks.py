@@ -25,9 +25,10 @@ def open_encoder(model: str | Path, backend: str, device: str):
     :func:`~vpr_ros.runtime.encoder.load_encoder` (``auto``: the fastest measured on this host
     for batches, as map building uses; ONNX Runtime, OpenVINO, TensorRT, ...)."""
     if backend == "torch":
+        from vpr_ros.runtime.encoder import probe_encoder
         from vpr_ros.runtime.torch_encoder import TorchEncoder
 
-        return TorchEncoder.from_model_dir(model, device=device)
+        return probe_encoder(TorchEncoder.from_model_dir(model, device=device), str(model))
     from vpr_ros.runtime.encoder import load_encoder
 
     return load_encoder(model, backend=backend, device=device, objective="throughput")

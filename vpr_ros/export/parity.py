@@ -90,6 +90,24 @@ def require(report: ParityReport, min_cosine: float, what: str,
     return report
 
 
+def _check_probe(session, meta, onnx_path: Union[str, Path]) -> None:
+    """The degeneracy probe on the exported file: parity with PyTorch proves nothing when both
+    give every image the same descriptor."""
+    from vpr_ros.errors import ModelError
+    from vpr_ros.models.degeneracy import check_distinct, probe_images
+
+    mean = np.asarray(meta.mean, np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(meta.std, np.float32).reshape(1, 3, 1, 1)
+    batch = np.stack(probe_images(meta.input_size)).transpose(0, 3, 1, 2)
+    x = ((batch.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
+    desc = np.concatenate([session.run([meta.outputs[0]], {meta.input_name: x[i:i + 1]})[0]
+                           for i in range(len(x))])
+    try:
+        check_distinct(desc, str(onnx_path))
+    except ModelError as exc:
+        raise ExportError(str(exc)) from None
+
+
 def verify_onnx_export(model, onnx_path: Union[str, Path], batch: int = 2, seed: int = 0,
                        min_cosine: float = FP32_MIN_COSINE) -> ParityReport:
     """Run an exported file with ONNX Runtime (CPU) on random normalised images and compare
@@ -119,6 +137,7 @@ def verify_onnx_export(model, onnx_path: Union[str, Path], batch: int = 2, seed:
     if not np.isfinite(got["global"]).all():
         raise ExportError(f"{onnx_path}: ONNX Runtime produced NaN/Inf descriptors; the export "
                           "is wrong")
+    _check_probe(session, meta, onnx_path)
     with torch.no_grad():
         ref = {k: v.float().numpy() if v.is_floating_point() else v.numpy()
                for k, v in model.forward_all(torch.from_numpy(x)).items()}

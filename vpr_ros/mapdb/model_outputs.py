@@ -45,6 +45,8 @@ class ModelOutputs:
         encoder whose only output is the global descriptor)."""
         if not extra_output_names(encoder):
             return cls()
+        if getattr(encoder, "probe_outputs", None) is not None:  # the load's probe ran one
+            return cls.from_batch(encoder.probe_outputs)
         h, w = encoder.input_size
         return cls.from_batch(encoder.encode_all([np.zeros((int(h), int(w), 3), np.uint8)]))
 

@@ -20,9 +20,11 @@ Keys the released forward passes never read are accepted and dropped, and listed
 
 from __future__ import annotations
 
+import pickle
 import re
+import zipfile
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -32,29 +34,72 @@ from vpr_ros.errors import CheckpointError
 IGNORED_OFFICIAL_KEYS = ("mask_token", "dust_bin")
 
 
+def safe_torch_load(path: str | Path, what: str = "weight", mmap: bool = False,
+                    advice: str = "") -> Any:
+    """``torch.load(weights_only=True)`` with one-line errors: a pickle that names anything
+    but tensors and plain containers is refused (never run), and says so instead of passing on
+    torch's advice to retry with ``weights_only=False``."""
+    p = Path(path)
+    # mmap needs torch's zip format; an old-style pickle is read whole (and refused below).
+    mmap = mmap and zipfile.is_zipfile(p)
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)|Unsupported operand \d+|Unsupported class [\w.]+",
+                          str(exc))
+        detail = f" ({found.group(0)})" if found else ""
+        advice = advice or ("use weights saved as .safetensors, or a .pth holding only tensors "
+                            "(torch.save(model.state_dict(), ...))")
+        raise CheckpointError(
+            f"{p}: holds pickled Python objects besides tensors{detail}; such files are never "
+            f"loaded, because unpickling can run any code: {advice}") from None
+    except Exception as exc:  # torch raises many types for damaged files
+        raise CheckpointError(f"{p}: cannot read this {what} file ({type(exc).__name__}: "
+                              f"{one_line(exc)}); the file is truncated, corrupt or not a "
+                              f"{what} file") from None
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, shortened (library messages run to pages)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
+def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """CheckpointError naming the tensors holding NaN or Inf: such weights make every image's
+    descriptor NaN, or all alike (a GeM exponent of +Inf), and must never reach a map."""
+    bad = [k for k, v in state.items()
+           if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{source}: tensor(s) {_abbrev(bad)} hold NaN or Inf; the weights "
+                              "are corrupt (or training diverged): use another checkpoint")
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load tensors from ``.safetensors`` or ``.pth``/``.pt`` without unpickling code."""
+    """Load tensors from ``.safetensors`` or ``.pth``/``.pt`` without unpickling code; every
+    floating-point tensor must be finite."""
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{p}: no such weight file")
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
-            return dict(load_file(str(p), device="cpu"))
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except CheckpointError:
-        raise
-    except Exception as exc:  # safetensors/torch raise many types for damaged files
-        raise CheckpointError(f"{p}: cannot read weights ({type(exc).__name__}: {exc}). The file "
-                              "is truncated, corrupt or not a weight file; download or export "
-                              "it again.") from exc
+        try:
+            obj: Any = dict(load_file(str(p), device="cpu"))
+        except Exception as exc:  # safetensors raises several types for damaged files
+            raise CheckpointError(f"{p}: cannot read weights ({type(exc).__name__}: "
+                                  f"{one_line(exc)}); the file is truncated, corrupt or not a "
+                                  "weight file: download or export it again") from None
+    else:
+        obj = safe_torch_load(p)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
         obj = obj["model"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{p}: expected a mapping of parameter names to tensors")
+    check_finite(obj, str(p))
     return dict(obj)
 
 

@@ -36,6 +36,11 @@ INTERPOLATIONS = ("opencv", "bilinear_antialias", "bicubic_antialias")
 LEGACY_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("aggregator", "cqvpr"): {"design": "decoder"},
 }
+#: Largest input height or width a model may ask for, in pixels. Why a bound: a ViT's attention
+#: grows with the square of its token count, so ``input.size: [30000, 30000]`` made an ONNX
+#: export grow to 17.7 GB until the kernel killed it. At 1024 x 1024 a DINOv2 ViT-B has 5329
+#: tokens and one attention map of 1.4 GB; every shipped model uses 322 or less.
+MAX_INPUT_SIDE = 1024
 
 
 @dataclass(frozen=True)
@@ -86,8 +91,29 @@ class ModelConfig:
 
 
 _TOP_KEYS = {"name", "backbone", "aggregator", "input", "weights", "description"}
+#: The type of every top-level field a config or model.json may hold (a wrong type is refused
+#: here, before any code uses the value).
+_TOP_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,), "description": (str,), "weights": (dict,), "format": (str,),
+    "version": (int,), "descriptor_dim": (int,), "fingerprint": (str,),
+    "backbone": (str, dict), "aggregator": (str, dict), "input": (dict,)}
 _COMPONENT_KEYS = {"name", "params"}
 _INPUT_KEYS = {"size", "mean", "std", "resize", "interpolation"}
+
+
+def check_types(where: str, data: Mapping[str, Any],
+                types: Mapping[str, tuple[type, ...]]) -> None:
+    """ConfigError naming the first present key whose value is not of its type (None counts as
+    absent; a bool is not an int)."""
+    names = {str: "a string", int: "an integer", dict: "a mapping", list: "a list",
+             float: "a number"}
+    for key, allowed in types.items():
+        value = data.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            want = " or ".join(names.get(t, t.__name__) for t in allowed)
+            raise ConfigError(f"{where}: '{key}' is {value!r:.60}, expected {want}")
 
 
 def _check_keys(where: str, data: Mapping[str, Any], allowed: set[str]) -> None:
@@ -120,6 +146,14 @@ def _triple(where: str, value: Any) -> tuple[float, float, float]:
     return (float(value[0]), float(value[1]), float(value[2]))
 
 
+def check_input_side(size: Any, where: str) -> None:
+    """ConfigError unless both sides are within ``MAX_INPUT_SIDE``."""
+    if max(int(s) for s in size) > MAX_INPUT_SIDE:
+        raise ConfigError(f"{where}: {list(size)} exceeds the largest input side, "
+                          f"{MAX_INPUT_SIDE} px (memory grows with its square); use a smaller "
+                          "size, e.g. [322, 322]")
+
+
 def _input(data: Any) -> InputConfig:
     if data is None:
         return InputConfig()
@@ -130,8 +164,9 @@ def _input(data: Any) -> InputConfig:
     if isinstance(size, int):
         size = [size, size]
     if (not isinstance(size, (list, tuple)) or len(size) != 2
-            or not all(isinstance(s, int) and s > 0 for s in size)):
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
         raise ConfigError(f"input.size: expected [height, width] in pixels, got {size!r}")
+    check_input_side(size, "input.size")
     resize = data.get("resize", "stretch")
     if resize not in RESIZE_POLICIES:
         raise ConfigError(f"input.resize: {resize!r} is not one of {list(RESIZE_POLICIES)}")
@@ -155,6 +190,7 @@ def model_config_from_dict(data: Any, source: str = "config") -> ModelConfig:
         raise ConfigError(f"{source}: expected a mapping at the top level, got "
                           f"{type(data).__name__}")
     _check_keys(source, data, _TOP_KEYS | {"format", "version", "descriptor_dim", "fingerprint"})
+    check_types(source, data, _TOP_TYPES)
     for key in ("backbone", "aggregator"):
         if key not in data:
             raise ConfigError(f"{source}: the '{key}' section is missing")

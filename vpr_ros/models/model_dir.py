@@ -20,9 +20,10 @@ import torch
 
 from vpr_ros import __version__
 from vpr_ros.errors import CheckpointError, ConfigError
-from vpr_ros.models.config import (LEGACY_DEFAULTS, ComponentConfig, ModelConfig, load_yaml,
-                                   model_config_from_dict)
+from vpr_ros.models.config import (LEGACY_DEFAULTS, ComponentConfig, ModelConfig, check_types,
+                                   load_yaml, model_config_from_dict)
 from vpr_ros.models.vpr_model import VPRModel, build_model
+from vpr_ros.paths import check_output_dir
 from vpr_ros.plain_data import read_json
 
 FORMAT = "vpr_ros.model"
@@ -106,6 +107,7 @@ def save_model_dir(model: VPRModel, out: str | Path, extra: Mapping[str, Any] | 
     from safetensors.torch import save_file
 
     d = Path(out)
+    check_output_dir(d, "a model directory")
     d.mkdir(parents=True, exist_ok=True)
     model.config = recorded_config(model)
     doc = {"format": FORMAT, "version": FORMAT_VERSION, **model.config.to_dict(),
@@ -136,20 +138,24 @@ def read_model_meta(model_dir: str | Path) -> ModelMeta:
     if doc.get("version") != FORMAT_VERSION:
         raise ConfigError(f"{d / CONFIG_FILE}: model format version {doc.get('version')!r}; this "
                           f"vpr_ros reads version {FORMAT_VERSION}")
+    check_types(str(d / CONFIG_FILE), doc, {"extra": (dict,), "vpr_ros_version": (str,),
+                                            "created": (str,)})
     extra = doc.pop("extra", {}) or {}
     for k in ("vpr_ros_version", "created"):
         doc.pop(k, None)
     config = with_legacy_defaults(model_config_from_dict(doc, source=str(d / CONFIG_FILE)))
     dim = doc.get("descriptor_dim")
-    if not isinstance(dim, int) or dim <= 0:
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
         raise ConfigError(f"{d / CONFIG_FILE}: descriptor_dim missing or invalid ({dim!r})")
     return ModelMeta(path=d, config=config, descriptor_dim=dim,
                      fingerprint=compute_fingerprint(d), extra=dict(extra))
 
 
-def load_model_dir(model_dir: str | Path, map_location: str = "cpu"
+def load_model_dir(model_dir: str | Path, map_location: str = "cpu", probe: bool = True
                    ) -> tuple[VPRModel, ModelMeta]:
-    """Build the model of a directory and load its weights (strict, with named errors)."""
+    """Build the model of a directory and load its weights (strict, with named errors), then
+    run the degeneracy probe (:mod:`vpr_ros.models.degeneracy`; ``probe=False`` for callers
+    that probe the encoder they wrap the model in)."""
     from vpr_ros.models.checkpoints import load_exact, read_state_dict
 
     meta = read_model_meta(model_dir)
@@ -160,6 +166,10 @@ def load_model_dir(model_dir: str | Path, map_location: str = "cpu"
         raise CheckpointError(f"{meta.path}: model.json says descriptor_dim "
                               f"{meta.descriptor_dim} but the model produces "
                               f"{model.descriptor_dim}")
+    if probe:
+        from vpr_ros.models.degeneracy import probe_model
+
+        probe_model(model, str(meta.path))
     return model.to(map_location), meta
 
 
@@ -176,6 +186,10 @@ def create_model_dir(config_path: str | Path, out: str | Path,
                      backbone_weights: str | None = None, seed: int = 0) -> ModelMeta:
     """``vpr model init``: config YAML -> model directory (seeded random aggregator)."""
     data = load_yaml(config_path)
+    check_output_dir(Path(out), "a model directory")
+    if not isinstance(data.get("weights") or {}, dict):
+        raise ConfigError(f"{config_path}: 'weights' must be a mapping such as "
+                          "{backbone: package}")
     weights = dict(data.get("weights") or {})
     if backbone_weights is not None:
         weights["backbone"] = backbone_weights

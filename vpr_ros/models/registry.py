@@ -72,5 +72,7 @@ def build_component(kind: str, name: str, params: dict[str, Any], **injected: An
     check_params(cls, kind, name, params, tuple(injected))
     try:
         return cls(**injected, **params)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{kind} {name!r}: {exc}") from exc
+    except (ValueError, TypeError, RuntimeError, OverflowError, MemoryError) as exc:
+        # RuntimeError/MemoryError: torch could not allocate what a parameter asked for.
+        first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise ConfigError(f"{kind} {name!r}: {first[:200]}; check its parameters") from exc

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import abc
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from vpr_ros.errors import BackendError, InputError
+from vpr_ros.errors import BackendError, InputError, ModelError
 
 ImageBatch = Union[np.ndarray, Sequence[np.ndarray]]
 
@@ -29,6 +29,9 @@ class Encoder(abc.ABC):
     input_size: tuple[int, int]
     fingerprint: str
     backend: str
+    #: Every output for the degeneracy probe's images (set by :func:`probe_encoder`), so
+    #: callers needing one forward pass's shapes need not run another.
+    probe_outputs: Optional[dict[str, np.ndarray]] = None
 
     @abc.abstractmethod
     def _encode_batch(self, batch: np.ndarray) -> np.ndarray:
@@ -102,6 +105,31 @@ def check_outputs(outs: dict[str, np.ndarray], batch: int, dim: int, backend: st
     return checked
 
 
+def probe_encoder(encoder: Encoder, source: str) -> Encoder:
+    """Run the degeneracy probe (:mod:`vpr_ros.models.degeneracy`) on a freshly opened
+    encoder: ModelError unless two images that share nothing give distinct, finite descriptors.
+    Keeps the outputs in ``encoder.probe_outputs``. Cost: two single-image forward passes."""
+    from vpr_ros.models.degeneracy import check_distinct, probe_images
+
+    where = f"model {source} ({encoder.backend})"
+    try:
+        outs = [encoder.encode_all([img]) for img in probe_images(encoder.input_size)]
+    except InputError as exc:  # NaN/Inf out of a fixed, valid image: the weights
+        raise ModelError(f"{where}: {exc}") from None
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        # A valid image the model's own size cannot run: the model (its config or weights)
+        # is broken, whatever the framework says. The cause stays chained for debugging.
+        first = next((ln for ln in str(exc).splitlines() if ln.strip()), "")
+        raise ModelError(f"{where}: fails on a valid {encoder.input_size[0]}x"
+                         f"{encoder.input_size[1]} image ({type(exc).__name__}: "
+                         f"{first[:200]}); the model directory is inconsistent: re-create "
+                         "it") from exc
+    merged = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+    check_distinct(merged["global"], where)
+    encoder.probe_outputs = merged
+    return encoder
+
+
 def load_encoder(model: Union[str, Path], backend: str = "torch", device: str = "cpu",
                  objective: str = "latency", **options) -> Encoder:
     """Open an encoder for a model directory, an ``.onnx`` file or a TensorRT engine.
@@ -115,7 +143,10 @@ def load_encoder(model: Union[str, Path], backend: str = "torch", device: str = 
     runs, ``backend_choice`` the named choice and ``backend_note`` why ``auto`` took it.
     ``expected_fingerprint=`` (e.g. a map's) refuses another model with
     :class:`~vpr_ros.errors.MapMismatchError`; other options go to the backend.
+    Every encoder is opened through the degeneracy probe (:func:`probe_encoder`).
     """
     from vpr_ros.runtime.backend_select import open_encoder
 
-    return open_encoder(model, backend=backend, device=device, objective=objective, **options)
+    encoder = open_encoder(model, backend=backend, device=device, objective=objective,
+                           **options)
+    return probe_encoder(encoder, str(model))

@@ -128,7 +128,7 @@ class TorchEncoder(Encoder):
                        threads: int | None = None, **options) -> "TorchEncoder":
         from vpr_ros.models.model_dir import load_model_dir
 
-        model, meta = load_model_dir(path)
+        model, meta = load_model_dir(path, probe=False)  # load_encoder probes the encoder
         return cls(model, meta, device=device, precision=precision, threads=threads, **options)
 
     @property

@@ -29,12 +29,18 @@ class Backbone(nn.Module):
     def check_input_size(self, size: tuple[int, int]) -> None:
         from vpr_ros.errors import ModelError
 
+        from vpr_ros.models.config import MAX_INPUT_SIDE
+
         h, w = size
         m = self.size_multiple
         if h % m or w % m or h <= 0 or w <= 0:
             raise ModelError(f"input size {h}x{w} is not usable by {type(self).__name__}: height "
                              f"and width must be positive multiples of {m} (e.g. "
                              f"{max(m, round(h / m) * m)}x{max(m, round(w / m) * m)})")
+        if max(h, w) > MAX_INPUT_SIDE:
+            raise ModelError(f"input size {h}x{w} exceeds the largest input side, "
+                             f"{MAX_INPUT_SIDE} px (memory grows with its square); use a "
+                             "smaller size")
 
     def fix_input_size(self, size: tuple[int, int]) -> None:
         """Precompute whatever depends on the input size (default: nothing)."""
