@@ -54,6 +54,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VPRError as exc:
         print(f"vpr {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # A path the user gave that the system refuses (not a directory, no permission, disk
+        # full): the user's to fix, so one line too. --verbose keeps the traceback.
+        logging.getLogger("vpr").debug("OS error", exc_info=True)
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"vpr {args.command}: error: {where}{exc.strerror or exc} (check the path and "
+              "its permissions)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -49,8 +49,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _onnx(args: argparse.Namespace) -> int:
+    from vpr_ros.errors import ExportError
     from vpr_ros.export.onnx_export import export_onnx
+    from vpr_ros.paths import check_output_file
 
+    check_output_file(args.output, "the ONNX file", ExportError)
     meta = export_onnx(args.model, args.output, size=args.size, opset=args.opset,
                        verify=not args.no_verify)
     if args.json:
@@ -73,6 +76,9 @@ def _tensorrt(args: argparse.Namespace) -> int:
     if Path(args.output).suffix.lower() not in ENGINE_SUFFIXES:
         raise ExportError(f"--output should end in {' or '.join(ENGINE_SUFFIXES)} so "
                           "load_encoder recognises it")
+    from vpr_ros.paths import check_output_file
+
+    check_output_file(args.output, "the engine", ExportError)
     side = build_engine(args.source, args.output, max_batch=args.max_batch,
                         opt_batch=args.opt_batch, workspace_gb=args.workspace_gb,
                         timing_cache=args.timing_cache, fp16=not args.fp32, size=args.size)

@@ -25,6 +25,7 @@ from vpr_ros.mapdb.keyframe_selection import KeyframePolicy, KeyframeSelector
 from vpr_ros.mapdb.model_outputs import (INDEX_CHOICES, ModelOutputs, extra_output_names,
                                          index_spec_for)
 from vpr_ros.mapdb.poses import Pose, PoseTrack, interpolate
+from vpr_ros.mapdb.storage import check_output_dir
 from vpr_ros.plain_data import read_yaml
 from vpr_ros.runtime.image_codec import DEFAULT_MAX_PIXELS
 from vpr_ros.runtime.local_features import CHOICES as KEYPOINT_CHOICES
@@ -262,6 +263,8 @@ def build_map(bag: str | Path, image_topic: str | Sequence[str],
                           "--camera-to-robot describe one camera; with several --image-topic "
                           "each camera's CameraInfo is its sibling camera_info topic and mounts "
                           "come from /tf_static")
+    if out_path is not None:
+        check_output_dir(out_path)
     reader = BagReader(bag, max_pixels=config.max_pixels)
     with reader:
         image_types = {t: reader.check_topic(t, ("sensor_msgs/msg/Image",

@@ -426,9 +426,11 @@ class PlaceMap:
         """Write the map to directory ``path`` atomically (see :mod:`vpr_ros.mapdb.storage`):
         a crash at any point leaves the previous map at ``path`` loadable and intact."""
         directory = Path(path)
-        if directory.exists() and not directory.is_dir():
-            raise MapError(f"cannot save a map to {directory}: it is a file, expected a directory")
-        directory.mkdir(parents=True, exist_ok=True)
+        storage.check_output_dir(directory)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise MapError(f"cannot save a map to {directory}: {exc.strerror or exc}") from exc
         with storage.map_lock(directory):
             writer = storage.MapWriter(directory)
             writer.add_npy("descriptors", [seg for _, seg in self._store.segments()],

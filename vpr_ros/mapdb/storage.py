@@ -49,6 +49,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from vpr_ros import paths
 from vpr_ros.errors import MapError, VPRError
 from vpr_ros.mapdb.camera import CameraModel
 from vpr_ros.mapdb.index.faiss_loader import load_faiss
@@ -328,6 +329,11 @@ def map_lock(directory: Path) -> Iterator[None]:
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def check_output_dir(directory: Path) -> None:
+    """MapError unless a map can be written to ``directory`` (see :mod:`vpr_ros.paths`)."""
+    paths.check_output_dir(directory, "a map", MapError)
 
 
 def _next_generation(directory: Path) -> int:

@@ -32,7 +32,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from vpr_ros.errors import ConfigError
+from vpr_ros.errors import CheckpointError, ConfigError
 from vpr_ros.models.config import ModelConfig, load_yaml, model_config_from_dict
 from vpr_ros.models.model_dir import init_model, load_model_dir, save_model_dir
 from vpr_ros.models.vpr_model import VPRModel
@@ -226,7 +226,31 @@ def resolve_resume(out: Path, resume: Optional[str]) -> Optional[str]:
     if not Path(resume).is_file():
         raise ConfigError(f"--resume {resume}: no such checkpoint file (use 'auto' for "
                           f"{out / 'checkpoints' / 'last.ckpt'})")
+    check_resume_checkpoint(Path(resume))
     return resume
+
+
+def check_resume_checkpoint(path: Path) -> None:
+    """Refuse a resume checkpoint that is not plain data before Lightning sees it.
+
+    Why: Lightning loads ``ckpt_path`` with ``torch.load``; left to itself (``weights_only``
+    unset) that unpickles anything, and a pickle can run code. The checkpoints this trainer
+    writes hold tensors, numbers, strings and containers only, so they load with
+    ``weights_only=True``; whatever does not is refused here (and ``fit`` gets
+    ``weights_only=True`` too). Memory-mapped, so the check reads little of a large file.
+    """
+    from vpr_ros.models.checkpoints import safe_torch_load
+
+    try:
+        ckpt = safe_torch_load(path, what="training checkpoint", mmap=True,
+                               advice="resume from a .ckpt this trainer wrote")
+    except CheckpointError as exc:
+        raise CheckpointError(f"--resume {exc}") from None
+    keys = ("state_dict", "global_step")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in keys):
+        raise CheckpointError(f"--resume {path}: not a training checkpoint (no "
+                              f"{' / '.join(keys)}); resume from a .ckpt this trainer wrote "
+                              "(e.g. --resume auto)")
 
 
 def train(cfg: TrainConfig, resume: Optional[str] = None, output: Optional[Path] = None
@@ -238,6 +262,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, output: Optional[Path]
     t0, cpu0 = time.time(), time.process_time()
     out = Path(output or cfg.output)
     out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = resolve_resume(out, resume)  # a refused checkpoint stops before any work
     tc = cfg.trainer
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -247,7 +272,6 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, output: Optional[Path]
     if tc.max_steps == 0:
         return _initial_model(cfg, model, out, t0, cpu0)
     cached = use_feature_cache(cfg, model)
-    ckpt_path = resolve_resume(out, resume)
 
     timings: dict[str, float] = {}
     final = _FinalModel(out, cfg)
@@ -293,8 +317,10 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, output: Optional[Path]
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists")
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-        trainer.fit(module, datamodule=_DataModule(sets, cfg), ckpt_path=ckpt_path)
-    trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")
+        trainer.fit(module, datamodule=_DataModule(sets, cfg), ckpt_path=ckpt_path,
+                    weights_only=True)
+    # weights_only=False: what to *save* (optimizer and loop state too, needed to resume).
+    trainer.save_checkpoint(out / "checkpoints" / "last.ckpt", weights_only=False)
     timings["fit_s"] = round(time.time() - t_fit, 2)
     timings["total_s"] = round(time.time() - t0, 2)
     # CPU seconds of this process (all threads): on a busy shared machine the wall time above
