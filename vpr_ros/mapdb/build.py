@@ -160,6 +160,8 @@ class BuildSummary:
     map_path: str | None
     frames_read: int = 0
     frames_corrupt: int = 0
+    #: Frames whose header stamp is earlier than a frame read before them (skipped, not mapped).
+    frames_out_of_order: int = 0
     keyframes: int = 0
     keyframes_with_pose: int = 0
     keyframes_without_pose: int = 0
@@ -186,7 +188,8 @@ class BuildSummary:
             f"bag:           {self.bag}" + ("  (DAMAGED: partly salvaged)" if self.bag_damaged
                                             else ""),
             f"frames read:   {self.frames_read} on {self.image_topic}"
-            f" ({self.frames_corrupt} corrupt, skipped)",
+            f" ({self.frames_corrupt} corrupt, {self.frames_out_of_order} out of order; "
+            "skipped)",
             f"poses:         {self.pose_samples} samples on {self.pose_topic}"
             if self.pose_topic else "poses:         none (stamps-only map)",
             f"keyframes:     {self.keyframes} added to session '{self.session}' "
@@ -351,6 +354,8 @@ def build_map(bag: str | Path, image_topic: str | Sequence[str],
             current[0] = image_topic
             selector = KeyframeSelector(config.keyframes)
             read_before = reader.stats.images_read
+            newest: int | None = None
+            out_of_order = 0
             total = reader.message_counts.get(image_topic, -1)
             bar = _progress(progress, total if total > 0 else None,
                             f"{image_topic} ({image_types[image_topic].rsplit('/', 1)[-1]})")
@@ -360,6 +365,15 @@ def build_map(bag: str | Path, image_topic: str | Sequence[str],
                                                    rig.right_topic, tolerance):
                     frame = synced.image
                     bar.update(1)
+                    # Keyframe selection walks forward in time. A frame stamped before one
+                    # already seen (a reordered recording, a camera clock that jumped back)
+                    # cannot be placed in that walk: it is skipped, counted and warned about,
+                    # instead of stalling the selection so that a few keyframes stand for the
+                    # whole bag.
+                    if newest is not None and frame.stamp_ns < newest:
+                        out_of_order += 1
+                        continue
+                    newest = frame.stamp_ns
                     if not rig.accepts(frame):
                         continue
                     pose = interpolate(track, frame.stamp_ns, config.max_pose_gap_s) \
@@ -374,6 +388,13 @@ def build_map(bag: str | Path, image_topic: str | Sequence[str],
             finally:
                 bar.close()
             frames_read[image_topic] = reader.stats.images_read - read_before
+            summary.frames_out_of_order += out_of_order
+            if out_of_order:
+                reader.warn(f"{out_of_order} of {frames_read[image_topic]} frames on "
+                            f"{image_topic} have a header stamp earlier than a frame before "
+                            "them (stamps going backwards: a reordered recording or a camera "
+                            "clock reset) and were skipped, not mapped; check the stamps (vpr "
+                            "bag info), fix or split the bag, and build again")
             summary.frames_wrong_size += rig.stats.frames_wrong_size
             summary.keyframes_without_depth += rig.stats.keyframes_without_depth
             if rig.stats.frames_wrong_size:
