@@ -50,8 +50,9 @@ from vpr_ros.ros.diagnostics import (FrameTiming, LogThrottle, NodeIdentity, Nod
                                      Stopwatch, diagnostic_array)
 from vpr_ros.ros.mailbox import Doorbell, Mailbox
 from vpr_ros.ros.nav2_bond import ManagerBond
-from vpr_ros.ros.params import (NodeConfig, NodeSettings, all_parameter_specs, descriptor_for,
-                                settings_from_values)
+from vpr_ros.ros.params import (NodeConfig, NodeSettings, all_parameter_specs, check_value,
+                                descriptor_for, expected_text, settings_from_values,
+                                unknown_parameters)
 from vpr_ros.ros.pipeline import (LOCALIZATION, FrameOutcome, Pipeline, default_session_name,
                                   describe_sequence, limit_blas_threads)
 from vpr_ros.ros.pose_buffer import PoseBuffer
@@ -105,8 +106,7 @@ class VprNode(LifecycleNode):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(NODE_NAME, **kwargs)
         self._specs = all_parameter_specs()
-        for spec in self._specs:
-            self.declare_parameter(spec.name, spec.default, descriptor_for(spec))
+        self._declare_parameters()
         self.stats = NodeStats()
         self.identity = NodeIdentity()
         self._throttle = LogThrottle(5.0)
@@ -136,6 +136,44 @@ class VprNode(LifecycleNode):
         self.create_service(Trigger, "~/save_map", self._srv_save_map)
         self.create_service(Trigger, "~/relocalize", self._srv_relocalize)
         self.create_service(Trigger, "~/reset_session", self._srv_reset_session)
+
+    # ----------------------------------------------------------------------------- parameters
+
+    def _declare_parameters(self) -> None:
+        """Declare every tunable; a value given at start (params file, ``-p``) that does not fit
+        its declaration is a ConfigError naming the parameter and what it accepts (rclpy's
+        own exception would end the process in a traceback). Names given for this node that it
+        does not declare are warned about (rclpy ignores them silently: a misspelt name leaves
+        the default in force). Then the values are validated together as configure will."""
+        from rclpy.exceptions import ParameterException
+
+        for spec in self._specs:
+            try:
+                self.declare_parameter(spec.name, spec.default, descriptor_for(spec))
+            except ParameterException as exc:
+                given = getattr(self._parameter_overrides.get(spec.name), "value", None)
+                raise ConfigError(f"parameter {spec.name} = {given!r} is invalid: expected "
+                                  f"{expected_text(spec)} ({spec.description.split(';')[0]})"
+                                  ) from exc
+        unknown = unknown_parameters(getattr(self, "_parameter_overrides", {}), self._specs)
+        if unknown:
+            self.get_logger().warning(
+                f"ignoring unknown parameter(s) for {self.get_name()}: {', '.join(unknown)}; "
+                "check their spelling in the params file or -p arguments")
+        settings_from_values(self._parameter_values())  # ConfigError: a bad choice or rule
+        self.add_on_set_parameters_callback(self._check_parameter_update)
+
+    def _check_parameter_update(self, params: list[Any]) -> Any:
+        """Refuse a ``ros2 param set`` of a value its declaration does not allow (choices)."""
+        from rcl_interfaces.msg import SetParametersResult
+
+        by_name = {s.name: s for s in self._specs}
+        for p in params:
+            spec = by_name.get(p.name)
+            reason = check_value(spec, p.value) if spec is not None else None
+            if reason:
+                return SetParametersResult(successful=False, reason=reason)
+        return SetParametersResult(successful=True)
 
     # ------------------------------------------------------------------------------ lifecycle
 

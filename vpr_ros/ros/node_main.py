@@ -16,6 +16,27 @@ import sys
 from typing import Sequence
 
 
+def check_params_files(args: Sequence[str]) -> str | None:
+    """Why a ``--params-file`` of ``args`` cannot be used (missing, unreadable, not YAML, not
+    a mapping), or None. Checked before rcl parses the arguments, whose own failure is a
+    C-level log line plus an exception that says little more than "failed to parse"."""
+    from vpr_ros.errors import ConfigError
+    from vpr_ros.plain_data import read_yaml
+
+    for flag, path in zip(args, args[1:]):
+        if flag != "--params-file":
+            continue
+        try:
+            doc = read_yaml(path, ConfigError, "fix the params file")
+        except ConfigError as exc:
+            return str(exc)
+        if not isinstance(doc, dict):
+            return (f"{path}: a params file holds a mapping of node names to "
+                    "ros__parameters (e.g. vpr_node: {ros__parameters: {top_k: 5}}), got "
+                    f"{type(doc).__name__}")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # Before anything loads librcl: re-exec with the venv's ROS libraries on the loader path.
     from vpr_ros._bootstrap import ensure_ros_libs
@@ -27,8 +48,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from vpr_ros.ros.node import VprNode
 
-    rclpy.init(args=list(argv) if argv is not None else sys.argv)
-    node = VprNode()
+    from vpr_ros.errors import VPRError
+
+    args = list(argv) if argv is not None else sys.argv
+    problem = check_params_files(args)
+    if problem:
+        print(f"vpr_node: error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        rclpy.init(args=args)
+    except Exception as exc:  # rcl's argument parser (a params file it cannot read, a bad -p)
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+        print(f"vpr_node: error: cannot parse the ROS arguments ({first[:300]}); check "
+              "--params-file (YAML: vpr_node: ros__parameters: ...) and -p NAME:=VALUE",
+              file=sys.stderr)
+        return 2
+    try:
+        node = VprNode()
+    except VPRError as exc:  # a parameter given at start that its declaration refuses
+        print(f"vpr_node: error: {exc}", file=sys.stderr)
+        rclpy.try_shutdown()
+        return 2
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     try:

@@ -335,6 +335,48 @@ def settings_from_values(values: Mapping[str, Any]) -> NodeSettings:
                         CameraConfig.from_mapping(camera))
 
 
+#: Parameters every rclpy node has (or takes from a params file) besides its own.
+ROS_BUILTIN_PARAMETERS = ("use_sim_time", "start_type_description_service")
+
+
+def expected_text(spec: ParamSpec) -> str:
+    """What a parameter accepts, for error messages: type, range or choices."""
+    kind = {bool: "true or false", int: "an integer", float: "a number",
+            str: "a string"}.get(spec.type, spec.type.__name__)
+    if spec.name in CHOICES:
+        return f"one of {', '.join(CHOICES[spec.name])}"
+    if spec.low is not None or spec.high is not None:
+        low = "-inf" if spec.low is None else spec.low
+        high = "inf" if spec.high is None else spec.high
+        return f"{kind} in [{low}, {high}]"
+    return kind
+
+
+def check_value(spec: ParamSpec, value: Any) -> str | None:
+    """Why ``value`` is not acceptable for ``spec`` (type, range, choices), or None. rclpy
+    checks types and ranges of declared parameters itself; this adds the string choices, so
+    ``ros2 param set`` of an unknown mode is refused when it is made, not at configure."""
+    allowed = CHOICES.get(spec.name)
+    if allowed is not None and value not in allowed:
+        return f"parameter {spec.name} = {value!r} must be {expected_text(spec)}"
+    return None
+
+
+def unknown_parameters(given: Any, specs: list[ParamSpec]) -> list[str]:
+    """Names among ``given`` (parameter names a params file or ``-p`` set for this node) that
+    the node does not declare, with the declared name each is closest to, if any."""
+    import difflib
+
+    declared = {s.name for s in specs}
+    out = []
+    for name in sorted(set(given) - declared):
+        if name in ROS_BUILTIN_PARAMETERS or name.startswith("qos_overrides."):
+            continue
+        close = difflib.get_close_matches(name, sorted(declared), n=1, cutoff=0.75)
+        out.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return out
+
+
 def descriptor_for(spec: ParamSpec) -> Any:
     """The ``rcl_interfaces/ParameterDescriptor`` of a spec: type, description, range."""
     from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
