@@ -112,7 +112,9 @@ def test_every_tensor_lands_and_forward_matches_release(release_dir, tmp_path) -
         torch.testing.assert_close(out, released_forward(sd, tokens), atol=1e-5, rtol=1e-4)
     # and survives our model-directory round trip bit for bit
     fp = save_model_dir(model, tmp_path / "imported")
-    again, meta = load_model_dir(tmp_path / "imported")
+    # probe=False: these synthetic weights (a backbone scaled by 0.02) give every image nearly
+    # one descriptor (cosine 0.99999), which the degeneracy probe rightly refuses.
+    again, meta = load_model_dir(tmp_path / "imported", probe=False)
     assert meta.fingerprint == fp
     with torch.no_grad():
         torch.testing.assert_close(again.eval()(x), out)
