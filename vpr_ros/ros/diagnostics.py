@@ -161,6 +161,7 @@ class StatsSnapshot:
     percentiles_ms: dict[str, tuple[float, float]]  # stage -> (p50, p95) in ms
     window: int
     monotonic_s: float
+    time_jumps: int = 0
 
     @property
     def errors_total(self) -> int:
@@ -170,7 +171,13 @@ class StatsSnapshot:
 @dataclass
 class NodeStats:
     """Counters since the last configure (the node makes a new ledger then) and a sliding
-    window of per-frame timings."""
+    window of per-frame timings.
+
+    Every received camera frame ends in exactly one of ``processed``, ``dropped`` or
+    ``errors`` (one per frame, by kind), so once no frame is in flight (at most one waiting per
+    camera, and the one being encoded) ``received = processed + dropped + sum(errors)``. With
+    several cameras ``processed`` counts decisions (one per group of frames) and the identity
+    holds per camera (``camera.<topic>.*`` in /diagnostics)."""
 
     window: int = 300
     received: int = 0
@@ -180,6 +187,8 @@ class NodeStats:
     relocalizations_without_pose: int = 0
     loop_closures: int = 0
     keyframes_inserted: int = 0
+    #: Clock resets seen in frame stamps: events, not errors (the frame is processed).
+    time_jumps: int = 0
     errors: Counter = field(default_factory=Counter)
     _timings: deque = field(init=False)
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
@@ -217,7 +226,8 @@ class NodeStats:
                 errors=dict(self.errors), relocalizations=self.relocalizations,
                 relocalizations_without_pose=self.relocalizations_without_pose,
                 loop_closures=self.loop_closures, keyframes_inserted=self.keyframes_inserted,
-                percentiles_ms={}, window=len(timings), monotonic_s=time.monotonic())
+                percentiles_ms={}, window=len(timings), monotonic_s=time.monotonic(),
+                time_jumps=self.time_jumps)
         for name in ("wait", *STAGES, "total"):
             snap.percentiles_ms[name] = percentiles_ms([t.stage(name) for t in timings])
         return snap
@@ -288,6 +298,7 @@ def status_fields(snap: StatsSnapshot, ident: NodeIdentity, input_hz: float,
         ("relocalizations_without_pose", str(snap.relocalizations_without_pose)),
         ("loop_closures", str(snap.loop_closures)),
         ("keyframes_inserted", str(snap.keyframes_inserted)),
+        ("time_jumps", str(snap.time_jumps)),
         ("latency_window_frames", str(snap.window)),
     ]
     p = snap.percentiles_ms

@@ -437,7 +437,7 @@ class VprNode(LifecycleNode):
             self._worker.join(timeout=30.0)
             self._worker = None
         for cam in self._cameras:
-            cam.mailbox.clear()
+            self._drop(cam, cam.mailbox.clear())  # frames left waiting: never processed
 
     def _release(self) -> None:
         for pub in self._pubs.values():
@@ -473,12 +473,25 @@ class VprNode(LifecycleNode):
     def _on_image(self, raw: bytes, cam: _Camera) -> None:
         """Executor thread: read the serialized message (pixels stay a view of ``raw``), stamp
         and header checks, then into the camera's mailbox. Nothing slow (no pixel work) happens
-        here."""
-        received, received_wall = time.perf_counter(), time.time_ns()
+        here.
+
+        Every received frame ends in exactly one of processed, dropped or errors (so
+        ``received = processed + dropped + errors`` once nothing is in flight): a frame that
+        arrives while the node cannot take it is dropped, and an unexpected exception here is
+        counted as an internal error instead of ending the executor."""
         self.stats.count("received")
         cam.received += 1
+        try:
+            self._take_image(raw, cam)
+        except Exception as exc:  # a bug, not a bad frame: keep the node and the traceback
+            self._frame_error(conv.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}\n"
+                              + traceback.format_exc(), cam)
+
+    def _take_image(self, raw: bytes, cam: _Camera) -> None:
+        received, received_wall = time.perf_counter(), time.time_ns()
         settings, reader = self._settings, cam.reader
-        if settings is None or reader is None:
+        if settings is None or reader is None:  # a delivery racing a transition
+            self._drop(cam)
             return
         fallbacks = reader.fallbacks
         try:
@@ -499,11 +512,13 @@ class VprNode(LifecycleNode):
                               "reordered or repeated frame); dropped", cam)
             return
         if kind == conv.TIME_JUMP:
+            # Not an error of this frame (it is processed): an event, counted on its own.
             assert cam.last_stamp_ns is not None
-            self._frame_error(kind, f"frame stamp jumped back from "
-                              f"{cam.last_stamp_ns * 1e-9:.3f} s to {stamp * 1e-9:.3f} s: a "
-                              "clock reset (bag restarted, sim time); restarting "
-                              "relocalization agreement and the pose history", cam)
+            self.stats.count("time_jumps")
+            self._log_throttled(kind, "warning", f"frame stamp jumped back from "
+                                f"{cam.last_stamp_ns * 1e-9:.3f} s to {stamp * 1e-9:.3f} s: a "
+                                "clock reset (bag restarted, sim time); restarting "
+                                "relocalization agreement and the pose history")
             cam.jump_pending = True
         cam.last_stamp_ns = stamp
         try:
@@ -514,8 +529,14 @@ class VprNode(LifecycleNode):
             return
         if cam.mailbox.put(_Pending(msg, stamp, received, received_wall, cam.index)) \
                 is not None:
-            self.stats.count("dropped")
-            cam.dropped += 1
+            self._drop(cam)
+
+    def _drop(self, cam: _Camera, n: int = 1) -> None:
+        """Count ``n`` frames of ``cam`` that will never be processed (replaced in the mailbox,
+        too late, or left behind by a transition)."""
+        if n:
+            self.stats.count("dropped", n)
+            cam.dropped += n
 
     def _on_camera_info(self, msg: Any, cam: _Camera) -> None:
         """Executor thread: keep the camera's latest valid calibration; an invalid one (zeros,
@@ -586,7 +607,11 @@ class VprNode(LifecycleNode):
                 group = [item] if item is not None else []
             else:
                 group, rings = self._next_group(rings)
-            if not group or self._stop.is_set():
+            if self._stop.is_set():  # a transition stops the thread: the frames are not used
+                for item in group:
+                    self._drop(self._cameras[item.camera])
+                continue
+            if not group:
                 continue
             try:
                 self._process(group)
@@ -619,15 +644,16 @@ class VprNode(LifecycleNode):
                 continue
             if self._last_group_stamp_ns is not None and item.stamp_ns < \
                     self._last_group_stamp_ns:
-                self.stats.count("dropped")
-                cam.dropped += 1
+                self._drop(cam)
                 continue
             group.append(item)
         return group, rings
 
     def _process(self, group: list[_Pending]) -> None:
         pipeline, settings = self.pipeline, self._settings
-        if pipeline is None or settings is None:
+        if pipeline is None or settings is None:  # released while the frame waited
+            for item in group:
+                self._drop(self._cameras[item.camera])
             return
         cfg = settings.node
         first = min(group, key=lambda item: item.received)
