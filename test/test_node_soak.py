@@ -15,9 +15,9 @@ import pytest
 
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 Python packages (ros-kilted-* wheels)")
 
-from test_node_common import (NS, RosProbe, build_lap_map, image_msg, make_route,  # noqa: E402
-                              set_remote_parameters, set_stamp, small_model_dir, start_node,
-                              stop_process)
+from test_node_common import (NS, UNVERIFIED_ARGS, RosProbe, build_lap_map,  # noqa: E402
+                              image_msg, make_route, set_remote_parameters, set_stamp,
+                              small_model_dir, start_node, stop_process)
 
 TOPIC = "/vpr_soak/image"
 #: Bounds. Within one configuration (activations, bursts, deactivations) RSS may grow by
@@ -98,7 +98,8 @@ def test_soak_mixed_frames_rates_and_transitions(setup, tmp_path: Path) -> None:
     proc = start_node(["--ros-args", "-p", f"model:={model}", "-p", f"map:={lap}",
                        "-p", "mode:=localization", "-p", "threads:=1",
                        "-p", "qos_reliability:=reliable", "-p", "qos_depth:=10",
-                       "-p", "diagnostics_period_s:=0.25", "-r", f"image:={TOPIC}"], log)
+                       "-p", "diagnostics_period_s:=0.25", *UNVERIFIED_ARGS,
+                       "-r", f"image:={TOPIC}"], log)
     probe = RosProbe()
     frames = Frames(route)
     samples: list[tuple[str, float, int]] = []
