@@ -96,8 +96,8 @@ def test_vpr_map_build_reports_backwards_stamps(tmp_path: Path, effnet_gem_model
                                                 capsys, caplog) -> None:
     bag = bag_with_stamps(tmp_path / "bag", in_order()[::-1])
     rc = main(["map", "build", str(bag), "--image-topic", TOPIC, "--model",
-               str(effnet_gem_model_dir), "-o", str(tmp_path / "map"), "--json",
-               "--no-progress"])
+               str(effnet_gem_model_dir), "--backend", "torch", "-o", str(tmp_path / "map"),
+               "--json", "--no-progress"])  # torch: this is about stamps, not backend choice
     out, err = capsys.readouterr()
     assert rc == 0
     summary = json.loads(out[out.index("{"):])
