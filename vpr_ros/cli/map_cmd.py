@@ -63,8 +63,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--camera-info-topic", help="sensor_msgs/CameraInfo of the camera "
                        "(default: the image topic's sibling camera_info when the bag has it; "
                        "'' for none)")
-    build.add_argument("--depth-topic", help="aligned depth image (16UC1 mm or 32FC1 m) giving "
-                       "keypoints 3-D points")
+    build.add_argument("--depth-topic", nargs="+", metavar="[IMAGE_TOPIC=]DEPTH_TOPIC",
+                       help="aligned depth image (16UC1 mm or 32FC1 m) giving keypoints 3-D "
+                       "points; with several --image-topic, one IMAGE_TOPIC=DEPTH_TOPIC per "
+                       "camera that has depth")
     build.add_argument("--stereo-right-topic", help="right camera of a stereo pair giving "
                        "keypoints 3-D points (its CameraInfo: sibling camera_info)")
     build.add_argument("--stereo-right-camera-info-topic",
@@ -113,14 +115,26 @@ def _build(args: argparse.Namespace) -> int:
     from vpr_ros.mapdb.build import build_map, load_build_config
     from vpr_ros.runtime.encoder import load_encoder
 
+    from vpr_ros.errors import ConfigError
     from vpr_ros.mapdb.camera_rig import SensorOptions
 
     config = load_build_config(args.config).replace(
         index=args.index, batch_size=args.batch_size,
         local_features=False if args.no_local_grid else None,
         keypoints=args.local_features, max_keypoints=args.max_keypoints)
+    depth_topic, depth_topics = None, None
+    if args.depth_topic:
+        pairs = [d.split("=", 1) for d in args.depth_topic]
+        if all(len(p) == 2 for p in pairs):
+            depth_topics = {image: depth for image, depth in pairs}
+        elif len(pairs) == 1 and len(pairs[0]) == 1:
+            depth_topic = pairs[0][0]
+        else:
+            raise ConfigError("--depth-topic: give one DEPTH_TOPIC, or IMAGE_TOPIC=DEPTH_TOPIC "
+                              "for each camera that has depth")
     sensors = SensorOptions(camera_info_topic=args.camera_info_topic,
-                            depth_topic=args.depth_topic, right_topic=args.stereo_right_topic,
+                            depth_topic=depth_topic, depth_topics=depth_topics,
+                            right_topic=args.stereo_right_topic,
                             right_camera_info_topic=args.stereo_right_camera_info_topic,
                             base_frame=args.base_frame, camera_mount=args.camera_to_robot)
     def encoder() -> Any:  # loaded only once the bag and its topics are known to be fine

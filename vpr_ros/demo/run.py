@@ -37,6 +37,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from vpr_ros.errors import ConfigError, VPRError
+from vpr_ros.mapdb.camera import sibling_topic
 
 GroundTruth = Callable[[int], Optional[tuple[float, float]]]
 #: Whether two stamps show the same place (None: cannot be told).
@@ -51,6 +52,8 @@ class DemoOptions:
     map_bag: Optional[Path] = None       # user mode: bag to build the map from (default: bag)
     image_topic: str = "/camera/image_raw"
     pose_topic: Optional[str] = "/odom"
+    camera_info_topic: Optional[str] = None  # user mode: default the image topic's sibling
+    depth_topic: Optional[str] = None        # user mode: registered depth (3-D map points)
     loop_gt: Optional[Path] = None       # user mode: loop ground truth of --bag (no poses)
     loop_gt_tolerance: int = 2           # frames either side a ground-truth loop still counts
     rate: float = 2.0
@@ -355,6 +358,66 @@ def _bag_ground_truth(bag: Path, pose_topic: str) -> tuple[GroundTruth, np.ndarr
     return at, xy
 
 
+def bag_topics(bag: Path) -> set[str]:
+    from vpr_ros.mapdb.bag_reader import BagReader
+
+    with BagReader(bag) as reader:
+        return set(reader.topics)
+
+
+def evaluate_verification(data: Any, gt: GroundTruth, keyframe_xy: dict[int, tuple],
+                          radius: float) -> dict[str, Any]:
+    """Every verified and rejected candidate of the run (``~/verification``) judged against
+    ground truth: a verified candidate should be the right place, a rejected one usually the
+    wrong one (or one too far to see the same scene)."""
+    rows = []
+    for v in data.verifications:
+        q = gt(int(round(v["stamp_s"] * 1e9)))
+        m = keyframe_xy.get(int(v["keyframe_id"]))
+        if q is None or m is None:
+            continue
+        rows.append((bool(v["verified"]), math.hypot(q[0] - m[0], q[1] - m[1]),
+                     float(v["inliers"]), float(v["match_ms"]) + float(v["estimate_ms"])))
+    verified = [r for r in rows if r[0]]
+    rejected = [r for r in rows if not r[0]]
+    cost = [r[3] for r in rows]
+    return {
+        "candidates": len(rows), "verified": len(verified), "rejected": len(rejected),
+        "verified_correct": float(np.mean([r[1] <= radius for r in verified]))
+        if verified else None,
+        "rejected_wrong": float(np.mean([r[1] > radius for r in rejected]))
+        if rejected else None,
+        "cost_ms_per_candidate_p50": float(np.percentile(cost, 50)) if cost else None,
+        "cost_ms_per_candidate_p95": float(np.percentile(cost, 95)) if cost else None,
+        "rows": rows}
+
+
+def plot_verification(out: Path, rows: list[tuple], radius: float) -> Path:
+    """Verified and rejected candidates: inliers against their true distance to the query."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for ok, colour, label in ((True, "tab:green", "verified"), (False, "tab:red", "rejected")):
+        pts = np.array([(r[1], max(r[2], 0.5)) for r in rows if r[0] == ok]).reshape(-1, 2)
+        ax.scatter(pts[:, 0], pts[:, 1], s=10, color=colour, alpha=0.6,
+                   label=f"{label} ({len(pts)})")
+    ax.axvline(radius, color="0.5", ls="--", lw=0.8, label=f"{radius:g} m (correct within)")
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_yscale("log")
+    ax.set_xlabel("true distance between query and candidate keyframe [m]")
+    ax.set_ylabel("inliers")
+    ax.set_title("geometric verification of the candidates (localization run)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "verification.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def image_stamps(bag: Path, topic: str) -> list[int]:
     """Header stamps of every message on an image topic, in recording order (the frame
     indices a loop ground-truth matrix counts)."""
@@ -399,7 +462,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
 
     # 1. recordings and ground truth
     if opts.bag is None:
-        from vpr_ros.demo.record import (IMAGE_TOPIC, ODOM_TOPIC, REAR_IMAGE_TOPIC,
+        from vpr_ros.demo.record import (CAMERA_INFO_TOPIC, DEPTH_TOPIC, IMAGE_TOPIC,
+                                         ODOM_TOPIC, REAR_CAMERA_INFO_TOPIC, REAR_IMAGE_TOPIC,
                                          read_ground_truth, record_scenario)
         from vpr_ros.demo.scenario import Route, ScenarioConfig
 
@@ -410,6 +474,9 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
                               rear=opts.rear_camera)
         if opts.rear_camera:
             rear_topic = REAR_IMAGE_TOPIC
+        # the RGB-D camera's calibration and registered depth (3-D points for PnP)
+        info_topics = [CAMERA_INFO_TOPIC] + ([REAR_CAMERA_INFO_TOPIC] if rear_topic else [])
+        depth_topic: Optional[str] = DEPTH_TOPIC
         truth = read_ground_truth(rec.ground_truth)
         lookup = _nearest_lookup(truth)
         map_bag, query_bag, full_bag = rec.lap1, rec.lap2, rec.full
@@ -427,6 +494,9 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     else:
         map_bag, query_bag, full_bag = (opts.map_bag or opts.bag), opts.bag, opts.bag
         image_topic, pose_topic = opts.image_topic, opts.pose_topic or None
+        depth_topic = opts.depth_topic
+        info_topics = [opts.camera_info_topic or sibling_topic(image_topic)]
+        info_topics = [t for t in info_topics if t in bag_topics(query_bag)]
         log(f"[1/5] using your recording {opts.bag} (map from {map_bag})")
         if pose_topic:
             gt, query_xy = _bag_ground_truth(query_bag, pose_topic)
@@ -455,8 +525,10 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     map_dir = out / "map"
     if map_dir.exists():
         shutil.rmtree(map_dir)
+    depth_args = [] if not depth_topic else \
+        ["--depth-topic", f"{image_topic}={depth_topic}" if rear_topic else depth_topic]
     _run([_exe("vpr"), "map", "build", str(map_bag), "--image-topic", image_topic,
-          *([rear_topic] if rear_topic else []),
+          *([rear_topic] if rear_topic else []), *depth_args,
           *(["--pose-topic", pose_topic] if pose_topic else []), "--model", str(model),
           "-o", str(map_dir), "--no-progress", "--backend", opts.backend],
          out / "map_build.log", timeout_s=3600)
@@ -469,11 +541,18 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
               "image_transport": "compressed" if opts.compressed else "raw"}
     # 3. relocalization in the prebuilt map
     log("[3/5] vpr_node in localization mode, fed the revisit by `vpr bag play` ...")
+    info_remap = {"camera_info": info_topics[0]} if info_topics else {}
     loc_data, loc_diag = _drive_node(
         opts, config_file("vpr_localization.yaml"),
         {**common, "map": str(map_dir), "relocalization.one_shot": False},
-        {"image": image_topic}, query_bag, [image_topic], "localization")
+        {"image": image_topic, **info_remap}, query_bag, [image_topic, *info_topics[:1]],
+        "localization")
     reloc = evaluate_relocalization(loc_data, gt, opts.correct_radius_m)
+    status = {round(st["stamp_s"] * 1e9): st for st in loc_data.relocalization_status}
+    reloc["metric_poses"] = sum(1 for st in status.values() if st.get("metric") == 1.0)
+    reloc["verified"] = sum(1 for st in status.values() if st.get("verified") == 1.0)
+    keyframe_xy = {k.id: k.position[:2] for k in map_kfs if k.position is not None}
+    verification = evaluate_verification(loc_data, gt, keyframe_xy, opts.correct_radius_m)
     reloc_both: Optional[dict[str, Any]] = None
     if rear_topic:
         log("[3/5] ... and again with the front and the rear camera together ...")
@@ -481,7 +560,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
             opts, config_file("vpr_localization.yaml"),
             {**common, "map": str(map_dir), "relocalization.one_shot": False,
              "cameras": f"{image_topic},{rear_topic}"},
-            {}, query_bag, [image_topic, rear_topic], "localization_two_cameras")
+            {}, query_bag, [image_topic, rear_topic, *info_topics], "localization_two_cameras")
         reloc_both = {**evaluate_relocalization(both_data, gt, opts.correct_radius_m),
                       "cameras": [image_topic, rear_topic],
                       "frames_processed": int(both_diag.get("frames_processed", 0)),
@@ -497,13 +576,17 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         # "closing" on the street it drove down half a block earlier (measured offline with
         # pretrained GeM: precision 0.96 at recall 0.94 with 40 s, 0.81 with 30 s).
         "loop_closure.exclusion_window_s": round(0.85 * lap_s, 1) if scenario else 30.0}
-    lc_remaps = {"image": image_topic}
+    lc_remaps = {"image": image_topic, **info_remap}
+    if depth_topic:
+        lc_params["camera.use_depth"] = True
+        lc_remaps["depth"] = depth_topic
     if pose_topic:
         lc_params["pose_type"] = "odometry"
         lc_remaps["odometry"] = pose_topic
     lc_data, lc_diag = _drive_node(
         opts, config_file("vpr_loop_closure.yaml"), lc_params, lc_remaps, full_bag,
-        [image_topic, *([pose_topic] if pose_topic else [])], "loop_closure")
+        [image_topic, *info_topics[:1], *([depth_topic] if depth_topic else []),
+         *([pose_topic] if pose_topic else [])], "loop_closure")
     if loop_truth is not None:
         same: Optional[SamePlace] = loop_truth.same_place
         loops = evaluate_loop_closures(lc_data, loop_truth.same_place,
@@ -511,12 +594,18 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         revisits: Callable[[int], bool] = loop_truth.has_revisit
     elif pose_topic:
         same = same_place_by_position(gt, opts.correct_radius_m)
-        loops = evaluate_loop_closures(lc_data, same)
         if scenario:
             lap2_start = min(s for s, r in truth.items() if r[0] == 2)
             revisits = lambda s: s >= lap2_start  # noqa: E731
+            # every lap-2 frame revisits a place of lap 1: recall is the share of them that
+            # got a correct closure
+            lap2 = sorted(s for s, r in truth.items() if r[0] == 2)
+            index = {s: i for i, s in enumerate(lap2)}
+            loops = evaluate_loop_closures(lc_data, same, len(lap2),
+                                           lambda ns: index.get(_nearest_stamp(lap2, ns)))
         else:
             revisits = lambda s: True  # noqa: E731
+            loops = evaluate_loop_closures(lc_data, same)
     else:
         same = None
         loops = {"loop_closures": len(lc_data.loop_closures), "precision": None,
@@ -542,11 +631,16 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     stamps = loop_truth.stamps_ns if loop_truth is not None else \
         np.asarray(image_stamps(full_bag, image_topic), dtype=np.int64)
     plots.append(plot_loop_matrix(out, lc_data, stamps, loop_truth))
+    if verification["candidates"]:
+        plots.append(plot_verification(out, verification.pop("rows"), opts.correct_radius_m))
+    else:
+        verification.pop("rows")
     _dump_wire(out / "wire_localization.json", loc_data, gt)
     _dump_wire(out / "wire_loop_closure.json", lc_data, gt)
 
     def lat(diag: dict[str, str]) -> dict[str, float]:
-        keys = ("encode_p50", "encode_p95", "total_p50", "total_p95")
+        keys = ("encode_p50", "encode_p95", "total_p50", "total_p95", "extract_p50",
+                "extract_p95", "match_p50", "match_p95", "estimate_p50", "estimate_p95")
         return {k + "_ms": float(diag.get(f"latency_{k}_ms", "nan")) for k in keys}
     report = {
         "output_dir": str(out), "model": str(model), "map": str(map_dir),
@@ -558,6 +652,10 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
             "tolerance_frames": loop_truth.tolerance,
             "unmatched_rows": loop_truth.unmatched_rows},
         "relocalization_two_cameras": reloc_both,
+        "verification": {**verification,
+                         "enabled": loc_diag.get("verification_enabled", "false") == "true",
+                         **{k: int(v) for k, v in loc_diag.items()
+                            if k.startswith("verification.")}},
         "relocalization": {**reloc, "frames_received": int(loc_diag.get("frames_received", 0)),
                            "frames_processed": int(loc_diag.get("frames_processed", 0)),
                            "frames_dropped": int(loc_diag.get("frames_dropped", 0)),
@@ -645,6 +743,14 @@ def _dump_wire(path: Path, data: Any, gt: GroundTruth) -> None:
     path.write_text(json.dumps(doc, indent=1, default=float))
 
 
+def _m2(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{v:.2f} m"
+
+
+def _ms(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{v:.1f} ms"
+
+
 def _pct(v: Optional[float]) -> str:
     return "n/a" if v is None else f"{100 * v:.0f}%"
 
@@ -655,6 +761,16 @@ def _m(v: Optional[float]) -> str:
 
 def _score(v: Optional[float]) -> str:
     return "n/a" if v is None else f"{v:.3f}"
+
+
+def _nearest_stamp(stamps: list[int], ns: int, tol_ns: int = 1_000_000) -> Optional[int]:
+    """The stamp in sorted ``stamps`` within ``tol_ns`` of ``ns`` (float-seconds round trip)."""
+    import bisect
+
+    i = bisect.bisect_left(stamps, ns)
+    best = min((stamps[j] for j in (i - 1, i) if 0 <= j < len(stamps)),
+               key=lambda s: abs(s - ns), default=None)
+    return best if best is not None and abs(best - ns) <= tol_ns else None
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -676,8 +792,9 @@ def format_report(r: dict[str, Any]) -> str:
                  f"{rl['backend']}")
     if kind.startswith("poses"):
         lines += [
-            f"               {rl['relocalizations']} poses published; error median "
-            f"{_m(rl['median_error_m'])}, p90 {_m(rl['p90_error_m'])}; "
+            f"               {rl['relocalizations']} poses published "
+            f"({rl.get('metric_poses', 0)} PnP poses, {rl.get('verified', 0)} verified); error "
+            f"median {_m2(rl['median_error_m'])}, p90 {_m2(rl['p90_error_m'])}; "
             f"{_pct(rl['within_radius'])} within {rad:g} m",
             f"               top-1 candidate within {rad:g} m on "
             f"{_pct(rl['top1_within_radius'])} of {rl['frames_with_candidates']} frames"]
@@ -705,6 +822,17 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"loop closure   {lc['loop_closures']} closures published, precision "
                      f"{_pct(lc['precision'])} ({judged}; {lc['checked']} checked){recall}; "
                      f"{lc['keyframes_inserted']} live keyframes")
+    vr = r.get("verification") or {}
+    if vr.get("enabled"):
+        lines.append(
+            f"verification   {vr.get('candidates', 0)} candidates checked in localization: "
+            f"{vr.get('verified', 0)} verified ({_pct(vr.get('verified_correct'))} at the right "
+            f"place), {vr.get('rejected', 0)} rejected ({_pct(vr.get('rejected_wrong'))} at "
+            f"another place); per candidate p50 {_ms(vr.get('cost_ms_per_candidate_p50'))}, "
+            f"p95 {_ms(vr.get('cost_ms_per_candidate_p95'))}; keypoint extraction p50 "
+            f"{rl['latency'].get('extract_p50_ms', float('nan')):.1f} ms")
+    else:
+        lines.append("verification   OFF (verification.enabled false): decisions unverified")
     lines += [
         f"latency        encode p50 {rl['latency']['encode_p50_ms']:.1f} ms / p95 "
         f"{rl['latency']['encode_p95_ms']:.1f} ms; total p50 {rl['latency']['total_p50_ms']:.1f}"

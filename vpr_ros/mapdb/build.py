@@ -275,8 +275,13 @@ def build_map(bag: str | Path, image_topic: str | Sequence[str],
                        for t in topics}
         if pose_topic is not None:
             reader.check_topic(pose_topic, POSE_TYPES)
-        rigs = {t: CameraRig.open(reader, t, sensors, config.keypoints, config.max_keypoints,
-                                  config.max_depth_m) for t in topics}
+        if sensors.depth_topics and set(sensors.depth_topics) - set(topics):
+            raise ConfigError(f"depth topics are given for {sorted(sensors.depth_topics)} but "
+                              f"the image topics are {topics}")
+        rigs = {t: CameraRig.open(reader, t, sensors if len(topics) == 1 and
+                                  not sensors.depth_topics else sensors.for_camera(t),
+                                  config.keypoints, config.max_keypoints, config.max_depth_m)
+                for t in topics}
         for topic, rig in rigs.items():
             for note in rig.notes:
                 reader.warn(note if len(topics) == 1 else f"{topic}: {note}")

@@ -46,6 +46,15 @@ class SensorOptions:
     right_camera_info_topic: Optional[str] = None
     base_frame: str = "base_link"
     camera_mount: Optional[Sequence[float]] = None
+    #: Several cameras: image topic -> its registered depth topic (cameras not named here
+    #: have no depth).
+    depth_topics: Optional[dict[str, str]] = None
+
+    def for_camera(self, image_topic: str) -> "SensorOptions":
+        """The options of one of several cameras: its CameraInfo is its sibling topic, its
+        depth the one ``depth_topics`` names for it, its mount from /tf_static."""
+        return SensorOptions(base_frame=self.base_frame,
+                             depth_topic=(self.depth_topics or {}).get(image_topic))
 
     def __post_init__(self) -> None:
         if self.depth_topic and self.right_topic:
