@@ -70,6 +70,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="encoder backend: auto (default: the fastest measured on this host for "
                    "batches, whose descriptors match fp32), torch (the PyTorch reference), "
                    "onnxruntime, openvino, tensorrt, optionally with a precision")
+    r.add_argument("--verify", action="store_true",
+                   help="also verify each query's top candidates geometrically (the node's "
+                   "verifier: SIFT, poselib) and report recall at 100%% precision without and "
+                   "with it")
+    r.add_argument("--camera", help="with --verify: calibration of the images (YAML/JSON with "
+                   "width, height, k[, distortion_model, d]); without: fundamental matrix")
     r.add_argument("--output", help="also write the JSON result to this file")
     r.add_argument("--json", action="store_true", help="print the result as JSON")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -100,6 +106,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     lp.add_argument("--device", default="cpu")
     lp.add_argument("--backend", default="auto",
                     help="encoder backend (default auto, as vpr eval recall)")
+    lp.add_argument("--verify", action="store_true",
+                    help="again with the node's geometric verification: recall at 100%% "
+                    "precision without and with it, and the relative-pose error of verified "
+                    "closures where the CSV has qx,qy,qz,qw and --camera is given")
+    lp.add_argument("--camera", help="with --verify: calibration of the images (YAML/JSON with "
+                    "width, height, k[, distortion_model, d])")
     lp.add_argument("--output", help="also write the JSON result to this file")
     lp.add_argument("--json", action="store_true", help="print the result as JSON")
     lp.add_argument("--no-progress", action="store_true")
@@ -126,10 +138,18 @@ def _recall(args: argparse.Namespace) -> int:
                       device=args.device, backend=args.backend,
                       progress=not args.no_progress, rerank=args.rerank,
                       local_rerank=args.local_rerank, local_rerank_top=args.local_rerank_top,
-                      protocol=args.protocol, ground_truth=args.ground_truth)
+                      protocol=args.protocol, ground_truth=args.ground_truth,
+                      verify=args.verify, camera=args.camera)
     figures = "  ".join(f"{k} {100 * v:.2f}" for k, v in res["recall"].items())
     text = (f"{figures}   ({res['num_queries']} queries, {res['num_database']} database images, "
             f"{res['ground_truth']}, {describe_search(res['search'])})")
+    if res.get("verification"):
+        v = res["verification"]
+        text += (f"\nrecall@100%precision without verification "
+                 f"{100 * v['recall_at_100_precision']['without']:.2f}, with "
+                 f"{100 * v['recall_at_100_precision']['with']:.2f} ({v['candidates_verified']} "
+                 f"candidates verified, {v['candidates_rejected']} rejected, "
+                 f"{v['verifier']['ms_per_pair']} ms per pair)")
     if res.get("plots"):
         text += "\nplots: " + ", ".join(res["plots"])
     _emit(res, args, text)
@@ -158,9 +178,20 @@ def _loop(args: argparse.Namespace) -> int:
                     k=args.k, use_poses=args.use_poses, period_s=args.period_s,
                     num_thresholds=args.thresholds, plot_dir=args.plot_dir,
                     batch_size=args.batch_size, device=args.device, backend=args.backend,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, verify=args.verify, camera=args.camera)
     text = (f"recall@100%precision {res['recall_at_100_precision']:.3f}  AUC {res['auc']:.3f}  "
             f"({res['num_positives']} revisits in {res['num_queries']} frames)")
+    if res.get("verification"):
+        v = res["verification"]
+        text += (f"\nwith verification: recall@100%precision "
+                 f"{v['recall_at_100_precision']['with']:.3f}  AUC {v['auc']['with']:.3f}  "
+                 f"({v['candidates_verified']} candidates verified, "
+                 f"{v['candidates_rejected']} rejected)")
+        rpe = v.get("relative_pose_error")
+        if rpe:
+            text += (f"\nrelative pose of {rpe['pairs']} verified true closures: rotation "
+                     f"median {rpe['rotation_deg_median']:.2f} deg, direction median "
+                     f"{rpe['direction_deg_median']:.1f} deg")
     if res.get("plots"):
         text += "\nplots: " + ", ".join(res["plots"])
     _emit(res, args, text)

@@ -39,6 +39,9 @@ class LoopSequence:
     paths: tuple[Path, ...]
     stamps_ns: np.ndarray
     positions: np.ndarray  # (N, 3) ground truth, metres
+    #: (N, 4) camera orientations (x, y, z, w) in the world, where the CSV gives qx..qw: the
+    #: ground truth of verified closures' relative rotations
+    orientations: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -58,13 +61,16 @@ def _read_csv_sequence(path: Path) -> LoopSequence:
         rows = list(reader)
     if not rows:
         raise InputError(f"{path}: the sequence has no rows")
-    paths, stamps, pos = [], [], []
+    paths, stamps, pos, quats = [], [], [], []
+    has_q = all(c in cols for c in ("qx", "qy", "qz", "qw"))
     for i, r in enumerate(rows):
         where = f"{path}:{i + 2}"
         try:
             stamp = int(r["stamp_ns"]) if "stamp_ns" in r and r["stamp_ns"] != "" else \
                 int(round(float(r["stamp_s"]) * 1e9))
             xyz = (float(r["x"]), float(r["y"]), float(r.get("z") or 0.0))
+            if has_q:
+                quats.append(tuple(float(r[c]) for c in ("qx", "qy", "qz", "qw")))
         except (KeyError, ValueError):
             raise InputError(f"{where}: stamp/x/y/z must be numbers, got {r}") from None
         img = Path(r["image"])
@@ -75,7 +81,8 @@ def _read_csv_sequence(path: Path) -> LoopSequence:
     if np.any(np.diff(stamps_arr) < 0):
         raise InputError(f"{path}: stamps must be in time order (the detector replays them in "
                          "row order); sort the CSV by stamp")
-    return LoopSequence(path, tuple(paths), stamps_arr, np.asarray(pos, dtype=np.float64))
+    return LoopSequence(path, tuple(paths), stamps_arr, np.asarray(pos, dtype=np.float64),
+                        np.asarray(quats, dtype=np.float64) if has_q else None)
 
 
 def read_sequence(spec: str | Path, period_s: float = 1.0) -> LoopSequence:
@@ -94,8 +101,11 @@ def read_sequence(spec: str | Path, period_s: float = 1.0) -> LoopSequence:
 def evaluate_sequence(descriptors: np.ndarray, seq: LoopSequence, fingerprint: str,
                       config: LoopClosureConfig, gt_distance_m: float, index: str = "flat",
                       k: int = 10, use_poses: bool = False,
-                      num_thresholds: int = 50) -> LoopEvaluation:
-    """Replay the detector over ``seq`` with a map that grows as the node's does."""
+                      num_thresholds: int = 50,
+                      wrap_search: Optional[Any] = None) -> LoopEvaluation:
+    """Replay the detector over ``seq`` with a map that grows as the node's does.
+    ``wrap_search``: a function of the search giving the search the detector sees (geometric
+    verification keeps only the candidates it confirms)."""
     from vpr_ros.mapdb.keyframe import Exclusion, Keyframe
     from vpr_ros.mapdb.place_map import PlaceMap
 
@@ -118,6 +128,8 @@ def evaluate_sequence(descriptors: np.ndarray, seq: LoopSequence, fingerprint: s
         keep = ids[0] >= 0
         return ids[0][keep], scores[0][keep]
 
+    if wrap_search is not None:
+        search = wrap_search(search)
     return evaluate_loop_closure(seq.stamps_ns, seq.positions, search, config, gt_distance_m,
                                  positions=seq.positions if use_poses else None,
                                  num_thresholds=num_thresholds, session=SESSION)

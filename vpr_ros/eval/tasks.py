@@ -169,7 +169,7 @@ def encode_eval(model: str | Path, database: str, queries: Optional[str], *,
 
 def recall_from_encoded(ev: EncodedEval, plan: SearchPlan, ks: Sequence[int] = DEFAULT_KS,
                         plot_dir: Optional[str | Path] = None, label: Optional[str] = None,
-                        progress: bool = False) -> dict[str, Any]:
+                        progress: bool = False, verifier: Any = None) -> dict[str, Any]:
     """The ``vpr eval recall`` JSON of one search plan over already encoded sets."""
     ks = check_ks(ks)
     enc = ev.encoder
@@ -187,6 +187,11 @@ def recall_from_encoded(ev: EncodedEval, plan: SearchPlan, ks: Sequence[int] = D
                 "subset": list(ev.subset) if ev.subset else None,
                 "search": plan.describe(ev.db_enc),
                 "timings_s": {**ev.timings, "search": round(search_s, 3)}})
+    if verifier is not None:
+        from vpr_ros.eval.verify_eval import verify_ranking
+
+        out["verification"] = verify_ranking(ev.q.paths, ev.db.paths, ids, scores,
+                                             ev.positives, verifier, progress)
     if plot_dir is not None:
         from vpr_ros.eval.plots import plot_examples, plot_recall_curve
 
@@ -209,8 +214,11 @@ def recall_eval(model: str | Path, database: str, queries: Optional[str], *,
                 progress: bool = True, label: Optional[str] = None,
                 rerank: Optional[int] = None, local_rerank: bool = False,
                 local_rerank_top: int = DEFAULT_TOP_N, protocol: Optional[str] = None,
-                ground_truth: Optional[str] = None) -> dict[str, Any]:
+                ground_truth: Optional[str] = None, verify: bool = False,
+                camera: Optional[str] = None) -> dict[str, Any]:
     """Recall@K of ``model`` for ``queries`` against ``database`` (see ``vpr eval recall``).
+    ``verify``: also the recall at 100 % precision without and with geometric verification
+    (``camera``: a calibration file of the images; see :mod:`vpr_ros.eval.verify_eval`).
 
     ``index="binary"`` with a hash-head model searches the model's own codes (``rerank``:
     Hamming candidates re-ranked by float, 0 = Hamming order only); ``local_rerank`` re-ranks the
@@ -225,7 +233,14 @@ def recall_eval(model: str | Path, database: str, queries: Optional[str], *,
                      subset=subset, extras=plan.extras, batch_size=batch_size, device=device,
                      backend=backend, progress=progress, encoder=encoder, protocol=protocol,
                      ground_truth=ground_truth)
-    return recall_from_encoded(ev, plan, ks, plot_dir, label, progress)
+    return recall_from_encoded(ev, plan, ks, plot_dir, label, progress,
+                               _verifier(camera) if verify else None)
+
+
+def _verifier(camera: Optional[str]) -> Any:
+    from vpr_ros.eval.verify_eval import ImageVerifier, load_camera
+
+    return ImageVerifier(camera=load_camera(camera) if camera else None)
 
 
 def loop_eval(model: str | Path, sequence: str | Path, *, gt_distance_m: float = 25.0,
@@ -233,8 +248,11 @@ def loop_eval(model: str | Path, sequence: str | Path, *, gt_distance_m: float =
               index: str = "flat", k: int = 10, use_poses: bool = False,
               period_s: float = 1.0, num_thresholds: int = 50,
               plot_dir: Optional[str | Path] = None, batch_size: int = 32, device: str = "cpu",
-              backend: str = "torch", progress: bool = True) -> dict[str, Any]:
-    """Loop-closure PR of ``model`` on a sequence (see ``vpr eval loop``)."""
+              backend: str = "torch", progress: bool = True, verify: bool = False,
+              camera: Optional[str] = None) -> dict[str, Any]:
+    """Loop-closure PR of ``model`` on a sequence (see ``vpr eval loop``); ``verify``: again
+    with geometric verification, and the relative-pose error of verified true closures where
+    the sequence has orientations and ``camera`` is given."""
     from vpr_ros.eval.loop import evaluate_sequence, loop_config, read_sequence
 
     seq = read_sequence(sequence, period_s)
@@ -254,6 +272,30 @@ def loop_eval(model: str | Path, sequence: str | Path, *, gt_distance_m: float =
         "model": {"path": str(model), "fingerprint": encoder.fingerprint,
                   "backend": encoder.backend},
         "timings_s": {"encode": round(encode_s, 2)}, "curve": ev.to_dict()}
+    if verify:
+        from vpr_ros.eval.verify_eval import relative_pose_errors, verified_search
+
+        verifier = _verifier(camera)
+        verdicts: dict = {}
+        vev = evaluate_sequence(desc, seq, encoder.fingerprint, config, gt_distance_m, index, k,
+                                use_poses, num_thresholds,
+                                wrap_search=lambda s: verified_search(s, seq.paths, verifier,
+                                                                      verdicts))
+        out["verification"] = {
+            "recall_at_100_precision": {"without": ev.recall_at_100_precision,
+                                        "with": vev.recall_at_100_precision},
+            "auc": {"without": ev.auc, "with": vev.auc},
+            "candidates_verified": sum(v.verified for v in verdicts.values()),
+            "candidates_rejected": sum(not v.verified for v in verdicts.values()),
+            "relative_pose_error": relative_pose_errors(
+                verdicts, seq.positions, seq.orientations if camera else None,
+                gt_distance_m),
+            "curve": vev.to_dict(),
+            "verifier": {"estimator": verifier.config.estimator,
+                         "calibrated": verifier.camera is not None, "pairs": verifier.pairs,
+                         "ms_per_pair": round(1e3 * (verifier.seconds["match"]
+                                                     + verifier.seconds["estimate"])
+                                              / max(1, verifier.pairs), 2)}}
     if plot_dir is not None:
         from vpr_ros.eval.plots import plot_pr_curve
 
