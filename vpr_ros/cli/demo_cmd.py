@@ -38,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--radius", type=float, default=5.0,
                    help="a match is correct within this many metres of ground truth")
     p.add_argument("--quick", action="store_true", help="a smaller built-in scenario")
+    p.add_argument("--node-param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a vpr_node parameter for every node run (repeatable), e.g. "
+                   "verification.enabled=false or loop_closure.min_score=0.75")
     p.add_argument("--one-camera", action="store_true", help="built-in scenario: record and "
                    "use the front camera only (default: a rear camera too, and the report "
                    "compares relocalization with one camera and with both)")
@@ -62,5 +65,22 @@ def _demo(args: argparse.Namespace) -> int:
         loop_gt_tolerance=args.loop_gt_tolerance,
         rate=args.rate, storage=args.storage, compressed=args.compressed,
         correct_radius_m=args.radius, backend=args.backend, quick=args.quick,
-        rear_camera=not args.one_camera))
+        rear_camera=not args.one_camera, node_params=_node_params(args.node_param)))
     return 0
+
+
+def _node_params(items: list[str]) -> dict[str, str]:
+    from vpr_ros.errors import ConfigError
+    from vpr_ros.ros.params import all_parameter_specs
+
+    names = {spec.name for spec in all_parameter_specs()}
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--node-param {item!r}: expected NAME=VALUE")
+        if name.strip() not in names:
+            raise ConfigError(f"--node-param {item!r}: vpr_node has no parameter "
+                              f"{name.strip()!r} (see the README's parameter table)")
+        out[name.strip()] = value.strip()
+    return out

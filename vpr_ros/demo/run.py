@@ -63,6 +63,7 @@ class DemoOptions:
     backend: str = "auto"
     quick: bool = False                  # a shorter scenario (tests)
     rear_camera: bool = True             # scenario: a rear camera too, relocalization 1 vs 2
+    node_params: dict[str, str] = field(default_factory=dict)  # -p NAME:=VALUE for every run
     log: Callable[[str], None] = field(default=print)
 
 
@@ -139,7 +140,8 @@ def _drive_node(opts: DemoOptions, params_file: Path, params: dict[str, Any],
     from vpr_ros.ros.output_collector import OutputCollector
 
     collector = OutputCollector("vpr_node")
-    node = _NodeProcess(params_file, params, remaps, opts.out / f"{name}_node.log")
+    node = _NodeProcess(params_file, {**params, **opts.node_params}, remaps,
+                        opts.out / f"{name}_node.log")
     try:
         deadline = time.monotonic() + 300
         while collector.diagnostics().get("lifecycle_state") != "active":
