@@ -254,7 +254,7 @@ def test_edited_search_parameter_is_refused(templates, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("edit", ["kind", "drop-file"])
-def test_index_kind_without_its_file(templates, tmp_path: Path, edit: str) -> None:
+def test_index_kind_without_its_file(templates, tmp_path: Path, edit: str, capsys) -> None:
     """A manifest (even one re-sealed, as a buggy writer would leave it) naming an index kind
     whose file it does not list: a MapError naming map.json, not a KeyError."""
     src = templates["flat" if edit == "kind" else "hnsw"]
@@ -267,6 +267,11 @@ def test_index_kind_without_its_file(templates, tmp_path: Path, edit: str) -> No
     (path / MANIFEST).write_text(json.dumps(seal_manifest(manifest)))
     with pytest.raises(MapError, match=r"map.json: the 'hnsw' index needs a 'hnsw' file"):
         PlaceMap.load(path)
+    from vpr_ros.cli import main
+
+    assert main(["map", "info", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err and "'hnsw' file" in err, err
 
 
 @pytest.mark.parametrize("text", ["[" * 100_000, '{"a":' * 100_000, "\xff\xfe", ""])

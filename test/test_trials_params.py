@@ -103,6 +103,39 @@ def test_run_time_sets_and_configure_rules(tmp_path: Path, capfd) -> None:
         rclpy.try_shutdown(context=context)
 
 
+def test_configure_refuses_a_degenerate_model(effnet_gem_model_dir: Path, tmp_path: Path,
+                                              capfd) -> None:
+    """Weights that give every image one descriptor: configure fails, in either mode, saying
+    so (in localization mode the refusal used to blame a model/map mismatch)."""
+    import shutil
+
+    import rclpy
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+    from safetensors.torch import load_file, save_file
+
+    from vpr_ros.ros.node import VprNode
+
+    model = Path(shutil.copytree(effnet_gem_model_dir, tmp_path / "model"))
+    state = load_file(str(model / "model.safetensors"))
+    state["backbone.net.bn2.weight"].zero_()
+    state["backbone.net.bn2.bias"].fill_(1.0)
+    save_file(state, str(model / "model.safetensors"))
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    try:
+        node = VprNode(context=context, parameter_overrides=[
+            Parameter("mode", value="loop_closure"), Parameter("model", value=str(model)),
+            Parameter("backend", value="torch"), Parameter("verification.enabled", value=False)])
+        assert node.trigger_configure() != TransitionCallbackReturn.SUCCESS
+        err = capfd.readouterr().err
+        lines = [ln for ln in err.splitlines() if "configure failed" in ln]
+        assert len(lines) == 1 and "same descriptor for images that share nothing" in lines[0], err
+        node.destroy_node()
+    finally:
+        rclpy.try_shutdown(context=context)
+
+
 # -- the process -------------------------------------------------------------------------------
 
 
