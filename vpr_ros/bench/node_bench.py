@@ -42,14 +42,19 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from vpr_ros.errors import ConfigError
+from vpr_ros.runtime.local_features import LocalFeatures
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_CONFIG = REPO / "config" / "models" / "gem_effnetlite0.yaml"
-STAGES = ("conversion", "preprocess", "encode", "search", "sequence", "decision", "publish")
+STAGES = ("conversion", "preprocess", "encode", "search", "sequence", "extract", "match",
+          "estimate", "decision", "publish")
 #: ``overhead``: every stage but inference.
 OVERHEAD_STAGES = tuple(s for s in STAGES if s != "encode")
 REPORTED = (*STAGES, "overhead", "wait", "total", "transport")
 TOPIC = "/vpr_bench/image"
+CAMERA_INFO_TOPIC = "/vpr_bench/camera_info"
+STREET_CAMERA = "street"
+STREET_START_M = 6.0
 OVERHEAD_TARGET_MS = 5.0
 #: How often the mailbox depth is sampled. Not faster: the sampler is a Python thread of the
 #: node's process, and every wake-up takes the interpreter lock; at 5 ms it made the encoder
@@ -79,6 +84,12 @@ class NodeBenchConfig:
     index: str = "flat"
     workdir: Optional[Path] = None
     seed: int = 0
+    #: Geometric verification on: the map's first ``street_keyframes`` keyframes are the demo
+    #: street's (SIFT keypoints with 3-D points from depth, calibrated), the rest random
+    #: descriptors without keypoints, and the camera publishes dusk revisits of that street
+    #: with its CameraInfo, so the verifier does its real work every frame.
+    verify: bool = False
+    street_keyframes: int = 40
 
     def __post_init__(self) -> None:
         if self.map_size < 1 or self.seconds <= 0 or not self.rates or min(self.rates) <= 0:
@@ -220,19 +231,57 @@ def _prepare_map(cfg: NodeBenchConfig, model: Path, workdir: Path) -> Path:
 
     meta = read_model_meta(model)
     rng = np.random.default_rng(cfg.seed)
-    pm = PlaceMap.create(meta.descriptor_dim, meta.fingerprint, index=cfg.index)
+    pm = PlaceMap.create(meta.descriptor_dim, meta.fingerprint, index=cfg.index,
+                         keypoints="sift" if cfg.verify else None)
     block = 2048
-    for start in range(0, cfg.map_size, block):
+    first = 0
+    if cfg.verify:
+        first = _add_street(pm, cfg, model)
+    for start in range(first, cfg.map_size, block):
         n = min(block, cfg.map_size - start)
         desc = rng.standard_normal((n, meta.descriptor_dim)).astype(np.float32)
         desc /= np.linalg.norm(desc, axis=1, keepdims=True)
         kfs = [Keyframe("bench", (1_000 + i) * 1_000_000_000, "map",
                         (float(i % 100), float(i // 100), 0.0), (0.0, 0.0, 0.0, 1.0))
                for i in range(start, start + n)]
-        pm.add(desc, kfs)
+        empty = [LocalFeatures.empty("sift")] * n if cfg.verify else None
+        pm.add(desc, kfs, keypoints=empty)
     out = workdir / "map"
     pm.save(out)
     return out
+
+
+def _add_street(pm: Any, cfg: NodeBenchConfig, model: Path) -> int:
+    """The demo street's keyframes (1 m apart, daylight), encoded, with keypoints and depth
+    points and the camera's calibration; returns how many."""
+    from vpr_ros.demo.scenario import (Route, ScenarioConfig, World, camera_matrix,
+                                       camera_mount, render_with_depth)
+    from vpr_ros.mapdb import Keyframe
+    from vpr_ros.mapdb.camera import CameraModel
+    from vpr_ros.mapdb.keypoint_depth import points_from_depth
+    from vpr_ros.runtime.encoder import load_encoder
+    from vpr_ros.runtime.local_features import FeatureExtractor
+
+    scfg = ScenarioConfig(image_size=(cfg.height, cfg.width))
+    world, route = World(scfg), Route(scfg)
+    cam = CameraModel(STREET_CAMERA, cfg.width, cfg.height, camera_matrix(scfg),
+                      mount=camera_mount(scfg))
+    options: dict[str, Any] = {"threads": cfg.threads} if cfg.threads else {}
+    encoder = load_encoder(model, backend=cfg.backend, **options)
+    extractor = FeatureExtractor("sift", 1000)
+    n = min(cfg.street_keyframes, cfg.map_size)
+    for i in range(n):
+        x, y, yaw = route.pose(STREET_START_M + i)
+        rgb, depth = render_with_depth(world, scfg, x, y, yaw, 1)
+        feats = extractor.extract(rgb)
+        feats = LocalFeatures("sift", feats.xy, feats.descriptors,
+                              points_from_depth(feats, cam, depth))
+        kf = Keyframe("bench", (1_000 + i) * 1_000_000_000, "map", (x, y, 0.0),
+                      (0.0, 0.0, float(np.sin(yaw / 2)), float(np.cos(yaw / 2))),
+                      camera=STREET_CAMERA)
+        pm.add(encoder.encode([rgb]), [kf], keypoints=[feats])
+    pm.add_camera("bench", cam)
+    return n
 
 
 def _publisher(cfg: NodeBenchConfig, rate: float) -> subprocess.Popen:
@@ -240,7 +289,9 @@ def _publisher(cfg: NodeBenchConfig, rate: float) -> subprocess.Popen:
 
     cmd = [sys.executable, "-m", "vpr_ros.ros.node_harness", "publish", TOPIC, "--rate",
            str(rate), "--seconds", str(cfg.seconds_for(rate)), "--width", str(cfg.width), "--height",
-           str(cfg.height), "--qos", cfg.qos] + (["--compressed"] if cfg.compressed else [])
+           str(cfg.height), "--qos", cfg.qos] + (["--compressed"] if cfg.compressed else []) \
+        + (["--street", str(cfg.street_keyframes), "--camera-info", CAMERA_INFO_TOPIC]
+           if cfg.verify else [])
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env_with_ros_libs())
 
@@ -365,10 +416,12 @@ def run_node_bench(cfg: NodeBenchConfig,
                   "qos_reliability": cfg.qos,
                   "relocalization.one_shot": False, "diagnostics_window": 1_000_000,
                   "log_throttle_s": 60.0,
-                  # synthetic descriptors have no keypoints: the map cannot be verified against
-                  "verification.enabled": False}
+                  # random descriptors have no keypoints: without --verify nothing to verify
+                  "verification.enabled": cfg.verify, "camera.name": STREET_CAMERA,
+                  # every frame's candidates reach verification (what is measured)
+                  **({"relocalization.min_score": 0.0} if cfg.verify else {})}
         t0 = time.perf_counter()
-        harness = NodeHarness(params, {"image": TOPIC})
+        harness = NodeHarness(params, {"image": TOPIC, "camera_info": CAMERA_INFO_TOPIC})
         configure_s = time.perf_counter() - t0
         try:
             encoder = harness.node.pipeline.encoder
@@ -486,6 +539,10 @@ def register(sub: Any) -> None:
                    help="encoder backend: auto, torch, onnxruntime, tensorrt (default auto)")
     p.add_argument("--threads", type=int, default=0, help="encoder threads (0: default)")
     p.add_argument("--workdir", type=Path, help="keep model and map here (default: temp)")
+    p.add_argument("--verify", action="store_true",
+                   help="geometric verification on: the camera shows dusk revisits of the "
+                   "demo street whose 40 keyframes (SIFT + depth points) are in the map; the "
+                   "extract, match and estimate stages are timed")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run_cli)
 
@@ -499,7 +556,8 @@ def run_cli(args: Any) -> int:
                           index=args.index, rates=args.rates, seconds=args.seconds,
                           min_frames=args.min_frames,
                           width=width, height=height, compressed=args.compressed, qos=args.qos,
-                          backend=args.backend, threads=args.threads, workdir=args.workdir)
+                          backend=args.backend, threads=args.threads, workdir=args.workdir,
+                          verify=args.verify)
 
     def progress(msg: str) -> None:
         print(f"[bench node] {msg}", file=sys.stderr, flush=True)

@@ -29,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub.required = True
     register_search(sub)
     register_encoder(sub)
+    register_verify(sub)
     from vpr_ros.bench.node_bench import register as register_node
 
     register_node(sub)
@@ -179,5 +180,57 @@ def run_encoder(args: argparse.Namespace) -> int:
         f"\r\033[K{m}", end="", file=sys.stderr, flush=True) if sys.stderr.isatty() else None)
     if sys.stderr.isatty():
         print(file=sys.stderr)
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    return 0
+
+
+def _sizes(text: str) -> list[tuple[int, int]]:
+    out = []
+    for item in text.split(","):
+        try:
+            w, h = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected WIDTHxHEIGHT, e.g. 640x480")
+        if w < 32 or h < 32:
+            raise argparse.ArgumentTypeError(f"{item!r}: at least 32x32")
+        out.append((w, h))
+    return out
+
+
+def register_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "verify", help="geometric verification: cost per candidate and per frame (one core)",
+        description="Time keypoint extraction, matching and robust estimation of the node's "
+        "verifier on one thread: per true and per wrong candidate, and per frame of up to "
+        "--candidates candidates (stopping at the first verified), p50/p95. Sources: the "
+        "demo's rendered street (RGB-D, PnP) and real EuRoC stereo frames (find_dataset "
+        "'euroc_micro').")
+    p.add_argument("--sources", default="street,euroc", help="street, euroc (default both)")
+    p.add_argument("--sizes", type=_sizes, default=[(640, 480)], metavar="WxH[,WxH...]",
+                   help="frame sizes (default 640x480; e.g. 640x480,752x480,320x240)")
+    p.add_argument("--kinds", default="sift,orb", help="keypoint kinds (default sift,orb)")
+    p.add_argument("--estimators", default="poselib,opencv",
+                   help="estimators (default poselib,opencv)")
+    p.add_argument("--candidates", type=int, default=5, help="candidates per frame (default 5)")
+    p.add_argument("--pairs", type=int, default=6, help="query frames per source (default 6)")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each frame (default 3)")
+    p.add_argument("--max-features", type=int, default=1000,
+                   help="keypoints per image (default 1000, as the node)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run_verify)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    import json
+
+    from vpr_ros.bench.verify_bench import VerifyBenchConfig, format_table, run_verify_bench
+
+    cfg = VerifyBenchConfig(
+        sources=[s for s in args.sources.split(",") if s], sizes=args.sizes,
+        kinds=[k for k in args.kinds.split(",") if k],
+        estimators=[e for e in args.estimators.split(",") if e], candidates=args.candidates,
+        pairs=args.pairs, repeats=args.repeats, max_features=args.max_features,
+        progress=lambda m: print(m, file=sys.stderr, flush=True))
+    report = run_verify_bench(cfg)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     return 0

@@ -92,9 +92,21 @@ def synthetic_frames(count: int, width: int, height: int, seed: int = 0) -> list
     return frames
 
 
+def street_frames(count: int, width: int, height: int) -> list[np.ndarray]:
+    """Dusk revisits (other lane) of the demo street's first ``count`` metres from 6 m: what
+    ``vpr bench node --verify`` maps by daylight."""
+    from vpr_ros.demo.scenario import Route, ScenarioConfig, World, render
+
+    cfg = ScenarioConfig(image_size=(height, width))
+    world, route = World(cfg), Route(cfg)
+    return [render(world, cfg, *route.pose(6.5 + s, cfg.lap2_lateral_offset_m), 2)
+            for s in np.linspace(0.0, max(1.0, count - 2.0), 8)]
+
+
 def publish_images(topic: str, rate_hz: float, seconds: float, width: int, height: int,
                    compressed: bool = False, qos: str = "reliable",
-                   wait_s: float = 20.0) -> dict[str, Any]:
+                   wait_s: float = 20.0, street: int = 0,
+                   camera_info: str = "") -> dict[str, Any]:
     """Publish frames on ``topic`` at ``rate_hz`` for ``seconds``; header stamps are the wall
     clock at publication. ``qos`` ``best_effort`` is the sensor-data profile of camera drivers.
     Returns counts."""
@@ -111,7 +123,19 @@ def publish_images(topic: str, rate_hz: float, seconds: float, width: int, heigh
         QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
     pub = node.create_publisher(msg_type, topic, profile)
     messages = []
-    for rgb in synthetic_frames(8, width, height):
+    frames = street_frames(street, width, height) if street else \
+        synthetic_frames(8, width, height)
+    info_pub = info_msg = None
+    if camera_info:
+        from sensor_msgs.msg import CameraInfo
+
+        from vpr_ros.demo.scenario import ScenarioConfig, camera_matrix
+
+        info_pub = node.create_publisher(CameraInfo, camera_info, profile)
+        info_msg = CameraInfo(width=width, height=height, distortion_model="plumb_bob",
+                              d=[0.0] * 5,
+                              k=list(camera_matrix(ScenarioConfig(image_size=(height, width)))))
+    for rgb in frames:
         if compressed:
             fmt, data = encode_compressed(rgb, "jpeg")
             messages.append(CompressedImage(format=fmt, data=data))
@@ -136,6 +160,9 @@ def publish_images(topic: str, rate_hz: float, seconds: float, width: int, heigh
         msg = messages[sent % len(messages)]
         msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(time.time_ns(), 1_000_000_000)
         msg.header.frame_id = "camera"
+        if info_pub is not None:
+            info_msg.header = msg.header
+            info_pub.publish(info_msg)
         pub.publish(msg)
         sent += 1
     elapsed = time.perf_counter() - start
@@ -161,9 +188,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pub.add_argument("--height", type=int, default=480)
     pub.add_argument("--compressed", action="store_true")
     pub.add_argument("--qos", choices=["reliable", "best_effort"], default="reliable")
+    pub.add_argument("--street", type=int, default=0, metavar="N",
+                     help="publish dusk revisits of the demo street's first N metres")
+    pub.add_argument("--camera-info", default="", help="also publish the street camera's "
+                     "CameraInfo on this topic")
     args = parser.parse_args(argv)
     out = publish_images(args.topic, args.rate, args.seconds, args.width, args.height,
-                         args.compressed, args.qos)
+                         args.compressed, args.qos, street=args.street,
+                         camera_info=args.camera_info)
     print(json.dumps(out), flush=True)
     return 0 if out["subscribed"] else 1
 
