@@ -90,6 +90,7 @@ class NodeBenchConfig:
     #: with its CameraInfo, so the verifier does its real work every frame.
     verify: bool = False
     street_keyframes: int = 40
+    frames_file: Optional[Path] = None  # set by the run: the street frames for the camera
 
     def __post_init__(self) -> None:
         if self.map_size < 1 or self.seconds <= 0 or not self.rates or min(self.rates) <= 0:
@@ -284,14 +285,34 @@ def _add_street(pm: Any, cfg: NodeBenchConfig, model: Path) -> int:
     return n
 
 
+def _street_k(cfg: NodeBenchConfig) -> tuple[float, ...]:
+    from vpr_ros.demo.scenario import ScenarioConfig, camera_matrix
+
+    return camera_matrix(ScenarioConfig(image_size=(cfg.height, cfg.width)))
+
+
+def _street_frames(cfg: NodeBenchConfig, out: Path) -> Path:
+    """Dusk revisits (other lane) of the street the map holds, for the camera process."""
+    from vpr_ros.demo.scenario import Route, ScenarioConfig, World, render
+
+    scfg = ScenarioConfig(image_size=(cfg.height, cfg.width))
+    world, route = World(scfg), Route(scfg)
+    n = min(cfg.street_keyframes, cfg.map_size)
+    frames = [render(world, scfg, *route.pose(STREET_START_M + 0.5 + s,
+                                              scfg.lap2_lateral_offset_m), 2)
+              for s in np.linspace(0.0, max(1.0, n - 2.0), 8)]
+    np.save(out, np.stack(frames))
+    return out
+
+
 def _publisher(cfg: NodeBenchConfig, rate: float) -> subprocess.Popen:
     from vpr_ros._bootstrap import env_with_ros_libs
 
     cmd = [sys.executable, "-m", "vpr_ros.ros.node_harness", "publish", TOPIC, "--rate",
            str(rate), "--seconds", str(cfg.seconds_for(rate)), "--width", str(cfg.width), "--height",
            str(cfg.height), "--qos", cfg.qos] + (["--compressed"] if cfg.compressed else []) \
-        + (["--street", str(cfg.street_keyframes), "--camera-info", CAMERA_INFO_TOPIC]
-           if cfg.verify else [])
+        + (["--frames", str(cfg.frames_file), "--camera-info", CAMERA_INFO_TOPIC,
+            "--camera-k", ",".join(str(v) for v in _street_k(cfg))] if cfg.verify else [])
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env_with_ros_libs())
 
@@ -409,6 +430,8 @@ def run_node_bench(cfg: NodeBenchConfig,
         model = _prepare_model(cfg, workdir)
         say(f"map of {cfg.map_size} keyframes")
         pmap = _prepare_map(cfg, model, workdir)
+        if cfg.verify:
+            cfg.frames_file = _street_frames(cfg, workdir / "street_frames.npy")
         say("configuring the node")
         params = {"mode": "localization", "model": str(model), "map": str(pmap),
                   "backend": cfg.backend, "threads": cfg.threads, "top_k": cfg.top_k,

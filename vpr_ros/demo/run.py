@@ -577,7 +577,10 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         # Exclusion of 85% of a lap (~40 s, ~160 m on the full route) keeps the detector from
         # "closing" on the street it drove down half a block earlier (measured offline with
         # pretrained GeM: precision 0.96 at recall 0.94 with 40 s, 0.81 with 30 s).
-        "loop_closure.exclusion_window_s": round(0.85 * lap_s, 1) if scenario else 30.0}
+        "loop_closure.exclusion_window_s": round(0.85 * lap_s, 1) if scenario else 30.0,
+        # A closure is judged a revisit within the correct radius; a verified metric pose
+        # farther than that is the same scene seen from down the street, not a revisit.
+        "verification.max_translation_m": opts.correct_radius_m}
     lc_remaps = {"image": image_topic, **info_remap}
     if depth_topic:
         lc_params["camera.use_depth"] = True

@@ -515,11 +515,12 @@ class GeometricVerifier:
             pts = match.features.xyz[mi].astype(np.float64)
             has = np.isfinite(pts).all(1) & (pts[:, 2] > 0)
             if int(has.sum()) >= cfg.min_pnp_points:
-                verdict = self._pnp(kf, n, xq[has], pts[has], focal_q, int(has.sum()))
-                if verdict.verified or mcam is None or verdict.inliers >= cfg.min_inliers:
-                    return verdict
-                # too few 3-D inliers (sparse depth): the 2-D geometry may still hold, but a
-                # pose PnP found implausible is not given a second chance
+                # Where the keyframe's matches have depth, PnP decides: a candidate it
+                # rejects is not given a second chance by the essential matrix, which cannot
+                # tell a revisit from the same facades seen from far down the street (on the
+                # demo route such pairs 6-11 m apart passed it; PnP measures the distance).
+                return self._pnp(kf, n, xq[has], pts[has], focal_q, int(has.sum()))
+            # too few matches with depth (sparse or far depth): the 2-D geometry decides
         if qcam is not None and mcam is not None:
             xm = mcam.normalize(match.features.xy[mi])
             return self._essential(kf, n, xq, xm, 0.5 * (focal_q + mcam.focal))

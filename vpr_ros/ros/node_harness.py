@@ -92,21 +92,10 @@ def synthetic_frames(count: int, width: int, height: int, seed: int = 0) -> list
     return frames
 
 
-def street_frames(count: int, width: int, height: int) -> list[np.ndarray]:
-    """Dusk revisits (other lane) of the demo street's first ``count`` metres from 6 m: what
-    ``vpr bench node --verify`` maps by daylight."""
-    from vpr_ros.demo.scenario import Route, ScenarioConfig, World, render
-
-    cfg = ScenarioConfig(image_size=(height, width))
-    world, route = World(cfg), Route(cfg)
-    return [render(world, cfg, *route.pose(6.5 + s, cfg.lap2_lateral_offset_m), 2)
-            for s in np.linspace(0.0, max(1.0, count - 2.0), 8)]
-
-
 def publish_images(topic: str, rate_hz: float, seconds: float, width: int, height: int,
                    compressed: bool = False, qos: str = "reliable",
-                   wait_s: float = 20.0, street: int = 0,
-                   camera_info: str = "") -> dict[str, Any]:
+                   wait_s: float = 20.0, frames_file: str = "", camera_info: str = "",
+                   camera_k: Optional[Sequence[float]] = None) -> dict[str, Any]:
     """Publish frames on ``topic`` at ``rate_hz`` for ``seconds``; header stamps are the wall
     clock at publication. ``qos`` ``best_effort`` is the sensor-data profile of camera drivers.
     Returns counts."""
@@ -123,18 +112,16 @@ def publish_images(topic: str, rate_hz: float, seconds: float, width: int, heigh
         QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
     pub = node.create_publisher(msg_type, topic, profile)
     messages = []
-    frames = street_frames(street, width, height) if street else \
+    # frames from a file (N, H, W, 3) uint8: the benchmark's rendered scenes; else synthetic
+    frames = list(np.load(frames_file)) if frames_file else \
         synthetic_frames(8, width, height)
     info_pub = info_msg = None
     if camera_info:
         from sensor_msgs.msg import CameraInfo
 
-        from vpr_ros.demo.scenario import ScenarioConfig, camera_matrix
-
         info_pub = node.create_publisher(CameraInfo, camera_info, profile)
         info_msg = CameraInfo(width=width, height=height, distortion_model="plumb_bob",
-                              d=[0.0] * 5,
-                              k=list(camera_matrix(ScenarioConfig(image_size=(height, width)))))
+                              d=[0.0] * 5, k=[float(v) for v in (camera_k or ())])
     for rgb in frames:
         if compressed:
             fmt, data = encode_compressed(rgb, "jpeg")
@@ -188,14 +175,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pub.add_argument("--height", type=int, default=480)
     pub.add_argument("--compressed", action="store_true")
     pub.add_argument("--qos", choices=["reliable", "best_effort"], default="reliable")
-    pub.add_argument("--street", type=int, default=0, metavar="N",
-                     help="publish dusk revisits of the demo street's first N metres")
-    pub.add_argument("--camera-info", default="", help="also publish the street camera's "
-                     "CameraInfo on this topic")
+    pub.add_argument("--frames", default="", help="publish these frames (.npy, N x H x W x 3 "
+                     "uint8) instead of synthetic ones")
+    pub.add_argument("--camera-info", default="", help="also publish a CameraInfo (K from "
+                     "--camera-k) on this topic with every frame")
+    pub.add_argument("--camera-k", default="", help="K of that CameraInfo, 9 comma-separated "
+                     "numbers")
     args = parser.parse_args(argv)
+    k = [float(v) for v in args.camera_k.split(",")] if args.camera_k else None
     out = publish_images(args.topic, args.rate, args.seconds, args.width, args.height,
-                         args.compressed, args.qos, street=args.street,
-                         camera_info=args.camera_info)
+                         args.compressed, args.qos, frames_file=args.frames,
+                         camera_info=args.camera_info, camera_k=k)
     print(json.dumps(out), flush=True)
     return 0 if out["subscribed"] else 1
 
