@@ -136,3 +136,18 @@ def test_two_views_that_share_nothing_are_rejected(data) -> None:
     b = ext.extract(np.ascontiguousarray(seq.cam1.image(40)[:, off:]))
     r = GeometricVerifier().verify_pair(View(b, right), View(a, left))
     assert not r.verified
+
+
+def test_vpr_eval_euroc_reports_the_table(capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    from vpr_ros.cli import main
+
+    assert main(["eval", "euroc", "--estimators", "poselib", "--step", "24", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    (row,) = res["rows"]
+    assert row["essential"]["verified"] == row["essential"]["pairs"] > 0
+    assert row["essential"]["rotation_deg"]["max"] <= 1.0
+    assert 0.3 < row["essential"]["rotation_normalised_error_median"] < 3.0
+    assert row["pnp"]["verified_metric"] == row["pnp"]["pairs"] > 0
+    assert row["pnp"]["translation_m"]["max"] <= 0.01

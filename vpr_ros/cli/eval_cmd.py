@@ -117,6 +117,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     lp.add_argument("--no-progress", action="store_true")
     lp.set_defaults(func=_loop)
 
+    eu = esub.add_parser("euroc", help="the geometric verifier's pose accuracy on EuRoC frames",
+                         description="Essential-matrix rotation and translation-direction "
+                         "error, the covariance's calibration and stereo PnP error of the "
+                         "node's verifier on the EuRoC V1_01_easy stereo frames with ground "
+                         "truth (public data: find_dataset 'euroc_micro').")
+    eu.add_argument("--kinds", default="sift", help="keypoint kinds (default sift)")
+    eu.add_argument("--estimators", default="poselib,opencv",
+                    help="estimators (default poselib,opencv)")
+    eu.add_argument("--step", type=int, default=8, help="frames sampled every STEP (default 8)")
+    eu.add_argument("--sift-contrast", type=float, default=0.02,
+                    help="SIFT contrast threshold (default 0.02, the node's; OpenCV's own: 0.04)")
+    eu.add_argument("--equalize", action="store_true",
+                    help="CLAHE before extraction (off in the node: see docs/verification.md)")
+    eu.add_argument("--json", action="store_true", help="print the result as JSON")
+    eu.add_argument("--output", help="also write the JSON result to this file")
+    eu.set_defaults(func=_euroc)
+
     from vpr_ros.cli.zoo_cmd import register_zoo
 
     register_zoo(esub)
@@ -195,4 +212,17 @@ def _loop(args: argparse.Namespace) -> int:
     if res.get("plots"):
         text += "\nplots: " + ", ".join(res["plots"])
     _emit(res, args, text)
+    return 0
+
+
+def _euroc(args: argparse.Namespace) -> int:
+    from vpr_ros.eval.euroc_eval import evaluate_euroc, format_table
+    from vpr_ros.errors import ConfigError
+
+    if args.step < 1:
+        raise ConfigError("--step must be >= 1")
+    res = evaluate_euroc([k for k in args.kinds.split(",") if k],
+                         [e for e in args.estimators.split(",") if e], args.step,
+                         sift_contrast=args.sift_contrast, equalize=args.equalize)
+    _emit(res, args, format_table(res))
     return 0
