@@ -71,3 +71,32 @@ def test_covariance_is_carried_through_the_chain() -> None:
     assert query_robot_pose((0, 0, 0), (0, 0, 0, 1), RelativePose(
         (0, 0, 0, 1), (1, 0, 0), False, tuple(cov.reshape(-1))), None, None) is None
     assert query_robot_pose((0, 0, 0), None, rel, None, None) is None
+
+
+def test_the_query_cameras_own_mount_is_used_with_several_cameras() -> None:
+    """A rear camera's PnP pose against a front camera's keyframe: the robot pose goes
+    through the front mount on the keyframe's side and the rear mount (from the map's
+    calibration of the rear camera) on the query's."""
+    from vpr_ros.localization.verification import Verification, VerificationConfig
+    from vpr_ros.localization.verification_stage import VerificationStage
+    from vpr_ros.mapdb import Keyframe, PlaceMap
+
+    front = (0.0, 0.0, 1.6, -0.5, 0.5, -0.5, 0.5)
+    rear = (0.0, 0.0, 1.6, 0.5, 0.5, -0.5, -0.5)  # the front mount turned about z by pi
+    k = (400.0, 0, 320.0, 0, 400.0, 240.0, 0, 0, 1)
+    pm = PlaceMap.create(4, "fp", keypoints="sift")
+    pm.add(np.eye(4, dtype=np.float32)[:1], [Keyframe("s", 1, "map", (2.0, 3.0, 0.0),
+                                                      yaw_quat(0.3), camera="front")],
+           keypoints=[LocalFeatures.empty("sift")])
+    pm.add_camera("s", CameraModel("front", 640, 480, k, mount=front))
+    pm.add_camera("s", CameraModel("rear", 640, 480, k, mount=rear))
+    stage = VerificationStage(VerificationConfig(), pm)
+    same = RelativePose((0.0, 0.0, 0.0, 1.0), (0.0, 0.0, 0.0), True, tuple(np.eye(6).ravel()))
+    accepted = Verification(0, True, "", "pnp", 50, 40, 0.8, 0.5, same)
+    as_front = stage.metric_pose(accepted, CameraModel("front", 640, 480, k))
+    as_rear = stage.metric_pose(accepted, CameraModel("rear", 640, 480, k))
+    yaw = lambda q: math.atan2(quat_to_matrix(q)[1, 0], quat_to_matrix(q)[0, 0])  # noqa: E731
+    assert as_front.position == pytest.approx((2.0, 3.0, 0.0), abs=1e-9)
+    assert yaw(as_front.orientation) == pytest.approx(0.3)
+    # the rear camera looking where the front one looked: the robot faces the other way
+    assert abs(math.remainder(yaw(as_rear.orientation) - (0.3 + math.pi), 2 * math.pi)) < 1e-9

@@ -134,6 +134,11 @@ class CamerasVerification:
         return next((f.accepted for f in self.frames.values() if f.accepted is not None), None)
 
     @property
+    def camera(self) -> Optional[CameraModel]:
+        """The camera of the frame that verified the accepted candidate."""
+        return next((f.camera for f in self.frames.values() if f.accepted is not None), None)
+
+    @property
     def over_budget(self) -> int:
         return sum(f.over_budget for f in self.frames.values())
 
@@ -191,8 +196,14 @@ class VerificationStage:
                 self.reasons[_reason_kind(r.reason)] += 1
         self.counts["over_budget"] += frame.over_budget
 
-    def metric_pose(self, accepted: Optional[Verification]) -> Optional[MetricPose]:
-        """The query robot's map pose from a verified metric (PnP) pose; None otherwise."""
+    def metric_pose(self, accepted: Optional[Verification],
+                    query_camera: Optional[CameraModel] = None) -> Optional[MetricPose]:
+        """The query robot's map pose from a verified metric (PnP) pose; None otherwise.
+
+        The query camera's mount, in order: the node's ``camera.mount_*`` parameters (one
+        camera), the query camera's own, the map's calibration of a camera of that name (the
+        mapping run recorded its /tf_static), else the matched keyframe camera's (the same
+        camera on the same robot)."""
         if accepted is None or accepted.pose is None or not accepted.pose.metric:
             return None
         kf = self.map.keyframe(accepted.keyframe_id)
@@ -200,7 +211,15 @@ class VerificationStage:
             return None
         cam = self.map.camera_of(accepted.keyframe_id)
         kf_mount = cam.mount if cam is not None else None
-        query_mount = self.query_mount if self.query_mount is not None else kf_mount
+        query_mount = self.query_mount
+        if query_mount is None and query_camera is not None:
+            query_mount = query_camera.mount
+            if query_mount is None:
+                query_mount = next((c.mount for (_, name), c in self.map.cameras().items()
+                                    if name == query_camera.name and c.mount is not None),
+                                   None)
+        if query_mount is None:
+            query_mount = kf_mount
         return query_robot_pose(kf.position, kf.orientation, accepted.pose, kf_mount,
                                 query_mount)
 

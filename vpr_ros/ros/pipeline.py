@@ -416,7 +416,8 @@ class Pipeline:
         if outcome.relocalization is None or outcome.verification is None:
             return
         assert self.verification is not None
-        outcome.metric_pose = self.verification.metric_pose(outcome.verification.accepted)
+        outcome.metric_pose = self.verification.metric_pose(outcome.verification.accepted,
+                                                            outcome.verification.camera)
         self.verification.counts["relocalizations_metric" if outcome.metric_pose
                                  else "relocalizations_keyframe_pose"] += 1
 
