@@ -62,13 +62,13 @@ FORMAT = "vpr_ros.map"
 #: 3-D points) for geometric verification. Version 1 maps still load (no cameras, no keypoints).
 FORMAT_VERSION = 2
 MANIFEST = "map.json"
+#: The manifest's own checksum field (see :func:`manifest_digest`).
+MANIFEST_CHECKSUM = "manifest_sha256"
 LOCK = ".lock"
 #: Test hook: the name of a save stage at which the saving process announces itself on stderr
 #: and stops (so a test can SIGKILL it there). Stages: descriptors, keyframes, artifacts,
 #: manifest (new manifest written, not yet renamed), committed (renamed, old files not yet removed).
 PAUSE_ENV = "VPR_ROS_MAP_SAVE_PAUSE"
-#: The manifest's own checksum field (see :func:`manifest_digest`).
-MANIFEST_CHECKSUM = "manifest_sha256"
 PAUSE_MARK = "VPR_ROS_MAP_SAVE_PAUSED"
 _GENERATION_FILE = re.compile(r"^[a-z_]+\.g(\d{6,})\.(npy|sqlite|faiss)$")
 _HASH_CHUNK = 8 << 20
