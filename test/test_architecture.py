@@ -7,7 +7,8 @@ module or a package someone adds is covered without touching this test:
 
 * ROS client libraries (rclpy, generated message/service packages, rosidl, rmw) are imported
   only under ``vpr_ros/ros/``.
-* Layers, top to bottom: ros -> localization -> mapdb -> runtime -> export -> models. A layer
+* Layers, top to bottom: ros -> slam -> localization -> mapdb -> runtime -> export -> models.
+  A layer
   reaches (directly or through any other unit, declared here or not) only the layers below it
   and the base units; never a layer above it, an offline tool or an application.
   ``export`` sits below ``runtime``: it turns models into artifacts (ONNX, TensorRT engines)
@@ -35,7 +36,7 @@ import vpr_ros
 PACKAGE_DIR = Path(vpr_ros.__file__).resolve().parent
 
 #: Top to bottom. A unit may depend only on units after it in this tuple (and on base units).
-LAYERS = ("ros", "localization", "mapdb", "runtime", "export", "models")
+LAYERS = ("ros", "slam", "localization", "mapdb", "runtime", "export", "models")
 #: Offline tools: may use every layer below ros (the dataset readers build mapdb's camera
 #: calibrations, so they sit above the layers too).
 TOOLS = ("train", "eval", "datasets")

@@ -8,7 +8,8 @@ the way real streets are: by structure, not by pixel noise. Frames are rendered 
 Lap 2 is the "revisit": different lighting (dusk: darker, warmer, lit windows), haze that grows
 with distance, a lateral offset in the lane and a different speed, so the two laps never share
 a frame and a place recogniser has to generalise across appearance. Ground-truth poses come with
-every frame; odometry is the ground truth (the demo measures place recognition, not odometry).
+every frame; the recorded odometry drifts away from them (:mod:`vpr_ros.demo.drift`), so the
+demo can show what loop closures do to a trajectory.
 
 The camera is an ideal pinhole (:func:`camera_matrix`, no distortion) mounted 1.6 m above the
 robot's base looking forward (:func:`camera_mount`), and every frame comes with its registered
@@ -252,10 +253,11 @@ def render_with_depth(world: World, cfg: ScenarioConfig, x: float, y: float, yaw
     return (np.clip(img, 0, 1) * 255).astype(np.uint8), metric
 
 
-def drive(cfg: ScenarioConfig = ScenarioConfig(), start_ns: int = 1_700_000_000_000_000_000
-          ) -> Iterator[Frame]:
-    """Both laps, in time order: lap 1 then lap 2 right after it."""
-    world, route = World(cfg), Route(cfg)
+def poses(cfg: ScenarioConfig = ScenarioConfig(), start_ns: int = 1_700_000_000_000_000_000
+          ) -> Iterator[tuple[int, int, float, float, float]]:
+    """(lap, stamp_ns, x, y, yaw) of every frame of both laps, in time order, without
+    rendering (ground truth for trajectory tests)."""
+    route = Route(cfg)
     dt_ns = int(round(1e9 / cfg.rate_hz))
     stamp = start_ns
     for lap, speed, lateral in ((1, cfg.lap1_speed_mps, 0.0),
@@ -263,6 +265,14 @@ def drive(cfg: ScenarioConfig = ScenarioConfig(), start_ns: int = 1_700_000_000_
         n = int(route.length / (speed / cfg.rate_hz))
         for i in range(n):
             x, y, yaw = route.pose(i * speed / cfg.rate_hz, lateral)
-            rgb, depth = render_with_depth(world, cfg, x, y, yaw, lap)
-            yield Frame(lap, stamp, x, y, yaw, rgb, depth)
+            yield lap, stamp, x, y, yaw
             stamp += dt_ns
+
+
+def drive(cfg: ScenarioConfig = ScenarioConfig(), start_ns: int = 1_700_000_000_000_000_000
+          ) -> Iterator[Frame]:
+    """Both laps, in time order: lap 1 then lap 2 right after it."""
+    world = World(cfg)
+    for lap, stamp, x, y, yaw in poses(cfg, start_ns):
+        rgb, depth = render_with_depth(world, cfg, x, y, yaw, lap)
+        yield Frame(lap, stamp, x, y, yaw, rgb, depth)
