@@ -30,6 +30,7 @@ setup(
         "console_scripts": [
             "vpr = vpr_ros.cli:main",
             "vpr_node = vpr_ros.ros.node_main:main",
+            "vpr_pose_graph = vpr_ros.ros.pose_graph_main:main",
         ],
     },
 )

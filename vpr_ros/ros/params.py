@@ -377,8 +377,10 @@ def unknown_parameters(given: Any, specs: list[ParamSpec]) -> list[str]:
     return out
 
 
-def descriptor_for(spec: ParamSpec) -> Any:
-    """The ``rcl_interfaces/ParameterDescriptor`` of a spec: type, description, range."""
+def descriptor_for(spec: ParamSpec, choices: Mapping[str, tuple[str, ...]] | None = None
+                   ) -> Any:
+    """The ``rcl_interfaces/ParameterDescriptor`` of a spec: type, description, range
+    (``choices``: allowed values of string parameters; default: vpr_node's)."""
     from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
                                     ParameterType)
 
@@ -398,7 +400,7 @@ def descriptor_for(spec: ParamSpec) -> Any:
                                                         step=0.0)]
     elif spec.type is str:
         desc.type = ParameterType.PARAMETER_STRING
-        allowed = CHOICES.get(spec.name)
+        allowed = (CHOICES if choices is None else choices).get(spec.name)
         if allowed:
             desc.additional_constraints = "one of: " + ", ".join(allowed)
     else:
