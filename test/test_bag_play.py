@@ -313,3 +313,32 @@ def test_bad_play_options(kwargs: dict, match: str) -> None:
 def test_rate_nan_is_refused() -> None:
     with pytest.raises(ConfigError):
         PlayOptions(rate=math.nan)
+
+
+def test_waits_for_the_asked_number_of_subscribers_per_topic() -> None:
+    """A topic several nodes listen to is played once all are matched, not at the first."""
+    import threading
+
+    from vpr_ros.ros.bag_play import _wait_for_subscribers
+
+    class Pub:
+        def __init__(self, counts: list[int]) -> None:
+            self.counts = counts
+
+        def get_subscription_count(self) -> int:
+            return self.counts.pop(0) if len(self.counts) > 1 else self.counts[0]
+
+    odom, image = Pub([1, 1, 1, 2, 3]), Pub([1])
+    t0 = time.monotonic()
+    _wait_for_subscribers({"/odom": odom, "/image": image}, 5.0, threading.Event(),
+                          {"/odom": 3})
+    assert odom.counts == [3] and time.monotonic() - t0 < 4.0
+    with pytest.raises(Exception, match="TOPIC=N"):
+        from vpr_ros.cli.bag_cmd import _topic_counts
+
+        _topic_counts(["/odom"])
+    from vpr_ros.errors import ConfigError
+    from vpr_ros.ros.bag_play import PlayOptions
+
+    with pytest.raises(ConfigError, match="min-subscribers"):
+        PlayOptions(min_subscribers={"/odom": 0})

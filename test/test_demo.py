@@ -1,6 +1,6 @@
 """The main job cannot silently break: the scenario generator, and a shortened `vpr demo`
 (smaller route, same code path: rosbags, `vpr map build`, the real vpr_node over DDS fed by
-`vpr bag play`, messages collected from the wire)."""
+`vpr bag play`, messages collected from the wire, vpr_pose_graph beside it)."""
 
 from __future__ import annotations
 
@@ -77,6 +77,11 @@ def test_shortened_demo_end_to_end(tmp_path: Path, effnet_gem_model_dir: Path) -
     assert sum(both["matches_found_per_camera"].values()) > 0
     assert json.loads((tmp_path / "demo" / "report.json").read_text())["map_keyframes"] \
         == report["map_keyframes"]
+    slam = report["slam"]  # vpr_pose_graph beside the node, over the drifting odometry
+    assert slam["closures_in_graph"] == lc["loop_closures"]
+    assert slam["closures_wrong_accepted"] == 0, slam
+    assert slam["ate_optimised"]["rmse_m"] < 0.5 * slam["ate_odometry"]["rmse_m"], slam
+    assert abs(slam["planted"]["ate_change"]) <= 0.10 and not slam["planted"]["accepted"]
     for p in report["plots"]:
         assert Path(p).stat().st_size > 10_000
     assert any("== vpr demo report ==" in line for line in lines)

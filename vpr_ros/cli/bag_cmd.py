@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     play.add_argument("--wait-subscribers", type=float, default=0.0, metavar="S",
                       help="wait up to S seconds for a subscriber on every topic before "
                            "starting (so the first messages are not lost to discovery)")
+    play.add_argument("--min-subscribers", action="append", default=[], metavar="TOPIC=N",
+                      help="with --wait-subscribers: wait for N subscribers on TOPIC instead of "
+                           "one (a topic several nodes listen to); repeatable")
     play.set_defaults(func=_play)
 
     info = bsub.add_parser("info", help="storage, topics, types and message counts of a bag")
@@ -42,12 +45,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     info.set_defaults(func=_info)
 
 
+def _topic_counts(items: list[str]) -> dict[str, int]:
+    from vpr_ros.errors import ConfigError
+
+    out = {}
+    for item in items:
+        topic, sep, n = item.rpartition("=")
+        if not sep or not topic or not n.strip().isdigit():
+            raise ConfigError(f"--min-subscribers {item!r}: expected TOPIC=N, e.g. /odom=3")
+        out[topic] = int(n)
+    return out
+
+
 def _play(args: argparse.Namespace) -> int:
     from vpr_ros.ros.bag_play import PlayOptions, play_bag
 
     options = PlayOptions(rate=args.rate, topics=args.topics, loop=args.loop,
                           start_offset_s=args.start_offset, qos=args.qos,
-                          wait_subscribers_s=args.wait_subscribers)
+                          wait_subscribers_s=args.wait_subscribers,
+                          min_subscribers=_topic_counts(args.min_subscribers))
     stop = threading.Event()
     previous = signal.getsignal(signal.SIGINT)
 

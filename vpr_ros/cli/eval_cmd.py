@@ -1,4 +1,6 @@
-"""``vpr eval recall|loop``: retrieval Recall@K and loop-closure precision/recall."""
+"""``vpr eval recall|loop|euroc|zoo|slam``: retrieval Recall@K, loop-closure precision/recall,
+the verifier on EuRoC, the model zoo, and trajectory error of the pose graph fed by the loop
+closures."""
 
 from __future__ import annotations
 
@@ -134,9 +136,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     eu.add_argument("--output", help="also write the JSON result to this file")
     eu.set_defaults(func=_euroc)
 
+    from vpr_ros.cli.slam_cmd import register_slam
     from vpr_ros.cli.zoo_cmd import register_zoo
 
     register_zoo(esub)
+    register_slam(esub)
 
 
 def _emit(result: dict, args: argparse.Namespace, text: str) -> None:

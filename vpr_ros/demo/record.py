@@ -7,6 +7,13 @@ the camera's images, its ``CameraInfo``, a registered ``16UC1`` depth image, odo
 ``base_link`` and the camera's mount on ``/tf_static``: what a robot with an RGB-D camera
 records. With ``rear=True`` a second, rear-facing camera is recorded too (its images,
 CameraInfo and mount), for the demo's one-camera-versus-both comparison.
+
+Every bag carries two pose topics, as a recording with a reference system would: ``/odom``
+(``nav_msgs/Odometry`` in frame ``odom``) is wheel odometry that drifts
+(:mod:`vpr_ros.demo.drift`: scale error + heading random walk, integrated over the whole run, so
+lap 2's odometry has drifted further than lap 1's), and ``/ground_truth`` (frame ``map``) is the
+true pose. The map is built from the mapping run's ground truth (a site map normally comes from
+an optimised trajectory); loop closure and the pose graph run on the drifting odometry.
 """
 
 from __future__ import annotations
@@ -17,8 +24,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from vpr_ros.demo.drift import OdometryDrift, drift_planar
 from vpr_ros.demo.scenario import (Frame, ScenarioConfig, World, camera_matrix, camera_mount,
-                                   drive, render)
+                                   drive, poses, render)
 from vpr_ros.mapdb.bag_writer import ODOMETRY, BagWriter
 from vpr_ros.mapdb.camera import CameraModel
 
@@ -26,6 +34,7 @@ IMAGE_TOPIC = "/camera/image_raw"
 CAMERA_INFO_TOPIC = "/camera/camera_info"
 DEPTH_TOPIC = "/camera/depth/image_raw"
 ODOM_TOPIC = "/odom"
+GT_TOPIC = "/ground_truth"
 CAMERA_FRAME = "camera_optical"
 REAR_IMAGE_TOPIC = "/camera_rear/image_raw"
 REAR_CAMERA_INFO_TOPIC = "/camera_rear/camera_info"
@@ -47,12 +56,13 @@ class _Recorder:
     odometry of base_link, and the camera's mount on /tf_static."""
 
     def __init__(self, path: Path, cfg: ScenarioConfig, storage: str, compressed: bool,
-                 depth: bool, rear: bool = False) -> None:
+                 depth: bool, odometry: dict[int, tuple[float, float, float]],
+                 rear: bool = False) -> None:
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-        self.cfg, self.depth, self.rear = cfg, depth, rear
+        self.cfg, self.depth, self.rear, self.odometry = cfg, depth, rear, odometry
         self.camera = CameraModel(IMAGE_TOPIC, cfg.image_size[1], cfg.image_size[0],
                                   camera_matrix(cfg), frame_id=CAMERA_FRAME)
         self.writer = BagWriter(path, storage)  # type: ignore[arg-type]
@@ -69,7 +79,8 @@ class _Recorder:
             w.add_image_topic(REAR_IMAGE_TOPIC, compressed=compressed,
                               frame_id=REAR_CAMERA_FRAME)
             w.add_camera_info_topic(REAR_CAMERA_INFO_TOPIC, frame_id=REAR_CAMERA_FRAME)
-        w.add_pose_topic(ODOM_TOPIC, ODOMETRY, frame_id="map", child_frame_id=BASE_FRAME)
+        w.add_pose_topic(ODOM_TOPIC, ODOMETRY, frame_id="odom", child_frame_id=BASE_FRAME)
+        w.add_pose_topic(GT_TOPIC, ODOMETRY, frame_id="map", child_frame_id=BASE_FRAME)
         self.first = True
 
     def write(self, fr: Frame, rear_image=None) -> None:
@@ -80,7 +91,10 @@ class _Recorder:
                 mounts.append((BASE_FRAME, REAR_CAMERA_FRAME, rear_mount(self.cfg)))
             w.write_static_transforms(fr.stamp_ns, mounts)
             self.first = False
-        w.write_pose(ODOM_TOPIC, fr.stamp_ns, (fr.x, fr.y, 0.0), fr.quaternion)
+        ox, oy, oyaw = self.odometry[fr.stamp_ns]
+        w.write_pose(ODOM_TOPIC, fr.stamp_ns, (ox, oy, 0.0),
+                     (0.0, 0.0, math.sin(oyaw / 2), math.cos(oyaw / 2)))
+        w.write_pose(GT_TOPIC, fr.stamp_ns, (fr.x, fr.y, 0.0), fr.quaternion)
         w.write_camera_info(CAMERA_INFO_TOPIC, fr.stamp_ns, self.camera)
         w.write_image(IMAGE_TOPIC, fr.stamp_ns, fr.image)
         if self.depth and fr.depth is not None:
@@ -104,14 +118,19 @@ def rear_mount(cfg: ScenarioConfig) -> tuple[float, ...]:
 
 def record_scenario(out_dir: str | Path, cfg: ScenarioConfig = ScenarioConfig(),
                     storage: str = "sqlite3", compressed: bool = False,
-                    depth: bool = True, rear: bool = False) -> RecordedScenario:
+                    depth: bool = True, rear: bool = False,
+                    drift: OdometryDrift = OdometryDrift()) -> RecordedScenario:
     """Render both laps and write the bags and the ground truth into ``out_dir``, one frame at
     a time (a 640x480 route with depth is gigabytes if held in memory)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     suffix = ".bag" if storage == "rosbag1" else "_bag"  # ROS 1: one file; rosbag2: a folder
     paths = {name: out / f"{name}{suffix}" for name in ("lap1", "lap2", "full")}
-    bags = {name: _Recorder(p, cfg, storage, compressed, depth, rear)
+    truth = list(poses(cfg))
+    ox, oy, oyaw = drift_planar([r[2] for r in truth], [r[3] for r in truth],
+                                [r[4] for r in truth], drift)
+    odometry = {r[1]: (float(a), float(b), float(c)) for r, a, b, c in zip(truth, ox, oy, oyaw)}
+    bags = {name: _Recorder(p, cfg, storage, compressed, depth, odometry, rear)
             for name, p in paths.items()}
     world = World(cfg) if rear else None
     counts = {1: 0, 2: 0}

@@ -9,8 +9,12 @@
    localization mode is fed lap 2 by ``vpr bag play``; what it publishes is collected from
    the wire and compared with ground truth.
 5. Loop closure: the node in loop-closure mode (live map, odometry poses) is fed the whole run;
-   its closures are checked against ground truth.
-6. Report: a printed summary, ``report.json`` and plots (route with matches, PR curve).
+   its closures are checked against ground truth. Beside it, on the built-in route,
+   ``vpr_pose_graph`` (gtsam, iSAM2) turns the drifting odometry and the closures into an
+   optimised trajectory, and a twin of it gets one planted wrong closure more
+   (:mod:`vpr_ros.demo.slam_run`); evo measures both against ground truth.
+6. Report: a printed summary, ``report.json`` and plots (route with matches, PR curve,
+   trajectories).
 
 Ground truth of a user's bag: its pose topic (positions: a match is correct within
 ``correct_radius_m``), or, for a bag without poses, a loop ground-truth file (``loop_gt``: CSV
@@ -133,15 +137,20 @@ class _NodeProcess:
 
 
 def _drive_node(opts: DemoOptions, params_file: Path, params: dict[str, Any],
-                remaps: dict[str, str], bag: Path, topics: Sequence[str], name: str
-                ) -> tuple[Any, dict[str, str]]:
+                remaps: dict[str, str], bag: Path, topics: Sequence[str], name: str,
+                companions: Sequence[Any] = ()) -> tuple[Any, dict[str, str]]:
     """Start the node, wait until active, play the bag into it, wait until it has caught up;
-    return what was collected from the wire and the node's last diagnostics."""
+    return what was collected from the wire and the node's last diagnostics.
+
+    ``companions`` (e.g. the pose graph, :class:`~vpr_ros.demo.slam_run.PoseGraphCompanion`)
+    are started once the node is active, before the bag plays, and settled with the number of
+    loop closures the node published once it has caught up."""
     from vpr_ros.ros.output_collector import OutputCollector
 
     collector = OutputCollector("vpr_node")
     node = _NodeProcess(params_file, {**params, **opts.node_params}, remaps,
                         opts.out / f"{name}_node.log")
+    started: list[Any] = []
     try:
         deadline = time.monotonic() + 300
         while collector.diagnostics().get("lifecycle_state") != "active":
@@ -149,10 +158,15 @@ def _drive_node(opts: DemoOptions, params_file: Path, params: dict[str, Any],
             if time.monotonic() > deadline:
                 raise VPRError(f"vpr_node did not become active in 300 s; see {node.log_path}")
             time.sleep(0.3)
+        for companion in companions:
+            started.append(companion)
+            companion.start()
         opts.log(f"  vpr_node active ({collector.diagnostics().get('backend')}); playing "
                  f"{bag.name} at rate {opts.rate:g}")
+        extra = {t: 1 + sum(c.subscribers(t) for c in companions) for t in topics}
         _run([_exe("vpr"), "bag", "play", str(bag), "--rate", str(opts.rate),
-              "--wait-subscribers", "30", "--topics", *topics],
+              "--wait-subscribers", "30", "--topics", *topics,
+              *(a for t, n in extra.items() if n > 1 for a in ("--min-subscribers", f"{t}={n}"))],
              opts.out / f"{name}_play.log", timeout_s=3600)
 
         def caught_up(c: Any) -> bool:
@@ -170,8 +184,12 @@ def _drive_node(opts: DemoOptions, params_file: Path, params: dict[str, Any],
         collector.wait_for(caught_up, timeout_s=120)
         time.sleep(1.2)
         node.check_alive()
+        for companion in companions:
+            companion.settle(len(collector.data.loop_closures))
         return collector.data, collector.diagnostics()
     finally:
+        for companion in started:
+            companion.stop()
         node.stop()
         collector.close()
 
@@ -464,7 +482,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
 
     # 1. recordings and ground truth
     if opts.bag is None:
-        from vpr_ros.demo.record import (CAMERA_INFO_TOPIC, DEPTH_TOPIC, IMAGE_TOPIC,
+        from vpr_ros.demo.record import (CAMERA_INFO_TOPIC, DEPTH_TOPIC, GT_TOPIC, IMAGE_TOPIC,
                                          ODOM_TOPIC, REAR_CAMERA_INFO_TOPIC, REAR_IMAGE_TOPIC,
                                          read_ground_truth, record_scenario)
         from vpr_ros.demo.scenario import Route, ScenarioConfig
@@ -484,8 +502,11 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         map_bag, query_bag, full_bag = rec.lap1, rec.lap2, rec.full
         image_topic: str = IMAGE_TOPIC
         pose_topic: Optional[str] = ODOM_TOPIC
+        # The site map comes from the mapping run's true poses (a map is normally built from
+        # an optimised trajectory); loop closure and the pose graph get the drifting odometry.
+        map_pose_topic: Optional[str] = GT_TOPIC
         log(f"  lap 1: {rec.frames_per_lap[0]} frames, lap 2: {rec.frames_per_lap[1]} frames "
-            f"({opts.storage})")
+            f"({opts.storage}); /odom drifts, /ground_truth is kept apart")
 
         def gt(stamp_ns: int) -> Optional[tuple[float, float]]:
             row = lookup(stamp_ns)
@@ -496,6 +517,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     else:
         map_bag, query_bag, full_bag = (opts.map_bag or opts.bag), opts.bag, opts.bag
         image_topic, pose_topic = opts.image_topic, opts.pose_topic or None
+        map_pose_topic = pose_topic
         depth_topic = opts.depth_topic
         info_topics = [opts.camera_info_topic or sibling_topic(image_topic)]
         info_topics = [t for t in info_topics if t in bag_topics(query_bag)]
@@ -531,7 +553,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         ["--depth-topic", f"{image_topic}={depth_topic}" if rear_topic else depth_topic]
     _run([_exe("vpr"), "map", "build", str(map_bag), "--image-topic", image_topic,
           *([rear_topic] if rear_topic else []), *depth_args,
-          *(["--pose-topic", pose_topic] if pose_topic else []), "--model", str(model),
+          *(["--pose-topic", map_pose_topic] if map_pose_topic else []), "--model", str(model),
           "-o", str(map_dir), "--no-progress", "--backend", opts.backend],
          out / "map_build.log", timeout_s=3600)
     place_map = PlaceMap.load(map_dir)
@@ -570,8 +592,21 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
                           t: int(both_diag.get(f"camera.{t}.matches_found", 0))
                           for t in (image_topic, rear_topic)}}
 
-    # 4. loop closure within one run
-    log("[4/5] vpr_node in loop-closure mode over the whole run ...")
+    # 4. loop closure within one run, and the pose graph that consumes the closures
+    companions = []
+    if scenario:
+        from vpr_ros.demo.scenario import camera_mount
+        from vpr_ros.demo.slam_run import PoseGraphCompanion, SlamSetup, ground_truth_tracks
+
+        odom_track, gt_track = ground_truth_tracks(full_bag, ODOM_TOPIC, GT_TOPIC)
+        mount = dict(zip(("camera.mount_x", "camera.mount_y", "camera.mount_z",
+                          "camera.mount_qx", "camera.mount_qy", "camera.mount_qz",
+                          "camera.mount_qw"), camera_mount(cfg)))
+        companions.append(PoseGraphCompanion(out, SlamSetup(
+            odom_topic=ODOM_TOPIC, ground_truth=gt_track, odometry=odom_track, params=mount,
+            correct_radius_m=opts.correct_radius_m), log=log))
+    log("[4/5] vpr_node in loop-closure mode over the whole run"
+        + (", vpr_pose_graph beside it ..." if companions else " ..."))
     lc_params: dict[str, Any] = {
         **common, "map_index": "flat",
         # Exclusion of 85% of a lap (~40 s, ~160 m on the full route) keeps the detector from
@@ -591,7 +626,15 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     lc_data, lc_diag = _drive_node(
         opts, config_file("vpr_loop_closure.yaml"), lc_params, lc_remaps, full_bag,
         [image_topic, *info_topics[:1], *([depth_topic] if depth_topic else []),
-         *([pose_topic] if pose_topic else [])], "loop_closure")
+         *([pose_topic] if pose_topic else [])], "loop_closure", companions=companions)
+    slam = None
+    if companions:
+        from vpr_ros.demo.slam_run import evaluate_slam
+
+        slam = evaluate_slam(companions[0], lc_data.loop_closures, out)
+        plots_slam = [slam["plot"]]
+    else:
+        plots_slam = []
     if loop_truth is not None:
         same: Optional[SamePlace] = loop_truth.same_place
         loops = evaluate_loop_closures(lc_data, loop_truth.same_place,
@@ -640,6 +683,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         plots.append(plot_verification(out, verification.pop("rows"), opts.correct_radius_m))
     else:
         verification.pop("rows")
+    plots.extend(Path(p) for p in plots_slam)
     _dump_wire(out / "wire_localization.json", loc_data, gt)
     _dump_wire(out / "wire_loop_closure.json", lc_data, gt)
 
@@ -673,7 +717,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
                          "keyframes_inserted": int(lc_diag.get("keyframes_inserted", 0)),
                          "top1_score_median": _top1_median(lc_data),
                          "latency": lat(lc_diag)},
-        "pr_curve": pr, "plots": [str(p) for p in plots],
+        "pr_curve": pr, "plots": [str(p) for p in plots], "slam": slam,
         "wall_time_s": round(time.monotonic() - t0, 1),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -838,6 +882,10 @@ def format_report(r: dict[str, Any]) -> str:
             f"{rl['latency'].get('extract_p50_ms', float('nan')):.1f} ms")
     else:
         lines.append("verification   OFF (verification.enabled false): decisions unverified")
+    if r.get("slam"):
+        from vpr_ros.demo.slam_run import format_slam
+
+        lines += format_slam(r["slam"])
     lines += [
         f"latency        encode p50 {rl['latency']['encode_p50_ms']:.1f} ms / p95 "
         f"{rl['latency']['encode_p95_ms']:.1f} ms; total p50 {rl['latency']['total_p50_ms']:.1f}"

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from vpr_ros.errors import BagError, ConfigError
 from vpr_ros.mapdb.bag_reader import BagReader, RawMessage
@@ -39,6 +39,9 @@ class PlayOptions:
     start_offset_s: float = 0.0
     qos: str = "reliable"
     wait_subscribers_s: float = 0.0
+    #: topic -> subscribers to wait for (default one per topic): a topic several nodes listen
+    #: to (the demo's odometry: vpr_node and the pose graphs) is played once all are matched
+    min_subscribers: Mapping[str, int] = field(default_factory=dict)
     node_name: str = "vpr_bag_player"
 
     def __post_init__(self) -> None:
@@ -51,6 +54,10 @@ class PlayOptions:
         if not (self.wait_subscribers_s >= 0):
             raise ConfigError(f"--wait-subscribers must be >= 0 seconds, got "
                               f"{self.wait_subscribers_s}")
+        for topic, n in self.min_subscribers.items():
+            if not (isinstance(n, int) and n >= 1):
+                raise ConfigError(f"--min-subscribers {topic}={n!r}: the count must be an "
+                                  "integer >= 1")
 
 
 @dataclass
@@ -150,7 +157,8 @@ def play_bag(bag: str | Path, options: PlayOptions | None = None,
             node = rclpy.create_node(options.node_name, context=context)
             qos = publisher_qos(options.qos)
             publishers = {t: node.create_publisher(cls, t, qos) for t, cls in classes.items()}
-            _wait_for_subscribers(publishers, options.wait_subscribers_s, stop)
+            _wait_for_subscribers(publishers, options.wait_subscribers_s, stop,
+                                  options.min_subscribers)
             while not stop.is_set():
                 _play_once(reader, list(publishers), publishers, options, stop, stats,
                            on_publish)
@@ -188,16 +196,22 @@ def _drain(publishers: dict[str, Any], timeout_s: float = 2.0) -> None:
 
 
 def _wait_for_subscribers(publishers: dict[str, Any], timeout_s: float,
-                          stop: threading.Event) -> None:
-    """Give DDS discovery time to match subscribers, so the first messages are not lost."""
+                          stop: threading.Event,
+                          min_subscribers: Mapping[str, int] | None = None) -> None:
+    """Give DDS discovery time to match subscribers (one per topic, or ``min_subscribers``),
+    so the first messages are not lost."""
     if timeout_s <= 0:
         return
     deadline = time.monotonic() + timeout_s
+    need = dict(min_subscribers or {})
+
+    def short(t: str, p: Any) -> bool:
+        return p.get_subscription_count() < need.get(t, 1)
     while time.monotonic() < deadline and not stop.is_set():
-        if all(p.get_subscription_count() > 0 for p in publishers.values()):
+        if not any(short(t, p) for t, p in publishers.items()):
             return
         time.sleep(0.02)
-    waiting = [t for t, p in publishers.items() if p.get_subscription_count() == 0]
+    waiting = [t for t, p in publishers.items() if short(t, p)]
     if waiting:
         log.warning("no subscriber on %s after %.1f s; playing anyway", ", ".join(waiting),
                     timeout_s)
