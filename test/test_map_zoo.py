@@ -55,7 +55,8 @@ def test_selavpr_map_stores_the_models_codes_and_search_uses_them(
     bag = straight_route(tmp_path / "run", "mcap", n=20)
     out = tmp_path / "map"
     assert _vpr("map", "build", str(bag), "--image-topic", TOPIC, "--pose-topic", "/odom",
-                "--model", str(selavpr), "-o", str(out), "--no-progress", "--json") == 0
+                "--model", str(selavpr), "-o", str(out), "--no-progress", "--json",
+                "--backend", "torch") == 0  # the reference below is PyTorch fp32
     summary = json.loads(capsys.readouterr().out)
     assert summary["index"] == "binary (model codes)" and not summary["local_features"]
 

@@ -52,7 +52,10 @@ def lap1_maps(models: dict[str, Path], route, tmp_path_factory: pytest.TempPathF
 
 @pytest.fixture(scope="module")
 def running() -> Iterator[InProcessNode]:
-    harness = InProcessNode({"threads": 1, "top_k": TOP_K, "rerank.local_top_k": RERANK},
+    harness = InProcessNode({"threads": 1, "top_k": TOP_K, "rerank.local_top_k": RERANK,
+                             # the offline references are PyTorch fp32, so the node runs it too
+                             # (auto could pick a reduced precision within cosine 0.999)
+                             "backend": "torch"},
                             {"image": TOPIC})
     try:
         yield harness
