@@ -31,8 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     register_encoder(sub)
     register_verify(sub)
     from vpr_ros.bench.node_bench import register as register_node
+    from vpr_ros.bench.sequence_bench import register as register_sequence
 
     register_node(sub)
+    register_sequence(sub)
 
 
 def register_search(sub: argparse._SubParsersAction) -> None:

@@ -65,6 +65,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--local-rerank-top", type=int, default=100, metavar="N",
                    help="candidates re-ranked by --local-rerank (default 100)")
     r.add_argument("--k", type=_ks, default=[1, 5, 10, 20], help="K values (default 1,5,10,20)")
+    r.add_argument("--sequence-length", type=int, metavar="L",
+                   help="rank by sequence evidence: queries in folder order, query i decided "
+                   "with queries i-L+1..i (the node's sequence matcher over each query's top "
+                   "max(K) shortlist); 1 = single frame")
+    r.add_argument("--period-s", type=float, default=1.0,
+                   help="seconds between consecutive images of each folder (default 1)")
+    r.add_argument("--relocalization", action="store_true",
+                   help="also replay the node's relocalizer over the queries in order and "
+                   "report its recall at 100%% precision, AUC, precision and recall")
+    r.add_argument("--decision-config", metavar="YAML",
+                   help="relocalization/sequence settings: a vpr_node params file "
+                   "(config/vpr_localization.yaml, a calibrated site.yaml) or its sections")
+    r.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="override one setting (repeatable): relocalization names plain "
+                   "(min_consistent=2), sequence ones prefixed (sequence.speed_max=1.2)")
+    r.add_argument("--calibrate", action="store_true",
+                   help="choose the relocalization settings with the most recall at 100%% "
+                   "precision on these queries (a validation part; figures are in-sample)")
+    r.add_argument("-o", "--params-out", metavar="SITE_YAML",
+                   help="with --calibrate: write the chosen settings as a vpr_node params file")
     r.add_argument("--plot-dir", help="write recall_at_k.png and examples.png here")
     r.add_argument("--batch-size", type=int, default=32)
     r.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -84,20 +104,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.set_defaults(func=_recall)
 
     lp = esub.add_parser("loop", help="loop-closure precision/recall on a sequence",
-                         description="Replay the node's loop-closure detector over a sequence "
-                         "with ground-truth positions (CSV image,stamp_ns,x,y[,z], or a folder "
-                         "of UTM-named images in time order) at many thresholds; report "
-                         "recall at 100%% precision and the PR AUC.")
+                         description="Replay the node's loop-closure decisions over a sequence "
+                         "with ground-truth positions (CSV image,stamp_ns,x,y[,z][,odom_x,"
+                         "odom_y[,odom_z,odom_yaw]], or a folder of UTM-named images in time "
+                         "order) at many thresholds, stage by stage: single frame, + sequence "
+                         "matching, + calibration; report recall at 100%% precision, precision "
+                         "and recall at the given settings, the PR AUC and curves, without "
+                         "odometry and, where the CSV has odometry columns, with it.")
     lp.add_argument("--model", required=True, help="model directory")
     lp.add_argument("--sequence", required=True, help="sequence CSV or UTM-named image folder")
     lp.add_argument("--gt-distance-m", type=float, default=25.0,
                     help="a closure is correct within this distance (default 25)")
-    lp.add_argument("--loop-config", help="YAML with LoopClosureConfig values (or a "
-                    "'loop_closure' section)")
+    lp.add_argument("--loop-config", help="YAML with the decision settings: a vpr_node params "
+                    "file (config/vpr_loop_closure.yaml, a calibrated site.yaml), a file with "
+                    "'loop_closure'/'sequence' sections, or bare LoopClosureConfig values")
     lp.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                    help="override one LoopClosureConfig value (repeatable)")
+                    help="override one setting (repeatable): loop-closure names plain "
+                    "(min_score=0.7), sequence ones prefixed (sequence.reverse=true)")
+    lp.add_argument("--sequence-length", type=int, metavar="L",
+                    help="frames of sequence evidence (sequence.length; 1 = single frame)")
     lp.add_argument("--use-poses", action="store_true",
-                    help="give the detector the sequence positions as odometry")
+                    help="without odometry columns in the CSV, give the detector the "
+                    "ground-truth positions as odometry (the JSON's 'odometry' says so)")
+    lp.add_argument("--calibrate", action="store_true",
+                    help="choose the settings with the most recall at 100%% precision on this "
+                    "sequence (a validation run; the figures are in-sample)")
+    lp.add_argument("-o", "--params-out", metavar="SITE_YAML",
+                    help="with --calibrate: write the chosen settings as a vpr_node params "
+                    "file (load it after the mode's config with --params-file)")
     lp.add_argument("--period-s", type=float, default=1.0,
                     help="image folders: seconds between frames (default 1)")
     lp.add_argument("--index", default="flat", choices=["flat", "hnsw", "ivfpq", "binary"])
@@ -151,8 +185,21 @@ def _emit(result: dict, args: argparse.Namespace, text: str) -> None:
 
 
 def _recall(args: argparse.Namespace) -> int:
-    from vpr_ros.eval.tasks import recall_eval
+    from vpr_ros.errors import InputError
+    from vpr_ros.eval.sequence_eval import reloc_configs, with_length
+    from vpr_ros.eval.tasks import DecisionOptions, recall_eval
 
+    if args.params_out and not args.calibrate:
+        raise InputError("-o/--params-out writes the calibrated settings: add --calibrate")
+    decisions = None
+    wanted = (args.sequence_length is not None or args.relocalization or args.calibrate
+              or args.decision_config or args.param)
+    if wanted:
+        reloc, seq = reloc_configs(args.decision_config, args.param)
+        decisions = DecisionOptions(
+            sequence=with_length(seq, args.sequence_length),
+            relocalizer=reloc if (args.relocalization or args.calibrate) else None,
+            calibrate=args.calibrate, params_out=args.params_out, period_s=args.period_s)
     res = recall_eval(args.model, args.database, args.queries, threshold_m=args.threshold_m,
                       tolerance=args.tolerance, index=args.index, ks=args.k,
                       subset=args.subset, plot_dir=args.plot_dir, batch_size=args.batch_size,
@@ -160,7 +207,7 @@ def _recall(args: argparse.Namespace) -> int:
                       progress=not args.no_progress, rerank=args.rerank,
                       local_rerank=args.local_rerank, local_rerank_top=args.local_rerank_top,
                       protocol=args.protocol, ground_truth=args.ground_truth,
-                      verify=args.verify, camera=args.camera)
+                      verify=args.verify, camera=args.camera, decisions=decisions)
     figures = "  ".join(f"{k} {100 * v:.2f}" for k, v in res["recall"].items())
     text = (f"{figures}   ({res['num_queries']} queries, {res['num_database']} database images, "
             f"{res['ground_truth']}, {describe_search(res['search'])})")
@@ -171,6 +218,16 @@ def _recall(args: argparse.Namespace) -> int:
                  f"{100 * v['recall_at_100_precision']['with']:.2f} ({v['candidates_verified']} "
                  f"candidates verified, {v['candidates_rejected']} rejected, "
                  f"{v['verifier']['ms_per_pair']} ms per pair)")
+    if res.get("sequence_length", 1) > 1:
+        single = "  ".join(f"{k} {100 * v:.2f}" for k, v in res["single_frame_recall"].items())
+        text += (f"\nsequence of {res['sequence_length']} frames above; single frame: "
+                 f"{single}")
+    for name, st in (res.get("relocalization") or {}).get("stages", {}).items():
+        text += (f"\nrelocalization {name:12s} recall@100%precision "
+                 f"{st['recall_at_100_precision']:.3f}  AUC {st['auc']:.3f}  at the settings: "
+                 f"precision {st['precision']:.3f} recall {st['recall']:.3f}")
+    if res.get("params_file"):
+        text += f"\ncalibrated settings written to {res['params_file']}"
     if res.get("plots"):
         text += "\nplots: " + ", ".join(res["plots"])
     _emit(res, args, text)
@@ -199,20 +256,33 @@ def _loop(args: argparse.Namespace) -> int:
                     k=args.k, use_poses=args.use_poses, period_s=args.period_s,
                     num_thresholds=args.thresholds, plot_dir=args.plot_dir,
                     batch_size=args.batch_size, device=args.device, backend=args.backend,
-                    progress=not args.no_progress, verify=args.verify, camera=args.camera)
-    text = (f"recall@100%precision {res['recall_at_100_precision']:.3f}  AUC {res['auc']:.3f}  "
-            f"({res['num_positives']} revisits in {res['num_queries']} frames)")
+                    progress=not args.no_progress, verify=args.verify, camera=args.camera,
+                    sequence_length=args.sequence_length, calibrate=args.calibrate,
+                    params_out=args.params_out)
+    lines = [f"{res['num_positives']} revisits in {res['num_queries']} frames; odometry: "
+             f"{res['odometry']}"]
+    for label, stages in (("camera only", res["stages"]),
+                          ("with odometry", res["stages_with_odometry"])):
+        for name, st in (stages or {}).items():
+            at = ("" if st["precision"] is None else
+                  f"  at the settings: precision {st['precision']:.3f} recall "
+                  f"{st['recall']:.3f}")
+            lines.append(f"{label:13s} {name:13s} recall@100%precision "
+                         f"{st['recall_at_100_precision']:.3f}  AUC {st['auc']:.3f}{at}")
+    if res.get("params_file"):
+        lines.append(f"calibrated settings written to {res['params_file']}")
     if res.get("verification"):
         v = res["verification"]
-        text += (f"\nwith verification: recall@100%precision "
-                 f"{v['recall_at_100_precision']['with']:.3f}  AUC {v['auc']['with']:.3f}  "
-                 f"({v['candidates_verified']} candidates verified, "
-                 f"{v['candidates_rejected']} rejected)")
+        lines.append(f"with verification (single frames): recall@100%precision "
+                     f"{v['recall_at_100_precision']['with']:.3f}  AUC {v['auc']['with']:.3f}  "
+                     f"({v['candidates_verified']} candidates verified, "
+                     f"{v['candidates_rejected']} rejected)")
         rpe = v.get("relative_pose_error")
         if rpe:
-            text += (f"\nrelative pose of {rpe['pairs']} verified true closures: rotation "
-                     f"median {rpe['rotation_deg_median']:.2f} deg, direction median "
-                     f"{rpe['direction_deg_median']:.1f} deg")
+            lines.append(f"relative pose of {rpe['pairs']} verified true closures: rotation "
+                         f"median {rpe['rotation_deg_median']:.2f} deg, direction median "
+                         f"{rpe['direction_deg_median']:.1f} deg")
+    text = "\n".join(lines)
     if res.get("plots"):
         text += "\nplots: " + ", ".join(res["plots"])
     _emit(res, args, text)

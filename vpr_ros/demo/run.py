@@ -475,6 +475,12 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     log = opts.log
     log(f"vpr demo: writing everything to {out}")
+    if "ROS_DOMAIN_ID" not in os.environ:
+        # The demo's nodes, player and collector talk only to each other: a domain of their
+        # own keeps another ROS program on this machine (a second demo, a test run) from
+        # feeding them its camera frames.
+        os.environ["ROS_DOMAIN_ID"] = str(1 + os.getpid() % 100)
+        log(f"  ROS_DOMAIN_ID={os.environ['ROS_DOMAIN_ID']} (set ROS_DOMAIN_ID to choose)")
     model = opts.model.resolve() if opts.model else _default_model(out, log)
     loop_truth = None
     ground_truth = "poses"
@@ -689,7 +695,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
 
     def lat(diag: dict[str, str]) -> dict[str, float]:
         keys = ("encode_p50", "encode_p95", "total_p50", "total_p95", "extract_p50",
-                "extract_p95", "match_p50", "match_p95", "estimate_p50", "estimate_p95")
+                "extract_p95", "match_p50", "match_p95", "estimate_p50", "estimate_p95",
+                "sequence_p50", "sequence_p95")
         return {k + "_ms": float(diag.get(f"latency_{k}_ms", "nan")) for k in keys}
     report = {
         "output_dir": str(out), "model": str(model), "map": str(map_dir),
@@ -716,6 +723,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         "loop_closure": {**loops, "frames_processed": int(lc_diag.get("frames_processed", 0)),
                          "keyframes_inserted": int(lc_diag.get("keyframes_inserted", 0)),
                          "top1_score_median": _top1_median(lc_data),
+                         "sequence_length": int(lc_diag.get("sequence_length", 1)),
                          "latency": lat(lc_diag)},
         "pr_curve": pr, "plots": [str(p) for p in plots], "slam": slam,
         "wall_time_s": round(time.monotonic() - t0, 1),
@@ -889,7 +897,11 @@ def format_report(r: dict[str, Any]) -> str:
     lines += [
         f"latency        encode p50 {rl['latency']['encode_p50_ms']:.1f} ms / p95 "
         f"{rl['latency']['encode_p95_ms']:.1f} ms; total p50 {rl['latency']['total_p50_ms']:.1f}"
-        f" ms / p95 {rl['latency']['total_p95_ms']:.1f} ms",
+        f" ms / p95 {rl['latency']['total_p95_ms']:.1f} ms; sequence matching p50 "
+        f"{rl['latency'].get('sequence_p50_ms', float('nan')):.2f} / p95 "
+        f"{rl['latency'].get('sequence_p95_ms', float('nan')):.2f} ms (localization), "
+        f"{lc['latency'].get('sequence_p50_ms', float('nan')):.2f} / "
+        f"{lc['latency'].get('sequence_p95_ms', float('nan')):.2f} ms (loop closure)",
         f"plots          {', '.join(Path(p).name for p in r['plots'])}",
         f"everything in  {r['output_dir']}  (report.json, logs, bags, map)",
         f"wall time      {r['wall_time_s']:.0f} s",

@@ -80,6 +80,36 @@ def plot_pr_curve(ev: LoopEvaluation, out: str | Path, title: str = "Loop closur
     return out
 
 
+def plot_pr_curves(curves: Mapping[str, LoopEvaluation], out: str | Path,
+                   title: str = "Loop closure") -> Path:
+    """One PR curve per decision stage (single frame, + sequence, + calibration), R@100P and
+    AUC in the legend."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=120)
+    any_ev = None
+    for name, ev in curves.items():
+        any_ev = ev
+        order = np.argsort(-np.asarray(ev.thresholds), kind="stable")
+        ax.plot(ev.recall[order], ev.precision[order], marker=".",
+                label=f"{name.replace('_', ' ')}: AUC {ev.auc:.3f}, "
+                      f"R@100P {ev.recall_at_100_precision:.3f}")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.05)
+    ax.grid(True, alpha=0.3)
+    if any_ev is not None:
+        ax.set_title(f"{title} ({any_ev.num_positives} revisits, {any_ev.num_queries} frames)",
+                     fontsize=9)
+    ax.legend(loc="lower left", fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def plot_examples(query_paths: Sequence[Path], database_paths: Sequence[Path],
                   ranked_ids: np.ndarray, positives: Sequence[np.ndarray], out: str | Path,
                   rows: int = 8, k: int = 4, title: str = "") -> Path:

@@ -167,15 +167,88 @@ def encode_eval(model: str | Path, database: str, queries: Optional[str], *,
                        timings)
 
 
+@dataclass
+class DecisionOptions:
+    """Sequence matching and relocalization decisions on top of ``vpr eval recall``."""
+
+    sequence: Any = None                 # SequenceConfig; None or length 1: single frame
+    relocalizer: Any = None              # RelocalizerConfig: report relocalization decisions
+    calibrate: bool = False
+    params_out: Optional[str | Path] = None
+    period_s: float = 1.0
+    num_thresholds: int = 50
+
+
+def _decisions(ev: EncodedEval, ids: Any, scores: Any, ks: list[int], plan: SearchPlan,
+               opts: DecisionOptions, out: dict[str, Any]) -> Any:
+    """Sequence ranking (returned, for Recall@K) and relocalization figures (into ``out``)."""
+    import dataclasses
+
+    from vpr_ros.eval.sequence_eval import ranking, relocalization_figures, sequence_hypotheses
+
+    seq = opts.sequence
+    db_pos = ev.db.positions
+    hyps_single = sequence_hypotheses(ev.db_enc.global_, ev.q_enc.global_, ids, scores,
+                                      dataclasses.replace(seq, length=1), opts.period_s, db_pos)
+    stages = {"single_frame": hyps_single}
+    if seq.enabled:
+        stages["sequence"] = sequence_hypotheses(ev.db_enc.global_, ev.q_enc.global_, ids,
+                                                 scores, seq, opts.period_s, db_pos)
+        out["single_frame_recall"] = evaluate_ranking(
+            ids, scores, ev.positives, ks, len(ev.db_enc), plan.index, ev.gt_label).to_dict()[
+            "recall"]
+    out["sequence_length"] = seq.length
+    out["sequence_config"] = {f: getattr(seq, f) for f in seq.__dataclass_fields__}
+    if opts.relocalizer is not None:
+        reloc: dict[str, Any] = {}
+        calib = None
+        last = list(stages)[-1]
+        for name, hyps in stages.items():
+            fig, _, c = relocalization_figures(
+                hyps, ev.positives, opts.relocalizer, seq.length if name == "sequence" else 1,
+                opts.period_s, calibrate=opts.calibrate and name == last,
+                num_thresholds=opts.num_thresholds)
+            reloc[name] = fig
+            calib = c or calib
+        out["relocalization"] = {"stages": reloc, "config": {
+            f: getattr(opts.relocalizer, f) for f in opts.relocalizer.__dataclass_fields__}}
+        if calib is not None and opts.params_out is not None:
+            from vpr_ros.eval.params_file import write_params_file
+
+            reach = (f"relocalization recall {calib.point.recall:.3f} at precision "
+                     f"{calib.point.precision:.3f}" if calib.reached else
+                     "no setting reached precision 1.0 with any recall: these values accept "
+                     "nothing")
+            seq_cfg = seq if seq.enabled else dataclasses.replace(seq, length=1)
+            out["params_file"] = str(write_params_file(opts.params_out, [
+                ("relocalization", dataclasses.replace(calib.config, one_shot=True)),
+                ("sequence", seq_cfg)], [
+                f"Calibrated by `vpr eval recall --calibrate` on {ev.q.source} against "
+                f"{ev.db.source} ({len(ev.q_enc)} queries, {ev.gt_label}), model "
+                f"{ev.encoder.fingerprint}: {reach}.",
+                "Load after the mode's config: vpr_node --ros-args --params-file "
+                "config/vpr_localization.yaml --params-file THIS_FILE",
+                f"Chosen: {', '.join(f'{k}={v}' for k, v in calib.values.items())}"]))
+    if seq.enabled:
+        return ranking(stages["sequence"], max(ks))
+    return None
+
+
 def recall_from_encoded(ev: EncodedEval, plan: SearchPlan, ks: Sequence[int] = DEFAULT_KS,
                         plot_dir: Optional[str | Path] = None, label: Optional[str] = None,
-                        progress: bool = False, verifier: Any = None) -> dict[str, Any]:
+                        progress: bool = False, verifier: Any = None,
+                        decisions: Optional[DecisionOptions] = None) -> dict[str, Any]:
     """The ``vpr eval recall`` JSON of one search plan over already encoded sets."""
     ks = check_ks(ks)
     enc = ev.encoder
     t1 = time.time()
     ids, scores = search_encoded(ev.db_enc, ev.q_enc, enc.fingerprint, max(ks), plan,
                                  ev.db.paths, progress)
+    extra: dict[str, Any] = {}
+    if decisions is not None:
+        ranked = _decisions(ev, ids, scores, ks, plan, decisions, extra)
+        if ranked is not None:
+            ids, scores = ranked
     res = evaluate_ranking(ids, scores, ev.positives, ks, len(ev.db_enc), plan.index,
                            ev.gt_label)
     search_s = time.time() - t1
@@ -187,6 +260,7 @@ def recall_from_encoded(ev: EncodedEval, plan: SearchPlan, ks: Sequence[int] = D
                 "subset": list(ev.subset) if ev.subset else None,
                 "search": plan.describe(ev.db_enc),
                 "timings_s": {**ev.timings, "search": round(search_s, 3)}})
+    out.update(extra)
     if verifier is not None:
         from vpr_ros.eval.verify_eval import verify_ranking
 
@@ -215,7 +289,8 @@ def recall_eval(model: str | Path, database: str, queries: Optional[str], *,
                 rerank: Optional[int] = None, local_rerank: bool = False,
                 local_rerank_top: int = DEFAULT_TOP_N, protocol: Optional[str] = None,
                 ground_truth: Optional[str] = None, verify: bool = False,
-                camera: Optional[str] = None) -> dict[str, Any]:
+                camera: Optional[str] = None,
+                decisions: Optional[DecisionOptions] = None) -> dict[str, Any]:
     """Recall@K of ``model`` for ``queries`` against ``database`` (see ``vpr eval recall``).
     ``verify``: also the recall at 100 % precision without and with geometric verification
     (``camera``: a calibration file of the images; see :mod:`vpr_ros.eval.verify_eval`).
@@ -234,7 +309,7 @@ def recall_eval(model: str | Path, database: str, queries: Optional[str], *,
                      backend=backend, progress=progress, encoder=encoder, protocol=protocol,
                      ground_truth=ground_truth)
     return recall_from_encoded(ev, plan, ks, plot_dir, label, progress,
-                               _verifier(camera) if verify else None)
+                               _verifier(camera) if verify else None, decisions)
 
 
 def _verifier(camera: Optional[str]) -> Any:
@@ -249,32 +324,66 @@ def loop_eval(model: str | Path, sequence: str | Path, *, gt_distance_m: float =
               period_s: float = 1.0, num_thresholds: int = 50,
               plot_dir: Optional[str | Path] = None, batch_size: int = 32, device: str = "cpu",
               backend: str = "torch", progress: bool = True, verify: bool = False,
-              camera: Optional[str] = None) -> dict[str, Any]:
-    """Loop-closure PR of ``model`` on a sequence (see ``vpr eval loop``); ``verify``: again
-    with geometric verification, and the relative-pose error of verified true closures where
-    the sequence has orientations and ``camera`` is given."""
-    from vpr_ros.eval.loop import evaluate_sequence, loop_config, read_sequence
+              camera: Optional[str] = None, sequence_length: Optional[int] = None,
+              calibrate: bool = False, params_out: Optional[str | Path] = None
+              ) -> dict[str, Any]:
+    """Loop-closure PR of ``model`` on a sequence, stage by stage (see ``vpr eval loop``);
+    ``verify``: again with geometric verification (single frames, as configured otherwise),
+    and the relative-pose error of verified true closures where the sequence has orientations
+    and ``camera`` is given."""
+    import dataclasses
+
+    from vpr_ros.eval.loop import (ODOMETRY_NONE, SESSION, decision_configs, evaluate_sequence,
+                                   evaluate_stages, make_search, odometry_for, read_sequence)
 
     seq = read_sequence(sequence, period_s)
-    config = loop_config(loop_config_path, list(params))
+    config, seq_cfg = decision_configs(loop_config_path, list(params))
+    if sequence_length is not None:
+        seq_cfg = dataclasses.replace(seq_cfg, length=int(sequence_length))
+    if params_out is not None and not calibrate:
+        raise InputError("-o/--params-out writes the calibrated settings: add --calibrate")
     encoder = open_encoder(model, backend, device)
     t0 = time.time()
     desc = encode_paths(encoder, seq.paths, batch_size, "sequence", progress)
     encode_s = time.time() - t0
-    ev = evaluate_sequence(desc, seq, encoder.fingerprint, config, gt_distance_m, index, k,
-                           use_poses, num_thresholds)
+    odom, source = odometry_for(seq, use_poses)
+    t1 = time.time()
+    camera_only = evaluate_stages(desc, seq, encoder.fingerprint, config, seq_cfg, gt_distance_m,
+                                  index=index, k=k, odometry=None,
+                                  num_thresholds=num_thresholds,
+                                  calibrate=calibrate and odom is None)
+    with_odom = None
+    if odom is not None:
+        with_odom = evaluate_stages(desc, seq, encoder.fingerprint, config, seq_cfg,
+                                    gt_distance_m, index=index, k=k, odometry=odom,
+                                    num_thresholds=num_thresholds, calibrate=calibrate,
+                                    search=make_search(desc, seq, encoder.fingerprint, index, k,
+                                                       odom))
+    decide_s = time.time() - t1
+    main = with_odom if with_odom is not None else camera_only
+    top_name = "sequence" if seq_cfg.enabled else "single_frame"
+    top = main.evaluations[top_name]
+    at = top.at_config
     out: dict[str, Any] = {
-        "recall_at_100_precision": ev.recall_at_100_precision, "auc": ev.auc,
-        "num_positives": ev.num_positives, "num_queries": ev.num_queries,
-        "gt_distance_m": gt_distance_m, "index": index, "use_poses": use_poses,
-        "sequence": str(seq.source), "config": {f: getattr(config, f) for f in
-                                                config.__dataclass_fields__},
+        "recall_at_100_precision": top.recall_at_100_precision, "auc": top.auc,
+        "precision": None if at is None else at.precision,
+        "recall": None if at is None else at.recall,
+        "num_positives": top.num_positives, "num_queries": top.num_queries,
+        "gt_distance_m": gt_distance_m, "index": index, "k": k, "use_poses": use_poses,
+        "odometry": source, "sequence_length": seq_cfg.length,
+        "stages": camera_only.stages,
+        "stages_with_odometry": None if with_odom is None else with_odom.stages,
+        "sequence": str(seq.source), "session": SESSION,
+        "config": {f: getattr(config, f) for f in config.__dataclass_fields__},
+        "sequence_config": {f: getattr(seq_cfg, f) for f in seq_cfg.__dataclass_fields__},
         "model": {"path": str(model), "fingerprint": encoder.fingerprint,
                   "backend": encoder.backend},
-        "timings_s": {"encode": round(encode_s, 2)}, "curve": ev.to_dict()}
+        "timings_s": {"encode": round(encode_s, 2), "decisions": round(decide_s, 2)},
+        "curve": top.to_dict()}
     if verify:
         from vpr_ros.eval.verify_eval import relative_pose_errors, verified_search
 
+        ev = main.evaluations["single_frame"]
         verifier = _verifier(camera)
         verdicts: dict = {}
         vev = evaluate_sequence(desc, seq, encoder.fingerprint, config, gt_distance_m, index, k,
@@ -296,9 +405,29 @@ def loop_eval(model: str | Path, sequence: str | Path, *, gt_distance_m: float =
                          "ms_per_pair": round(1e3 * (verifier.seconds["match"]
                                                      + verifier.seconds["estimate"])
                                               / max(1, verifier.pairs), 2)}}
-    if plot_dir is not None:
-        from vpr_ros.eval.plots import plot_pr_curve
+    calib = main.calibration
+    if calib is not None:
+        out["calibration"] = {**calib.to_dict(), "in_sample": True,
+                              "odometry": source if main is with_odom else ODOMETRY_NONE}
+        if params_out is not None:
+            from vpr_ros.eval.params_file import write_params_file
 
-        out["plots"] = [str(plot_pr_curve(ev, Path(plot_dir) / "pr_curve.png",
-                                          title=f"Loop closure: {Path(str(model)).name}"))]
+            reach = (f"recall {calib.point.recall:.3f} at precision "
+                     f"{calib.point.precision:.3f}" if calib.reached else
+                     "no setting reached precision 1.0 with any recall: these values accept "
+                     "nothing")
+            out["params_file"] = str(write_params_file(params_out, [
+                ("loop_closure", calib.config), ("sequence", seq_cfg)], [
+                f"Calibrated by `vpr eval loop --calibrate` on {seq.source} ({len(seq)} frames, "
+                f"{top.num_positives} revisits within {gt_distance_m:g} m), model "
+                f"{encoder.fingerprint}: {reach}.",
+                "Load after the mode's config: vpr_node --ros-args --params-file "
+                "config/vpr_loop_closure.yaml --params-file THIS_FILE",
+                f"Chosen: {', '.join(f'{k_}={v}' for k_, v in calib.values.items())}"]))
+    if plot_dir is not None:
+        from vpr_ros.eval.plots import plot_pr_curves
+
+        curves = {name: ev for name, ev in main.evaluations.items()}
+        out["plots"] = [str(plot_pr_curves(curves, Path(plot_dir) / "pr_curve.png",
+                                           title=f"Loop closure: {Path(str(model)).name}"))]
     return out

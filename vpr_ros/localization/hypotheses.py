@@ -44,6 +44,9 @@ class Hypothesis:
     candidate: Candidate
     sequence: Optional[SequenceMatch] = None
     frame_score: float = NAN
+    #: The relative score (:func:`evidence_margin`) when already known (an evaluation computes
+    #: it once per frame and replays many configurations); NaN: the deciding stage computes it.
+    margin: float = NAN
 
     @property
     def id(self) -> int:

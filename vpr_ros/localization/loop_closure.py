@@ -347,6 +347,8 @@ class LoopClosureDetector:
         return out
 
     def _margin(self, h: Hypothesis, pool: Sequence[Hypothesis]) -> float:
+        if math.isfinite(h.margin):
+            return h.margin
         return evidence_margin(h, pool, self.config.consistency_radius_m, self._stamp_window_ns)
 
     def consistent(self, surviving: list[Hypothesis]) -> list[tuple[Hypothesis, int]]:

@@ -249,7 +249,8 @@ class Relocalizer:
                                              or h.sequence.score < cfg.min_sequence_score):
                 self.rejected["below_sequence"] += 1
                 continue
-            ev_margin = evidence_margin(h, ranked, cfg.agreement_radius_m, self._stamp_window_ns)
+            ev_margin = h.margin if math.isfinite(h.margin) else evidence_margin(
+                h, ranked, cfg.agreement_radius_m, self._stamp_window_ns)
             if cfg.min_margin > 0 and ev_margin < cfg.min_margin:
                 self.rejected["low_margin"] += 1
                 continue

@@ -74,10 +74,10 @@ class SequenceConfig:
         True, "align by travelled distance where the query frames carry odometry and the map "
         "session carries positions; otherwise (or false) align by time over the speed range")
     speed_min: float = param(
-        0.67, "without odometry: slowest map-to-query speed ratio searched (map seconds per "
+        0.8, "without odometry: slowest map-to-query speed ratio searched (map seconds per "
         "query second)", 0.01, 100.0)
     speed_max: float = param(
-        1.5, "without odometry: fastest map-to-query speed ratio searched", 0.01, 100.0)
+        1.25, "without odometry: fastest map-to-query speed ratio searched", 0.01, 100.0)
     speed_steps: int = param(
         5, "without odometry: speeds tried, log-spaced from speed_min to speed_max (1.0 "
         "included when inside)", 1, 101)
@@ -450,6 +450,43 @@ class SequenceStats:
     empty_map_frames: int = 0         # frames with no keyframe to match at all
 
 
+class _RowCache:
+    """Descriptors of recently touched keyframes as float32 rows.
+
+    Consecutive frames walk nearly the same paths, so most rows a frame needs were fetched for
+    the previous one; keeping them saves the map read and the float16 -> float32 conversion.
+    Bounded (``capacity`` rows); when full it starts over, which costs one full fetch."""
+
+    def __init__(self, fetch: DescriptorsOf, capacity: int = 4096) -> None:
+        self._fetch = fetch
+        self._capacity = capacity
+        self._slot: dict[int, int] = {}
+        self._rows: Optional[np.ndarray] = None
+
+    def clear(self) -> None:
+        self._slot.clear()
+
+    def get(self, ids: np.ndarray) -> np.ndarray:
+        """(len(ids), D) float32 rows of unique keyframe ids (map descriptors never change)."""
+        id_list = ids.tolist()
+        missing = [i for i in id_list if i not in self._slot]
+        if len(missing) > self._capacity - len(self._slot):
+            self._slot.clear()
+            missing = id_list
+            if len(missing) > self._capacity:
+                return np.asarray(self._fetch(ids), dtype=np.float32)
+        if missing:
+            fresh = np.asarray(self._fetch(np.asarray(missing, dtype=np.int64)),
+                               dtype=np.float32)
+            if self._rows is None or self._rows.shape[1] != fresh.shape[1]:
+                self._rows = np.empty((self._capacity, fresh.shape[1]), np.float32)
+            start = len(self._slot)
+            self._rows[start:start + len(missing)] = fresh
+            self._slot.update(zip(missing, range(start, start + len(missing))))
+        assert self._rows is not None
+        return self._rows[[self._slot[i] for i in id_list]]
+
+
 @dataclass
 class _Frame:
     stamp_ns: int
@@ -508,6 +545,7 @@ class SequenceMatcher:
         self.track = track
         self._descriptors_of = descriptors_of
         self._rng = np.random.default_rng(seed)
+        self._rows = _RowCache(descriptors_of)
         self._speeds = config.speeds()
         self._kept: deque[_Frame] = deque(maxlen=max(0, config.length - 1))
         self._current: Optional[_Frame] = None
@@ -726,7 +764,7 @@ class SequenceMatcher:
         inverse = inverse.reshape(path_ids.shape)
         has_pad = bool(len(uniq)) and uniq[0] == -1
         real = uniq[1:] if has_pad else uniq
-        mdesc = np.asarray(self._descriptors_of(real), dtype=np.float32)
+        mdesc = self._rows.get(real)
         q = np.stack([f.desc for f in frames])
         mu = np.array([f.mu for f in frames])
         sigma = np.array([f.sigma for f in frames])
