@@ -148,7 +148,8 @@ def test_sequence_ranking_and_relocalization_figures() -> None:
         return float(np.mean([t in p for t, p in zip(top[:, 0], positives)]))
 
     assert r1(seq) > r1(single) + 0.1, (r1(single), r1(seq))
-    cfg = RelocalizerConfig(min_score=0.0, min_consistent=1, min_sequence_score=0.0)
+    cfg = RelocalizerConfig(min_score=0.0, min_consistent=1, min_sequence_score=0.0,
+                            min_margin=0.0)
     fig_single, _, _ = relocalization_figures(single, positives, cfg, 1)
     fig_seq, _, calib = relocalization_figures(seq, positives, cfg, 10, calibrate=True)
     assert fig_seq["recall_at_100_precision"] > fig_single["recall_at_100_precision"]

@@ -27,7 +27,7 @@ def detector(**over: object) -> LoopClosureDetector:
     values: dict[str, object] = dict(min_score=0.3, exclusion_window_s=0.0,
                                      exclusion_recent_keyframes=0, consistency_k=1,
                                      consistency_n=1, consistency_radius_m=5.0,
-                                     min_sequence_score=2.0)
+                                     min_sequence_score=2.0, min_margin=0.0)
     values.update(over)
     return LoopClosureDetector(LoopClosureConfig(**values), session="live",  # type: ignore
                                sequence_length=10)
@@ -111,7 +111,7 @@ def test_relocalizer_votes_with_the_same_stages() -> None:
         out = rel.update(t * S, good, verifier=lambda h: calls.append(h.id) or "ok")
     assert out is not None and out.verification == "ok" and calls == [1, 1]
     # Plain candidates keep the single-frame behaviour: top cosine, min_score.
-    plain = Relocalizer(RelocalizerConfig(min_score=0.5, min_consistent=1))
+    plain = Relocalizer(RelocalizerConfig(min_score=0.5, min_consistent=1, min_margin=0.0))
     assert plain.update(1, [Candidate(7, 0.7, 0, (0.0, 0.0, 0.0))]).keyframe_id == 7
 
 

@@ -312,5 +312,5 @@ def test_config_cross_field_rule_and_mapping_loader() -> None:
     assert type(from_numpy.consistency_n) is int and type(from_numpy.min_score) is float
     specs = {s.name: s for s in LoopClosureConfig.parameter_specs()}
     assert specs["min_score"].low == -1.0 and specs["min_score"].high == 1.0
-    assert specs["consistency_k"].type is int and specs["consistency_k"].default == 3
+    assert specs["consistency_k"].type is int and specs["consistency_k"].default == 2
     assert all(s.description for s in specs.values())

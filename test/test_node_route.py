@@ -34,6 +34,15 @@ EXCLUSION_WINDOW_S = 30.0    # loop_closure.exclusion_window_s in config/vpr_loo
 STORAGES = [("sqlite3", "raw"), ("mcap", "compressed")]
 
 
+def _shipped() -> tuple[Any, Any]:
+    from vpr_ros.eval.loop import decision_configs
+
+    return decision_configs(REPO / "config" / "vpr_loop_closure.yaml", [])
+
+
+SHIPPED, SEQUENCE = _shipped()
+
+
 @pytest.fixture(scope="module")
 def route():
     return make_route(frames_per_lap=FRAMES_PER_LAP, radius_m=6.4, view_m=10.0, out_px=96,
@@ -243,6 +252,8 @@ def _relocalizes(recording: dict[str, Any], route, model96: Path, play_rate: flo
     status = node.probe.latest_status()
     assert status is not None and status["errors_total"] == "0", status
     assert int(status["relocalizations"]) == len(node.relocs)
+    assert int(status["sequence_length"]) == SEQUENCE.length  # sequence matching ran live
+    assert math.isfinite(float(status["latency_sequence_p95_ms"])), status
     assert status["mode"] == "localization" and status["lifecycle_state"] == "active"
     # a map this small is searched on the CPU whatever faiss build is installed, and says why
     assert status["map_search"].startswith("cpu ("), status["map_search"]
@@ -268,13 +279,20 @@ def _closes_loops(recording: dict[str, Any], route, model96: Path, play_rate: fl
             CLOSURE_TOLERANCE_M, c                         # the same place
         assert math.dist((c["match_x"], c["match_y"], c["match_z"]),
                          route.position_at(m_ns)) < 1e-3    # keyframe posed from odometry
-        assert c["consistent_count"] >= 3 and c["score"] >= 0.8
+        # the shipped decision settings held: temporal consistency, cosine floor, sequence
+        # evidence over enough aligned frames
+        assert c["consistent_count"] >= SHIPPED.consistency_k and c["score"] >= SHIPPED.min_score
+        assert c["sequence_score"] >= SHIPPED.min_sequence_score, c
+        assert c["sequence_steps"] >= SEQUENCE.effective_min_steps, c
         across += route.lap[route.frame_at(q_ns)] == 1 and route.lap[route.frame_at(m_ns)] == 0
     assert across >= 0.8 * len(closures)
 
     status = node.probe.latest_status()
     assert status is not None and status["errors_total"] == "0", status
     assert int(status["loop_closures"]) == len(closures)
+    # the sequence stage ran live and is timed in /diagnostics
+    assert int(status["sequence_length"]) == SEQUENCE.length
+    assert math.isfinite(float(status["latency_sequence_p95_ms"])), status
     assert int(status["keyframes_inserted"]) >= FRAMES_PER_LAP  # the live map grew
     saved = node.probe.trigger("save_map")
     assert saved.success, saved.message

@@ -170,11 +170,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     eu.add_argument("--output", help="also write the JSON result to this file")
     eu.set_defaults(func=_euroc)
 
+    st = esub.add_parser("stream", help="a loop-closure sequence CSV from index-aligned "
+                         "traversals", description="Write the traversals of a route (index-"
+                         "aligned folders: Nordland seasons, a walk by day and by night) one "
+                         "after the other as a `vpr eval loop --sequence` CSV: image j of each "
+                         "at position j * spacing on a line, one frame every --period-s.")
+    st.add_argument("folders", nargs="+", help="traversal folders (nordland:summer ...)")
+    st.add_argument("-o", "--output", required=True, help="CSV to write")
+    st.add_argument("--subset", metavar="START:END",
+                    help="only this block of the route (fractions, e.g. 0.6:1.0)")
+    st.add_argument("--period-s", type=float, default=1.0, help="seconds per frame (1)")
+    st.add_argument("--spacing-m", type=float, default=1.0,
+                    help="metres between consecutive places (1)")
+    st.add_argument("--gap-s", type=float, default=0.0,
+                    help="seconds between the traversals (0)")
+    st.set_defaults(func=_stream)
+
     from vpr_ros.cli.slam_cmd import register_slam
     from vpr_ros.cli.zoo_cmd import register_zoo
 
     register_zoo(esub)
     register_slam(esub)
+
+
+def _stream(args: argparse.Namespace) -> int:
+    from vpr_ros.eval.loop import write_aligned_stream
+    from vpr_ros.eval.tasks import _subset
+
+    path = write_aligned_stream(args.folders, args.output, _subset(args.subset), args.period_s,
+                                args.spacing_m, args.gap_s)
+    print(f"wrote {path}")
+    return 0
 
 
 def _emit(result: dict, args: argparse.Namespace, text: str) -> None:

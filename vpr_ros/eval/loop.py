@@ -300,3 +300,39 @@ def loop_config(path: Optional[str | Path], params: list[str]) -> LoopClosureCon
     """LoopClosureConfig from a YAML (see :func:`decision_configs`) and ``key=value``
     overrides; unknown keys are refused by the config itself."""
     return decision_configs(path, params)[0]
+
+
+def write_aligned_stream(folders: list[str], out: str | Path,
+                         subset: Optional[tuple[float, float]] = None, period_s: float = 1.0,
+                         spacing_m: float = 1.0, gap_s: float = 0.0) -> Path:
+    """One loop-closure sequence CSV from index-aligned traversals of a route (Nordland
+    seasons, a route walked by day and by night): traversal after traversal, one frame every
+    ``period_s`` (``gap_s`` between traversals), image j of every traversal at position
+    ``j * spacing_m`` on a line (the ground truth: index-aligned means same index, same place).
+    No odometry columns: the folders carry none."""
+    from vpr_ros.datasets.image_sets import read_image_set
+
+    if len(folders) < 2:
+        raise InputError("give at least two index-aligned traversals (a revisit needs two)")
+    if not (period_s > 0 and spacing_m > 0 and gap_s >= 0):
+        raise InputError("--period-s and --spacing-m must be positive, --gap-s >= 0")
+    sets = [read_image_set(f) for f in folders]
+    sizes = {len(s) for s in sets}
+    if len(sizes) != 1:
+        raise InputError(f"index-aligned traversals must hold as many images each, got "
+                         f"{[len(s) for s in sets]}")
+    if subset is not None:
+        sets = [s.select(*subset) for s in sets]
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = 0.0
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "stamp_s", "x", "y"])
+        for k, s in enumerate(sets):
+            if k:
+                t += gap_s
+            for j, p in enumerate(s.paths):
+                w.writerow([str(Path(p).resolve()), f"{t:.3f}", f"{j * spacing_m:.3f}", "0"])
+                t += period_s
+    return path

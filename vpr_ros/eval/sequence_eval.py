@@ -30,17 +30,20 @@ DATABASE = "database"
 
 def sequence_hypotheses(db_desc: np.ndarray, q_desc: np.ndarray, ids: np.ndarray,
                         scores: np.ndarray, sequence: SequenceConfig, period_s: float = 1.0,
-                        db_positions: Optional[np.ndarray] = None
-                        ) -> list[list[Hypothesis]]:
+                        db_positions: Optional[np.ndarray] = None,
+                        db_period_s: Optional[float] = None) -> list[list[Hypothesis]]:
     """Per query (in order), its hypotheses: the shortlist with normalised scores (single
-    frame, ``sequence.length`` 1) or the sequence matches."""
+    frame, ``sequence.length`` 1) or the sequence matches. Queries are ``period_s`` apart,
+    database images ``db_period_s`` (default: the same)."""
     db = np.asarray(db_desc, dtype=np.float32)
     q = np.asarray(q_desc, dtype=np.float32)
     if len(ids) != len(q):
         raise InputError(f"{len(ids)} result rows for {len(q)} queries")
-    if not period_s > 0:
-        raise InputError(f"period_s = {period_s} must be positive")
-    stamps = (np.arange(len(db)) * period_s * NS_PER_S).astype(np.int64)
+    db_period_s = period_s if db_period_s is None else db_period_s
+    if not (period_s > 0 and db_period_s > 0):
+        raise InputError(f"period_s = {period_s} and db_period_s = {db_period_s} must be "
+                         "positive")
+    stamps = (np.arange(len(db)) * db_period_s * NS_PER_S).astype(np.int64)
     track = KeyframeTrack()
     track.extend([DATABASE] * len(db), stamps)
     matcher = SequenceMatcher(sequence, track, lambda sel: db[sel])

@@ -20,6 +20,19 @@ from vpr_ros.eval.search_plan import SearchPlan, plan_search, search_encoded
 from vpr_ros.models.rerank import DEFAULT_TOP_N
 
 
+def one_blas_thread() -> Any:
+    """A context in which BLAS runs on one thread: the decision replays do thousands of small
+    matrix products (a frame's L x U similarities), for which a thread team only adds wake-ups
+    (on a loaded 2-core machine, 50x slower); the node runs the same way (``blas_threads``)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with the pinned requirements
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def open_encoder(model: str | Path, backend: str, device: str):
     """The reference PyTorch encoder for ``torch``; any other backend through the runtime's
     :func:`~vpr_ros.runtime.encoder.load_encoder` (``auto``: the fastest measured on this host
@@ -246,7 +259,8 @@ def recall_from_encoded(ev: EncodedEval, plan: SearchPlan, ks: Sequence[int] = D
                                  ev.db.paths, progress)
     extra: dict[str, Any] = {}
     if decisions is not None:
-        ranked = _decisions(ev, ids, scores, ks, plan, decisions, extra)
+        with one_blas_thread():
+            ranked = _decisions(ev, ids, scores, ks, plan, decisions, extra)
         if ranked is not None:
             ids, scores = ranked
     res = evaluate_ranking(ids, scores, ev.positives, ks, len(ev.db_enc), plan.index,
@@ -348,17 +362,18 @@ def loop_eval(model: str | Path, sequence: str | Path, *, gt_distance_m: float =
     encode_s = time.time() - t0
     odom, source = odometry_for(seq, use_poses)
     t1 = time.time()
-    camera_only = evaluate_stages(desc, seq, encoder.fingerprint, config, seq_cfg, gt_distance_m,
-                                  index=index, k=k, odometry=None,
-                                  num_thresholds=num_thresholds,
-                                  calibrate=calibrate and odom is None)
-    with_odom = None
-    if odom is not None:
-        with_odom = evaluate_stages(desc, seq, encoder.fingerprint, config, seq_cfg,
-                                    gt_distance_m, index=index, k=k, odometry=odom,
-                                    num_thresholds=num_thresholds, calibrate=calibrate,
-                                    search=make_search(desc, seq, encoder.fingerprint, index, k,
-                                                       odom))
+    with one_blas_thread():
+        camera_only = evaluate_stages(desc, seq, encoder.fingerprint, config, seq_cfg,
+                                      gt_distance_m, index=index, k=k, odometry=None,
+                                      num_thresholds=num_thresholds,
+                                      calibrate=calibrate and odom is None)
+        with_odom = None
+        if odom is not None:
+            with_odom = evaluate_stages(desc, seq, encoder.fingerprint, config, seq_cfg,
+                                        gt_distance_m, index=index, k=k, odometry=odom,
+                                        num_thresholds=num_thresholds, calibrate=calibrate,
+                                        search=make_search(desc, seq, encoder.fingerprint,
+                                                           index, k, odom))
     decide_s = time.time() - t1
     main = with_odom if with_odom is not None else camera_only
     top_name = "sequence" if seq_cfg.enabled else "single_frame"

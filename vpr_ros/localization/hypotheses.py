@@ -73,6 +73,12 @@ class Hypothesis:
         return self.candidate.orientation
 
     @property
+    def normalised(self) -> bool:
+        """Whether the evidence is in standard deviations (a matcher normalised it), which
+        the relative-score threshold is expressed in."""
+        return self.sequence is not None or math.isfinite(self.frame_score)
+
+    @property
     def sequence_score(self) -> float:
         return self.sequence.score if self.sequence is not None else NAN
 

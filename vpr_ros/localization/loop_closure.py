@@ -65,13 +65,13 @@ class LoopClosureConfig:
     """Tunables of :class:`LoopClosureDetector`; validated on construction."""
 
     min_score: float = param(
-        0.8, "cosine similarity a match needs to be a loop candidate", -1.0, 1.0)
+        0.5, "cosine similarity a match needs to be a loop candidate", -1.0, 1.0)
     exclusion_window_s: float = param(
         30.0, "keyframes of the live session this close in time to the query are never loops", 0.0)
     exclusion_recent_keyframes: int = param(
         20, "the last N inserted keyframes are never loops (covers a robot standing still)", 0)
     consistency_k: int = param(
-        3, "queries (of the last consistency_n) that must agree on a neighbourhood", 1)
+        2, "queries (of the last consistency_n) that must agree on a neighbourhood", 1)
     consistency_n: int = param(
         5, "length of the query window temporal consistency looks at", 1)
     consistency_radius_m: float = param(
@@ -95,9 +95,9 @@ class LoopClosureConfig:
         "mean over the last frames of their similarity to the aligned keyframes in standard "
         "deviations above each frame's similarity to the map at large", -100.0, 100.0)
     min_margin: float = param(
-        0.0, "relative score: a candidate's evidence must exceed the best candidate at another "
-        "place by this much (standard deviations; cosine for callers without normalisation); 0: "
-        "off", 0.0, 100.0)
+        0.5, "relative score: a candidate's evidence must exceed the best candidate at another "
+        "place by this much, in standard deviations of the frame's similarity to the map (plain "
+        "candidates without that normalisation are not gated); 0: off", 0.0, 100.0)
     max_odometry_distance_m: float = param(
         0.0, "odometry distance gate: live-session keyframes farther than this from the query's "
         "odometry position are never loops (bounds odometry drift); 0: off", 0.0)
@@ -339,7 +339,8 @@ class LoopClosureDetector:
                   and h.session == self._session
                   and distance(query_pos, h.position) > cfg.max_odometry_distance_m):
                 self.stats.candidates_beyond_odometry += 1
-            elif cfg.min_margin > 0 and self._margin(h, hypotheses) < cfg.min_margin:
+            elif cfg.min_margin > 0 and h.normalised and \
+                    self._margin(h, hypotheses) < cfg.min_margin:
                 self.stats.candidates_low_margin += 1
             else:
                 out.append(h)

@@ -40,9 +40,9 @@ class RelocalizerConfig:
     """Tunables of :class:`Relocalizer`; validated on construction."""
 
     min_score: float = param(
-        0.6, "cosine similarity a top match needs to count at all", -1.0, 1.0)
+        0.5, "cosine similarity a top match needs to count at all", -1.0, 1.0)
     min_consistent: int = param(
-        3, "consecutive queries whose top matches must agree before a pose is accepted", 1)
+        2, "consecutive queries whose top matches must agree before a pose is accepted", 1)
     agreement_radius_m: float = param(
         5.0, "top matches this close to each other in map position agree", 0.0)
     agreement_stamp_window_s: float = param(
@@ -67,9 +67,9 @@ class RelocalizerConfig:
         "the last frames of their similarity to the aligned keyframes in standard deviations "
         "above each frame's similarity to the map at large", -100.0, 100.0)
     min_margin: float = param(
-        0.0, "relative score: a vote's evidence must exceed the best hypothesis at another place "
-        "by this much (standard deviations; cosine for callers without normalisation); 0: off",
-        0.0, 100.0)
+        0.5, "relative score: a vote's evidence must exceed the best hypothesis at another place "
+        "by this much, in standard deviations of the frame's similarity to the map (plain "
+        "candidates without that normalisation are not gated); 0: off", 0.0, 100.0)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -251,7 +251,7 @@ class Relocalizer:
                 continue
             ev_margin = h.margin if math.isfinite(h.margin) else evidence_margin(
                 h, ranked, cfg.agreement_radius_m, self._stamp_window_ns)
-            if cfg.min_margin > 0 and ev_margin < cfg.min_margin:
+            if cfg.min_margin > 0 and h.normalised and ev_margin < cfg.min_margin:
                 self.rejected["low_margin"] += 1
                 continue
             evidence = None

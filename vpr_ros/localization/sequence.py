@@ -64,10 +64,10 @@ class SequenceConfig:
     """Tunables of :class:`SequenceMatcher` (node parameters ``sequence.*``)."""
 
     length: int = param(
-        1, "query frames of evidence per decision (L); 1: single-frame matching, no sequence",
+        10, "query frames of evidence per decision (L); 1: single-frame matching, no sequence",
         1, 1000)
     min_steps: int = param(
-        3, "a path needs this many of its frames aligned with keyframes (session ends, gaps and "
+        5, "a path needs this many of its frames aligned with keyframes (session ends, gaps and "
         "excluded keyframes leave steps missing) to count as sequence evidence; capped at "
         "length", 1, 1000)
     use_odometry: bool = param(
@@ -419,13 +419,15 @@ class KeyframeTrack:
 
 @dataclass(frozen=True)
 class SequenceMatch:
-    """The best path ending at one map keyframe.
+    """One place the last frames may show: the best path ending there.
 
-    ``score``: mean normalised similarity of the evidence frames to the keyframes the path
+    ``score``: mean normalised similarity of the evidence frames to the keyframes the best path
     aligns them with (missing steps count 0); ``frame_score``: the current frame's own
     normalised similarity to ``id``; both in standard deviations of the frame's similarity to
-    the map at large. ``steps`` of ``frames`` were aligned; ``speed`` is map progress per query
-    progress (1.0 when aligned by distance).
+    the map at large. ``steps`` of ``frames`` were aligned; ``speed`` is the path's map
+    progress per query progress (1.0 when aligned by distance). Paths ending within
+    ``neighbours`` keyframes of a better one (same session) are the same place and are not
+    returned.
     """
 
     id: int
@@ -455,36 +457,50 @@ class _RowCache:
 
     Consecutive frames walk nearly the same paths, so most rows a frame needs were fetched for
     the previous one; keeping them saves the map read and the float16 -> float32 conversion.
-    Bounded (``capacity`` rows); when full it starts over, which costs one full fetch."""
+    Bounded (``capacity`` rows); when full it starts over, which costs one full fetch. The slot
+    of each keyframe id is kept in an int32 array over all ids (4 bytes per keyframe), so a
+    frame's lookups are one vectorised read."""
 
     def __init__(self, fetch: DescriptorsOf, capacity: int = 4096) -> None:
         self._fetch = fetch
         self._capacity = capacity
-        self._slot: dict[int, int] = {}
+        self._slot_of = np.full(0, -1, np.int32)
+        self._used: list[np.ndarray] = []
+        self._count = 0
         self._rows: Optional[np.ndarray] = None
 
-    def clear(self) -> None:
-        self._slot.clear()
+    def _clear(self) -> None:
+        for ids in self._used:
+            self._slot_of[ids] = -1
+        self._used.clear()
+        self._count = 0
 
     def get(self, ids: np.ndarray) -> np.ndarray:
         """(len(ids), D) float32 rows of unique keyframe ids (map descriptors never change)."""
-        id_list = ids.tolist()
-        missing = [i for i in id_list if i not in self._slot]
-        if len(missing) > self._capacity - len(self._slot):
-            self._slot.clear()
-            missing = id_list
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) and int(ids.max()) >= len(self._slot_of):
+            grown = np.full(max(int(ids.max()) + 1, 2 * len(self._slot_of)), -1, np.int32)
+            grown[:len(self._slot_of)] = self._slot_of
+            self._slot_of = grown
+        slots = self._slot_of[ids]
+        missing = ids[slots < 0]
+        if len(missing) > self._capacity - self._count:
+            self._clear()
+            missing = ids
             if len(missing) > self._capacity:
                 return np.asarray(self._fetch(ids), dtype=np.float32)
-        if missing:
-            fresh = np.asarray(self._fetch(np.asarray(missing, dtype=np.int64)),
-                               dtype=np.float32)
+        if len(missing):
+            fresh = np.asarray(self._fetch(missing), dtype=np.float32)
             if self._rows is None or self._rows.shape[1] != fresh.shape[1]:
                 self._rows = np.empty((self._capacity, fresh.shape[1]), np.float32)
-            start = len(self._slot)
+            start = self._count
             self._rows[start:start + len(missing)] = fresh
-            self._slot.update(zip(missing, range(start, start + len(missing))))
+            self._slot_of[missing] = np.arange(start, start + len(missing), dtype=np.int32)
+            self._used.append(missing)
+            self._count += len(missing)
+            slots = self._slot_of[ids]
         assert self._rows is not None
-        return self._rows[[self._slot[i] for i in id_list]]
+        return self._rows[slots]
 
 
 @dataclass
@@ -790,6 +806,7 @@ class SequenceMatcher:
         radius = max(1, cfg.neighbours)
         sess = track.sessions_of(end_id[best]).tolist()
         ranks = track.ranks_of(end_id[best]).tolist()
+        frame_z = z[m - 1, end_col]
         out: list[SequenceMatch] = []
         suppressed: set[tuple[int, int]] = set()
         for i, sc, rk in zip(best.tolist(), sess, ranks):
@@ -797,7 +814,7 @@ class SequenceMatcher:
                 continue
             suppressed.update((sc, rk + d) for d in range(-radius, radius + 1))
             out.append(SequenceMatch(
-                id=int(end_id[i]), score=float(score[i]), frame_score=float(z[m - 1, end_col[i]]),
+                id=int(end_id[i]), score=float(score[i]), frame_score=float(frame_z[i]),
                 cosine=float(cos[m - 1, end_col[i]]), steps=int(steps[i]), frames=m,
                 speed=float(speed[i]), reverse=bool(rev[i]), by_distance=bool(dist_path[i])))
             if len(out) >= MAX_MATCHES:
