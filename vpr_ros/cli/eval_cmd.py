@@ -65,10 +65,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--local-rerank-top", type=int, default=100, metavar="N",
                    help="candidates re-ranked by --local-rerank (default 100)")
     r.add_argument("--k", type=_ks, default=[1, 5, 10, 20], help="K values (default 1,5,10,20)")
-    r.add_argument("--sequence-length", type=int, metavar="L",
+    r.add_argument("--sequence-length", type=_ks, metavar="L[,L...]",
                    help="rank by sequence evidence: queries in folder order, query i decided "
                    "with queries i-L+1..i (the node's sequence matcher over each query's top "
-                   "max(K) shortlist); 1 = single frame")
+                   "max(K) shortlist); 1 = single frame. Several lengths: the first is the "
+                   "headline (and the relocalization figures'), all are listed by length")
     r.add_argument("--period-s", type=float, default=1.0,
                    help="seconds between consecutive images of each folder (default 1)")
     r.add_argument("--relocalization", action="store_true",
@@ -222,8 +223,9 @@ def _recall(args: argparse.Namespace) -> int:
               or args.decision_config or args.param)
     if wanted:
         reloc, seq = reloc_configs(args.decision_config, args.param)
+        lengths = args.sequence_length or [None]
         decisions = DecisionOptions(
-            sequence=with_length(seq, args.sequence_length),
+            sequence=with_length(seq, lengths[0]), more_lengths=tuple(lengths[1:]),
             relocalizer=reloc if (args.relocalization or args.calibrate) else None,
             calibrate=args.calibrate, params_out=args.params_out, period_s=args.period_s)
     res = recall_eval(args.model, args.database, args.queries, threshold_m=args.threshold_m,
@@ -248,6 +250,8 @@ def _recall(args: argparse.Namespace) -> int:
         single = "  ".join(f"{k} {100 * v:.2f}" for k, v in res["single_frame_recall"].items())
         text += (f"\nsequence of {res['sequence_length']} frames above; single frame: "
                  f"{single}")
+    for length, rec in (res.get("recall_by_sequence_length") or {}).items():
+        text += f"\nL = {length:>3s}: " + "  ".join(f"{k} {100 * v:.2f}" for k, v in rec.items())
     for name, st in (res.get("relocalization") or {}).get("stages", {}).items():
         text += (f"\nrelocalization {name:12s} recall@100%precision "
                  f"{st['recall_at_100_precision']:.3f}  AUC {st['auc']:.3f}  at the settings: "

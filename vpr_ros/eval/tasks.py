@@ -185,6 +185,7 @@ class DecisionOptions:
     """Sequence matching and relocalization decisions on top of ``vpr eval recall``."""
 
     sequence: Any = None                 # SequenceConfig; None or length 1: single frame
+    more_lengths: tuple[int, ...] = ()   # further sequence lengths whose Recall@K to report
     relocalizer: Any = None              # RelocalizerConfig: report relocalization decisions
     calibrate: bool = False
     params_out: Optional[str | Path] = None
@@ -210,6 +211,20 @@ def _decisions(ev: EncodedEval, ids: Any, scores: Any, ks: list[int], plan: Sear
         out["single_frame_recall"] = evaluate_ranking(
             ids, scores, ev.positives, ks, len(ev.db_enc), plan.index, ev.gt_label).to_dict()[
             "recall"]
+    by_length = {}
+    for length in (seq.length, *opts.more_lengths):
+        if length == seq.length and seq.enabled:
+            hyps = stages["sequence"]
+        else:
+            hyps = hyps_single if length == 1 else sequence_hypotheses(
+                ev.db_enc.global_, ev.q_enc.global_, ids, scores,
+                dataclasses.replace(seq, length=length), opts.period_s, db_pos)
+        r_ids, r_scores = ranking(hyps, max(ks)) if length > 1 else (ids, scores)
+        by_length[str(length)] = evaluate_ranking(
+            r_ids, r_scores, ev.positives, ks, len(ev.db_enc), plan.index,
+            ev.gt_label).to_dict()["recall"]
+    if len(by_length) > 1:
+        out["recall_by_sequence_length"] = by_length
     out["sequence_length"] = seq.length
     out["sequence_config"] = {f: getattr(seq, f) for f in seq.__dataclass_fields__}
     if opts.relocalizer is not None:
