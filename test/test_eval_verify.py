@@ -91,8 +91,10 @@ def test_eval_loop_verify_with_relative_pose_error(rendered, effnet_gem_model_di
     from vpr_ros.cli import main
 
     root = rendered["root"]
+    # single-frame decisions without the relative score: the replay verifies the search's
+    # candidates before the decision stages (a lone verified candidate has no rival to lead)
     params = ["exclusion_window_s=6.0", "exclusion_recent_keyframes=2", "consistency_k=1",
-              "consistency_n=1"]
+              "consistency_n=1", "min_margin=0"]
     assert main(["eval", "loop", "--model", str(effnet_gem_model_dir), "--sequence",
                  str(root / "seq.csv"), "--gt-distance-m", "3", "--verify", "--camera",
                  str(root / "camera.yaml"), "--json", "--no-progress",

@@ -235,3 +235,25 @@ def test_per_frame_work_does_not_grow_with_the_map() -> None:
         fetched[n] = sizes[1:]  # the first call is the background sample
     assert max(fetched[1_000]) == max(fetched[100_000])
     assert max(fetched[100_000]) < 500
+
+
+def test_each_camera_of_a_session_is_its_own_track() -> None:
+    """Front and rear keyframes taken together in one session: a path walks one camera's
+    views, while an exclusion by session name covers both cameras."""
+    track = KeyframeTrack()
+    n = 6
+    sessions = ["run"] * (2 * n)
+    stamps = np.repeat(np.arange(n), 2) * NS          # front and rear at the same instants
+    cameras = ["front", "rear"] * n
+    track.extend(sessions, stamps, None, cameras)
+    front, rear = track.session_code("run", "front"), track.session_code("run", "rear")
+    assert front is not None and rear is not None and front != rear
+    assert track.align(front, False, np.arange(n, dtype=float), 0.1).tolist() == \
+        list(range(0, 2 * n, 2))
+    assert track.align(rear, False, np.arange(n, dtype=float), 0.1).tolist() == \
+        list(range(1, 2 * n, 2))
+    assert track.neighbours(np.array([4]), 1).tolist() == [2, 4, 6]
+    excl = SearchExclusion(around_stamp_ns=3 * NS, window_ns=NS, window_session="run")
+    assert track.excluded(np.arange(2 * n), excl).tolist() == \
+        [False] * 4 + [True] * 6 + [False] * 2
+    assert track.session_sizes() == {"run [front]": n, "run [rear]": n}

@@ -2,7 +2,7 @@
 higher, a clearly better single-camera match still wins), and over real DDS a front and a rear
 camera where the front one is blinded: both cameras together find the place, the front camera
 alone does not; outputs and /diagnostics name the camera; a listed camera that delivers nothing
-is named while the others keep working; sequence matching with several cameras is refused."""
+is named while the others keep working; sequence matching follows each camera's stream."""
 
 from __future__ import annotations
 
@@ -220,8 +220,23 @@ def test_a_listed_camera_without_frames_is_named_and_the_others_carry_on(
     assert f"camera {NOPE} delivers no frames" in err and "nothing publishes on it" in err
 
 
-def test_sequence_matching_with_several_cameras_is_refused_at_configure(node_with,
-                                                                        capfd) -> None:
-    h = node_with(f"{FRONT},{REAR}", **{"sequence.length": 5})
-    assert h.probe.transition("configure") is False
-    assert "sequence matching follows one camera's stream" in capfd.readouterr().err
+def test_sequence_matching_follows_each_cameras_stream(node_with, rig) -> None:
+    """Each camera's frames feed its own sequence matcher over its own keyframes (the map's
+    front and rear views are separate tracks); the published candidates stay this moment's
+    search results, and the relocalizations come from the sequence evidence."""
+    from geometry_msgs.msg import PoseWithCovarianceStamped
+
+    h = node_with(f"{FRONT},{REAR}", **{"sequence.length": 5, "sequence.min_steps": 3,
+                                        "relocalization.min_sequence_score": 1.0})
+    relocs = h.probe.record("/vpr_node/relocalization", PoseWithCovarianceStamped)
+    clouds = _run(h, rig, [FRONT, REAR], blind_front=True)
+    assert _top1_correct(rig, clouds) >= 0.8
+    status = h.probe.latest_status()
+    assert status["sequence_length"] == "5" and int(status["sequence_frames"]) >= 14
+    route, _ = rig
+    assert relocs
+    for msg in relocs:
+        stamp = msg.header.stamp.sec * NS + msg.header.stamp.nanosec
+        truth = route.position_at(stamp)
+        p = msg.pose.pose.position
+        assert math.hypot(p.x - truth[0], p.y - truth[1]) <= 3.0

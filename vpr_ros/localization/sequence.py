@@ -238,22 +238,27 @@ class _Session:
 class KeyframeTrack:
     """Every map session's keyframes in stamp order, with how far along its session each one is.
 
-    Keyframe ids are the map's (0..N-1, appended in id order with :meth:`extend`). Progress along
-    a session is kept two ways: seconds since the session's first keyframe, and metres travelled
-    along its positions (where it has any). Appending in stamp order is O(1) per keyframe; a
-    keyframe older than its session's newest (a map merged out of order, a repeated stamp is
-    fine) re-sorts that session once and is counted in :attr:`reordered`, never silently
-    misplaced.
+    Keyframe ids are the map's (0..N-1, appended in id order with :meth:`extend`). Keyframes are
+    grouped into *tracks*: one per session and camera (a multi-camera session holds one stream
+    of images per camera, and a path must walk one camera's views, not alternate between the
+    front and the rear). Progress along a track is kept two ways: seconds since its first
+    keyframe, and metres travelled along its positions (where it has any). Appending in stamp
+    order is O(1) per keyframe; a keyframe older than its track's newest (a map merged out of
+    order; a repeated stamp is fine) re-sorts that track once and is counted in
+    :attr:`reordered`, never silently misplaced. Exclusions (by session name) apply to every
+    camera of a session.
     """
 
     def __init__(self) -> None:
-        self._names: list[str] = []
+        self._names: list[str] = []                 # session names (exclusions name them)
         self._index: dict[str, int] = {}
-        self._sessions: list[_Session] = []
-        self._sess = _Column(np.int32)
+        self._group_index: dict[tuple[str, str], int] = {}
+        self._sessions: list[_Session] = []         # one per (session, camera) track
+        self._group_labels: list[str] = []
+        self._sess = _Column(np.int32)              # per id: its track
+        self._name = _Column(np.int32)              # per id: its session name
         self._stamp = _Column(np.int64)
         self._pos = _Column(np.float64, 3, np.nan)
-        self._rank_dirty: set[int] = set()
         self._rank = _Column(np.int64)
         self.reordered = 0
 
@@ -265,35 +270,49 @@ class KeyframeTrack:
         return list(self._names)
 
     def session_sizes(self) -> dict[str, int]:
-        return {name: len(s) for name, s in zip(self._names, self._sessions)}
+        """Keyframes per track (``session`` or ``session [camera]``)."""
+        return {name: len(s) for name, s in zip(self._group_labels, self._sessions)}
 
     def extend(self, sessions: Sequence[str], stamps_ns: Sequence[int] | np.ndarray,
-               positions: Optional[np.ndarray] = None) -> None:
-        """Append keyframes with the next ids (``len(self)`` onwards), in id order."""
+               positions: Optional[np.ndarray] = None,
+               cameras: Optional[Sequence[str]] = None) -> None:
+        """Append keyframes with the next ids (``len(self)`` onwards), in id order;
+        ``cameras``: each keyframe's camera ("" or None: one camera)."""
         stamps = np.asarray(stamps_ns, dtype=np.int64).reshape(-1)
         n = len(stamps)
-        if len(sessions) != n:
-            raise InputError(f"{len(sessions)} session names for {n} keyframe stamps")
+        if len(sessions) != n or (cameras is not None and len(cameras) != n):
+            raise InputError(f"{len(sessions)} session names and "
+                             f"{n if cameras is None else len(cameras)} cameras for {n} "
+                             "keyframe stamps")
         if n == 0:
             return
         pos = np.full((n, 3), np.nan) if positions is None else \
             np.asarray(positions, dtype=np.float64).reshape(n, 3)
-        names, inverse = np.unique(np.asarray(sessions, dtype=object), return_inverse=True)
-        codes = np.empty(len(names), np.int32)
-        for i, name in enumerate(names.tolist()):
+        cams = [""] * n if cameras is None else [c or "" for c in cameras]
+        keys = list(zip(sessions, cams))
+        uniq = list(dict.fromkeys(keys))
+        group_of: dict[tuple[str, str], int] = {}
+        for key in uniq:
+            name, cam = key
             if not isinstance(name, str) or not name:
                 raise InputError(f"keyframe session name {name!r} must be a non-empty string")
-            code = self._index.get(name)
-            if code is None:
-                code = len(self._names)
-                self._index[name] = code
+            if name not in self._index:
+                self._index[name] = len(self._names)
                 self._names.append(name)
-                self._sessions.append(_Session(int(stamps[inverse == i].min())))
-            codes[i] = code
-        sess = codes[inverse.reshape(-1)]
+            g = self._group_index.get(key)
+            if g is None:
+                g = len(self._sessions)
+                self._group_index[key] = g
+                first = min(int(st) for k, st in zip(keys, stamps.tolist()) if k == key)
+                self._sessions.append(_Session(first))
+                self._group_labels.append(f"{name} [{cam}]" if cam else name)
+            group_of[key] = g
+        sess = np.fromiter((group_of[k] for k in keys), np.int32, count=n)
+        name_codes = np.fromiter((self._index[k[0]] for k in keys), np.int32, count=n)
         start = len(self)
         ids = np.arange(start, start + n, dtype=np.int64)
         self._sess.extend(sess)
+        self._name.extend(name_codes)
         self._stamp.extend(stamps)
         self._pos.extend(pos)
         self._rank.extend(np.zeros(n, np.int64))
@@ -317,16 +336,16 @@ class KeyframeTrack:
     # -- lookups -------------------------------------------------------------------------------
 
     def sessions_of(self, ids: np.ndarray) -> np.ndarray:
+        """The track (session and camera) of each keyframe."""
         return self._sess.view()[ids]
+
+    def session_code(self, name: str, camera: str = "") -> Optional[int]:
+        """The track of session ``name`` (and ``camera``), None if the map has none."""
+        return self._group_index.get((name, camera))
 
     def stamps_of(self, ids: np.ndarray) -> np.ndarray:
         return self._stamp.view()[ids]
 
-    def session_name(self, code: int) -> str:
-        return self._names[code]
-
-    def session_code(self, name: str) -> Optional[int]:
-        return self._index.get(name)
 
     def ranks_of(self, ids: np.ndarray) -> np.ndarray:
         """Position of each keyframe in its session's stamp order."""
@@ -398,7 +417,7 @@ class KeyframeTrack:
         mask = np.zeros(ids.shape, dtype=bool)
         if exclusion is None or ids.size == 0:
             return mask
-        sess = self._sess.view()[ids]
+        sess = self._name.view()[ids]
         if exclusion.sessions:
             codes = [c for c in (self._index.get(s) for s in exclusion.sessions) if c is not None]
             if codes:

@@ -230,6 +230,11 @@ class KeyframeTable:
     def __iter__(self) -> Iterator[Keyframe]:
         return (self.get(i) for i in range(len(self)))
 
+    def text_rows(self, field: str, ids: np.ndarray) -> list[str]:
+        """A text field of some keyframes (a few rows, without building the whole column)."""
+        values = self._pools[field].values
+        return [values[c] for c in self._codes[field].view()[np.asarray(ids, np.int64)].tolist()]
+
     def text_column(self, field: str) -> list[str]:
         values = self._pools[field].values
         return [values[c] for c in self._codes[field].view().tolist()]

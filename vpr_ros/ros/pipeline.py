@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -187,12 +187,6 @@ class Pipeline:
         self.camera_name = settings.camera.name
         self._registered_cameras: set[tuple[str, str]] = set()
         seq = settings.sequence
-        if len(settings.node.camera_topics) > 1 and seq.enabled:
-            raise ConfigError(
-                f"sequence.length = {seq.length} with {len(settings.node.camera_topics)} cameras: "
-                "sequence matching follows one camera's stream of frames; with several cameras "
-                "set sequence.length: 1 (each camera's frame is then matched on its own and the "
-                "cameras' candidates merged)")
         if self.mode == LOCALIZATION:
             self.relocalizer = Relocalizer(settings.relocalizer, sequence_length=seq.length)
         else:
@@ -201,8 +195,10 @@ class Pipeline:
         self.track = KeyframeTrack()
         self._sync_track()
         self.matcher = SequenceMatcher(seq, self.track, self._descriptors_of)
-        # Several cameras: one matcher per camera (each frame score is normalised against that
-        # camera's own similarity to the map), created at its first frame.
+        # Several cameras: one matcher per camera, created at its first frame: each follows its
+        # camera's own stream of frames (its sequence evidence, its frame scores normalised
+        # against its own similarity to the map), and the track keeps each camera's keyframes
+        # in their own order, so a path walks one camera's views.
         self._camera_matchers: dict[str, SequenceMatcher] = {}
         self.notes = check_sequence_fit(self.track, settings, self.mode)
 
@@ -213,9 +209,10 @@ class Pipeline:
         """Append the keyframes the map gained since the last frame (the live session's)."""
         n, start = len(self.map), len(self.track)
         if n > start:
-            sessions, stamps, positions, _ = self.map.keyframe_table.pose_columns(
-                np.arange(start, n))
-            self.track.extend(sessions, stamps, positions)
+            rows = np.arange(start, n)
+            table = self.map.keyframe_table
+            sessions, stamps, positions, _ = table.pose_columns(rows)
+            self.track.extend(sessions, stamps, positions, table.text_rows("camera", rows))
 
     # -- per frame --------------------------------------------------------------------------
 
@@ -300,7 +297,7 @@ class Pipeline:
             watch.lap("search")
             position = pose[0].position if pose is not None else None
             self._sync_track()
-            per_camera = []
+            per_camera, per_camera_frames = [], []
             for camera, query, ids, candidates in searched:
                 matcher = self._camera_matchers.get(camera)
                 if matcher is None:
@@ -312,15 +309,24 @@ class Pipeline:
                     candidates, result,
                     lambda h_ids, cos: candidates_from_columns(h_ids, cos, table.pose_columns),
                     matcher.config.enabled)))
+                per_camera_frames.append((camera, build_hypotheses(
+                    candidates, result, candidates_from_columns, False)))
             min_score = self.settings.relocalizer.min_score if self.relocalizer is not None \
                 else self.settings.loop_closure.min_score
-            merged = merge_cameras(per_camera, node.cameras_merge, node.cameras_vote_bonus,
-                                   node.cameras_place_radius_m,
-                                   int(node.cameras_place_window_s * 1e9), min_score)
+
+            def merge(pool: list) -> Any:
+                return merge_cameras(pool, node.cameras_merge, node.cameras_vote_bonus,
+                                     node.cameras_place_radius_m,
+                                     int(node.cameras_place_window_s * 1e9), min_score)
+            merged = merge(per_camera)
+            # ~/candidates shows this moment's search results (merged over the cameras), as
+            # with one camera; the decision runs on the sequence evidence where it is on.
+            shown = merge(per_camera_frames) if self.matcher.config.enabled else merged
             watch.lap("sequence")
-            ranked = [h.candidate for h in merged.hypotheses][:self.top_k]
+            ranked = [h.candidate for h in shown.hypotheses][:self.top_k]
             outcome = FrameOutcome(stamp_ns, ranked, merged.hypotheses, query_position=position,
-                                   camera_of=merged.camera_of, votes=merged.votes)
+                                   camera_of={**shown.camera_of, **merged.camera_of},
+                                   votes={**shown.votes, **merged.votes})
             verifier: Optional[Verifier] = self.verifier
             if self.verification is not None:
                 frames = {camera: self.verification.frame(q.image, q.camera)
@@ -499,7 +505,12 @@ class Pipeline:
     def counters(self) -> list[tuple[str, str]]:
         """The decision stages' counters as diagnostics key/values (cumulative)."""
         with self.lock:
-            st = self.matcher.stats
+            from vpr_ros.localization.sequence import SequenceStats
+
+            st = SequenceStats()  # summed over the matchers (one per camera with several)
+            for m in (self.matcher, *self._camera_matchers.values()):
+                for name, value in vars(m.stats).items():
+                    setattr(st, name, getattr(st, name) + value)
             values = [("sequence_length", str(self.matcher.config.length)),
                       ("sequence_frames", str(st.frames)),
                       ("sequence_resets", str(st.resets)),
