@@ -70,6 +70,8 @@ def test_relocalization_publishes_the_verified_pnp_pose(street: Street, rgbd_map
     h = InProcessNode({"threads": 1, "model": str(model96), "map": str(rgbd_map),
                        "verification.enabled": True, "relocalization.one_shot": False,
                        "relocalization.min_consistent": 1, "relocalization.min_score": 0.0,
+                       # single frames: the query arc is too short for sequence evidence
+                       "sequence.length": 1,
                        "diagnostics_period_s": 0.2, "qos_reliability": "reliable"},
                       {"image": TOPIC, "camera_info": INFO})
     try:
@@ -162,7 +164,9 @@ def test_require_points_refuses_a_map_without_depth(street: Street, model96: Pat
     build_map(bag, "/camera/image_raw", load_encoder(model96, threads=1), tmp_path / "map",
               pose_topic="/odom")
     h = InProcessNode({"threads": 1, "model": str(model96), "map": str(tmp_path / "map"),
-                       "verification.enabled": True, "verification.require_points": True},
+                       "verification.enabled": True, "verification.require_points": True,
+                       # a 4-keyframe map: shorter than sequence evidence needs (refused too)
+                       "sequence.length": 1},
                       {"image": TOPIC})
     try:
         assert not h.probe.transition("configure")
