@@ -146,7 +146,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def register(sub: Any) -> None:
     """Add ``sequence`` to the ``vpr bench`` sub-parsers."""
-    from vpr_ros.cli.bench_cmd import _int_list
+    from vpr_ros.bench import int_list as _int_list
 
     p = sub.add_parser(
         "sequence", help="sequence matcher per-frame cost at 10k..1M keyframes",

@@ -9,17 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from vpr_ros.bench import int_list as _int_list
 from vpr_ros.errors import ConfigError
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v.replace("_", "")) for v in text.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers")
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers, e.g. 100000,1000000")
-    return values
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
