@@ -205,3 +205,19 @@ def test_vpr_eval_loop_reports_stages_with_and_without_odometry(
     assert "calibrated" in res["stages_with_odometry"]
     assert res["calibration"]["in_sample"] and Path(res["params_file"]).is_file()
     assert (tmp_path / "pr_curve.png").is_file()
+
+
+def test_bad_decision_files_and_overrides_are_one_line_errors(tmp_path: Path) -> None:
+    from vpr_ros.errors import ConfigError
+    from vpr_ros.eval.sequence_eval import reloc_configs
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("vpr_node:\n  ros__parameters:\n    loop_closure: [1, 2]\n")
+    with pytest.raises(InputError, match="section 'loop_closure' must be a mapping"):
+        decision_configs(bad, [])
+    with pytest.raises(ConfigError, match="sequence.length|length"):
+        decision_configs(None, ["sequence.length=0"])
+    with pytest.raises(ConfigError, match="no parameter"):
+        reloc_configs(None, ["sequence.lenght=3"])
+    with pytest.raises(InputError, match="NAME=VALUE"):
+        reloc_configs(None, ["min_score"])

@@ -280,8 +280,12 @@ def decision_configs(path: Optional[str | Path], params: list[str]
         if not isinstance(data, dict):
             raise InputError(f"{path}: expected a mapping of parameters")
         if "loop_closure" in data or "sequence" in data:
-            loop.update(data.get("loop_closure") or {})
-            seq.update(data.get("sequence") or {})
+            for name, into in (("loop_closure", loop), ("sequence", seq)):
+                section = data.get(name) or {}
+                if not isinstance(section, dict):
+                    raise InputError(f"{path}: section '{name}' must be a mapping of "
+                                     f"parameters, got {type(section).__name__}")
+                into.update(section)
         else:
             loop.update(data)
     for item in params:

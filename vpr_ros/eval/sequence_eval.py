@@ -117,8 +117,12 @@ def reloc_configs(path: Optional[str], params: Sequence[str]
         if not isinstance(data, dict):
             raise InputError(f"{path}: expected a mapping of parameters")
         if "relocalization" in data or "sequence" in data:
-            reloc.update(data.get("relocalization") or {})
-            seq.update(data.get("sequence") or {})
+            for name, into in (("relocalization", reloc), ("sequence", seq)):
+                section = data.get(name) or {}
+                if not isinstance(section, dict):
+                    raise InputError(f"{path}: section '{name}' must be a mapping of "
+                                     f"parameters, got {type(section).__name__}")
+                into.update(section)
         else:
             reloc.update(data)
     for item in params:
