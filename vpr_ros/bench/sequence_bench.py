@@ -2,8 +2,8 @@
 
 What it shows: sequence matching works on the search's shortlist, its neighbours and earlier
 shortlists carried along the route, so its per-frame cost must not grow with the map beyond
-the search itself. The benchmark builds maps of each size (sessions of ``--session-size``
-keyframes, one per second and per metre, descriptors in a memory-mapped float16 file as a
+the search itself. The benchmark builds maps of each size (``--sessions`` sessions at every
+size, one keyframe per second and per metre, descriptors in a memory-mapped float16 file as a
 loaded map keeps them), drives a query along one session (noisy copies of its keyframes), and
 gives the matcher each frame's shortlist directly: the true keyframe and its neighbours plus
 random distractors, so the search's own cost (``vpr bench search``) is not in the figures.
@@ -52,8 +52,9 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 
 def bench_size(n: int, dim: int, workdir: Path, frames: int, config: SequenceConfig,
-               shortlist: int, session_size: int, seed: int = 0) -> dict[str, Any]:
+               shortlist: int, sessions_count: int, seed: int = 0) -> dict[str, Any]:
     desc = _descriptors(workdir / f"seqbench_{n}x{dim}.f16", n, dim, seed)
+    session_size = max(1, -(-n // sessions_count))
     sessions = np.repeat(np.arange((n + session_size - 1) // session_size), session_size)[:n]
     names = [f"s{c}" for c in sessions.tolist()]
     within = np.arange(n) - sessions * session_size
@@ -101,18 +102,18 @@ def bench_size(n: int, dim: int, workdir: Path, frames: int, config: SequenceCon
 
 
 def run_bench(sizes: list[int], dim: int, workdir: Path, frames: int, length: int,
-              shortlist: int, session_size: int) -> dict[str, Any]:
+              shortlist: int, sessions: int) -> dict[str, Any]:
     from vpr_ros.eval.tasks import one_blas_thread
 
     workdir.mkdir(parents=True, exist_ok=True)
     config = SequenceConfig(length=length)
     with one_blas_thread():  # as the node runs it (blas_threads: 1)
-        rows = [bench_size(n, dim, workdir, frames, config, shortlist, session_size)
+        rows = [bench_size(n, dim, workdir, frames, config, shortlist, sessions)
                 for n in sizes]
     ratio = {mode: round(rows[-1][mode]["wall_ms"]["p50"] / rows[0][mode]["wall_ms"]["p50"], 3)
              for mode in ("time", "distance")}
     return {"machine": machine(), "dim": dim, "frames": frames, "length": length,
-            "shortlist": shortlist, "session_size": session_size, "sizes": rows,
+            "shortlist": shortlist, "sessions": sessions, "sizes": rows,
             "p50_ratio_largest_to_smallest": ratio}
 
 
@@ -161,8 +162,10 @@ def register(sub: Any) -> None:
     p.add_argument("--length", type=int, default=10, help="sequence length L (default 10)")
     p.add_argument("--shortlist", type=int, default=5, help="search shortlist per frame "
                    "(the node's top_k, default 5)")
-    p.add_argument("--session-size", type=int, default=5000,
-                   help="keyframes per map session (default 5000)")
+    p.add_argument("--sessions", type=int, default=10,
+                   help="map sessions, the same number at every size (default 10): the "
+                   "matcher's work per frame grows with the distinct sessions its shortlists "
+                   "touch (at most shortlist x length), not with the keyframes")
     p.add_argument("--workdir", type=Path, default=Path("bench_sequence"),
                    help="where the memory-mapped descriptor files are written (1M x 1280 "
                    "float16 = 2.6 GB) and reused")
@@ -174,6 +177,6 @@ def _run(args: Any) -> int:
     import json
 
     result = run_bench(args.n, args.dim, args.workdir, args.frames, args.length,
-                       args.shortlist, args.session_size)
+                       args.shortlist, args.sessions)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
