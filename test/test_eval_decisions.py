@@ -129,6 +129,16 @@ def test_calibrated_params_file_is_a_valid_node_params_file(tmp_path: Path) -> N
         run.calibration.values["min_sequence_score"])
     assert settings.sequence.length == 8
     assert out.read_text().startswith("# test header")
+    # rclpy reads it as vpr_node's --params-file: every value typed as the node declares it
+    rclpy_parameter = pytest.importorskip("rclpy.parameter")
+    from rclpy.parameter import Parameter
+
+    parsed = rclpy_parameter.parameter_dict_from_yaml_file(str(out), target_nodes=["vpr_node"])
+    kinds = {bool: Parameter.Type.BOOL, int: Parameter.Type.INTEGER,
+             float: Parameter.Type.DOUBLE, str: Parameter.Type.STRING}
+    assert set(parsed) == set(values)
+    for name, msg in parsed.items():
+        assert Parameter.from_parameter_msg(msg).type_ == kinds[specs[name].type], name
 
 
 def test_sequence_ranking_and_relocalization_figures() -> None:

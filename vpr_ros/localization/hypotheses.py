@@ -20,7 +20,7 @@ Everything here is plain data so each stage can be tested on recorded sequences.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -145,7 +145,3 @@ def evidence_margin(h: Hypothesis, pool: Sequence[Hypothesis], radius_m: float,
         return h.evidence - max(rivals)
     return max(0.0, h.evidence - min((o.evidence for o in pool), default=h.evidence))
 
-
-def with_score(h: Hypothesis, score: float) -> Hypothesis:
-    """``h`` with another cosine score (tests, re-ranked candidates)."""
-    return replace(h, candidate=replace(h.candidate, score=score))
