@@ -62,6 +62,37 @@ def test_matching_keeps_true_pairs_and_drops_ambiguous_ones() -> None:
         match_features(q, LocalFeatures.empty("orb"))
 
 
+def test_matching_equals_an_exact_brute_force_reference() -> None:
+    """The one-product matcher (float32 augmented operands, arg-min passes) must give exactly
+    the pairs of an exact int64 distance matrix, also for descriptors at the uint8 extremes
+    (where float32 exactness is tightest) and with the query reused across keyframes."""
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 256, (400, 128))
+    q = LocalFeatures("sift", rng.uniform(0, 640, (400, 2)), base)
+    extremes = np.full((4, 128), 255)
+    extremes[1] = 0
+    for seed in range(3):
+        r = np.random.default_rng(seed + 10)
+        desc = np.clip(base[r.permutation(400)[:350]] + r.integers(-40, 41, (350, 128)), 0, 255)
+        m = LocalFeatures("sift", r.uniform(0, 640, (354, 2)), np.vstack([desc, extremes]))
+        d = (q.descriptors.astype(np.int64)[:, None, :]
+             - m.descriptors.astype(np.int64)[None, :, :]) ** 2
+        d = d.sum(2)
+        order = np.argsort(d, axis=1, kind="stable")
+        d1 = np.take_along_axis(d, order[:, :1], 1)[:, 0]
+        d2 = np.take_along_axis(d, order[:, 1:2], 1)[:, 0]
+        back = d.argmin(axis=0)
+        for ratio, mutual in ((0.8, True), (0.9, False)):
+            keep = d1 < ratio * ratio * d2
+            qi, mi = np.flatnonzero(keep), order[keep, 0]
+            if mutual:
+                ok = back[mi] == qi
+                qi, mi = qi[ok], mi[ok]
+            got = match_features(q, m, ratio, mutual)
+            assert len(qi) > 50
+            np.testing.assert_array_equal(got, np.column_stack([qi, mi]))
+
+
 @pytest.mark.parametrize("estimator", ["poselib", "opencv"])
 def test_pnp_with_points_gives_the_metric_pose(estimator: str) -> None:
     q, m = scene()

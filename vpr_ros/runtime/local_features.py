@@ -17,8 +17,8 @@ is lossless and a quarter of the size (a 1000-keypoint keyframe: 128 KB, not 512
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -47,6 +47,8 @@ class LocalFeatures:
     xy: np.ndarray                       # (n, 2) float32 pixels
     descriptors: np.ndarray              # (n, d) uint8
     xyz: Optional[np.ndarray] = None     # (n, 3) float32 camera frame, NaN = unknown
+    _derived: dict[str, Any] = field(default_factory=dict, init=False, repr=False,
+                                     compare=False)
 
     def __post_init__(self) -> None:
         width = KINDS[check_kind(self.kind)][0]
@@ -64,6 +66,15 @@ class LocalFeatures:
 
     def __len__(self) -> int:
         return len(self.xy)
+
+    def derived(self, key: str, make: Callable[["LocalFeatures"], Any]) -> Any:
+        """``make(self)``, computed once per object: arrays derived from the keypoints that
+        every candidate of a frame would otherwise recompute (the matcher's float operand).
+        The keypoints must not be modified after the first call."""
+        value = self._derived.get(key)
+        if value is None:
+            value = self._derived[key] = make(self)
+        return value
 
     @property
     def norm(self) -> str:
