@@ -68,6 +68,7 @@ def test_matching_equals_an_exact_brute_force_reference() -> None:
     (where float32 exactness is tightest) and with the query reused across keyframes."""
     rng = np.random.default_rng(3)
     base = rng.integers(0, 256, (400, 128))
+    base[390:] = base[:10]  # identical query descriptors: exact ties at column minima
     q = LocalFeatures("sift", rng.uniform(0, 640, (400, 2)), base)
     extremes = np.full((4, 128), 255)
     extremes[1] = 0
@@ -82,6 +83,7 @@ def test_matching_equals_an_exact_brute_force_reference() -> None:
         d1 = np.take_along_axis(d, order[:, :1], 1)[:, 0]
         d2 = np.take_along_axis(d, order[:, 1:2], 1)[:, 0]
         back = d.argmin(axis=0)
+        assert (back[order[390:, 0]] < 10).any()  # a tie the first query row wins
         for ratio, mutual in ((0.8, True), (0.9, False)):
             keep = d1 < ratio * ratio * d2
             qi, mi = np.flatnonzero(keep), order[keep, 0]
