@@ -123,6 +123,36 @@ def test_without_points_the_essential_matrix_gives_rotation_and_direction(estima
     assert t @ cov[:3, :3] @ t == pytest.approx(V.UNKNOWN_SCALE_VARIANCE, rel=1e-3)
 
 
+def test_the_final_refinement_converges_and_beats_ransacs_pose() -> None:
+    """The verifier refines a passing relative pose on inliers re-selected on the refined pose
+    (RANSAC's pose depends on its sampling path); over noisy scenes the refined direction is
+    closer to the truth, and its inlier set is a fixed point of the re-selection."""
+    raw, refined = [], []
+    for seed in range(5):
+        q, m = scene(outliers=50, noise_px=1.0, seed=200 + seed)
+        pairs = match_features(q, m)
+        xq, xm = CAM.normalize(q.xy[pairs[:, 0]]), CAM.normalize(m.xy[pairs[:, 1]])
+        thr = 1.5 / CAM.focal
+        r, t, _ = V.estimate_essential(xq, xm, thr, VerificationConfig(),
+                                       final_refinement=False)
+        r2, t2, mask = V.refine_essential(xq, xm, r, t, thr)
+        again = V.sampson(V.skew(t2) @ r2, xq, xm) < thr
+        assert (again == mask).all() and mask.sum() > 150
+        raw.append(np.degrees(np.arccos(t @ T_TRUE / np.linalg.norm(t) / np.linalg.norm(T_TRUE))))
+        refined.append(np.degrees(np.arccos(t2 @ T_TRUE / np.linalg.norm(T_TRUE))))
+    assert np.mean(refined) < 0.8 * np.mean(raw), (raw, refined)
+
+
+def test_a_rejected_candidate_carries_no_pose() -> None:
+    """The covariance (the costliest part of a verdict on many inliers) is computed only for
+    a pose that passed every other test."""
+    q, m = scene()
+    r = GeometricVerifier(VerificationConfig(max_rotation_deg=5.0)).verify_pair(
+        View(q, CAM), View(LocalFeatures("sift", m.xy, m.descriptors), CAM))
+    assert not r.verified and "implausible rotation" in r.reason and r.pose is None
+    assert r.inliers > 150
+
+
 def test_an_uncalibrated_camera_gets_a_fundamental_matrix_and_no_pose() -> None:
     q, m = scene()
     r = GeometricVerifier().verify_pair(View(q, None), View(m, CAM))

@@ -190,6 +190,17 @@ def _sizes(text: str) -> list[tuple[int, int]]:
     return out
 
 
+def _numbers(text: str, kind: type, flag: str) -> list:
+    """A comma-separated list of numbers; ConfigError naming ``flag`` otherwise."""
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected comma-separated numbers")
+    if not values:
+        raise ConfigError(f"{flag} is empty")
+    return values
+
+
 def register_verify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "verify", help="geometric verification: cost per candidate and per frame (one core)",
@@ -209,6 +220,12 @@ def register_verify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs of each frame (default 3)")
     p.add_argument("--max-features", type=int, default=1000,
                    help="keypoints per image (default 1000, as the node)")
+    p.add_argument("--extract-scales", default="1", metavar="S[,S...]",
+                   help="query frame shrink factors before keypoint extraction, each in "
+                   "[0.1, 1] (default 1; e.g. 1,0.5)")
+    p.add_argument("--min-iterations", default="20", metavar="N[,N...]",
+                   help="RANSAC minimum iterations to compare (default 20, the node's; e.g. "
+                   "100,20)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run_verify)
 
@@ -223,6 +240,8 @@ def run_verify(args: argparse.Namespace) -> int:
         kinds=[k for k in args.kinds.split(",") if k],
         estimators=[e for e in args.estimators.split(",") if e], candidates=args.candidates,
         pairs=args.pairs, repeats=args.repeats, max_features=args.max_features,
+        extract_scales=_numbers(args.extract_scales, float, "--extract-scales"),
+        min_iterations=_numbers(args.min_iterations, int, "--min-iterations"),
         progress=lambda m: print(m, file=sys.stderr, flush=True))
     report = run_verify_bench(cfg)
     print(json.dumps(report, indent=2) if args.json else format_table(report))

@@ -166,7 +166,8 @@ class VerificationStage:
         self.config = config
         self.map = place_map
         self.verifier = GeometricVerifier(config, clock)
-        self.extractor = FeatureExtractor(place_map.keypoint_kind, config.max_features)
+        self.extractor = FeatureExtractor(place_map.keypoint_kind, config.max_features,
+                                          scale=config.extract_scale)
         self.query_mount = None if query_mount is None else tuple(query_mount)
         self.counts: Counter[str] = Counter()
         self.reasons: Counter[str] = Counter()

@@ -27,6 +27,8 @@ from vpr_ros.errors import ConfigError, InputError
 #: kind -> (descriptor bytes, matching norm).
 KINDS: dict[str, tuple[int, str]] = {"sift": (128, "l2"), "orb": (32, "hamming"),
                                      "akaze": (61, "hamming")}
+#: How far OpenCV's SIFT positions lie beyond pixel-centre coordinates (pixels, both axes).
+SIFT_POSITION_BIAS_PX = 0.25
 #: What ``--local-features`` accepts (``none``: the map stores no keypoints).
 CHOICES = (*KINDS, "none")
 
@@ -103,7 +105,7 @@ class FeatureExtractor:
     gets its own."""
 
     def __init__(self, kind: str = "sift", max_features: int = 1000, equalize: bool = False,
-                 sift_contrast: float = 0.02) -> None:
+                 sift_contrast: float = 0.02, scale: float = 1.0) -> None:
         self.kind = check_kind(kind)
         if isinstance(max_features, bool) or not isinstance(max_features, int) \
                 or not 8 <= max_features <= 100_000:
@@ -114,6 +116,9 @@ class FeatureExtractor:
         if not 0.0 < float(sift_contrast) < 1.0:
             raise ConfigError(f"sift_contrast {sift_contrast!r} must be in (0, 1)")
         self.sift_contrast = float(sift_contrast)
+        if not 0.1 <= float(scale) <= 1.0:
+            raise ConfigError(f"extraction scale {scale!r} must be in [0.1, 1]")
+        self.scale = float(scale)
         self._local = threading.local()
         if kind == "akaze":
             import cv2
@@ -156,6 +161,12 @@ class FeatureExtractor:
         detector = self._detector()
         if self.equalize:
             gray = self._local.clahe.apply(np.ascontiguousarray(gray))
+        sx = sy = 1.0
+        if self.scale < 1.0:
+            h, w = gray.shape[:2]
+            size = (max(8, round(w * self.scale)), max(8, round(h * self.scale)))
+            gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
+            sx, sy = size[0] / w, size[1] / h
         keypoints, desc = detector.detectAndCompute(gray, None)
         if desc is None or not keypoints:
             return LocalFeatures.empty(self.kind)
@@ -164,6 +175,12 @@ class FeatureExtractor:
             keypoints = [keypoints[i] for i in order]
             desc = desc[order]
         xy = np.array([k.pt for k in keypoints], dtype=np.float32)
+        if self.scale < 1.0:  # back to the full frame's pixels (pixel centres align)
+            # OpenCV's SIFT reports positions 0.25 px beyond pixel-centre coordinates (its
+            # base image is the frame doubled, and doubled-image pixel i is given as i / 2);
+            # kept out of the shrink so that scaled and full-frame keypoints agree
+            bias = SIFT_POSITION_BIAS_PX if self.kind == "sift" else 0.0
+            xy = (xy - bias + 0.5) / np.array([sx, sy], np.float32) - 0.5 + bias
         if self.kind == "sift":
             desc = np.clip(np.rint(desc), 0, 255)
         return LocalFeatures(self.kind, xy, desc.astype(np.uint8))
