@@ -177,3 +177,21 @@ def test_vpr_eval_euroc_reports_the_table(capsys: pytest.CaptureFixture) -> None
     assert 0.3 < row["essential"]["rotation_normalised_error_median"] < 3.0
     assert row["pnp"]["verified_metric"] == row["pnp"]["pairs"] > 0
     assert row["pnp"]["translation_m"]["max"] <= 0.01
+
+
+def test_vpr_eval_euroc_half_scale_queries(capsys: pytest.CaptureFixture) -> None:
+    """--extract-scale 0.5 shrinks only the query side: PnP keeps its accuracy, and the scale is
+    recorded; a scale outside [0.1, 1] is a one-line error."""
+    import json
+
+    from vpr_ros.cli import main
+
+    assert main(["eval", "euroc", "--estimators", "poselib", "--step", "24",
+                 "--extract-scale", "0.5", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["extract_scale"] == 0.5
+    (row,) = res["rows"]
+    assert row["pnp"]["verified_metric"] == row["pnp"]["pairs"] > 0
+    assert row["pnp"]["translation_m"]["max"] <= 0.01
+    assert main(["eval", "euroc", "--extract-scale", "2"]) != 0
+    assert "--extract-scale must be in [0.1, 1]" in capsys.readouterr().err

@@ -167,6 +167,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="SIFT contrast threshold (default 0.02, the node's; OpenCV's own: 0.04)")
     eu.add_argument("--equalize", action="store_true",
                     help="CLAHE before extraction (off in the node: see docs/verification.md)")
+    eu.add_argument("--extract-scale", type=float, default=1.0,
+                    help="shrink the query frames by this factor before extraction, keyframes "
+                    "at full resolution (the node's verification.extract_scale; default 1)")
     eu.add_argument("--json", action="store_true", help="print the result as JSON")
     eu.add_argument("--output", help="also write the JSON result to this file")
     eu.set_defaults(func=_euroc)
@@ -325,8 +328,11 @@ def _euroc(args: argparse.Namespace) -> int:
 
     if args.step < 1:
         raise ConfigError("--step must be >= 1")
+    if not 0.1 <= args.extract_scale <= 1.0:
+        raise ConfigError("--extract-scale must be in [0.1, 1]")
     res = evaluate_euroc([k for k in args.kinds.split(",") if k],
                          [e for e in args.estimators.split(",") if e], args.step,
-                         sift_contrast=args.sift_contrast, equalize=args.equalize)
+                         sift_contrast=args.sift_contrast, equalize=args.equalize,
+                         extract_scale=args.extract_scale)
     _emit(res, args, format_table(res))
     return 0

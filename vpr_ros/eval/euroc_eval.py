@@ -41,7 +41,11 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 def evaluate_euroc(kinds: Sequence[str] = ("sift",), estimators: Sequence[str] = ("poselib",),
                    step: int = 8, gap: int = 24, sift_contrast: float = 0.02,
-                   equalize: bool = False) -> dict[str, Any]:
+                   equalize: bool = False, extract_scale: float = 1.0) -> dict[str, Any]:
+    """Verifier accuracy on EuRoC pairs. ``extract_scale`` < 1: the query frames (right
+    camera) are shrunk before extraction, as ``verification.extract_scale`` does in the node,
+    while keyframes (left camera, and the stereo points) stay at full resolution, as a map
+    built offline has them."""
     root = find_dataset(euroc.NAME)
     if root is None:
         raise InputError(missing_reason(euroc.NAME, euroc.SOURCE))
@@ -53,6 +57,11 @@ def evaluate_euroc(kinds: Sequence[str] = ("sift",), estimators: Sequence[str] =
         ext = FeatureExtractor(kind, 1000, equalize=equalize, sift_contrast=sift_contrast)
         f0 = {i: ext.extract(seq.cam0.image(i)) for i in frames}
         f1 = {i: ext.extract(seq.cam1.image(seq.right_index(i))) for i in frames}
+        fq = f1
+        if extract_scale != 1.0:
+            small = FeatureExtractor(kind, 1000, equalize=equalize, sift_contrast=sift_contrast,
+                                     scale=extract_scale)
+            fq = {i: small.extract(seq.cam1.image(seq.right_index(i))) for i in frames}
         pts = {i: points_from_stereo(f0[i], f1[i], seq.cam0.model, seq.cam1.model, ext_lr)
                for i in frames[::2]}
         for est in estimators:
@@ -62,7 +71,7 @@ def evaluate_euroc(kinds: Sequence[str] = ("sift",), estimators: Sequence[str] =
                 for j in frames:
                     if i != j and abs(i - j) != gap:
                         continue
-                    r = v.verify_pair(View(f1[j], seq.cam1.model), View(f0[i], seq.cam0.model))
+                    r = v.verify_pair(View(fq[j], seq.cam1.model), View(f0[i], seq.cam0.model))
                     n += 1
                     verified += int(r.verified)
                     if r.pose is None:
@@ -82,7 +91,7 @@ def evaluate_euroc(kinds: Sequence[str] = ("sift",), estimators: Sequence[str] =
                 for j in frames:
                     if j == i:
                         continue
-                    r = v.verify_pair(View(f1[j], seq.cam1.model), keyframe)
+                    r = v.verify_pair(View(fq[j], seq.cam1.model), keyframe)
                     pnp_n += 1
                     if not (r.verified and r.pose is not None and r.pose.metric):
                         continue
@@ -100,7 +109,7 @@ def evaluate_euroc(kinds: Sequence[str] = ("sift",), estimators: Sequence[str] =
                 "pnp": {"pairs": pnp_n, "verified_metric": len(pnp_t),
                         "translation_m": _stats(pnp_t), "rotation_deg": _stats(pnp_r)}})
     return {"data": str(root), "frames": len(frames), "step": step, "gap": gap,
-            "sift_contrast": sift_contrast, "equalize": equalize,
+            "sift_contrast": sift_contrast, "equalize": equalize, "extract_scale": extract_scale,
             "baseline_m": round(float(np.linalg.norm(ext_lr[:3, 3])), 4), "rows": rows}
 
 

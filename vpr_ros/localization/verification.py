@@ -134,9 +134,8 @@ class VerificationConfig:
     extract_scale: float = param(
         1.0, "the camera frame is shrunk by this factor before its keypoints are extracted "
         "(keypoints stay in the full frame's pixels, intrinsics unchanged): 0.5 extracts SIFT "
-        "about 4x faster; on EuRoC its PnP poses were as accurate and its essential-matrix "
-        "poses about 2x less, on the rendered dusk revisits it found 40 % fewer matches "
-        "(6 of 8 true candidates verified, not 8) (docs/verification.md)", 0.1, 1.0)
+        "3-5x faster at 640x480; on EuRoC its PnP poses were as accurate and its "
+        "essential-matrix poses about 1.7-2x less (docs/verification.md)", 0.1, 1.0)
 
     def __post_init__(self) -> None:
         validate(self)
