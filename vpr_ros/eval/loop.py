@@ -25,7 +25,7 @@ import csv
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -269,9 +269,24 @@ def decision_configs(path: Optional[str | Path], params: list[str]
     loop-closure mapping. Overrides name loop-closure fields plainly (``min_score=0.7``) and
     sequence fields with their prefix (``sequence.length=10``). Unknown keys are refused.
     """
+    loop, seq = decision_sections(path, params, "loop_closure")
+    return LoopClosureConfig.from_mapping(loop), SequenceConfig.from_mapping(seq)
+
+
+def decision_sections(path: Optional[str | Path], params: Sequence[str], section: str
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The raw ``section`` and ``sequence`` parameter mappings from a YAML and ``key=value``
+    overrides, as :func:`decision_configs` reads them (the relocalization evaluation reads its
+    own section the same way, so both accept the same files and overrides).
+
+    The YAML may be a node params file, a file with ``section`` / ``sequence`` sections, or a
+    bare mapping of ``section`` parameters. Overrides name ``section`` fields plainly or with
+    their ``section.`` prefix, and sequence fields with their ``sequence.`` prefix. The
+    mappings are not validated here: the config classes refuse unknown keys.
+    """
     from vpr_ros.models.config import load_yaml
 
-    loop: dict[str, Any] = {}
+    main: dict[str, Any] = {}
     seq: dict[str, Any] = {}
     if path is not None:
         data = load_yaml(path)
@@ -279,15 +294,15 @@ def decision_configs(path: Optional[str | Path], params: list[str]
         data = data.get("ros__parameters", data) if isinstance(data, dict) else data
         if not isinstance(data, dict):
             raise InputError(f"{path}: expected a mapping of parameters")
-        if "loop_closure" in data or "sequence" in data:
-            for name, into in (("loop_closure", loop), ("sequence", seq)):
-                section = data.get(name) or {}
-                if not isinstance(section, dict):
+        if section in data or "sequence" in data:
+            for name, into in ((section, main), ("sequence", seq)):
+                part = data.get(name) or {}
+                if not isinstance(part, dict):
                     raise InputError(f"{path}: section '{name}' must be a mapping of "
-                                     f"parameters, got {type(section).__name__}")
-                into.update(section)
+                                     f"parameters, got {type(part).__name__}")
+                into.update(part)
         else:
-            loop.update(data)
+            main.update(data)
     for item in params:
         if "=" not in item:
             raise InputError(f"--param {item!r}: expected NAME=VALUE (e.g. min_score=0.7)")
@@ -296,8 +311,8 @@ def decision_configs(path: Optional[str | Path], params: list[str]
         if key.startswith("sequence."):
             seq[key[len("sequence."):]] = value
         else:
-            loop[key.removeprefix("loop_closure.")] = value
-    return LoopClosureConfig.from_mapping(loop), SequenceConfig.from_mapping(seq)
+            main[key.removeprefix(f"{section}.")] = value
+    return main, seq
 
 
 def loop_config(path: Optional[str | Path], params: list[str]) -> LoopClosureConfig:

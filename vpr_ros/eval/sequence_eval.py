@@ -17,7 +17,6 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from vpr_ros.errors import InputError
-from vpr_ros.plain_data import parse_yaml
 from vpr_ros.localization.evaluation import Calibration, LoopEvaluation, RelocReplay
 from vpr_ros.localization.geometry import Candidate
 from vpr_ros.localization.hypotheses import Hypothesis, build_hypotheses
@@ -106,34 +105,9 @@ def reloc_configs(path: Optional[str], params: Sequence[str]
     """RelocalizerConfig and SequenceConfig from a node params file / sections (as
     :func:`vpr_ros.eval.loop.decision_configs`) and ``key=value`` overrides (relocalization
     names plain, sequence names with their ``sequence.`` prefix)."""
-    from vpr_ros.models.config import load_yaml
+    from vpr_ros.eval.loop import decision_sections
 
-    reloc: dict[str, Any] = {}
-    seq: dict[str, Any] = {}
-    if path is not None:
-        data = load_yaml(path)
-        data = data.get("vpr_node", data)
-        data = data.get("ros__parameters", data) if isinstance(data, dict) else data
-        if not isinstance(data, dict):
-            raise InputError(f"{path}: expected a mapping of parameters")
-        if "relocalization" in data or "sequence" in data:
-            for name, into in (("relocalization", reloc), ("sequence", seq)):
-                section = data.get(name) or {}
-                if not isinstance(section, dict):
-                    raise InputError(f"{path}: section '{name}' must be a mapping of "
-                                     f"parameters, got {type(section).__name__}")
-                into.update(section)
-        else:
-            reloc.update(data)
-    for item in params:
-        if "=" not in item:
-            raise InputError(f"--param {item!r}: expected NAME=VALUE (e.g. min_score=0.7)")
-        key, raw = item.split("=", 1)
-        value = parse_yaml(raw, f"--param {key}", InputError)
-        if key.startswith("sequence."):
-            seq[key[len("sequence."):]] = value
-        else:
-            reloc[key.removeprefix("relocalization.")] = value
+    reloc, seq = decision_sections(path, params, "relocalization")
     return RelocalizerConfig.from_mapping(reloc), SequenceConfig.from_mapping(seq)
 
 
