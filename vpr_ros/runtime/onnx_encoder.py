@@ -17,6 +17,7 @@ tried and measured no faster on CPU: 86% of the time is in the projection/MLP GE
 
 from __future__ import annotations
 
+import abc
 import logging
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -214,7 +215,54 @@ def _with_fused_attention(path: Path) -> tuple[Any, int]:
     return (model.SerializeToString(), count) if count else (str(path), 0)
 
 
-class OnnxEncoder(Encoder):
+class ArtifactEncoder(Encoder):
+    """An encoder of an exported artifact (ONNX file, TensorRT engine): its preprocessing and
+    output names are the ones the artifact's metadata records (``self.meta``, with
+    ``self._prep`` built from it by :func:`artifact_preprocessing`), so every backend running
+    such a file answers them the same way."""
+
+    meta: ArtifactMeta
+    _prep: Preprocessing
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self._prep
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return self.meta.outputs
+
+
+class HostArtifactEncoder(ArtifactEncoder):
+    """An artifact encoder whose runtime takes host numpy batches (ONNX Runtime, OpenVINO):
+    the batch is checked against the artifact's input once, here, and the backend only runs
+    :meth:`_infer`."""
+
+    @abc.abstractmethod
+    def _infer(self, names: Sequence[str], batch: np.ndarray) -> list[np.ndarray]:
+        """The named outputs of a checked, preprocessed (B, 3, H, W) float32 batch, or
+        BackendError when the runtime fails."""
+
+    def _run(self, names: Sequence[str], batch: np.ndarray) -> list[np.ndarray]:
+        h, w = self.input_size
+        if batch.dtype != np.float32 or batch.ndim != 4 or batch.shape[1:] != (3, h, w):
+            raise InputError(f"{self.backend}: expected a preprocessed (B, 3, {h}, {w}) float32 "
+                             f"batch, got {batch.shape} {batch.dtype}")
+        return self._infer(names, batch)
+
+    def _encode_batch(self, batch: np.ndarray) -> np.ndarray:
+        return self._run([GLOBAL_OUTPUT], batch)[0]
+
+    def _encode_all_batch(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(self.meta.outputs, self._run(self.meta.outputs, batch)))
+
+    def encode_preprocessed(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """All outputs of an already preprocessed (B, 3, H, W) float32 batch, checked."""
+        return check_outputs(self._encode_all_batch(batch), batch.shape[0], self.dim,
+                             self.backend)
+
+
+class OnnxEncoder(HostArtifactEncoder):
     """Runs an exported ``.onnx`` file with ONNX Runtime.
 
     Args:
@@ -333,33 +381,10 @@ class OnnxEncoder(Encoder):
             raise BackendError(f"{self.path}: output 'global' has shape {gshape}, the metadata "
                                f"says {self.meta.descriptor_dim}-D; re-export the file")
 
-    @property
-    def preprocessing(self) -> Preprocessing:
-        return self._prep
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        return self.meta.outputs
-
-    def _run(self, names: Sequence[str], batch: np.ndarray) -> list[np.ndarray]:
-        h, w = self.input_size
-        if batch.dtype != np.float32 or batch.ndim != 4 or batch.shape[1:] != (3, h, w):
-            raise InputError(f"{self.backend}: expected a preprocessed (B, 3, {h}, {w}) float32 "
-                             f"batch, got {batch.shape} {batch.dtype}")
+    def _infer(self, names: Sequence[str], batch: np.ndarray) -> list[np.ndarray]:
         try:
             return self.session.run(list(names), {self.meta.input_name:
                                                   np.ascontiguousarray(batch)})
         except Exception as exc:
             raise BackendError(f"{self.backend}: inference failed on a {batch.shape} batch "
                                f"({exc})") from exc
-
-    def _encode_batch(self, batch: np.ndarray) -> np.ndarray:
-        return self._run([GLOBAL_OUTPUT], batch)[0]
-
-    def _encode_all_batch(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        return dict(zip(self.meta.outputs, self._run(self.meta.outputs, batch)))
-
-    def encode_preprocessed(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """All outputs of an already preprocessed (B, 3, H, W) float32 batch, checked."""
-        return check_outputs(self._encode_all_batch(batch), batch.shape[0], self.dim,
-                             self.backend)

@@ -22,11 +22,9 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from vpr_ros.errors import BackendError, InputError
+from vpr_ros.errors import BackendError
 from vpr_ros.export.artifact import ArtifactMeta, read_onnx_metadata
-from vpr_ros.runtime.encoder import Encoder, check_outputs
-from vpr_ros.runtime.onnx_encoder import artifact_preprocessing
-from vpr_ros.runtime.preprocess import Preprocessing
+from vpr_ros.runtime.onnx_encoder import HostArtifactEncoder, artifact_preprocessing
 from vpr_ros.runtime.user_cache import cache_root, writable_dir
 
 log = logging.getLogger(__name__)
@@ -72,7 +70,7 @@ def resolve_device(core: Any, device: Optional[str]) -> str:
                        "of those")
 
 
-class OpenVinoEncoder(Encoder):
+class OpenVinoEncoder(HostArtifactEncoder):
     """Runs an exported ``.onnx`` file with OpenVINO.
 
     Args:
@@ -172,19 +170,7 @@ class OpenVinoEncoder(Encoder):
             raise BackendError(f"{self.path}: graph input shape {shape} does not match the "
                                f"metadata's (batch, 3, {h}, {w}); re-export the file")
 
-    @property
-    def preprocessing(self) -> Preprocessing:
-        return self._prep
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        return self.meta.outputs
-
-    def _run(self, names: Sequence[str], batch: np.ndarray) -> list[np.ndarray]:
-        h, w = self.input_size
-        if batch.dtype != np.float32 or batch.ndim != 4 or batch.shape[1:] != (3, h, w):
-            raise InputError(f"{self.backend}: expected a preprocessed (B, 3, {h}, {w}) float32 "
-                             f"batch, got {batch.shape} {batch.dtype}")
+    def _infer(self, names: Sequence[str], batch: np.ndarray) -> list[np.ndarray]:
         try:
             result = self._request.infer({0: np.ascontiguousarray(batch)})
         except RuntimeError as exc:
@@ -193,14 +179,3 @@ class OpenVinoEncoder(Encoder):
         by_name = {port.get_any_name(): value for port, value in result.items()}
         # the request's buffers are reused by the next call: copy what is returned
         return [np.array(by_name[n], copy=True) for n in names]
-
-    def _encode_batch(self, batch: np.ndarray) -> np.ndarray:
-        return self._run([self.meta.outputs[0]], batch)[0]
-
-    def _encode_all_batch(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        return dict(zip(self.meta.outputs, self._run(self.meta.outputs, batch)))
-
-    def encode_preprocessed(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """All outputs of an already preprocessed (B, 3, H, W) float32 batch, checked."""
-        return check_outputs(self._encode_all_batch(batch), batch.shape[0], self.dim,
-                             self.backend)

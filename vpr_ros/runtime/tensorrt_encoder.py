@@ -29,9 +29,7 @@ from vpr_ros.export.artifact import ArtifactMeta
 from vpr_ros.export.engine_sidecar import (SIDECAR_FORMAT, EngineSidecar,  # noqa: F401
                                            file_sha256, gpu_identity, read_sidecar,
                                            sidecar_path, write_sidecar)
-from vpr_ros.runtime.encoder import Encoder
-from vpr_ros.runtime.onnx_encoder import artifact_preprocessing
-from vpr_ros.runtime.preprocess import Preprocessing
+from vpr_ros.runtime.onnx_encoder import ArtifactEncoder, artifact_preprocessing
 from vpr_ros.runtime.torch_preprocess import GpuPreprocessed
 
 log = logging.getLogger(__name__)
@@ -64,7 +62,7 @@ def check_engine_compat(sidecar: EngineSidecar, tensorrt_version: str, gpu_name:
     return warnings
 
 
-class TensorRTEncoder(GpuPreprocessed, Encoder):
+class TensorRTEncoder(GpuPreprocessed, ArtifactEncoder):
     """Runs a serialized TensorRT engine (built by ``vpr export tensorrt``).
 
     ``encode(images)`` preprocesses on the GPU when the torch twin is available, copies through
@@ -154,14 +152,6 @@ class TensorRTEncoder(GpuPreprocessed, Encoder):
         if self._dtypes[meta.input_name] != torch.float32:
             raise BackendError(f"{self.path}: engine input is {self._dtypes[meta.input_name]}, "
                                "expected float32; rebuild with `vpr export tensorrt`")
-
-    @property
-    def preprocessing(self) -> Preprocessing:
-        return self._prep
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        return self.meta.outputs
 
     # -- GPU path --------------------------------------------------------------------------
     def _execute(self, x) -> dict:
