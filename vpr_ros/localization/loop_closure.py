@@ -58,6 +58,7 @@ from vpr_ros.localization.geometry import (
 )
 from vpr_ros.localization.hypotheses import Hypothesis, Verifier, as_hypothesis, evidence_margin
 from vpr_ros.localization.params import ParamSpec, from_mapping, param, parameter_specs, require, validate
+from vpr_ros.localization.sequence import unit_descriptor
 
 
 @dataclass(frozen=True)
@@ -201,21 +202,6 @@ class _LastKeyframe:
     stamp_ns: int
     position: Optional[Position]
     orientation: Optional[Quaternion]
-
-
-def _unit_descriptor(descriptor: Sequence[float] | np.ndarray) -> np.ndarray:
-    """A 1-D unit float64 vector; cosine similarity is then a dot product."""
-    vec = np.asarray(descriptor, dtype=np.float64)
-    if vec.ndim == 2 and vec.shape[0] == 1:
-        vec = vec[0]
-    if vec.ndim != 1 or vec.size == 0:
-        raise InputError(f"descriptor must be one vector (D,) or (1, D), got shape {vec.shape}")
-    if not np.all(np.isfinite(vec)):
-        raise InputError("descriptor has non-finite values; the encoder output is broken")
-    norm = float(np.linalg.norm(vec))
-    if norm < 1e-12:
-        raise InputError("descriptor is all zeros; cannot measure its similarity to anything")
-    return vec / norm
 
 
 class LoopClosureDetector:
@@ -432,7 +418,7 @@ class LoopClosureDetector:
 
         similarity: Optional[float] = None
         if descriptor is not None and self._novelty:
-            vec = _unit_descriptor(descriptor)
+            vec = unit_descriptor(descriptor, np.float64)
             memory = self._novelty[0]
             if vec.shape != memory.shape:
                 raise InputError(
@@ -463,7 +449,7 @@ class LoopClosureDetector:
         pos = None if position is None else as_position(position)
         quat = None if orientation is None else as_quaternion(orientation)
         if descriptor is not None:
-            vec = _unit_descriptor(descriptor)
+            vec = unit_descriptor(descriptor, np.float64)
             if self._novelty and self._novelty[0].shape != vec.shape:
                 raise InputError(
                     f"descriptor has dimension {vec.size} but recent keyframes have "

@@ -551,8 +551,12 @@ class SequenceResult:
         return (float(cosine) - self.mu) / self.sigma
 
 
-def _unit(descriptor: np.ndarray | Sequence[float]) -> np.ndarray:
-    vec = np.asarray(descriptor, dtype=np.float32)
+def unit_descriptor(descriptor: np.ndarray | Sequence[float], dtype: Any = np.float32
+                    ) -> np.ndarray:
+    """A 1-D unit vector of ``dtype`` (cosine similarity is then a dot product) from a (D,) or
+    (1, D) descriptor; InputError for any other shape, non-finite values or an all-zero
+    vector. The sequence matcher and the loop-closure detector check descriptors here."""
+    vec = np.asarray(descriptor, dtype=dtype)
     if vec.ndim == 2 and vec.shape[0] == 1:
         vec = vec[0]
     if vec.ndim != 1 or vec.size == 0:
@@ -681,7 +685,7 @@ class SequenceMatcher:
         """
         cfg = self.config
         stamp = int(stamp_ns)
-        desc = _unit(descriptor)
+        desc = unit_descriptor(descriptor)
         pos = None
         if position is not None:
             pos = np.asarray([float(v) for v in position], dtype=np.float64)
