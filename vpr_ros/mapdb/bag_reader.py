@@ -21,7 +21,6 @@ import mmap
 import re
 import sqlite3
 import struct
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from vpr_ros.errors import BagError, InputError
+from vpr_ros.mapdb.bag_chunks import MCAP_CHUNKS, skip_damage
 from vpr_ros.mapdb.bag_writer import (CAMERA_INFO, IMAGE, IMAGE_TYPES, NAVSAT_FIX, POSE_STAMPED,
                                       POSE_TYPES, TF_STATIC, default_typestore)
 from vpr_ros.mapdb.camera import CameraModel
@@ -805,24 +805,6 @@ def _sqlite_messages(path: Path, warn: Callable[[str], None]) -> Iterator[RawMes
 _MCAP_MAGIC = b"\x89MCAP0\r\n"
 
 
-def _decompress_partial(data: bytes, compression: str) -> bytes:
-    """Decompress a chunk, returning as much as the (possibly truncated) input yields."""
-    if compression == "":
-        return data
-    if compression == "zstd":
-        if sys.version_info >= (3, 14):
-            from compression import zstd  # type: ignore[import-not-found]
-        else:
-            from backports import zstd  # type: ignore[import-not-found]
-        return zstd.ZstdDecompressor().decompress(data)
-    if compression == "lz4":
-        import lz4.frame  # type: ignore[import-untyped]
-
-        return lz4.frame.LZ4FrameDecompressor().decompress(data)
-    raise BagError(f"MCAP chunk compression {compression!r} is not supported; expected none, "
-                   "zstd or lz4")
-
-
 class _Cursor:
     """Little-endian field reader over bytes that raises IndexError past the end."""
 
@@ -896,13 +878,10 @@ class _McapWalker:
                 yield from self.chunk(buf[pos + 9:end], pos, truncated=True)
                 return
             if op not in _MCAP_OPS or body_end > end or (nested and op in (0x02, 0x06, 0x0F)):
-                resume = self.resync(buf, pos + 1, end)
+                resume = skip_damage(self.path, where, pos, self.resync(buf, pos + 1, end),
+                                     self.warn)
                 if resume is None:
-                    self.warn(f"{self.path}: damaged or cut-off record at byte {pos} of the "
-                              f"{where}; nothing readable after it")
                     return
-                self.warn(f"{self.path}: skipped {resume - pos} damaged bytes at byte {pos} of "
-                          f"the {where}")
                 pos = resume
                 continue
             body = buf[pos + 9:body_end]
@@ -947,17 +926,10 @@ class _McapWalker:
             self.warn(f"{self.path}: chunk at byte {pos} is cut off before its data; "
                       "everything after it is lost")
             return
-        try:
-            inner = _decompress_partial(payload, compression)
-        except BagError:
-            raise
-        except Exception as exc:
-            self.warn(f"{self.path}: chunk at byte {pos} cannot be decompressed ({exc}); its "
-                      "messages are lost")
+        inner = MCAP_CHUNKS.salvage(self.path, pos, payload, compression, uncompressed_size,
+                                    truncated, self.warn)
+        if inner is None:
             return
-        if truncated or len(inner) < uncompressed_size:
-            self.warn(f"{self.path}: chunk at byte {pos} is cut off; salvaging the "
-                      f"{len(inner)} of {uncompressed_size} bytes that remain")
         yield from self.walk(inner, 0, len(inner), nested=True)
 
     def record(self, op: int, body: bytes) -> RawMessage | None:

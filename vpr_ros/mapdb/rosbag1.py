@@ -23,7 +23,6 @@ they trip over. rosbags reads the format; what it leaves to us:
 
 from __future__ import annotations
 
-import bz2
 import heapq
 import mmap
 import struct
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from vpr_ros.errors import BagError
+from vpr_ros.mapdb.bag_chunks import ROS1_CHUNKS, skip_damage
 
 #: ROS 1 record opcodes (bag format 2.0).
 OP_MSG_DATA, OP_BAG_HEADER, OP_INDEX_DATA, OP_CHUNK, OP_CHUNK_INFO, OP_CONNECTION = \
@@ -313,20 +313,6 @@ def _time(value: bytes) -> int:
     return sec * 1_000_000_000 + nsec
 
 
-def _decompress_partial(data: bytes, compression: str) -> bytes:
-    """A chunk's records, as many as a (possibly cut-off) compressed chunk still yields."""
-    if compression == "none":
-        return data
-    if compression == "bz2":
-        return bz2.BZ2Decompressor().decompress(data)
-    if compression == "lz4":
-        import lz4.frame  # type: ignore[import-untyped]
-
-        return lz4.frame.LZ4FrameDecompressor().decompress(data)
-    raise BagError(f"ROS 1 chunk compression {compression!r} is not supported; expected "
-                   "none, bz2 or lz4")
-
-
 class _Ros1Walker:
     """Walk a ROS 1 bag's records front to back (format: wiki.ros.org/Bags/Format/2.0),
     collecting connections and yielding messages, including those of a chunk cut short by the
@@ -401,13 +387,10 @@ class _Ros1Walker:
                           "rest is lost")
                 return
             if rec is None or (rec[1] + rec[2] > end and (nested or rec[3] != OP_CHUNK)):
-                resume = self._resync(buf, pos + 1, end)
+                resume = skip_damage(self.path, where, pos, self._resync(buf, pos + 1, end),
+                                     self.warn)
                 if resume is None:
-                    self.warn(f"{self.path}: damaged or cut-off record at byte {pos} of the "
-                              f"{where}; nothing readable after it")
                     return
-                self.warn(f"{self.path}: skipped {resume - pos} damaged bytes at byte {pos} "
-                          f"of the {where}")
                 pos = resume
                 continue
             fields, start, size, op = rec
@@ -427,18 +410,10 @@ class _Ros1Walker:
     def _chunk(self, fields: dict[str, bytes], data: bytes, pos: int, cut: bool,
                messages: bool) -> Iterator[Ros1Message]:
         compression = fields.get("compression", b"none").decode("ascii", errors="replace")
-        try:
-            inner = _decompress_partial(data, compression)
-        except BagError:
-            raise
-        except Exception as exc:
-            self.warn(f"{self.path}: chunk at byte {pos} cannot be decompressed ({exc}); its "
-                      "messages are lost")
+        size = _u32(fields["size"]) if len(fields.get("size", b"")) >= 4 else None
+        inner = ROS1_CHUNKS.salvage(self.path, pos, data, compression, size, cut, self.warn)
+        if inner is None:
             return
-        size = _u32(fields["size"]) if len(fields.get("size", b"")) >= 4 else len(inner)
-        if cut or len(inner) < size:
-            self.warn(f"{self.path}: chunk at byte {pos} is cut off; salvaging the "
-                      f"{len(inner)} of {size} bytes that remain")
         yield from self._walk(inner, 0, len(inner), True, messages)
 
     def _connection(self, fields: dict[str, bytes], data: bytes) -> None:
