@@ -14,7 +14,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, TypeVar
+from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
 
 from vpr_ros.errors import ConfigError
 
@@ -106,6 +106,21 @@ def require(condition: bool, message: str) -> None:
     """Raise :class:`ConfigError` with ``message`` unless ``condition`` holds (cross-field rules)."""
     if not condition:
         raise ConfigError(message)
+
+
+def require_choices(config: Any, choices: Mapping[str, Sequence[str]]) -> None:
+    """ConfigError unless every string field named in ``choices`` holds one of its values
+    (the node configs' modes and QoS names, checked the same way everywhere)."""
+    for name, allowed in choices.items():
+        value = getattr(config, name)
+        require(value in allowed, f"parameter {name} = {value!r} must be one of "
+                f"{', '.join(allowed)}")
+
+
+def renamed_specs(cls: Any, rename: Callable[[str], str]) -> list[ParamSpec]:
+    """``cls.parameter_specs()`` under the names a node declares them by (a section prefix,
+    another node's names), everything else unchanged."""
+    return [dataclasses.replace(s, name=rename(s.name)) for s in cls.parameter_specs()]
 
 
 def _yaml_value(value: Any) -> str:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from vpr_ros.localization import LoopClosureConfig, ParamSpec, RelocalizerConfig, SequenceConfig
-from vpr_ros.localization.params import from_mapping, param, parameter_specs, require, validate
+from vpr_ros.localization.params import (from_mapping, param, parameter_specs,
+                                         renamed_specs, require, require_choices, validate)
 from vpr_ros.localization.verification import ESTIMATORS, VerificationConfig
 
 MODES = ("localization", "loop_closure")
@@ -168,12 +169,8 @@ class NodeConfig:
 
     def __post_init__(self) -> None:
         validate(self)
-        for name, allowed in CHOICES.items():
-            if "." in name:  # a prefixed section's choice: its own config checks it
-                continue
-            value = getattr(self, name)
-            require(value in allowed, f"parameter {name} = {value!r} must be one of "
-                    f"{', '.join(allowed)}")
+        # a prefixed section's choice is checked by that section's own config
+        require_choices(self, {k: v for k, v in CHOICES.items() if "." not in k})
         topics = self.camera_topics
         for topic in topics:
             require(bool(_TOPIC.match(topic)), f"parameter cameras: {topic!r} is not a valid "
@@ -285,9 +282,7 @@ def all_parameter_specs() -> list[ParamSpec]:
     for prefix, cls in ((RELOC_PREFIX, RelocalizerConfig), (LOOP_PREFIX, LoopClosureConfig),
                         (SEQUENCE_PREFIX, SequenceConfig), (RERANK_PREFIX, RerankConfig),
                         (VERIFY_PREFIX, VerificationConfig), (CAMERA_PREFIX, CameraConfig)):
-        out.extend(ParamSpec(name=prefix + s.name, default=s.default, type=s.type, low=s.low,
-                             high=s.high, description=s.description)
-                   for s in cls.parameter_specs())
+        out.extend(renamed_specs(cls, lambda name: prefix + name))
     return out
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from vpr_ros.localization.params import ParamSpec, from_mapping, param, parameter_specs, require, validate
+from vpr_ros.localization.params import (ParamSpec, from_mapping, param, parameter_specs,
+                                         renamed_specs, require_choices, validate)
 from vpr_ros.slam.config import CHOICES as GRAPH_CHOICES
 from vpr_ros.slam.config import PoseGraphConfig
 
@@ -56,10 +57,7 @@ class PoseGraphNodeConfig:
 
     def __post_init__(self) -> None:
         validate(self)
-        for name, allowed in NODE_CHOICES.items():
-            value = getattr(self, name)
-            require(value in allowed, f"parameter {name} = {value!r} must be one of "
-                    f"{', '.join(allowed)}")
+        require_choices(self, NODE_CHOICES)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "PoseGraphNodeConfig":
@@ -86,10 +84,7 @@ def field_name(ros: str) -> str:
 
 def all_parameter_specs() -> list[ParamSpec]:
     """The node's and the graph's tunables, by their ROS parameter names."""
-    graph = [ParamSpec(name=ros_name(s.name), default=s.default, type=s.type, low=s.low,
-                       high=s.high, description=s.description)
-             for s in PoseGraphConfig.parameter_specs()]
-    return [*PoseGraphNodeConfig.parameter_specs(), *graph]
+    return [*PoseGraphNodeConfig.parameter_specs(), *renamed_specs(PoseGraphConfig, ros_name)]
 
 
 def settings_from_values(values: Mapping[str, Any]

@@ -14,7 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from vpr_ros.localization.params import ParamSpec, from_mapping, param, parameter_specs, require, validate
+from vpr_ros.localization.params import (ParamSpec, from_mapping, param, parameter_specs, require,
+                                         require_choices, validate)
 
 ROBUST_KERNELS = ("none", "huber", "cauchy", "geman_mcclure", "dcs")
 WITHOUT_TRANSFORM = ("same_place", "skip")
@@ -111,10 +112,7 @@ class PoseGraphConfig:
 
     def __post_init__(self) -> None:
         validate(self)
-        for name, allowed in CHOICES.items():
-            value = getattr(self, name)
-            require(value in allowed, f"parameter {name} = {value!r} must be one of "
-                    f"{', '.join(allowed)}")
+        require_choices(self, CHOICES)
         q = self.camera_orientation
         require(abs(math.sqrt(sum(v * v for v in q)) - 1.0) < 1e-3,
                 f"camera mount quaternion {q} is not a unit quaternion; give the camera's "
