@@ -1,13 +1,36 @@
-"""The README stays true: its two commands are the ones CI and users run, and its parameter
-table lists exactly the node's declared parameters."""
+"""The README and docs/ stay true: the README's two commands are the ones CI and users run, the
+full parameter table in docs/parameters.md lists exactly the node's declared parameters (and the
+README's summary names only declared ones), and every relative link in the README and docs/
+points at a file that exists."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text(encoding="utf-8")
+PARAMETERS = REPO / "docs" / "parameters.md"
+
+#: A markdown link or image: [text](target) / ![alt](target), target up to a space or ")".
+LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+#: A table row naming a parameter in its first cell.
+PARAM_ROW = re.compile(r"^\| `([a-z_.]+)` \|", re.M)
+#: The same row with its second cell (the default).
+PARAM_DEFAULT = re.compile(r"^\| `([a-z_.]+)` \| ([^|]*) \|", re.M)
+
+
+def _declared() -> set[str]:
+    from vpr_ros.ros.params import all_parameter_specs
+
+    return {s.name for s in all_parameter_specs()}
+
+
+def _markdown_files() -> list[Path]:
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")),
+            *sorted(REPO.glob("*/README.md"))]
 
 
 def test_the_two_commands_and_ci() -> None:
@@ -18,9 +41,30 @@ def test_the_two_commands_and_ci() -> None:
 
 
 def test_parameter_table_matches_declared_parameters() -> None:
-    from vpr_ros.ros.params import all_parameter_specs
-
-    section = README.split("### Parameters", 1)[1].split("\n## ", 1)[0]
-    documented = set(re.findall(r"^\| `([a-z_.]+)` \|", section, re.M))
-    declared = {s.name for s in all_parameter_specs()}
+    documented = set(PARAM_ROW.findall(PARAMETERS.read_text(encoding="utf-8")))
+    declared = _declared()
     assert documented == declared, (sorted(declared - documented), sorted(documented - declared))
+
+
+def test_the_readme_summarises_declared_parameters_and_links_the_full_table() -> None:
+    section = README.split("### Parameters", 1)[1].split("\n## ", 1)[0]
+    summarised = set(PARAM_ROW.findall(section))
+    assert summarised, "the README's parameter summary table is missing"
+    assert summarised <= _declared(), sorted(summarised - _declared())
+    assert "(docs/parameters.md)" in section, "the summary must link the full table"
+    full = dict(PARAM_DEFAULT.findall(PARAMETERS.read_text(encoding="utf-8")))
+    stale = {name: (default, full[name]) for name, default in PARAM_DEFAULT.findall(section)
+             if default.strip() != full[name].strip()}
+    assert not stale, f"README summary defaults differ from docs/parameters.md: {stale}"
+
+
+@pytest.mark.parametrize("doc", _markdown_files(), ids=lambda p: str(p.relative_to(REPO)))
+def test_relative_links_point_at_existing_files(doc: Path) -> None:
+    missing = []
+    for target in LINK.findall(doc.read_text(encoding="utf-8")):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I) or target.startswith("#"):
+            continue  # a URL or an anchor within the page
+        path = target.split("#", 1)[0]
+        if not (doc.parent / path).exists():
+            missing.append(target)
+    assert not missing, f"{doc.relative_to(REPO)} links to files that do not exist: {missing}"
