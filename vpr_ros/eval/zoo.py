@@ -1,6 +1,6 @@
 """``vpr eval zoo``: train every recipe of the model zoo and compare them on held-out data.
 
-Why one command: the README's comparison (issue #7) is only worth something if every row comes
+Why one command: the model-zoo comparison is only worth something if every row comes
 from the same frozen backbone, the same training budget, the same split and the same
 evaluation. This trains each recipe with the code of ``vpr train`` (reusing finished runs),
 shares one backbone-feature cache, adds the untrained baselines, and evaluates every model and
@@ -22,7 +22,7 @@ from vpr_ros.eval.zoo_runs import ZooModel, ensure_run, pretrained_gem
 if TYPE_CHECKING:
     from vpr_ros.eval.backbone_cache import HeldOutFeatures
 
-#: The six Nordland recipes of issue #7 (config/train/<name>_effnetlite0_nordland.yaml).
+#: The zoo's six Nordland recipes (config/train/<name>_effnetlite0_nordland.yaml).
 DEFAULT_RECIPES = ("gem", "qaa", "boq", "dcvlaq", "selavpr", "cqvpr")
 METHOD_NAMES = {"gem": "GeM", "qaa": "QAA", "boq": "BoQ", "vlaq": "VLAQ", "selavpr": "SelaVPR++",
                 "cqvpr": "CQVPR"}
@@ -36,7 +36,8 @@ def default_recipe(name: str) -> Path:
 
 @dataclass
 class ZooOptions:
-    """What ``vpr eval zoo`` trains and how it evaluates (issue #5's split by default)."""
+    """What ``vpr eval zoo`` trains and how it evaluates (by default the Nordland route split of
+    docs/results_nordland.md: train on the first 60 %, hold out the last 40 %)."""
 
     runs_dir: Path
     output_dir: Path
