@@ -29,6 +29,31 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, out: str | Path) -> Path:
+    """Lay out, write (creating the folder) and close a figure; the written path."""
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def _pr_line(ax, ev: LoopEvaluation, prefix: str = "") -> None:
+    """One PR curve, strictest threshold first, its AUC and R@100P in the legend."""
+    order = np.argsort(-np.asarray(ev.thresholds), kind="stable")
+    ax.plot(ev.recall[order], ev.precision[order], marker=".",
+            label=f"{prefix}AUC {ev.auc:.3f}, R@100P {ev.recall_at_100_precision:.3f}")
+
+
+def _pr_axes(ax) -> None:
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.05)
+    ax.grid(True, alpha=0.3)
+
+
 def plot_recall_curve(curves: Mapping[str, Mapping[int, float]], out: str | Path,
                       title: str = "Recall@K") -> Path:
     """One line per labelled result: Recall@K against K."""
@@ -50,34 +75,18 @@ def plot_recall_curve(curves: Mapping[str, Mapping[int, float]], out: str | Path
     ax.grid(True, alpha=0.3)
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_pr_curve(ev: LoopEvaluation, out: str | Path, title: str = "Loop closure") -> Path:
     """Precision against recall over the swept thresholds; R@100P and AUC in the legend."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.0, 4.0), dpi=120)
-    order = np.argsort(-np.asarray(ev.thresholds), kind="stable")  # strictest threshold first
-    ax.plot(ev.recall[order], ev.precision[order], marker=".",
-            label=f"AUC {ev.auc:.3f}, R@100P {ev.recall_at_100_precision:.3f}")
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
-    ax.set_xlim(-0.02, 1.02)
-    ax.set_ylim(-0.02, 1.05)
-    ax.grid(True, alpha=0.3)
+    _pr_line(ax, ev)
+    _pr_axes(ax)
     ax.set_title(f"{title} ({ev.num_positives} revisits, {ev.num_queries} frames)")
     ax.legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_pr_curves(curves: Mapping[str, LoopEvaluation], out: str | Path,
@@ -89,25 +98,13 @@ def plot_pr_curves(curves: Mapping[str, LoopEvaluation], out: str | Path,
     any_ev = None
     for name, ev in curves.items():
         any_ev = ev
-        order = np.argsort(-np.asarray(ev.thresholds), kind="stable")
-        ax.plot(ev.recall[order], ev.precision[order], marker=".",
-                label=f"{name.replace('_', ' ')}: AUC {ev.auc:.3f}, "
-                      f"R@100P {ev.recall_at_100_precision:.3f}")
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
-    ax.set_xlim(-0.02, 1.02)
-    ax.set_ylim(-0.02, 1.05)
-    ax.grid(True, alpha=0.3)
+        _pr_line(ax, ev, f"{name.replace('_', ' ')}: ")
+    _pr_axes(ax)
     if any_ev is not None:
         ax.set_title(f"{title} ({any_ev.num_positives} revisits, {any_ev.num_queries} frames)",
                      fontsize=9)
     ax.legend(loc="lower left", fontsize=7)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_examples(query_paths: Sequence[Path], database_paths: Sequence[Path],
@@ -142,9 +139,4 @@ def plot_examples(query_paths: Sequence[Path], database_paths: Sequence[Path],
             ax.set_title(label, fontsize=7, color=colour)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
