@@ -1,7 +1,8 @@
 """The README and docs/ stay true: the README's two commands are the ones CI and users run, the
-full parameter table in docs/parameters.md lists exactly the node's declared parameters (and the
-README's summary names only declared ones), and every relative link in the README and docs/
-points at a file that exists."""
+full parameter table in docs/parameters.md lists exactly the node's declared parameters with
+their declared defaults, ranges and descriptions (and the README's summary names only declared
+ones, with their defaults), and every relative link in the README and docs/ points at a file
+that exists."""
 
 from __future__ import annotations
 
@@ -44,6 +45,27 @@ def test_parameter_table_matches_declared_parameters() -> None:
     documented = set(PARAM_ROW.findall(PARAMETERS.read_text(encoding="utf-8")))
     declared = _declared()
     assert documented == declared, (sorted(declared - documented), sorted(documented - declared))
+
+
+def _spec_row(spec) -> str:
+    """The docs/parameters.md row of one declared parameter."""
+    default = '""' if spec.default == "" else str(spec.default)
+    bounded = spec.type not in (bool, str) and (spec.low is not None or spec.high is not None)
+    span = f"[{spec.low}, {spec.high}]" if bounded else ""
+    return f"| `{spec.name}` | {default} | {span} | {spec.description} |"
+
+
+def test_parameter_table_rows_say_what_the_declarations_say() -> None:
+    """Default, range and description in docs/parameters.md are the declared ones, so the table
+    cannot drift from the code (the expected row is printed for pasting)."""
+    from vpr_ros.ros.params import all_parameter_specs
+
+    rows = {m.group(1): m.group(0) for m in
+            re.finditer(r"^\| `([a-z_.]+)` \|.*\|$", PARAMETERS.read_text(encoding="utf-8"), re.M)}
+    stale = [_spec_row(s) for s in all_parameter_specs()
+             if s.name in rows and rows[s.name] != _spec_row(s)]
+    assert not stale, "docs/parameters.md rows differ from the declarations; expected:\n" + \
+        "\n".join(stale)
 
 
 def test_the_readme_summarises_declared_parameters_and_links_the_full_table() -> None:
