@@ -81,6 +81,6 @@ def _node_params(items: list[str]) -> dict[str, str]:
             raise ConfigError(f"--node-param {item!r}: expected NAME=VALUE")
         if name.strip() not in names:
             raise ConfigError(f"--node-param {item!r}: vpr_node has no parameter "
-                              f"{name.strip()!r} (see the README's parameter table)")
+                              f"{name.strip()!r} (see docs/parameters.md)")
         out[name.strip()] = value.strip()
     return out
