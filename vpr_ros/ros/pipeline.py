@@ -230,17 +230,22 @@ class Pipeline:
                                query_local=query.local, exclude=exclude,
                                query_codes=query.codes)
 
+    def _exclusion(self, stamp_ns: int
+                   ) -> tuple[Optional[SearchExclusion], Optional[Exclusion]]:
+        """The loop-closure detector's search exclusion at ``stamp_ns`` (the sequence matcher's
+        form and the map search's); (None, None) when relocalizing: nothing is excluded."""
+        if self.detector is None:
+            return None, None
+        rule = self.detector.search_exclusion(stamp_ns)
+        return rule, Exclusion(**rule.as_kwargs())
+
     def decide(self, stamp_ns: int, query: Query, pose: Optional[tuple[Pose, str]],
                image_frame_id: str, timing: FrameTiming) -> FrameOutcome:
         """Search the map and run the mode's decision; in loop-closure mode maybe insert the
         frame as a keyframe of the live session."""
         with self.lock:
             watch = Stopwatch(timing)
-            rule: Optional[SearchExclusion] = None
-            exclusion = None
-            if self.detector is not None:
-                rule = self.detector.search_exclusion(stamp_ns)
-                exclusion = Exclusion(**rule.as_kwargs())
+            rule, exclusion = self._exclusion(stamp_ns)
             ids, scores = self.search(query, exclusion)
             table = self.map.keyframe_table
             candidates = candidates_from_columns(ids[0], scores[0], table.pose_columns)
@@ -249,10 +254,7 @@ class Pipeline:
             self._sync_track()
             result = self.matcher.update(stamp_ns, query.descriptor, ids[0], position=position,
                                          exclusion=rule)
-            hypotheses = build_hypotheses(
-                candidates, result,
-                lambda h_ids, cos: candidates_from_columns(h_ids, cos, table.pose_columns),
-                self.matcher.config.enabled)
+            hypotheses = _hypotheses(table, candidates, result, self.matcher.config.enabled)
             watch.lap("sequence")
             outcome = FrameOutcome(stamp_ns, candidates, hypotheses, query_position=position)
             verifier: Optional[Verifier] = self.verifier
@@ -283,11 +285,7 @@ class Pipeline:
         node = self.settings.node
         with self.lock:
             watch = Stopwatch(timing)
-            rule: Optional[SearchExclusion] = None
-            exclusion = None
-            if self.detector is not None:
-                rule = self.detector.search_exclusion(stamp_ns)
-                exclusion = Exclusion(**rule.as_kwargs())
+            rule, exclusion = self._exclusion(stamp_ns)
             table = self.map.keyframe_table
             searched = []
             for camera, query in queries:
@@ -305,10 +303,8 @@ class Pipeline:
                         self.settings.sequence, self.track, self._descriptors_of)
                 result = matcher.update(stamp_ns, query.descriptor, ids, position=position,
                                         exclusion=rule)
-                per_camera.append((camera, build_hypotheses(
-                    candidates, result,
-                    lambda h_ids, cos: candidates_from_columns(h_ids, cos, table.pose_columns),
-                    matcher.config.enabled)))
+                per_camera.append((camera, _hypotheses(table, candidates, result,
+                                                       matcher.config.enabled)))
                 per_camera_frames.append((camera, build_hypotheses(
                     candidates, result, candidates_from_columns, False)))
             min_score = self.settings.relocalizer.min_score if self.relocalizer is not None \
@@ -531,6 +527,15 @@ class Pipeline:
             if self.verification is not None:
                 values += self.verification.counters()
             return values
+
+
+def _hypotheses(table: Any, candidates: list[Candidate], result: Any, sequence: bool
+                ) -> list[Hypothesis]:
+    """A camera's hypotheses from its search candidates and sequence result, sequence-matched
+    places resolved to candidates through the map's keyframe ``table`` (its pose columns)."""
+    return build_hypotheses(
+        candidates, result,
+        lambda h_ids, cos: candidates_from_columns(h_ids, cos, table.pose_columns), sequence)
 
 
 def describe_sequence(settings: NodeSettings) -> str:
