@@ -13,7 +13,7 @@ configures and activates itself, for machines without any of those.
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from typing import Any, Callable, Optional, Sequence
 
 
 def check_params_files(args: Sequence[str]) -> str | None:
@@ -43,12 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ensure_ros_libs()
     import rclpy
-    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
     from rclpy.lifecycle import TransitionCallbackReturn
 
     from vpr_ros.ros.node import VprNode
-
-    from vpr_ros.errors import VPRError
 
     args = list(argv) if argv is not None else sys.argv
     problem = check_params_files(args)
@@ -63,26 +60,48 @@ def main(argv: Sequence[str] | None = None) -> int:
               "--params-file (YAML: vpr_node: ros__parameters: ...) and -p NAME:=VALUE",
               file=sys.stderr)
         return 2
-    try:
-        node = VprNode()
-    except VPRError as exc:  # a parameter given at start that its declaration refuses
-        print(f"vpr_node: error: {exc}", file=sys.stderr)
-        rclpy.try_shutdown()
-        return 2
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    try:
+
+    def autostart(node: VprNode) -> None:
         if node.get_parameter("autostart").value:
             if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
                 node.get_logger().error("autostart: configure failed (reason above); staying "
                                         "unconfigured")
             elif node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
                 node.get_logger().error("autostart: activate failed; staying inactive")
+
+    return run_node("vpr_node", VprNode, on_start=autostart,
+                    on_stop=lambda node: node.shutdown_worker())
+
+
+def run_node(name: str, make_node: Callable[[], Any],
+             on_start: Optional[Callable[[Any], None]] = None,
+             on_stop: Optional[Callable[[Any], None]] = None) -> int:
+    """Create a node (rclpy already initialised) and spin it until Ctrl-C or shutdown, then
+    tear down: the process life every node entry point shares. A node that refuses its start
+    parameters (a VPRError) is a one-line error and exit code 2, not a traceback. ``on_start``
+    runs once the node is added to the executor, ``on_stop`` first on the way out."""
+    import rclpy
+    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+
+    from vpr_ros.errors import VPRError
+
+    try:
+        node = make_node()
+    except VPRError as exc:  # a parameter given at start that its declaration refuses
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        rclpy.try_shutdown()
+        return 2
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    try:
+        if on_start is not None:
+            on_start(node)
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        node.shutdown_worker()
+        if on_stop is not None:
+            on_stop(node)
         executor.remove_node(node)
         node.destroy_node()
         rclpy.try_shutdown()

@@ -21,29 +21,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ensure_ros_libs()
     import rclpy
-    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 
-    from vpr_ros.errors import VPRError
+    from vpr_ros.ros.node_main import run_node
     from vpr_ros.ros.pose_graph_node import NODE_NAME, PoseGraphNode
 
     rclpy.init(args=list(argv) if argv is not None else sys.argv)
-    try:
-        node = PoseGraphNode()
-    except VPRError as exc:
-        print(f"{NODE_NAME}: error: {exc}", file=sys.stderr)
-        rclpy.try_shutdown()
-        return 2
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        executor.remove_node(node)
-        node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return run_node(NODE_NAME, PoseGraphNode)
 
 
 if __name__ == "__main__":
