@@ -54,3 +54,12 @@ def effnet_gem_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("models") / "gem_effnetlite0"
     create_model_dir(CONFIGS / "gem_effnetlite0.yaml", out)
     return out
+
+
+@pytest.fixture(scope="session")
+def model96(effnet_gem_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The GeM model directory recorded at 96x96 (no size-dependent weights): the small real
+    model of the node and demo tests, made once per session."""
+    from test_node_common import small_model_dir
+
+    return small_model_dir(effnet_gem_model_dir, tmp_path_factory.getbasetemp())

@@ -96,13 +96,6 @@ def test_missing_file(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------- the demo
 
-@pytest.fixture(scope="module")
-def model96(effnet_gem_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from test_node_common import small_model_dir
-
-    return small_model_dir(effnet_gem_model_dir, tmp_path_factory.getbasetemp())
-
-
 def _needs_console_scripts() -> None:
     import sys
 

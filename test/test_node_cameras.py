@@ -84,14 +84,9 @@ def test_camera_parameter_is_checked() -> None:
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 Python packages (ros-kilted-* wheels)")
 
 from test_node_common import (NS, InProcessNode, make_route, make_world,  # noqa: E402
-                              render_view, small_model_dir, yaw_quaternion)
+                              render_view, yaw_quaternion)
 
 FRONT, REAR, NOPE = "/vpr_cams_test/front", "/vpr_cams_test/rear", "/vpr_cams_test/nothing"
-
-
-@pytest.fixture(scope="module")
-def model96(effnet_gem_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return small_model_dir(effnet_gem_model_dir, tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")

@@ -174,6 +174,18 @@ def write_bag(route: Route, path: Path, storage: str, frames: Iterable[int],
                            compressed=compressed)
 
 
+def flatten_params(d: dict, prefix: str = "") -> dict:
+    """A params file's nested ``ros__parameters`` as the flat, dotted names the nodes declare
+    (``{"sequence": {"length": 5}}`` -> ``{"sequence.length": 5}``)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten_params(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 # ---------------------------------------------------------------------------------- processes
 
 def ros_env() -> dict[str, str]:

@@ -12,14 +12,9 @@ import pytest
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 Python packages (ros-kilted-* wheels)")
 
 from test_node_common import (NS, InProcessNode, RosProbe, build_lap_map,  # noqa: E402
-                              image_msg, make_route, small_model_dir)
+                              image_msg, make_route)
 
 TOPIC = "/vpr_lifecycle_test/image"
-
-
-@pytest.fixture(scope="module")
-def model96(effnet_gem_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return small_model_dir(effnet_gem_model_dir, tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")

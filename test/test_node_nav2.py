@@ -21,7 +21,7 @@ import pytest
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 Python packages (ros-kilted-* wheels)")
 
 from test_node_common import (REPO, UNVERIFIED_ARGS, RosProbe, build_lap_map,  # noqa: E402
-                              image_msg, make_route, small_model_dir, start_node,
+                              image_msg, make_route, start_node,
                               stop_process)
 
 TOPIC = "/vpr_nav2_test/image"
@@ -31,11 +31,6 @@ TOPIC = "/vpr_nav2_test/image"
 CONFIGURE, CLEANUP, ACTIVATE, DEACTIVATE, UNCONFIGURED_SHUTDOWN = 1, 2, 3, 4, 5
 GOAL = {CONFIGURE: "inactive", CLEANUP: "unconfigured", ACTIVATE: "active",
         DEACTIVATE: "inactive", UNCONFIGURED_SHUTDOWN: "finalized"}
-
-
-@pytest.fixture(scope="module")
-def model96(effnet_gem_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return small_model_dir(effnet_gem_model_dir, tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")

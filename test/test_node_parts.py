@@ -28,6 +28,7 @@ from vpr_ros.ros.params import (NodeConfig, all_parameter_specs, descriptor_for,
                                 settings_from_values)
 from vpr_ros.ros.pose_buffer import PoseBuffer  # noqa: E402
 from vpr_ros.runtime.image_codec import encode_compressed, encode_image  # noqa: E402
+from test_node_common import flatten_params  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NS = 1_000_000_000
@@ -356,22 +357,12 @@ def _params_file(name: str) -> dict:
     return doc["vpr_node"]["ros__parameters"]
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 @pytest.mark.parametrize("name, mode, section, cls", [
     ("vpr_localization.yaml", "localization", "relocalization", RelocalizerConfig),
     ("vpr_loop_closure.yaml", "loop_closure", "loop_closure", LoopClosureConfig),
 ])
 def test_config_files_hold_valid_defaults_for_declared_parameters(name, mode, section, cls) -> None:
-    values = _flatten(_params_file(name))
+    values = flatten_params(_params_file(name))
     specs = {s.name: s for s in all_parameter_specs()}
     for key, value in values.items():
         assert key in specs, f"{name}: {key} is not a parameter of vpr_node"

@@ -23,7 +23,7 @@ rclpy = pytest.importorskip("rclpy", reason="ROS 2 Python packages (ros-kilted-*
 
 from test_node_common import (NS, REPO, UNVERIFIED_ARGS, RosProbe, make_route,  # noqa: E402
                               ros_env, set_remote_parameters,
-                              small_model_dir, start_node, stop_process, vpr_command,
+                              start_node, stop_process, vpr_command,
                               write_bag)
 
 FRAMES_PER_LAP = 30          # 1.34 m apart on the ground
@@ -47,11 +47,6 @@ SHIPPED, SEQUENCE = _shipped()
 def route():
     return make_route(frames_per_lap=FRAMES_PER_LAP, radius_m=6.4, view_m=10.0, out_px=96,
                       frame_period_s=FRAME_PERIOD_S)
-
-
-@pytest.fixture(scope="module")
-def model96(effnet_gem_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return small_model_dir(effnet_gem_model_dir, tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")

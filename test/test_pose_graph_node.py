@@ -19,7 +19,7 @@ import yaml
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 Python packages (ros-kilted-* wheels)")
 
 from slam_common import QUICK, make_run  # noqa: E402
-from test_node_common import REPO, RosProbe, ros_env, stop_process  # noqa: E402
+from test_node_common import REPO, RosProbe, flatten_params, ros_env, stop_process  # noqa: E402
 from vpr_ros.eval.trajectory import absolute_trajectory_error  # noqa: E402
 from vpr_ros.ros.pose_graph_params import (CHOICES, PoseGraphNodeConfig,  # noqa: E402
                                            all_parameter_specs, settings_from_values)
@@ -61,7 +61,7 @@ def test_parameters_are_declared_with_descriptions_ranges_and_choices() -> None:
 def test_params_file_holds_every_declared_default() -> None:
     doc = yaml.safe_load(CONFIG.read_text())
     assert list(doc) == ["vpr_pose_graph"]
-    values = _flatten(doc["vpr_pose_graph"]["ros__parameters"])
+    values = flatten_params(doc["vpr_pose_graph"]["ros__parameters"])
     specs = {s.name: s for s in all_parameter_specs()}
     assert set(values) == set(specs)
     for key, value in values.items():
@@ -69,16 +69,6 @@ def test_params_file_holds_every_declared_default() -> None:
         assert value == specs[key].default or math.isclose(value, specs[key].default), key
     node, graph = settings_from_values(values)
     assert isinstance(node, PoseGraphNodeConfig) and graph.robust_kernel == "dcs"
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def test_launch_file_wires_the_params_file_and_both_inputs() -> None:
