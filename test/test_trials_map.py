@@ -22,7 +22,7 @@ from vpr_ros.errors import MapError, VPRError
 from vpr_ros.mapdb import Keyframe, PlaceMap
 from vpr_ros.mapdb.storage import MANIFEST, MANIFEST_CHECKSUM, seal_manifest
 
-from trials import assert_clear, count, rng  # noqa: E402
+from trials import REMOVE, assert_clear, count, rng, set_field  # noqa: E402
 
 FP = "fingerprint-of-trial-model"
 D = 32
@@ -201,26 +201,15 @@ def _edits(manifest: dict, g: np.random.Generator) -> list[tuple[str, dict]]:
                 candidates += [value + "x", value[:-1]]
             for new in [candidates[i] for i in g.choice(len(candidates), 2, replace=False)]:
                 if new != value:
-                    out.append((f"{name} = {new!r}", _set(manifest, name.split("."), new)))
-            out.append((f"{name} removed", _set(manifest, name.split("."), _REMOVE)))
+                    out.append((f"{name} = {new!r}", _edited(manifest, name, new)))
+            out.append((f"{name} removed", _edited(manifest, name, REMOVE)))
 
     walk(manifest, "")
     return out
 
 
-_REMOVE = object()
-
-
-def _set(manifest: dict, keys: list[str], value) -> dict:
-    out = json.loads(json.dumps(manifest))
-    node = out
-    for k in keys[:-1]:
-        node = node[k]
-    if value is _REMOVE:
-        node.pop(keys[-1])
-    else:
-        node[keys[-1]] = value
-    return out
+def _edited(manifest: dict, name: str, value) -> dict:
+    return set_field(json.loads(json.dumps(manifest)), name, value)
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

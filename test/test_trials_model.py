@@ -23,7 +23,7 @@ from vpr_ros.models.model_dir import CONFIG_FILE, WEIGHTS_FILE, read_model_meta
 from vpr_ros.models.checkpoints import read_state_dict
 from vpr_ros.runtime.encoder import load_encoder
 
-from trials import assert_clear, count, rng  # noqa: E402
+from trials import REMOVE, assert_clear, count, rng, set_field  # noqa: E402
 
 
 @pytest.fixture()
@@ -88,19 +88,7 @@ def _fields(doc: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _set(doc: dict, dotted: str, value) -> None:
-    keys = dotted.split(".")
-    node = doc
-    for k in keys[:-1]:
-        node = node[k]
-    if value is _REMOVE:
-        node.pop(keys[-1])
-    else:
-        node[keys[-1]] = value
-
-
-_REMOVE = object()
-_VALUES = [_REMOVE, None, "x", [1], {"a": 1}, -1, 0, 0.5, True, 10 ** 12, [10 ** 12, 10 ** 12]]
+_VALUES = [REMOVE, None, "x", [1], {"a": 1}, -1, 0, 0.5, True, 10 ** 12, [10 ** 12, 10 ** 12]]
 
 
 def test_model_json_field_edits(model: Path) -> None:
@@ -117,9 +105,9 @@ def test_model_json_field_edits(model: Path) -> None:
     outcomes = []
     for field, value in picked:
         edited = json.loads(pristine)
-        _set(edited, field, value)
+        set_field(edited, field, value)
         (model / CONFIG_FILE).write_text(json.dumps(edited))
-        what = f"model.json {field} = {'removed' if value is _REMOVE else repr(value)}"
+        what = f"model.json {field} = {'removed' if value is REMOVE else repr(value)}"
         outcomes.append(load_outcome(model, original, what))
     assert "error" in outcomes
 

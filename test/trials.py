@@ -52,3 +52,21 @@ def assert_cli_error(proc, what: str) -> None:
     assert "Traceback" not in err, f"{what}: traceback on stderr: {err[-2000:]}"
     lines = [ln for ln in err.splitlines() if "error:" in ln]
     assert len(lines) == 1, f"{what}: expected one error line, got: {err[-2000:]}"
+
+
+#: A value for :func:`set_field` that deletes the field instead.
+REMOVE = object()
+
+
+def set_field(doc: dict, dotted: str, value) -> dict:
+    """Set the field ``a.b.c`` of a nested JSON document (model.json, map.json) in place, or
+    delete it when ``value`` is :data:`REMOVE`; returns ``doc``."""
+    keys = dotted.split(".")
+    node = doc
+    for k in keys[:-1]:
+        node = node[k]
+    if value is REMOVE:
+        node.pop(keys[-1])
+    else:
+        node[keys[-1]] = value
+    return doc
