@@ -160,14 +160,21 @@ def infer_dinov2_arch(sd: Mapping[str, torch.Tensor]) -> dict[str, int | str]:
     return {"arch": arch, "registers": registers}
 
 
+def dinov2_state(sd: Mapping[str, torch.Tensor], arch: str, registers: int,
+                 source: str | Path) -> dict[str, torch.Tensor]:
+    """An official DINOv2 state dict in this project's names; CheckpointError unless it is
+    the ``arch`` with ``registers`` the config asks for (every DINOv2-based backbone loads its
+    trunk through here, so all refuse a wrong file with the same message)."""
+    found = infer_dinov2_arch(sd)
+    if found["arch"] != arch or found["registers"] != registers:
+        raise CheckpointError(f"{source}: is DINOv2 {found['arch']} with {found['registers']} "
+                              f"registers, but the config asks for {arch} with {registers}; "
+                              "fix backbone.params in the config")
+    return dinov2_to_ours(sd)
+
+
 def load_dinov2_weights(backbone: nn.Module, path: str | Path) -> None:
     """Load an official DINOv2 ``.pth`` (or a safetensors copy) into a DinoV2Backbone."""
-    sd = read_state_dict(path)
-    found = infer_dinov2_arch(sd)
-    if found["arch"] != backbone.arch or found["registers"] != backbone.num_registers:
-        raise CheckpointError(f"{path}: is DINOv2 {found['arch']} with {found['registers']} "
-                              f"registers, but the config asks for {backbone.arch} with "
-                              f"{backbone.num_registers}; fix backbone.params in the config")
-    state = dinov2_to_ours(sd)
+    state = dinov2_state(read_state_dict(path), backbone.arch, backbone.num_registers, path)
     load_exact(backbone, state, str(path))
     backbone.release_fixed_size()

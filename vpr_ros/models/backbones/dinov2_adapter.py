@@ -94,20 +94,13 @@ class DinoV2AdapterBackbone(DinoV2Backbone):
     def load_pretrained(self, source: str) -> None:
         """An official DINOv2 ``.pth`` into the frozen part; the adapters keep their start
         values (every other key and shape is checked as for DINOv2 itself)."""
-        from vpr_ros.errors import CheckpointError, ConfigError
-        from vpr_ros.models.checkpoints import (dinov2_to_ours, infer_dinov2_arch, load_exact,
-                                                read_state_dict)
+        from vpr_ros.errors import ConfigError
+        from vpr_ros.models.checkpoints import dinov2_state, load_exact, read_state_dict
 
         if source == "package":
             raise ConfigError("weights.backbone: no pip package ships DINOv2 weights; give the "
                               "path of the official dinov2_*_pretrain.pth file")
-        sd = read_state_dict(source)
-        found = infer_dinov2_arch(sd)
-        if found["arch"] != self.arch or found["registers"] != self.num_registers:
-            raise CheckpointError(f"{source}: is DINOv2 {found['arch']} with "
-                                  f"{found['registers']} registers, but the config asks for "
-                                  f"{self.arch} with {self.num_registers}")
-        state = dinov2_to_ours(sd)
+        state = dinov2_state(read_state_dict(source), self.arch, self.num_registers, source)
         own = self.state_dict()
         adapters = {k: v for k, v in own.items() if ".adapter" in k and k not in state}
         load_exact(self, {**state, **adapters}, str(source))

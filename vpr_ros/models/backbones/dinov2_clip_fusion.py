@@ -365,14 +365,9 @@ def _looks_like_clip(sd: Mapping[str, torch.Tensor]) -> bool:
 
 def _load_dinov2_state(dino: DinoV2Backbone, sd: Mapping[str, torch.Tensor],
                        source: str | Path) -> None:
-    from vpr_ros.models.checkpoints import dinov2_to_ours, infer_dinov2_arch, load_exact
+    from vpr_ros.models.checkpoints import dinov2_state, load_exact
 
-    found = infer_dinov2_arch(sd)
-    if found["arch"] != dino.arch or found["registers"] != dino.num_registers:
-        raise CheckpointError(f"{source}: is DINOv2 {found['arch']} with {found['registers']} "
-                              f"registers, but the config asks for {dino.arch} with "
-                              f"{dino.num_registers}; fix backbone.params in the config")
-    load_exact(dino, dinov2_to_ours(sd), str(source))
+    load_exact(dino, dinov2_state(sd, dino.arch, dino.num_registers, source), str(source))
     dino.release_fixed_size()
 
 

@@ -171,16 +171,9 @@ class DinoV2SideAdapterBackbone(DinoV2Backbone):
         """Load an official DINOv2 ``.pth`` into the frozen trunk; the adapters keep their
         weights. Every trunk key must be present with the right shape (named errors)."""
         from vpr_ros.errors import CheckpointError
-        from vpr_ros.models.checkpoints import (dinov2_to_ours, infer_dinov2_arch, load_exact,
-                                                read_state_dict)
+        from vpr_ros.models.checkpoints import dinov2_state, load_exact, read_state_dict
 
-        sd = read_state_dict(path)
-        found = infer_dinov2_arch(sd)
-        if found["arch"] != self.arch or found["registers"] != self.num_registers:
-            raise CheckpointError(f"{path}: is DINOv2 {found['arch']} with {found['registers']} "
-                                  f"registers, but the config asks for {self.arch} with "
-                                  f"{self.num_registers}; fix backbone.params in the config")
-        state = dinov2_to_ours(sd)
+        state = dinov2_state(read_state_dict(path), self.arch, self.num_registers, path)
         side = {k: v for k, v in self.state_dict().items()
                 if k.startswith(("adapters.", "adapters_hashing."))}
         clash = sorted(set(side) & set(state))
