@@ -27,23 +27,11 @@ from vpr_ros.mapdb.keypoint_depth import points_from_stereo
 from vpr_ros.mapdb.place_map import PlaceMap
 from vpr_ros.runtime.local_features import FeatureExtractor
 
+from test_map_build import ThumbnailEncoder  # noqa: E402
+
 CFG = ScenarioConfig(image_size=(240, 320))
 S = 1_000_000_000
 T0 = 1_700_000_000 * S
-
-
-class ThumbEncoder:
-    dim = 48
-    fingerprint = "thumbnail-sensors"
-
-    def encode(self, images):
-        out = []
-        for img in images:
-            h, w = img.shape[:2]
-            t = img[: h - h % 4, : w - w % 4].reshape(4, h // 4, 4, w // 4, 3).mean((1, 3))
-            v = t.reshape(-1).astype(np.float64) + 1.0
-            out.append(v / np.linalg.norm(v))
-        return np.asarray(out, np.float32)
 
 
 def rendered_bag(path: Path, n: int = 12, depth: str | None = "16UC1",
@@ -82,7 +70,7 @@ def rendered_bag(path: Path, n: int = 12, depth: str | None = "16UC1",
 
 
 def build(bag: Path, out: Path | None, **sensors) -> tuple[PlaceMap, object]:
-    return build_map(bag, "/camera/image_raw", ThumbEncoder(), out, pose_topic="/odom",
+    return build_map(bag, "/camera/image_raw", ThumbnailEncoder(), out, pose_topic="/odom",
                      config=BuildConfig(batch_size=4), sensors=SensorOptions(**sensors))
 
 
@@ -136,7 +124,7 @@ def test_camera_info_topic_is_optional_and_an_explicit_one_must_exist(tmp_path: 
 
 def test_no_keypoints_when_asked_for_none(tmp_path: Path) -> None:
     bag = rendered_bag(tmp_path / "bag", n=4, depth=None)
-    pm, summary = build_map(bag, "/camera/image_raw", ThumbEncoder(), None,
+    pm, summary = build_map(bag, "/camera/image_raw", ThumbnailEncoder(), None,
                             config=BuildConfig(keypoints="none"))
     assert pm.keypoint_kind is None and summary.keypoints == "none"
     assert "keypoints:     none" in summary.format()
@@ -199,7 +187,7 @@ def euroc_bag(path: Path, frames: range, tf: bool = True) -> Path:
 @pytest.mark.skipif(EUROC is None, reason=missing_reason(euroc.NAME, euroc.SOURCE))
 def test_stereo_pair_of_real_images_gives_3d_points(tmp_path: Path) -> None:
     bag = euroc_bag(tmp_path / "euroc", range(0, 40, 10))
-    pm, summary = build_map(bag, "/cam0/image_raw", ThumbEncoder(), None,
+    pm, summary = build_map(bag, "/cam0/image_raw", ThumbnailEncoder(), None,
                             config=BuildConfig(keyframes=BuildConfig().keyframes.__class__(
                                 interval_s=0.1)),
                             sensors=SensorOptions(right_topic="/cam1/image_raw",
@@ -224,7 +212,7 @@ def test_stereo_pair_of_real_images_gives_3d_points(tmp_path: Path) -> None:
 def test_stereo_without_an_extrinsic_is_a_clear_error(tmp_path: Path) -> None:
     bag = euroc_bag(tmp_path / "euroc", range(0, 2), tf=False)
     with pytest.raises(BagError, match="stereo needs the left-from-right extrinsic"):
-        build_map(bag, "/cam0/image_raw", ThumbEncoder(), None,
+        build_map(bag, "/cam0/image_raw", ThumbnailEncoder(), None,
                   sensors=SensorOptions(right_topic="/cam1/image_raw"))
 
 

@@ -18,6 +18,7 @@ from vpr_ros.errors import VPRError
 from vpr_ros.mapdb.bag_writer import write_route_bag
 from vpr_ros.mapdb.build import BuildConfig, build_map
 
+from test_map_build import ThumbnailEncoder  # noqa: E402
 from trials import assert_clear, count, rng  # noqa: E402
 
 S = 1_000_000_000
@@ -30,23 +31,6 @@ def picture(i: int) -> np.ndarray:
     y, x = np.mgrid[0:32, 0:48]
     return np.stack([(x * 5 + i * 11) % 256, (y * 7 + i * 3) % 256,
                      (x + y + i * 13) % 256], axis=-1).astype(np.uint8)
-
-
-class Thumbnails:
-    """A deterministic stand-in encoder (4x4 colour thumbnails) so the trials stay fast; the
-    CLI trial below runs a real model."""
-
-    dim = 48
-    fingerprint = "thumbnail-trial-encoder"
-
-    def encode(self, images: list[np.ndarray]) -> np.ndarray:
-        rows = []
-        for img in images:
-            h, w = img.shape[:2]
-            t = img[: h - h % 4, : w - w % 4].reshape(4, h // 4, 4, w // 4, 3).mean((1, 3))
-            v = t.reshape(-1).astype(np.float64) + 1.0
-            rows.append(v / np.linalg.norm(v))
-        return np.asarray(rows, dtype=np.float32)
 
 
 def bag_with_stamps(path: Path, header_stamps: list[int], storage: str = "sqlite3") -> Path:
@@ -78,7 +62,7 @@ def test_stamps_going_backwards_are_counted_and_warned(tmp_path: Path, order: st
     else:  # the camera clock jumps back 100 s halfway
         stamps = stamps[:30] + [s - 100 * S for s in stamps[30:]]
     bag = bag_with_stamps(tmp_path / "bag", stamps)
-    _, summary = build_map(bag, TOPIC, Thumbnails(), tmp_path / "map")
+    _, summary = build_map(bag, TOPIC, ThumbnailEncoder(), tmp_path / "map")
     ordered = sorted(stamps)
     expected_skipped = sum(1 for i, s in enumerate(stamps) if s < max(stamps[:i], default=s))
     assert summary.frames_read == N
@@ -86,7 +70,7 @@ def test_stamps_going_backwards_are_counted_and_warned(tmp_path: Path, order: st
     assert any("stamps going backwards" in w for w in summary.warnings)
     assert summary.keyframes >= 1 and summary.keyframes + summary.frames_out_of_order <= N
     assert "out of order" in summary.format()
-    _, clean = build_map(bag_with_stamps(tmp_path / "ok", ordered), TOPIC, Thumbnails(),
+    _, clean = build_map(bag_with_stamps(tmp_path / "ok", ordered), TOPIC, ThumbnailEncoder(),
                          tmp_path / "map_ok")
     assert clean.frames_out_of_order == 0 and clean.keyframes == 6
     assert not any("stamps going backwards" in w for w in clean.warnings)
@@ -114,7 +98,7 @@ def _route(path: Path, storage: str) -> Path:
 
 def _outcome(bag: Path, out: Path, what: str):
     try:
-        return build_map(bag, TOPIC, Thumbnails(), out, pose_topic="/odom",
+        return build_map(bag, TOPIC, ThumbnailEncoder(), out, pose_topic="/odom",
                          config=BuildConfig(batch_size=8))[1]
     except VPRError as exc:
         assert_clear(exc, what)
