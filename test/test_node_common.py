@@ -186,6 +186,26 @@ def flatten_params(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def assert_declared(specs: list, choices: Optional[dict] = None) -> None:
+    """Every spec has a unique name and, as the node declares it (``descriptor_for`` with
+    ``choices``, default vpr_node's), a description and a range holding its default."""
+    from rcl_interfaces.msg import ParameterType
+
+    from vpr_ros.ros.params import descriptor_for
+
+    names = [s.name for s in specs]
+    assert len(names) == len(set(names))
+    for spec in specs:
+        d = descriptor_for(spec, choices)
+        assert d.description, spec.name
+        if d.type == ParameterType.PARAMETER_DOUBLE:
+            r = d.floating_point_range[0]
+            assert r.from_value <= spec.default <= r.to_value, spec.name
+        elif d.type == ParameterType.PARAMETER_INTEGER:
+            r = d.integer_range[0]
+            assert r.from_value <= spec.default <= r.to_value, spec.name
+
+
 # ---------------------------------------------------------------------------------- processes
 
 def ros_env() -> dict[str, str]:

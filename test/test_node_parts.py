@@ -28,7 +28,7 @@ from vpr_ros.ros.params import (NodeConfig, all_parameter_specs, descriptor_for,
                                 settings_from_values)
 from vpr_ros.ros.pose_buffer import PoseBuffer  # noqa: E402
 from vpr_ros.runtime.image_codec import encode_compressed, encode_image  # noqa: E402
-from test_node_common import flatten_params  # noqa: E402
+from test_node_common import assert_declared, flatten_params  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NS = 1_000_000_000
@@ -320,24 +320,13 @@ def test_status_reports_rates_latencies_errors_and_state() -> None:
 # ---------------------------------------------------------------------------- parameters
 
 def test_every_parameter_has_a_description_and_numbers_have_ranges() -> None:
-    from rcl_interfaces.msg import ParameterType
-
     specs = all_parameter_specs()
     names = [s.name for s in specs]
-    assert len(names) == len(set(names))
     for f in RelocalizerConfig.parameter_specs():
         assert f"relocalization.{f.name}" in names
     for f in LoopClosureConfig.parameter_specs():
         assert f"loop_closure.{f.name}" in names
-    for spec in specs:
-        d = descriptor_for(spec)
-        assert d.description, spec.name
-        if d.type == ParameterType.PARAMETER_DOUBLE:
-            r = d.floating_point_range[0]
-            assert r.from_value <= spec.default <= r.to_value, spec.name
-        elif d.type == ParameterType.PARAMETER_INTEGER:
-            r = d.integer_range[0]
-            assert r.from_value <= spec.default <= r.to_value, spec.name
+    assert_declared(specs)
     mode = descriptor_for(next(s for s in specs if s.name == "mode"))
     assert "loop_closure" in mode.additional_constraints
 

@@ -19,7 +19,8 @@ import yaml
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 Python packages (ros-kilted-* wheels)")
 
 from slam_common import QUICK, make_run  # noqa: E402
-from test_node_common import REPO, RosProbe, flatten_params, ros_env, stop_process  # noqa: E402
+from test_node_common import (REPO, RosProbe, assert_declared, flatten_params,  # noqa: E402
+                              ros_env, stop_process)
 from vpr_ros.eval.trajectory import absolute_trajectory_error  # noqa: E402
 from vpr_ros.ros.pose_graph_params import (CHOICES, PoseGraphNodeConfig,  # noqa: E402
                                            all_parameter_specs, settings_from_values)
@@ -38,22 +39,10 @@ def _pose_graph(args: list[str], log_path: Path) -> subprocess.Popen:
 # ---------------------------------------------------------------------------- parameters
 
 def test_parameters_are_declared_with_descriptions_ranges_and_choices() -> None:
-    from rcl_interfaces.msg import ParameterType
-
     from vpr_ros.ros.params import descriptor_for
 
     specs = all_parameter_specs()
-    names = [s.name for s in specs]
-    assert len(names) == len(set(names))
-    for spec in specs:
-        d = descriptor_for(spec, CHOICES)
-        assert d.description, spec.name
-        if d.type == ParameterType.PARAMETER_DOUBLE:
-            r = d.floating_point_range[0]
-            assert r.from_value <= spec.default <= r.to_value, spec.name
-        elif d.type == ParameterType.PARAMETER_INTEGER:
-            r = d.integer_range[0]
-            assert r.from_value <= spec.default <= r.to_value, spec.name
+    assert_declared(specs, CHOICES)
     kernel = descriptor_for(next(s for s in specs if s.name == "robust_kernel"), CHOICES)
     assert "dcs" in kernel.additional_constraints
 
