@@ -196,7 +196,10 @@ def _peak_rss() -> int:
     return 0
 
 
-def _timed(fn: Callable[[], Any], iters: int) -> list[float]:
+def timed(fn: Callable[[], Any], iters: int, warmup: int = 0) -> list[float]:
+    """Seconds of each of ``iters`` calls of ``fn``, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
     out = []
     for _ in range(iters):
         t = time.perf_counter()
@@ -229,7 +232,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     one = images[:1]
     for _ in range(cell.warmup):
         enc.encode(one)
-    lat = np.array(_timed(lambda: enc.encode(one), cell.latency_iters)) * 1e3
+    lat = np.array(timed(lambda: enc.encode(one), cell.latency_iters)) * 1e3
     row: dict[str, Any] = {
         "backend": enc.backend, "model": cell.model, "size": cell.size,
         "p50_ms": round(float(np.percentile(lat, 50)), 2),
@@ -241,7 +244,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         times: list[float] = []
         cpu0 = time.process_time()
         while len(times) < 2 or sum(times) < cell.min_time_s:
-            times += _timed(lambda: enc.encode(batch), 1)
+            times += timed(lambda: enc.encode(batch), 1)
         row[f"ips_b{b}"] = round(b * len(times) / sum(times), 2)
         # CPU time of all the process's threads per image: the cost to a shared CPU, and a
         # figure load from other processes distorts far less than wall time

@@ -94,17 +94,6 @@ def _stats_ms(samples: list[float]) -> dict[str, float]:
             "p95_ms": round(float(np.percentile(a, 95)), 3), "n": len(samples)}
 
 
-def _timed(fn: Callable[[], Any], iters: int, warmup: int = 3) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 def real_images(count: int, size: int) -> list[np.ndarray]:
     """``count`` real Nordland frames (both seasons, spread along the line) at ``size``."""
     try:
@@ -228,6 +217,7 @@ class Check:
     def encoders(self) -> None:
         import torch
 
+        from vpr_ros.bench.encoder_bench import timed
         from vpr_ros.runtime.encoder import load_encoder
 
         iters, batch = (3, 4) if self.dry else (self.args.iters, 32)
@@ -247,8 +237,8 @@ class Check:
                         enc.encode(frames)
                         sync()
 
-                    lat = _timed(lambda: run(one), iters)
-                    tput = _timed(lambda: run(many), max(2, iters // 5), warmup=1)
+                    lat = timed(lambda: run(one), iters, warmup=3)
+                    tput = timed(lambda: run(many), max(2, iters // 5), warmup=1)
                     mem = (round(torch.cuda.max_memory_allocated() / 2 ** 20)
                            if self.cuda else None)
                     self.result["encoders"].append({
@@ -292,6 +282,7 @@ class Check:
         count, why = gpu_support()
         if count == 0:
             raise Skip(f"no GPU build of faiss: {why}")
+        from vpr_ros.bench.encoder_bench import timed
         from vpr_ros.bench.search_bench import clustered_descriptors, noisy_queries
         from vpr_ros.mapdb import Keyframe, PlaceMap
 
@@ -310,8 +301,8 @@ class Check:
             cpu, gpu = maps
             gpu.use_gpu(1)
             gpu.search(q[:1], 10)  # copies the map to the GPU
-            cpu_t = _timed(lambda: [cpu.search(q[i: i + 1], 10) for i in range(len(q))], 1, 1)
-            gpu_t = _timed(lambda: [gpu.search(q[i: i + 1], 10) for i in range(len(q))], 1, 1)
+            cpu_t = timed(lambda: [cpu.search(q[i: i + 1], 10) for i in range(len(q))], 1, 1)
+            gpu_t = timed(lambda: [gpu.search(q[i: i + 1], 10) for i in range(len(q))], 1, 1)
             same = all(np.array_equal(cpu.search(q[i: i + 1], 10)[0],
                                       gpu.search(q[i: i + 1], 10)[0]) for i in range(len(q)))
             self.result["map_search"].append({
