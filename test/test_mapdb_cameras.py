@@ -100,11 +100,18 @@ def test_cameras_round_trip_per_session_and_camera(tmp_path: Path) -> None:
     assert back.camera("run1", "/nope") is None
     assert [c["name"] for c in back.info()["cameras"]] == ["/cam0", "/cam1"]
     # readable with sqlite3 alone
-    manifest = json.loads((tmp_path / "m" / MANIFEST).read_text())
-    con = sqlite3.connect(tmp_path / "m" / manifest["files"]["keyframes"]["name"])
+    _, db = _keyframes_db(tmp_path / "m")
+    con = sqlite3.connect(db)
     rows = con.execute("SELECT session, camera, model FROM cameras ORDER BY camera").fetchall()
     con.close()
     assert rows[0][:2] == ("run1", "/cam0") and json.loads(rows[0][2])["width"] == 752
+
+
+def _keyframes_db(folder: Path) -> tuple[dict, Path]:
+    """A saved map's manifest and its keyframe database (the SQLite file the cameras table is
+    in), for tests that read or damage it directly."""
+    manifest = json.loads((folder / MANIFEST).read_text())
+    return manifest, folder / manifest["files"]["keyframes"]["name"]
 
 
 def test_merge_keeps_cameras_and_refuses_a_conflicting_calibration(tmp_path: Path) -> None:
@@ -128,8 +135,7 @@ def test_version_one_map_without_cameras_still_loads(tmp_path: Path) -> None:
     """A map written before cameras were kept: no camera column, no cameras table."""
     pm = _map_with_cameras()
     pm.save(tmp_path / "m")
-    manifest = json.loads((tmp_path / "m" / MANIFEST).read_text())
-    db = tmp_path / "m" / manifest["files"]["keyframes"]["name"]
+    manifest, db = _keyframes_db(tmp_path / "m")
     con = sqlite3.connect(db)
     con.executescript("DROP TABLE cameras; ALTER TABLE keyframes DROP COLUMN camera;")
     con.commit()
@@ -147,8 +153,7 @@ def test_version_one_map_without_cameras_still_loads(tmp_path: Path) -> None:
 def test_a_corrupt_calibration_row_is_a_map_error(tmp_path: Path) -> None:
     pm = _map_with_cameras()
     pm.save(tmp_path / "m")
-    manifest = json.loads((tmp_path / "m" / MANIFEST).read_text())
-    db = tmp_path / "m" / manifest["files"]["keyframes"]["name"]
+    manifest, db = _keyframes_db(tmp_path / "m")
     con = sqlite3.connect(db)
     model = json.loads(con.execute("SELECT model FROM cameras WHERE camera='/cam0'").fetchone()[0])
     model["k"] = [0.0] * 9
