@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -57,12 +57,12 @@ from vpr_ros.localization.geometry import (
     seconds_to_ns,
 )
 from vpr_ros.localization.hypotheses import Hypothesis, Verifier, as_hypothesis, evidence_margin
-from vpr_ros.localization.params import ParamSpec, from_mapping, param, parameter_specs, require, validate
+from vpr_ros.localization.params import Tunables, param, require, validate
 from vpr_ros.localization.sequence import unit_descriptor
 
 
 @dataclass(frozen=True)
-class LoopClosureConfig:
+class LoopClosureConfig(Tunables):
     """Tunables of :class:`LoopClosureDetector`; validated on construction."""
 
     min_score: float = param(
@@ -111,16 +111,6 @@ class LoopClosureConfig:
             f"{self.consistency_k}: k of n queries cannot agree when n < k. Raise consistency_n "
             "or lower consistency_k.",
         )
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "LoopClosureConfig":
-        """From a dict (YAML section, ROS parameters); unknown keys are a ConfigError."""
-        return from_mapping(cls, values)
-
-    @classmethod
-    def parameter_specs(cls) -> list[ParamSpec]:
-        """Name, default, type, range and description of every field, for the node to declare."""
-        return parameter_specs(cls)
 
 
 @dataclass(frozen=True)

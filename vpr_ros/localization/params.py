@@ -14,7 +14,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
+from typing import Any, Callable, Mapping, Optional, Self, Sequence, TypeVar
 
 from vpr_ros.errors import ConfigError
 
@@ -100,6 +100,22 @@ def parameter_specs(cls: type) -> list[ParamSpec]:
                   description=f.metadata.get("description", ""))
         for f in dataclasses.fields(cls)
     ]
+
+
+class Tunables:
+    """Base of the configs whose fields are :func:`param` declarations (decision stages, the
+    nodes, the pose graph): the loader and the node's declarations come from the fields, so
+    no config restates them."""
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> Self:
+        """From a dict (YAML section, ROS parameters); unknown keys are a ConfigError."""
+        return from_mapping(cls, values)
+
+    @classmethod
+    def parameter_specs(cls) -> list[ParamSpec]:
+        """Name, default, type, range and description of every field, for the node to declare."""
+        return parameter_specs(cls)
 
 
 def require(condition: bool, message: str) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from vpr_ros.localization.geometry import (
     Candidate,
@@ -30,13 +30,13 @@ from vpr_ros.localization.geometry import (
     seconds_to_ns,
 )
 from vpr_ros.localization.hypotheses import Hypothesis, Verifier, as_hypothesis, evidence_margin
-from vpr_ros.localization.params import ParamSpec, from_mapping, param, parameter_specs, require, validate
+from vpr_ros.localization.params import Tunables, param, require, validate
 
 IDENTITY: Quaternion = (0.0, 0.0, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
-class RelocalizerConfig:
+class RelocalizerConfig(Tunables):
     """Tunables of :class:`Relocalizer`; validated on construction."""
 
     min_score: float = param(
@@ -79,16 +79,6 @@ class RelocalizerConfig:
         require(self.min_sigma_rad <= self.max_sigma_rad,
                 f"RelocalizerConfig.min_sigma_rad = {self.min_sigma_rad} exceeds max_sigma_rad = "
                 f"{self.max_sigma_rad}; the clamp range is empty. Swap or widen them.")
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "RelocalizerConfig":
-        """From a dict (YAML section, ROS parameters); unknown keys are a ConfigError."""
-        return from_mapping(cls, values)
-
-    @classmethod
-    def parameter_specs(cls) -> list[ParamSpec]:
-        """Name, default, type, range and description of every field, for the node to declare."""
-        return parameter_specs(cls)
 
 
 @dataclass(frozen=True)

@@ -42,12 +42,12 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from vpr_ros.errors import InputError
-from vpr_ros.localization.params import ParamSpec, from_mapping, param, parameter_specs, require, validate
+from vpr_ros.localization.params import Tunables, param, require, validate
 
 NS_PER_S = 1_000_000_000
 
@@ -60,7 +60,7 @@ DescriptorsOf = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
-class SequenceConfig:
+class SequenceConfig(Tunables):
     """Tunables of :class:`SequenceMatcher` (node parameters ``sequence.*``)."""
 
     length: int = param(
@@ -128,14 +128,6 @@ class SequenceConfig:
         if self.speed_min <= 1.0 <= self.speed_max:
             v[int(np.argmin(np.abs(np.log(v))))] = 1.0
         return np.unique(v)
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "SequenceConfig":
-        return from_mapping(cls, values)
-
-    @classmethod
-    def parameter_specs(cls) -> list[ParamSpec]:
-        return parameter_specs(cls)
 
 
 # ------------------------------------------------------------------------------ keyframe track

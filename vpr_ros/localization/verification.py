@@ -33,13 +33,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from vpr_ros.errors import InputError
-from vpr_ros.localization.params import (ParamSpec, from_mapping, param, parameter_specs,
-                                         require, validate)
+from vpr_ros.localization.params import Tunables, param, require, validate
 from vpr_ros.mapdb.camera import CameraModel
 from vpr_ros.mapdb.feature_matching import match_features
 from vpr_ros.mapdb.transforms import (matrix_to_quat, matrix_to_rotvec, quat_to_matrix,
@@ -55,7 +54,7 @@ UNKNOWN_SCALE_VARIANCE = 1.0e6
 
 
 @dataclass(frozen=True)
-class VerificationConfig:
+class VerificationConfig(Tunables):
     """Tunables of :class:`GeometricVerifier` (node parameters ``verification.*``)."""
 
     enabled: bool = param(
@@ -146,14 +145,6 @@ class VerificationConfig:
         require(self.local_features in ("sift", "orb", "akaze"),
                 f"verification.local_features = {self.local_features!r} must be sift, orb or "
                 "akaze")
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "VerificationConfig":
-        return from_mapping(cls, values)
-
-    @classmethod
-    def parameter_specs(cls) -> list[ParamSpec]:
-        return parameter_specs(cls)
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from vpr_ros.localization import LoopClosureConfig, ParamSpec, RelocalizerConfig, SequenceConfig
-from vpr_ros.localization.params import (from_mapping, param, parameter_specs,
-                                         renamed_specs, require, require_choices, validate)
+from vpr_ros.localization.params import (Tunables, param, renamed_specs, require, require_choices,
+                                         validate)
 from vpr_ros.localization.verification import ESTIMATORS, VerificationConfig
 
 MODES = ("localization", "loop_closure")
@@ -50,7 +50,7 @@ INT_MAX = 2 ** 31 - 1
 
 
 @dataclass(frozen=True)
-class NodeConfig:
+class NodeConfig(Tunables):
     """The node's own tunables (topics are fixed relative names; remap them at launch)."""
 
     autostart: bool = param(
@@ -184,17 +184,9 @@ class NodeConfig:
         topics = [t.strip() for t in self.cameras.split(",") if t.strip()]
         return topics or ["image"]
 
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "NodeConfig":
-        return from_mapping(cls, values)
-
-    @classmethod
-    def parameter_specs(cls) -> list[ParamSpec]:
-        return parameter_specs(cls)
-
 
 @dataclass(frozen=True)
-class RerankConfig:
+class RerankConfig(Tunables):
     """Second-stage re-ranking of the map search (``rerank.*`` parameters)."""
 
     local_top_k: int = param(
@@ -207,17 +199,9 @@ class RerankConfig:
     def __post_init__(self) -> None:
         validate(self)
 
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "RerankConfig":
-        return from_mapping(cls, values)
-
-    @classmethod
-    def parameter_specs(cls) -> list[ParamSpec]:
-        return parameter_specs(cls)
-
 
 @dataclass(frozen=True)
-class CameraConfig:
+class CameraConfig(Tunables):
     """The live camera's calibration, mount and depth (``camera.*`` parameters).
 
     The calibration comes from ``sensor_msgs/CameraInfo`` on the node-relative topic
@@ -265,14 +249,6 @@ class CameraConfig:
             return None
         return (self.mount_x, self.mount_y, self.mount_z, self.mount_qx, self.mount_qy,
                 self.mount_qz, self.mount_qw)
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "CameraConfig":
-        return from_mapping(cls, values)
-
-    @classmethod
-    def parameter_specs(cls) -> list[ParamSpec]:
-        return parameter_specs(cls)
 
 
 def all_parameter_specs() -> list[ParamSpec]:

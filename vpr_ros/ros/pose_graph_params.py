@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from vpr_ros.localization.params import (ParamSpec, from_mapping, param, parameter_specs,
-                                         renamed_specs, require_choices, validate)
+from vpr_ros.localization.params import (ParamSpec, Tunables, param, renamed_specs, require_choices,
+                                         validate)
 from vpr_ros.slam.config import CHOICES as GRAPH_CHOICES
 from vpr_ros.slam.config import PoseGraphConfig
 
@@ -25,7 +25,7 @@ CHOICES: dict[str, tuple[str, ...]] = {**GRAPH_CHOICES, **NODE_CHOICES}
 
 
 @dataclass(frozen=True)
-class PoseGraphNodeConfig:
+class PoseGraphNodeConfig(Tunables):
     """Frames, publishing and QoS of the ``vpr_pose_graph`` node."""
 
     map_frame: str = param("map", "frame of the optimised path, ~/map_to_odom and ~/odometry")
@@ -58,14 +58,6 @@ class PoseGraphNodeConfig:
     def __post_init__(self) -> None:
         validate(self)
         require_choices(self, NODE_CHOICES)
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "PoseGraphNodeConfig":
-        return from_mapping(cls, values)
-
-    @classmethod
-    def parameter_specs(cls) -> list[ParamSpec]:
-        return parameter_specs(cls)
 
 
 #: The camera mount is declared under vpr_node's names (``camera.mount_x`` ...), so one

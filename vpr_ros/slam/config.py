@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
 
-from vpr_ros.localization.params import (ParamSpec, from_mapping, param, parameter_specs, require,
-                                         require_choices, validate)
+from vpr_ros.localization.params import Tunables, param, require, require_choices, validate
 
 ROBUST_KERNELS = ("none", "huber", "cauchy", "geman_mcclure", "dcs")
 WITHOUT_TRANSFORM = ("same_place", "skip")
@@ -29,7 +27,7 @@ CHI2_6DOF_99 = 4.1
 
 
 @dataclass(frozen=True)
-class PoseGraphConfig:
+class PoseGraphConfig(Tunables):
     """How odometry becomes keyframes and factors, how closures become loop factors, and how
     iSAM2 optimises them."""
 
@@ -126,11 +124,3 @@ class PoseGraphConfig:
     def camera_orientation(self) -> tuple[float, float, float, float]:
         return (self.camera_mount_qx, self.camera_mount_qy, self.camera_mount_qz,
                 self.camera_mount_qw)
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "PoseGraphConfig":
-        return from_mapping(cls, values)
-
-    @classmethod
-    def parameter_specs(cls) -> list[ParamSpec]:
-        return parameter_specs(cls)
