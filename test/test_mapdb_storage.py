@@ -19,7 +19,7 @@ import pytest
 
 from vpr_ros.bench.search_bench import clustered_descriptors, noisy_queries
 from vpr_ros.errors import MapError, MapMismatchError
-from vpr_ros.mapdb import Exclusion, Keyframe, PlaceMap
+from vpr_ros.mapdb import Exclusion, Keyframe, PlaceMap, storage
 from vpr_ros.mapdb.storage import MANIFEST, PAUSE_ENV, PAUSE_MARK, seal_manifest
 
 FP = "fingerprint-of-model-a"
@@ -115,7 +115,8 @@ def test_repeated_saves_keep_one_generation(tmp_path: Path) -> None:
         pm.add(clustered_descriptors(10, D, seed=len(pm)), make_keyframes(10, start=len(pm)))
         pm.save(tmp_path / "m")
     manifest = json.loads((tmp_path / "m" / MANIFEST).read_text())
-    names = sorted(p.name for p in (tmp_path / "m").iterdir() if p.name != ".lock")
+    names = sorted(p.name for p in (tmp_path / "m").iterdir() 
+             if p.name not in (storage.LOCK, storage.READERS_LOCK))
     assert manifest["generation"] == 3
     assert names == sorted([MANIFEST] + [r["name"] for r in manifest["files"].values()])
 
@@ -317,7 +318,7 @@ def test_sigkill_mid_save_leaves_a_loadable_intact_map(tmp_path: Path, stage: st
     # The next save completes normally and removes what the killed one left behind.
     loaded.save(path)
     manifest = manifest_of(path)
-    leftovers = {p.name for p in path.iterdir()} - {MANIFEST, ".lock"} - \
+    leftovers = {p.name for p in path.iterdir()} - {MANIFEST, storage.LOCK, storage.READERS_LOCK} - \
         {r["name"] for r in manifest["files"].values()}
     assert leftovers == set()
     assert len(PlaceMap.load(path)) == len(loaded)

@@ -464,21 +464,23 @@ class PlaceMap:
         descriptors instead of reading them into memory."""
         directory = Path(path)
         for attempt in range(_LOAD_ATTEMPTS):
-            manifest = storage.read_manifest(directory)
-            try:
-                return cls._load(directory, manifest, expected_fingerprint, mmap, verify)
-            except (FileNotFoundError, MapError) as exc:
-                # Whatever failed, if a writer committed a new generation meanwhile it may have
-                # removed (or be removing) the files this manifest named: a missing file, an
-                # unreadable index or database are then no damage. Read the new one.
-                if attempt + 1 < _LOAD_ATTEMPTS and \
-                        storage.generation_changed(directory, manifest["generation"]):
-                    continue
-                if isinstance(exc, MapError):
-                    raise
-                raise MapError(f"{exc.filename or exc}: missing; the map at {directory} is "
-                               "incomplete (a file was deleted): restore it or rebuild the "
-                               "map") from exc
+            with storage.readers_lock(directory):
+                manifest = storage.read_manifest(directory)
+                try:
+                    return cls._load(directory, manifest, expected_fingerprint, mmap, verify)
+                except (FileNotFoundError, MapError) as exc:
+                    # Whatever failed, if a writer committed a new generation meanwhile it may
+                    # have removed the files this manifest named (only where the readers' lock
+                    # could not be taken): a missing file, an unreadable index or database are
+                    # then no damage. Read the new one.
+                    if attempt + 1 < _LOAD_ATTEMPTS and \
+                            storage.generation_changed(directory, manifest["generation"]):
+                        continue
+                    if isinstance(exc, MapError):
+                        raise
+                    raise MapError(f"{exc.filename or exc}: missing; the map at {directory} is "
+                                   "incomplete (a file was deleted): restore it or rebuild the "
+                                   "map") from exc
         raise AssertionError("unreachable")
 
     @classmethod

@@ -25,10 +25,13 @@ wrong search results. ``map.json`` carries a sha256 of its own content (``manife
 because some of its fields change results without touching any data file (a binary index's
 ``rerank``, HNSW's ``ef_search``, ...): an edited or damaged manifest is refused, not obeyed.
 
-Readers take no lock (a map may sit on read-only storage, and a long save must not stall a
-node's configure). Instead a load that fails in any way is retried when ``map.json`` names a
-newer generation than the one it started with (:func:`generation_changed`): the failure was a
-writer removing the files of the generation being read, and the new one is complete.
+Readers never wait for a save (a long save must not stall a node's configure). A reader holds
+a shared lock on ``.readers.lock`` while it loads, and a writer deletes the files of replaced
+generations only under the exclusive lock on it (:func:`readers_lock`, :func:`gc_lock`): a
+generation being read is never removed under the reader, however often a writer commits. Where
+the lock file cannot be opened (a map on read-only storage, where nobody saves), a load that
+fails in any way is retried when ``map.json`` names a newer generation than the one it started
+with (:func:`generation_changed`).
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ MANIFEST = "map.json"
 #: The manifest's own checksum field (see :func:`manifest_digest`).
 MANIFEST_CHECKSUM = "manifest_sha256"
 LOCK = ".lock"
+#: Readers hold it shared while loading; a writer deletes replaced generations holding it
+#: exclusively (the save itself never takes it, so readers never wait for a save).
+READERS_LOCK = ".readers.lock"
 #: Test hook: the name of a save stage at which the saving process announces itself on stderr
 #: and stops (so a test can SIGKILL it there). Stages: descriptors, keyframes, artifacts,
 #: manifest (new manifest written, not yet renamed), committed (renamed, old files not yet removed).
@@ -331,6 +337,40 @@ def map_lock(directory: Path) -> Iterator[None]:
         os.close(fd)
 
 
+@contextmanager
+def readers_lock(directory: Path) -> Iterator[None]:
+    """Shared lock held while a map is loaded, so that no writer deletes the generation being
+    read. Where the lock file can be neither created nor opened (read-only storage with no
+    lock file: nobody saves there), the load goes on without it and relies on retrying."""
+    try:
+        fd = os.open(directory / READERS_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        try:
+            fd = os.open(directory / READERS_LOCK, os.O_RDONLY)
+        except OSError:
+            yield
+            return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+@contextmanager
+def gc_lock(directory: Path) -> Iterator[None]:
+    """Exclusive lock while files of replaced generations are deleted: waits for loads in
+    progress (a few milliseconds to seconds), never for another save."""
+    fd = os.open(directory / READERS_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 def check_output_dir(directory: Path) -> None:
     """MapError unless a map can be written to ``directory`` (see :mod:`vpr_ros.paths`)."""
     paths.check_output_dir(directory, "a map", MapError)
@@ -410,11 +450,12 @@ class MapWriter:
 
     def _collect_garbage(self) -> None:
         keep = {rec["name"] for rec in self.files.values()}
-        for p in self.directory.iterdir():
-            if _GENERATION_FILE.match(p.name) and p.name not in keep:
-                p.unlink(missing_ok=True)
-            elif p.name.startswith(MANIFEST + ".tmp"):
-                p.unlink(missing_ok=True)
+        with gc_lock(self.directory):
+            for p in self.directory.iterdir():
+                if _GENERATION_FILE.match(p.name) and p.name not in keep:
+                    p.unlink(missing_ok=True)
+                elif p.name.startswith(MANIFEST + ".tmp"):
+                    p.unlink(missing_ok=True)
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
