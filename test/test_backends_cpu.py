@@ -18,7 +18,7 @@ from vpr_ros.errors import BackendError, MapMismatchError
 from vpr_ros.export.parity import row_cosines
 from vpr_ros.runtime import auto_select
 from vpr_ros.runtime.backend_select import Availability, cached_onnx, parse_backend
-from vpr_ros.runtime.cpu_features import CpuInfo, cpu_info, parse_cpuinfo
+from vpr_ros.runtime.cpu_features import cpu_info, parse_cpuinfo
 from vpr_ros.runtime.encoder import load_encoder
 
 from backend_models import dino_qaa_model_dir, shared_dirs  # noqa: E402

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vpr_ros.errors import BagError
 from vpr_ros.mapdb.bag_reader import BagReader, NotRos2BagError, mcap_identity
 from vpr_ros.mapdb.bag_writer import write_route_bag
 

@@ -12,8 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from vpr_ros.bench import gpu_check
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,7 +21,6 @@ from vpr_ros.demo.scenario import (Route, ScenarioConfig, World, camera_matrix, 
 from vpr_ros.errors import BagError
 from vpr_ros.mapdb.bag_writer import ODOMETRY, BagWriter
 from vpr_ros.mapdb.build import BuildConfig, build_map
-from vpr_ros.mapdb.camera import CameraModel
 from vpr_ros.mapdb.camera_rig import SensorOptions, sibling_topic
 from vpr_ros.mapdb.keypoint_depth import points_from_stereo
 from vpr_ros.mapdb.place_map import PlaceMap

@@ -9,10 +9,8 @@ import ast
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 

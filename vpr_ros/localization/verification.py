@@ -37,11 +37,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from vpr_ros.errors import InputError
 from vpr_ros.localization.params import Tunables, param, require, validate
 from vpr_ros.mapdb.camera import CameraModel
 from vpr_ros.mapdb.feature_matching import match_features
-from vpr_ros.mapdb.transforms import (matrix_to_quat, matrix_to_rotvec, quat_to_matrix,
+from vpr_ros.mapdb.transforms import (matrix_to_quat, quat_to_matrix,
                                       rotation_angle_deg, rotvec_to_matrix, sampson, skew)
 from vpr_ros.runtime.local_features import LocalFeatures
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from vpr_ros.errors import CheckpointError, ConfigError
-from vpr_ros.models.config import ModelConfig, load_yaml, model_config_from_dict
+from vpr_ros.models.config import load_yaml, model_config_from_dict
 from vpr_ros.models.model_dir import init_model, load_model_dir, save_model_dir
 from vpr_ros.models.vpr_model import VPRModel
 from vpr_ros.train.config import TrainConfig
