@@ -165,6 +165,16 @@ def test_bad_node_params_are_refused_before_anything_runs(tmp_path: Path,
     assert not (tmp_path / "o").exists()
 
 
+def test_node_params_write_whole_numbers_of_float_parameters_as_floats() -> None:
+    """rclpy refuses ``-p x:=0`` for a double parameter; ``--node-param x=0`` means 0.0."""
+    from vpr_ros.cli.demo_cmd import _node_params
+
+    assert _node_params(["loop_closure.min_margin=0", "top_k=7",
+                         "verification.enabled=false", "loop_closure.min_score=0.75"]) == {
+        "loop_closure.min_margin": "0.0", "top_k": "7", "verification.enabled": "false",
+        "loop_closure.min_score": "0.75"}
+
+
 def test_demo_without_poses_or_ground_truth_says_so_first(
         tmp_path: Path, model96: Path) -> None:
     _needs_console_scripts()

@@ -71,12 +71,21 @@ def test_launch_file_wires_the_params_file_and_both_inputs() -> None:
     assert 'glob("launch/*.launch.py")' in setup and 'glob("config/*.yaml")' in setup
 
 
-def test_out_of_range_parameter_stops_the_node_with_one_line(tmp_path: Path) -> None:
-    proc = _pose_graph(["--ros-args", "--params-file", str(CONFIG), "-p",
-                        "robust_kernel:=magic"], tmp_path / "bad.log")
+@pytest.mark.parametrize("given, says", [
+    ("robust_kernel:=magic", "one of"),
+    ("same_place_translation_sigma_m:=5000.0", "in [0.001, 1000.0]"),
+    # rclpy refuses an integer for a double parameter; the error says how to write it
+    ("same_place_translation_sigma_m:=1", "write 1.0"),
+])
+def test_a_refused_start_value_stops_the_node_with_one_line(tmp_path: Path, given: str,
+                                                            says: str) -> None:
+    proc = _pose_graph(["--ros-args", "--params-file", str(CONFIG), "-p", given],
+                       tmp_path / "bad.log")
     assert proc.wait(timeout=120) == 2
     out = (tmp_path / "bad.log").read_text()
-    assert "robust_kernel" in out and "Traceback" not in out
+    lines = [ln for ln in out.splitlines() if ln.startswith("vpr_pose_graph: error:")]
+    assert len(lines) == 1 and given.split(":=")[0] in lines[0] and says in lines[0], out
+    assert "Traceback" not in out
 
 
 # ---------------------------------------------------------------------------- over DDS

@@ -71,6 +71,19 @@ def test_bad_start_values_of_declared_parameters() -> None:
         assert spec.name in str(err.value), what
 
 
+def test_an_integer_for_a_floating_point_parameter_says_how_to_write_it() -> None:
+    """rclpy refuses ``-p x:=0`` for a double parameter (no conversion); the one line says
+    to write 0.0 instead of only that a number was expected."""
+    floats = [s for s in all_parameter_specs() if s.type is float and s.low is not None
+              and s.low <= 2 and (s.high is None or s.high >= 2)]
+    assert floats
+    spec = floats[int(rng("int-for-float").integers(len(floats)))]
+    with pytest.raises(ConfigError) as err:
+        _construct(["-p", f"{spec.name}:=2"])
+    assert_clear(err.value, spec.name)
+    assert f"{spec.name} = 2 is invalid" in str(err.value) and "write 2.0" in str(err.value)
+
+
 def test_good_start_values_pass() -> None:
     _construct(["-p", "top_k:=7", "-p", "mode:=loop_closure", "-p", "pose_buffer_s:=2.5"])
 

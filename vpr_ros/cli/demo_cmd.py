@@ -70,10 +70,16 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _node_params(items: list[str]) -> dict[str, str]:
+    """NAME=VALUE pairs for the demo's ``-p NAME:=VALUE``: unknown names refused here, and a
+    whole number for a floating-point parameter written as one (``0`` -> ``0.0``), since rclpy
+    would refuse an integer there and the demo's user wrote a value, not a type."""
+    import re
+
     from vpr_ros.errors import ConfigError
     from vpr_ros.ros.params import all_parameter_specs
 
-    names = {spec.name for spec in all_parameter_specs()}
+    specs = {spec.name: spec for spec in all_parameter_specs()}
+    names = set(specs)
     out = {}
     for item in items:
         name, sep, value = item.partition("=")
@@ -82,5 +88,8 @@ def _node_params(items: list[str]) -> dict[str, str]:
         if name.strip() not in names:
             raise ConfigError(f"--node-param {item!r}: vpr_node has no parameter "
                               f"{name.strip()!r} (see docs/parameters.md)")
-        out[name.strip()] = value.strip()
+        value = value.strip()
+        if specs[name.strip()].type is float and re.fullmatch(r"[+-]?\d+", value):
+            value += ".0"
+        out[name.strip()] = value
     return out

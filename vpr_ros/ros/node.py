@@ -51,8 +51,7 @@ from vpr_ros.ros.diagnostics import (FrameTiming, LogThrottle, NodeIdentity, Nod
 from vpr_ros.ros.mailbox import Doorbell, Mailbox
 from vpr_ros.ros.nav2_bond import ManagerBond
 from vpr_ros.ros.params import (NodeConfig, NodeSettings, all_parameter_specs, check_value,
-                                descriptor_for, expected_text, settings_from_values,
-                                unknown_parameters)
+                                declare_specs, settings_from_values, unknown_parameters)
 from vpr_ros.ros.pipeline import (LOCALIZATION, FrameOutcome, Pipeline, default_session_name,
                                   describe_sequence, limit_blas_threads)
 from vpr_ros.ros.pose_buffer import PoseBuffer
@@ -145,16 +144,7 @@ class VprNode(LifecycleNode):
         own exception would end the process in a traceback). Names given for this node that it
         does not declare are warned about (rclpy ignores them silently: a misspelt name leaves
         the default in force). Then the values are validated together as configure will."""
-        from rclpy.exceptions import ParameterException
-
-        for spec in self._specs:
-            try:
-                self.declare_parameter(spec.name, spec.default, descriptor_for(spec))
-            except ParameterException as exc:
-                given = getattr(self._parameter_overrides.get(spec.name), "value", None)
-                raise ConfigError(f"parameter {spec.name} = {given!r} is invalid: expected "
-                                  f"{expected_text(spec)} ({spec.description.split(';')[0]})"
-                                  ) from exc
+        declare_specs(self, self._specs)
         unknown = unknown_parameters(getattr(self, "_parameter_overrides", {}), self._specs)
         if unknown:
             self.get_logger().warning(

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from vpr_ros.errors import ConfigError
 from vpr_ros.localization import LoopClosureConfig, ParamSpec, RelocalizerConfig, SequenceConfig
 from vpr_ros.localization.params import (Tunables, param, renamed_specs, require, require_choices,
                                          validate)
@@ -310,12 +311,15 @@ def settings_from_values(values: Mapping[str, Any]) -> NodeSettings:
 ROS_BUILTIN_PARAMETERS = ("use_sim_time", "start_type_description_service")
 
 
-def expected_text(spec: ParamSpec) -> str:
-    """What a parameter accepts, for error messages: type, range or choices."""
-    kind = {bool: "true or false", int: "an integer", float: "a number",
+def expected_text(spec: ParamSpec, choices: Mapping[str, tuple[str, ...]] | None = None
+                  ) -> str:
+    """What a parameter accepts, for error messages: type, range or choices (``choices``:
+    default vpr_node's)."""
+    choices = CHOICES if choices is None else choices
+    kind = {bool: "true or false", int: "an integer", float: "a floating-point number",
             str: "a string"}.get(spec.type, spec.type.__name__)
-    if spec.name in CHOICES:
-        return f"one of {', '.join(CHOICES[spec.name])}"
+    if spec.name in choices:
+        return f"one of {', '.join(choices[spec.name])}"
     if spec.low is not None or spec.high is not None:
         low = "-inf" if spec.low is None else spec.low
         high = "inf" if spec.high is None else spec.high
@@ -346,6 +350,29 @@ def unknown_parameters(given: Any, specs: list[ParamSpec]) -> list[str]:
         close = difflib.get_close_matches(name, sorted(declared), n=1, cutoff=0.75)
         out.append(f"{name} (did you mean {close[0]}?)" if close else name)
     return out
+
+
+def declare_specs(node: Any, specs: list[ParamSpec],
+                  choices: Mapping[str, tuple[str, ...]] | None = None) -> None:
+    """Declare every spec on ``node``. A value given at start (params file, ``-p``) that does
+    not fit its declaration is a ConfigError naming the parameter and what it accepts: rclpy's
+    own exception would end the process in a traceback. An integer given for a floating-point
+    parameter (``-p x:=0``) gets the spelling that works: ROS does not convert it."""
+    from rclpy.exceptions import ParameterException
+
+    overrides = getattr(node, "_parameter_overrides", {})
+    for spec in specs:
+        try:
+            node.declare_parameter(spec.name, spec.default, descriptor_for(spec, choices))
+        except ParameterException as exc:
+            given = getattr(overrides.get(spec.name), "value", None)
+            hint = ""
+            if spec.type is float and isinstance(given, int) and not isinstance(given, bool):
+                hint = (f"; write {float(given)!r}: ROS does not convert an integer to a "
+                        "floating-point parameter")
+            raise ConfigError(f"parameter {spec.name} = {given!r} is invalid: expected "
+                              f"{expected_text(spec, choices)} "
+                              f"({spec.description.split(';')[0]}){hint}") from exc
 
 
 def descriptor_for(spec: ParamSpec, choices: Mapping[str, tuple[str, ...]] | None = None

@@ -42,7 +42,7 @@ from vpr_ros.errors import VPRError
 from vpr_ros.ros import conversions as conv
 from vpr_ros.ros.diagnostics import LogThrottle
 from vpr_ros.ros.messages import parse_loop_closure, to_time
-from vpr_ros.ros.params import descriptor_for
+from vpr_ros.ros.params import declare_specs
 from vpr_ros.ros.pose_graph_params import CHOICES, all_parameter_specs, settings_from_values
 from vpr_ros.slam import se3
 from vpr_ros.slam.closures import closure_from_fields
@@ -75,8 +75,7 @@ class PoseGraphNode(Node):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(NODE_NAME, **kwargs)
         specs = all_parameter_specs()
-        for spec in specs:
-            self.declare_parameter(spec.name, spec.default, descriptor_for(spec, CHOICES))
+        declare_specs(self, specs, CHOICES)  # ConfigError: a start value that does not fit
         values = {s.name: self.get_parameter(s.name).value for s in specs}
         self.settings, graph_config = settings_from_values(values)  # ConfigError: refuse to run
         self.graph = PoseGraph(graph_config)
