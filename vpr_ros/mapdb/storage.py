@@ -48,7 +48,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -326,15 +326,25 @@ def load_npy(path: Path, dtype: np.dtype | type | str, shape: tuple[int, ...],
 
 
 @contextmanager
-def map_lock(directory: Path) -> Iterator[None]:
-    """Exclusive lock so two processes never save the same map at once."""
-    fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+def _flocked(fd: int, operation: int) -> Iterator[None]:
+    """Hold ``flock(fd, operation)`` for the block; the descriptor is closed after."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, operation)
         yield
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def _open_lock(path: Path) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+
+
+@contextmanager
+def map_lock(directory: Path) -> Iterator[None]:
+    """Exclusive lock so two processes never save the same map at once."""
+    with _flocked(_open_lock(directory / LOCK), fcntl.LOCK_EX):
+        yield
 
 
 @contextmanager
@@ -342,33 +352,26 @@ def readers_lock(directory: Path) -> Iterator[None]:
     """Shared lock held while a map is loaded, so that no writer deletes the generation being
     read. Where the lock file can be neither created nor opened (read-only storage with no
     lock file: nobody saves there), the load goes on without it and relies on retrying."""
-    try:
-        fd = os.open(directory / READERS_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:
+    fd: Optional[int] = None
+    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
         try:
-            fd = os.open(directory / READERS_LOCK, os.O_RDONLY)
+            fd = os.open(directory / READERS_LOCK, flags, 0o644)
+            break
         except OSError:
-            yield
-            return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
+            continue
+    if fd is None:
         yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        return
+    with _flocked(fd, fcntl.LOCK_SH):
+        yield
 
 
 @contextmanager
 def gc_lock(directory: Path) -> Iterator[None]:
     """Exclusive lock while files of replaced generations are deleted: waits for loads in
     progress (a few milliseconds to seconds), never for another save."""
-    fd = os.open(directory / READERS_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with _flocked(_open_lock(directory / READERS_LOCK), fcntl.LOCK_EX):
         yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def check_output_dir(directory: Path) -> None:
