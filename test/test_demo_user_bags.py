@@ -143,9 +143,11 @@ def test_demo_on_a_ros1_bag_without_poses_judged_by_loop_ground_truth(
     assert report["loop_ground_truth"]["revisit_frames"] == n
     assert report["map_keyframes"] > n                       # the map came from the ROS 1 bag
     rl, lc = report["relocalization"], report["loop_closure"]
-    # every frame reached the node: processed, or replaced by a newer one while it was busy
-    assert rl["frames_received"] == 2 * n and rl["errors"] == 0, rl
-    assert rl["frames_processed"] + rl["frames_dropped"] == 2 * n
+    # the camera topic is best effort (as cameras publish): a frame may be lost on the wire
+    # (one of 80 was, in a CI run); every frame that arrived was processed or replaced by a
+    # newer one while the node was busy, none failed
+    assert rl["frames_received"] >= 2 * n - 2 and rl["errors"] == 0, rl
+    assert rl["frames_processed"] + rl["frames_dropped"] == rl["frames_received"]
     assert rl["frames_processed"] >= 0.75 * 2 * n, rl
     assert rl["relocalizations"] == 0 and rl["median_error_m"] is None  # no positions
     assert lc["loop_closures"] >= 10 and lc["checked"] == lc["loop_closures"]
@@ -193,10 +195,11 @@ def test_demo_without_poses_or_ground_truth_says_so_first(
                                   log=lines.append))
     assert report["ground_truth"] == "none"
     rl = report["relocalization"]
-    # every frame of the bag reached the node and was processed or, when the node was still
-    # busy with the previous one on a loaded machine, replaced by a newer one (never an error)
-    assert rl["frames_received"] == 16 and rl["errors"] == 0, rl
-    assert rl["frames_processed"] + rl["frames_dropped"] == 16 and rl["frames_processed"] >= 12
+    # best effort: a frame may be lost on the wire; every frame that arrived was processed or,
+    # when the node was still busy on a loaded machine, replaced by a newer one (no error)
+    assert rl["frames_received"] >= 15 and rl["errors"] == 0, rl
+    assert rl["frames_processed"] + rl["frames_dropped"] == rl["frames_received"]
+    assert rl["frames_processed"] >= 12, rl
     assert report["loop_closure"]["precision"] is None
     assert report["relocalization"]["top1_score_median"] is not None
     text = "\n".join(lines)
